@@ -1,0 +1,34 @@
+"""A tiny GPT for tests and smoke runs: seconds on a CPU, every code path of the big ones.
+
+Argument: `method=<dense|lowrank|blockdense|blockshuffle>` and optionally `sgt=<0|1>`.
+
+  python -m structffn_jax.info --config configs/tiny.py:method=blockshuffle
+"""
+
+from structffn_jax import config as config_lib
+
+STRUCTURES = {
+    'dense': dict(method='dense', rank=0, blocks=1),
+    'lowrank': dict(method='lowrank', rank=16, blocks=1),
+    'blockdense': dict(method='blockdense', rank=32, blocks=2),
+    'blockshuffle': dict(method='blockshuffle', rank=0, blocks=2),
+}
+
+
+def get_config(arg=None):
+  a = config_lib.parse_arg(arg, method='lowrank', sgt=0)
+  c = config_lib.base_config()
+  c.name = f'tiny-{a.method}'
+  m = c.model
+  m.vocab_size = 512  # small SentencePiece vocabulary
+  m.seq_len = 64
+  m.hidden_dim, m.ffn_dim, m.attn_dim = 64, 256, 64
+  m.num_layers, m.num_heads, m.num_kv_heads = 3, 4, 2
+  m.dtype = 'float32'
+  m.ffn.update(config_lib.choose('method', a.method, STRUCTURES))
+  c.sgt.enabled = bool(a.sgt)
+  c.train.tokens = 64 * 8 * 40  # 40 steps of 8 sequences
+  c.train.global_batch = 8
+  c.train.peak_lr = 3e-3
+  c.train.eval_tokens = 64 * 32
+  return c

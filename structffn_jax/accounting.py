@@ -1,0 +1,118 @@
+"""Parameter and FLOP accounting in the paper's convention (SPEC §3), read off the model itself.
+
+Counts come from the instantiated model's parameters, built abstractly with `nnx.eval_shape` (an
+xl model costs no memory), so they cannot drift from what trains. Forward FLOPs per token:
+
+  2 · (attention projection weights)   = Σ_layers 2·(2·attn·d + 2·(attn/heads)·kv_heads·d)
+  + 4 · seq · attn · layers            (QKᵀ and AV)
+  + 2 · (FFN weights, a guide included)
+  + 2 · vocab · d                      (tied LM head)
+
+Training FLOPs are 3 × forward × tokens. A self-guided guide is counted for the G guided steps
+only, at half its cost with `reduce_flop` (the mean of α over the schedule is ½).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from structffn_jax import structured
+from structffn_jax.model import GPT
+
+
+@dataclasses.dataclass(frozen=True)
+class Accounting:
+  params_total: int  # every parameter, guides excluded (the model that is kept)
+  params_ffn: int  # FFN weights (biases excluded), guides excluded
+  params_guide: int  # self-guided dense guides (0 without SGT)
+  flops_per_token: int  # forward FLOPs per token of the structured model, guides excluded
+  guide_flops_per_token: int  # extra forward FLOPs per token while a guide runs at α>0
+  steps: int  # optimizer steps of the run (S, or S + G with fixedflop)
+  guided_steps: int  # G (0 without SGT)
+  tokens: float  # training tokens seen (S·batch·seq, or (S+G)·batch·seq)
+  train_flops: float  # 3 × (forward of every training token, guides at expected cost)
+
+  def as_dict(self):
+    return dataclasses.asdict(self)
+
+
+def abstract_model(config: ml_collections.ConfigDict) -> GPT:
+  """The model of `config` with ShapeDtypeStruct leaves: shapes only, no memory."""
+  return nnx.eval_shape(lambda: GPT(config.model, guide=config.sgt.enabled,
+                                    reduce_flop=config.sgt.reduce_flop, rngs=nnx.Rngs(0)))
+
+
+def _size(p) -> int:
+  return int(np.prod(p.shape))
+
+
+def schedule_steps(config: ml_collections.ConfigDict, base_only: bool = False) -> tuple[int, int]:
+  """(total optimizer steps, guided steps G) from the token budget and the SGT mode.
+
+  base_only: return the baseline S (the run without self-guided extra steps) instead.
+  """
+  t = config.train
+  base = max(1, round(t.tokens / (t.global_batch * config.model.seq_len)))
+  if base_only or not config.sgt.enabled:
+    return base, 0
+  guided = max(1, round(config.sgt.ratio * base))
+  total = base + guided if config.sgt.mode == 'fixedflop' else base
+  return total, min(guided, total)
+
+
+def account(config: ml_collections.ConfigDict, model: GPT | None = None) -> Accounting:
+  m = config.model
+  model = abstract_model(config) if model is None else model
+  total = ffn = guide = attn_weights = 0
+  for path, v in nnx.iter_graph(model):
+    if not isinstance(v, nnx.Param):
+      continue
+    n = _size(v)
+    if path[-1] == 'guide':
+      guide += n
+      continue
+    total += n
+    is_weight = path[-1] != 'bias' and not any('norm' in str(part) for part in path)
+    if 'ffn' in path and is_weight:
+      ffn += n
+    elif 'attn' in path and is_weight:
+      attn_weights += n
+  flops = 2 * attn_weights + 4 * m.seq_len * m.attn_dim * m.num_layers + 2 * ffn \
+      + 2 * m.vocab_size * m.hidden_dim
+  steps, guided = schedule_steps(config)
+  base_steps = schedule_steps(config, base_only=True)[0]
+  # Tokens follow the configured budget (the paper's tables), scaled by the extra guided steps.
+  tokens = config.train.tokens * steps / base_steps
+  guide_tokens = config.train.tokens * guided / base_steps
+  if config.sgt.reduce_flop:
+    guide_tokens *= 0.5
+  train = 3.0 * (flops * tokens + 2 * guide * guide_tokens)
+  return Accounting(params_total=total, params_ffn=ffn, params_guide=guide,
+                    flops_per_token=flops, guide_flops_per_token=2 * guide, steps=steps,
+                    guided_steps=guided, tokens=tokens, train_flops=train)
+
+
+def ffn_params_closed_form(config: ml_collections.ConfigDict) -> int:
+  """FFN weight count from SPEC §1's formulas; an independent check on `account`."""
+  m, f = config.model, config.model.ffn
+  fc1_out = 2 * m.ffn_dim if m.activation == 'swiglu' else m.ffn_dim
+  kw = dict(rank=f.rank, blocks=f.blocks)
+  per = (structured.weight_params(f.method, m.hidden_dim, fc1_out, **kw)
+         + structured.weight_params(f.method, m.ffn_dim, m.hidden_dim, **kw))
+  first = (m.hidden_dim * fc1_out + m.ffn_dim * m.hidden_dim) if m.first_layer_dense else per
+  return first + per * (m.num_layers - 1)
+
+
+def human(n: float) -> str:
+  """1274e6 -> '1274M', 2.1e20 -> '2.10e20'."""
+  if n >= 1e15:
+    return f'{n:.2e}'
+  for unit, scale in (('B', 1e9), ('M', 1e6), ('K', 1e3)):
+    if n >= scale:
+      return f'{n / scale:.{0 if unit == "M" else 2}f}{unit}'
+  return str(int(n)) if float(n).is_integer() else f'{n:.3g}'
+

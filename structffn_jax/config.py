@@ -1,0 +1,216 @@
+"""The config schema: one function that lists every field with its default, and its checks.
+
+Config files in `configs/` start from `base_config()` and override what their paper table needs.
+`validate(config)` turns a bad value into a one-line error naming the field and what is allowed,
+before anything is built or compiled.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from structffn_jax import structured
+
+SIZES = {  # SPEC §3: hidden, ffn, heads, layers, tokens, peak lr
+    's': dict(hidden_dim=768, ffn_dim=3072, num_heads=12, num_layers=12, tokens=2.2e9,
+              peak_lr=6e-4),
+    'm': dict(hidden_dim=1024, ffn_dim=4096, num_heads=16, num_layers=24, tokens=6.7e9,
+              peak_lr=3e-4),
+    'l': dict(hidden_dim=1536, ffn_dim=6144, num_heads=12, num_layers=24, tokens=14.58e9,
+              peak_lr=2.5e-4),
+    'xl': dict(hidden_dim=2048, ffn_dim=8192, num_heads=16, num_layers=24, tokens=25.5e9,
+               peak_lr=2e-4),
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field of a run, with the paper's defaults (Transformer-s, dense)."""
+  c = ml_collections.ConfigDict()
+  c.name = 'dense-s'  # Run name, used in logs and plots.
+
+  m = c.model = ml_collections.ConfigDict()
+  m.vocab_size = 32000  # Vocabulary size (embedding rows, tied LM head).
+  m.seq_len = 1024  # Context length in tokens.
+  m.hidden_dim = 768  # Model width d.
+  m.ffn_dim = 3072  # FFN inner width.
+  m.num_layers = 12  # Transformer blocks.
+  m.num_heads = 12  # Query heads.
+  m.num_kv_heads = 12  # Key/value heads (grouped-query attention when < num_heads).
+  m.attn_dim = 768  # Attention width (num_heads * head_dim), independent of hidden_dim.
+  m.norm = 'layernorm'  # 'layernorm' or 'rmsnorm'.
+  m.norm_eps = 1e-5  # Normalisation epsilon.
+  m.activation = 'gelu'  # 'gelu' (tanh approximation) or 'swiglu'.
+  m.use_bias = True  # Biases on every projection (and LayerNorm).
+  m.position = 'rope'  # 'rope' (rotate-half) or 'absolute' (learned).
+  m.rope_base = 10000.0  # RoPE frequency base.
+  m.init_std = 0.02  # Std of every Gaussian initialiser.
+  m.first_layer_dense = True  # Keep the first block's FFN dense.
+  m.dtype = 'bfloat16'  # Compute dtype: 'bfloat16', 'float32' or 'float16'; params are float32.
+  m.remat = 'none'  # Rematerialise blocks in backward: 'none', 'dots' or 'full'.
+  f = m.ffn = ml_collections.ConfigDict()
+  f.method = 'dense'  # FFN structure: dense, lowrank, blockdense or blockshuffle.
+  f.rank = 0  # Rank R (lowrank, blockdense).
+  f.blocks = 1  # Block count B (blockdense, blockshuffle).
+  f.init = 'paper'  # 'paper' (svd / orthogonal blocks) or 'gaussian'.
+
+  s = c.sgt = ml_collections.ConfigDict()
+  s.enabled = False  # Self-guided training: dense guide blended in over the first G steps.
+  s.mode = 'fixedstep'  # 'fixedstep' (G = ratio*S inside S) or 'fixedflop' (S + G steps).
+  s.ratio = 0.5  # G as a fraction of the baseline steps S.
+  s.schedule = 'cosine'  # α(t) schedule: 'cosine' or 'linear'.
+  s.reduce_flop = False  # Skip the guide in a layer when its draw u >= α.
+
+  t = c.train = ml_collections.ConfigDict()
+  t.tokens = 2.2e9  # Token budget of the baseline run (steps S = tokens / (batch * seq_len)).
+  t.global_batch = 512  # Sequences per optimizer step.
+  t.micro_batch = 0  # Sequences per device forward pass (0 = global_batch; accumulation otherwise).
+  t.peak_lr = 6e-4  # Peak learning rate.
+  t.warmup_frac = 0.1  # Linear warm-up as a fraction of the steps.
+  t.min_lr_ratio = 0.1  # Cosine decays to this fraction of peak_lr.
+  t.b1 = 0.9  # AdamW beta1.
+  t.b2 = 0.999  # AdamW beta2.
+  t.weight_decay = 0.1  # AdamW weight decay, on all parameters.
+  t.grad_clip = 1.0  # Global gradient-norm clip.
+  t.seed = 1005  # Seed for init, data order and reduce_flop draws.
+  t.eval_tokens = 0.5e9  # Held-out tokens for validation (capped by the split's size).
+  return c
+
+
+_CHOICES = {
+    'model.norm': ('layernorm', 'rmsnorm'),
+    'model.activation': ('gelu', 'swiglu'),
+    'model.position': ('rope', 'absolute'),
+    'model.dtype': ('float32', 'bfloat16', 'float16'),
+    'model.remat': ('none', 'dots', 'full'),
+    'model.ffn.method': structured.METHODS,
+    'model.ffn.init': structured.INITS,
+    'sgt.mode': ('fixedstep', 'fixedflop'),
+    'sgt.schedule': ('cosine', 'linear'),
+}
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field and the fix."""
+
+
+def _get(config, dotted):
+  node = config
+  for part in dotted.split('.'):
+    node = node[part]
+  return node
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Check every field a model or run depends on; raise ConfigError naming the field."""
+  for field, allowed in _CHOICES.items():
+    try:
+      value = _get(config, field)
+    except (KeyError, AttributeError):
+      continue
+    if value not in allowed:
+      raise ConfigError(f'{field}={value!r} is not allowed; use one of: {", ".join(allowed)}.')
+  m = config.model
+  for field in ('vocab_size', 'seq_len', 'hidden_dim', 'ffn_dim', 'num_layers', 'num_heads',
+                'num_kv_heads', 'attn_dim'):
+    if int(m[field]) <= 0:
+      raise ConfigError(f'model.{field}={m[field]} must be a positive integer.')
+  if m.attn_dim % m.num_heads:
+    raise ConfigError(f'model.attn_dim={m.attn_dim} is not divisible by model.num_heads='
+                      f'{m.num_heads}; pick num_heads dividing {m.attn_dim}.')
+  if m.num_heads % m.num_kv_heads:
+    raise ConfigError(f'model.num_kv_heads={m.num_kv_heads} must divide model.num_heads='
+                      f'{m.num_heads}; allowed: {_divisors(m.num_heads)}.')
+  if m.position == 'rope' and (m.attn_dim // m.num_heads) % 2:
+    raise ConfigError(f'RoPE needs an even head width; model.attn_dim/model.num_heads = '
+                      f'{m.attn_dim // m.num_heads}.')
+  _validate_ffn(m)
+  return config
+
+
+def _divisors(n):
+  return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _validate_ffn(m):
+  f = m.ffn
+  d = m.hidden_dim
+  fc1_out = 2 * m.ffn_dim if m.activation == 'swiglu' else m.ffn_dim
+  shapes = ((d, fc1_out), (m.ffn_dim, d))
+  if f.method in ('lowrank', 'blockdense'):
+    limit = min(min(n, k) for n, k in shapes)
+    if not 0 < f.rank <= limit:
+      raise ConfigError(f'model.ffn.rank={f.rank} must be in [1, {limit}] for '
+                        f'method={f.method!r} with hidden_dim={d}, ffn_dim={m.ffn_dim}.')
+  if f.method in ('blockdense', 'blockshuffle'):
+    dims = {'hidden_dim': d, 'ffn_dim': m.ffn_dim}
+    if f.method == 'blockdense':
+      dims['ffn.rank'] = f.rank
+    for name, value in dims.items():
+      if f.blocks <= 0 or value % f.blocks:
+        common = sorted(set.intersection(*(set(_divisors(v)) for v in dims.values())))
+        raise ConfigError(f'model.ffn.blocks={f.blocks} does not divide model.{name}={value}; '
+                          f'allowed block counts: {common[:12]}.')
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parse a config argument 'k1=v1,k2=v2' against `defaults` (unknown keys are an error)."""
+  out = dict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, sep, value = item.partition('=')
+    if not sep:
+      raise ConfigError(f'config argument {item!r} is not key=value; '
+                        f'keys: {", ".join(defaults)}.')
+    if key not in defaults:
+      raise ConfigError(f'config argument {key!r} is unknown; keys: {", ".join(defaults)}.')
+    out[key] = type(defaults[key])(value) if defaults[key] is not None else value
+  return ml_collections.ConfigDict(out)
+
+
+def choose(field: str, value, table: dict):
+  """table[value], or a ConfigError naming the field and the allowed values."""
+  if value not in table:
+    raise ConfigError(f'{field}={value!r} is not allowed; use one of: {", ".join(map(str, table))}.')
+  return table[value]
+
+
+def load(spec: str, overrides: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+  """Load 'path/to/config.py:arg', apply 'a.b=value' overrides, validate."""
+  import importlib.util
+  import pathlib
+
+  path, _, arg = spec.partition(':')
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise ConfigError(f'--config: no config file at {path!r} (expected configs/<name>.py:<arg>).')
+  module_spec = importlib.util.spec_from_file_location(f'_config_{file.stem}', file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(arg or None)
+  for item in overrides:
+    key, sep, value = item.partition('=')
+    if not sep:
+      raise ConfigError(f'override {item!r} is not field=value.')
+    try:
+      current = _get(config, key)
+    except (KeyError, AttributeError):
+      raise ConfigError(f'override {key!r}: no such config field.') from None
+    parent, _, leaf = key.rpartition('.')
+    node = _get(config, parent) if parent else config
+    node[leaf] = _coerce(value, current, key)
+  return validate(config)
+
+
+def _coerce(text, current, key):
+  if isinstance(current, bool):
+    if text.lower() not in ('true', 'false', '1', '0'):
+      raise ConfigError(f'override {key}={text!r}: expected true or false.')
+    return text.lower() in ('true', '1')
+  if isinstance(current, (int, float)):
+    try:
+      value = float(text)
+    except ValueError:
+      raise ConfigError(f'override {key}={text!r}: expected a number.') from None
+    return int(value) if isinstance(current, int) and value.is_integer() else value
+  if isinstance(current, (list, tuple)):
+    return [s for s in text.split(';') if s]
+  return text

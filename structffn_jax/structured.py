@@ -1,0 +1,325 @@
+"""Structured linear layers: drop-in replacements for a dense `y = x W^T + b`.
+
+Four parametrizations of an (out=M, in=N) map, with factors stored exactly as the paper's code
+stores them (SPEC §1):
+
+  Dense            W (M, N)                                              N·M params
+  LowRank(R)       V (R, N), U (M, R);  y = U (V x)                      R·(N+M)
+  BlockDense(B,R)  V (B, R/B, N/B) block-diagonal, then dense U (M, R)   R·(M + N/B)
+  BlockShuffle(B)  W1 (B, q, N/B), shuffle, W2 (B, M/B, q), q=min(N,M)/B  min(N,M)·(N+M)/B
+
+Every layer offers `to_dense()`, the exact (M, N) matrix it applies, permutations included.
+
+Self-guided training (SPEC §2) lives here too: a structured layer built with `guide=True` owns a
+dense guide `W` initialised to its own `to_dense()` and outputs `α·Wx + (1−α)·structured(x) + b`.
+With `reduce_flop=True` each call draws u ~ U[0, 1) and, when u ≥ α, takes a `lax.cond` branch
+that never computes the guide matmul and returns `structured(x) + b`.
+
+Parameters carry logical axis names in their `axes` metadata (embed, mlp, rank, blocks, ...) so
+that a sharding rules table can place them on a device mesh.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+METHODS = ('dense', 'lowrank', 'blockdense', 'blockshuffle')
+INITS = ('paper', 'gaussian')
+DEFAULT_STD = 0.02
+
+
+# ----------------------------------------------------------------------------- initialisers
+
+
+def _gaussian(key, shape, std):
+  return std * jax.random.normal(key, shape, jnp.float32)
+
+
+def _svd_lowrank(key, m, n, r, std):
+  """LowRank "svd" init: rank-r truncation of a dense N(0, std²) draw, √S split evenly."""
+  u, s, vh = jnp.linalg.svd(_gaussian(key, (m, n), std), full_matrices=False)
+  root = jnp.sqrt(s[:r])
+  return u[:, :r] * root[None, :], root[:, None] * vh[:r]  # U (M, R), V (R, N)
+
+
+def _orthogonalize(w):
+  """Replace each trailing 2-D matrix by U·Vh of its own SVD (all singular values 1)."""
+  u, _, vh = jnp.linalg.svd(w, full_matrices=False)
+  return u @ vh
+
+
+def _check_divides(layer, what, value, divisor, divisor_name):
+  if divisor <= 0 or value % divisor:
+    options = [d for d in range(1, min(value, 64) + 1) if value % d == 0]
+    raise ValueError(
+        f'{layer}: {what}={value} is not divisible by {divisor_name}={divisor}; '
+        f'choose {divisor_name} from the divisors of {value} (e.g. {options[-6:]}).')
+
+
+# ----------------------------------------------------------------------------- base class
+
+
+class StructuredLinear(nnx.Module):
+  """Shared machinery: bias, compute dtype, optional self-guided dense guide.
+
+  Subclasses implement `_structured(x)` (no bias, compute dtype) and `to_dense()`.
+  """
+
+  in_features: int
+  out_features: int
+
+  def _finish_init(self, *, use_bias, guide, reduce_flop, dtype, param_dtype, in_axis, out_axis,
+                   rngs):
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.reduce_flop = reduce_flop
+    self.bias = nnx.data(nnx.Param(jnp.zeros((self.out_features,), param_dtype),
+                                   axes=(out_axis,)) if use_bias else None)
+    self.guide = nnx.data(None)
+    if guide:
+      self.guide = nnx.Param(self.to_dense().astype(param_dtype), axes=(out_axis, in_axis))
+
+  # The structured path, without bias, in the compute dtype. Shape (..., N) -> (..., M).
+  def _structured(self, x):
+    raise NotImplementedError
+
+  def to_dense(self) -> jax.Array:
+    """The exact (out_features, in_features) matrix this layer applies (guide excluded)."""
+    raise NotImplementedError
+
+  def _cast(self, p):
+    return p[...].astype(self.dtype) if self.dtype is not None else p[...]
+
+  def drop_guide(self):
+    """Remove the guide once self-guided training has handed over (α = 0 from then on)."""
+    self.guide = nnx.data(None)
+
+  def __call__(self, x, *, alpha=None, key=None):
+    """Apply the layer to x of shape (..., in_features).
+
+    alpha: guide weight α in [0, 1] (scalar). Required when the layer has a guide.
+    key: PRNG key for the reduce_flop draw; required when the guide and reduce_flop are on.
+    """
+    if x.shape[-1] != self.in_features:
+      raise ValueError(f'{type(self).__name__}: input has {x.shape[-1]} features, '
+                       f'expected in_features={self.in_features}.')
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
+    if self.guide is None:
+      y = self._structured(x)
+    else:
+      if alpha is None:
+        raise ValueError(f'{type(self).__name__} has a self-guided guide: pass alpha=.')
+      alpha = jnp.asarray(alpha, jnp.float32)
+      w = self._cast(self.guide)
+
+      def mixed(x):
+        a = alpha.astype(x.dtype)
+        return a * jnp.einsum('...n,mn->...m', x, w) + (1 - a) * self._structured(x)
+
+      if self.reduce_flop:
+        if key is None:
+          raise ValueError(f'{type(self).__name__}(reduce_flop=True) needs a PRNG key=.')
+        u = jax.random.uniform(key, ())
+        y = jax.lax.cond(u < alpha, mixed, self._structured, x)
+      else:
+        y = mixed(x)
+    if self.bias is not None:
+      y = y + self._cast(self.bias)
+    return y
+
+  def num_weight_params(self) -> int:
+    """Weight parameters (biases excluded), the guide included when present."""
+    leaves = jax.tree.leaves(nnx.state(self, nnx.Param))
+    n = sum(int(np.prod(p.shape)) for p in leaves)
+    return n - (self.out_features if self.bias is not None else 0)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class Dense(StructuredLinear):
+  """Plain dense layer, W stored (M, N)."""
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
+               init: str = 'paper', std: float = DEFAULT_STD, dtype=None,
+               param_dtype=jnp.float32, in_axis='embed', out_axis='mlp', guide: bool = False,
+               reduce_flop: bool = False, rngs: nnx.Rngs):
+    del init  # Dense has only the Gaussian init.
+    if guide:
+      raise ValueError('Dense: a dense layer has no structured factors to guide (guide=False).')
+    self.in_features, self.out_features = in_features, out_features
+    self.kernel = nnx.Param(_gaussian(rngs.params(), (out_features, in_features), std)
+                            .astype(param_dtype), axes=(out_axis, in_axis))
+    self._finish_init(use_bias=use_bias, guide=False, reduce_flop=False, dtype=dtype,
+                      param_dtype=param_dtype, in_axis=in_axis, out_axis=out_axis, rngs=rngs)
+
+  def _structured(self, x):
+    return jnp.einsum('...n,mn->...m', x, self._cast(self.kernel))
+
+  def to_dense(self):
+    return self.kernel[...]
+
+
+class LowRank(StructuredLinear):
+  """y = U (V x), V (R, N), U (M, R). Init "svd" (paper) or plain Gaussian."""
+
+  def __init__(self, in_features: int, out_features: int, rank: int, *, use_bias: bool = True,
+               init: str = 'paper', std: float = DEFAULT_STD, dtype=None,
+               param_dtype=jnp.float32, in_axis='embed', out_axis='mlp', guide: bool = False,
+               reduce_flop: bool = False, rngs: nnx.Rngs):
+    if not 0 < rank <= min(in_features, out_features):
+      raise ValueError(
+          f'LowRank: rank={rank} must be in [1, min(in_features, out_features)] = '
+          f'[1, {min(in_features, out_features)}] for a {in_features}->{out_features} layer.')
+    _check_init('LowRank', init)
+    self.in_features, self.out_features, self.rank = in_features, out_features, rank
+    key = rngs.params()
+    if init == 'paper':
+      u, v = _svd_lowrank(key, out_features, in_features, rank, std)
+    else:
+      ku, kv = jax.random.split(key)
+      u = _gaussian(ku, (out_features, rank), std)
+      v = _gaussian(kv, (rank, in_features), std)
+    self.v = nnx.Param(v.astype(param_dtype), axes=('rank', in_axis))
+    self.u = nnx.Param(u.astype(param_dtype), axes=(out_axis, 'rank'))
+    self._finish_init(use_bias=use_bias, guide=guide, reduce_flop=reduce_flop, dtype=dtype,
+                      param_dtype=param_dtype, in_axis=in_axis, out_axis=out_axis, rngs=rngs)
+
+  def _structured(self, x):
+    h = jnp.einsum('...n,rn->...r', x, self._cast(self.v))
+    return jnp.einsum('...r,mr->...m', h, self._cast(self.u))
+
+  def to_dense(self):
+    return self.u[...] @ self.v[...]
+
+
+class BlockDense(StructuredLinear):
+  """Block-diagonal V (B, R/B, N/B) on the B input chunks, concatenated block-major, then dense U."""
+
+  def __init__(self, in_features: int, out_features: int, rank: int, blocks: int, *,
+               use_bias: bool = True, init: str = 'paper', std: float = DEFAULT_STD, dtype=None,
+               param_dtype=jnp.float32, in_axis='embed', out_axis='mlp', guide: bool = False,
+               reduce_flop: bool = False, rngs: nnx.Rngs):
+    _check_divides('BlockDense', 'in_features', in_features, blocks, 'blocks')
+    _check_divides('BlockDense', 'rank', rank, blocks, 'blocks')
+    if not 0 < rank <= out_features:
+      raise ValueError(f'BlockDense: rank={rank} must be in [1, out_features={out_features}].')
+    if rank // blocks > in_features // blocks:
+      raise ValueError(f'BlockDense: rank/blocks={rank // blocks} exceeds in_features/blocks='
+                       f'{in_features // blocks}; lower rank to at most {in_features}.')
+    _check_init('BlockDense', init)
+    self.in_features, self.out_features = in_features, out_features
+    self.rank, self.blocks = rank, blocks
+    kv, ku = jax.random.split(rngs.params())
+    v = _gaussian(kv, (blocks, rank // blocks, in_features // blocks), std)
+    u = _gaussian(ku, (out_features, rank), std)
+    if init == 'paper':
+      v, u = _orthogonalize(v), _orthogonalize(u)
+    self.v = nnx.Param(v.astype(param_dtype), axes=('blocks', None, None))
+    self.u = nnx.Param(u.astype(param_dtype), axes=(out_axis, 'rank'))
+    self._finish_init(use_bias=use_bias, guide=guide, reduce_flop=reduce_flop, dtype=dtype,
+                      param_dtype=param_dtype, in_axis=in_axis, out_axis=out_axis, rngs=rngs)
+
+  def _structured(self, x):
+    b = self.blocks
+    x_chunks = x.reshape(*x.shape[:-1], b, self.in_features // b)
+    h = jnp.einsum('...bp,brp->...br', x_chunks, self._cast(self.v))
+    h = h.reshape(*x.shape[:-1], self.rank)
+    return jnp.einsum('...r,mr->...m', h, self._cast(self.u))
+
+  def to_dense(self):
+    return self.u[...] @ jax.scipy.linalg.block_diag(*self.v[...])
+
+
+class BlockShuffle(StructuredLinear):
+  """Monarch-style: block-diagonal W1, a fixed shuffle, block-diagonal W2, interleaved output.
+
+  With k = l = B blocks, p = N/B, q = min(N, M)/B, s = M/B:
+    h[i] = W1[i] x[i]                        (B, q)   x split into B chunks of p
+    h'[j, t] = flat(h)[t·B + j]              (B, q)   the shuffle: view (q, B), transpose
+    u[j] = W2[j] h'[j]                       (B, s)
+    y[t·B + j] = u[j, t]                     (M,)     interleaved output
+  The shuffle and the interleave are a reshape plus einsum index order: no data is copied.
+  """
+
+  def __init__(self, in_features: int, out_features: int, blocks: int, *, use_bias: bool = True,
+               init: str = 'paper', std: float = DEFAULT_STD, dtype=None,
+               param_dtype=jnp.float32, in_axis='embed', out_axis='mlp', guide: bool = False,
+               reduce_flop: bool = False, rngs: nnx.Rngs):
+    _check_divides('BlockShuffle', 'in_features', in_features, blocks, 'blocks')
+    _check_divides('BlockShuffle', 'out_features', out_features, blocks, 'blocks')
+    _check_init('BlockShuffle', init)
+    self.in_features, self.out_features, self.blocks = in_features, out_features, blocks
+    p, s = in_features // blocks, out_features // blocks
+    q = min(in_features, out_features) // blocks
+    k1, k2 = jax.random.split(rngs.params())
+    w1 = _gaussian(k1, (blocks, q, p), std)
+    w2 = _gaussian(k2, (blocks, s, q), std)
+    if init == 'paper':
+      w1, w2 = _orthogonalize(w1), _orthogonalize(w2)
+    self.w1 = nnx.Param(w1.astype(param_dtype), axes=('blocks', None, None))
+    self.w2 = nnx.Param(w2.astype(param_dtype), axes=('blocks', None, None))
+    self._finish_init(use_bias=use_bias, guide=guide, reduce_flop=reduce_flop, dtype=dtype,
+                      param_dtype=param_dtype, in_axis=in_axis, out_axis=out_axis, rngs=rngs)
+
+  def _structured(self, x):
+    b = self.blocks
+    lead = x.shape[:-1]
+    q = self.w1.shape[1]
+    h = jnp.einsum('...bp,bqp->...bq', x.reshape(*lead, b, self.in_features // b),
+                   self._cast(self.w1))
+    h = h.reshape(*lead, q, b)  # flat index i·q + c viewed as (t, j) with t·B + j
+    y = jnp.einsum('...tj,jst->...sj', h, self._cast(self.w2))
+    return y.reshape(*lead, self.out_features)  # y[s·B + j] = u[j, s]
+
+  def to_dense(self):
+    b = self.blocks
+    q = self.w1.shape[1]
+    first = jax.scipy.linalg.block_diag(*self.w1[...])   # (B·q, N)
+    second = jax.scipy.linalg.block_diag(*self.w2[...])  # (M, B·q), block-major in and out
+    # Shuffle: block j of the second stage reads flat(h)[t·B + j] at its position t.
+    shuffle = np.arange(b * q).reshape(q, b).T.reshape(-1)
+    # Interleave: output position s·B + j holds block-major entry j·(M/B) + s.
+    s = self.out_features // b
+    interleave = np.arange(b * s).reshape(b, s).T.reshape(-1)
+    return second[interleave] @ first[shuffle]
+
+
+def _check_init(layer, init):
+  if init not in INITS:
+    raise ValueError(f'{layer}: init={init!r} is unknown; use one of {INITS} '
+                     "('paper' = svd for LowRank, orthogonal blocks for the block layers).")
+
+
+# ----------------------------------------------------------------------------- factory
+
+
+def make_linear(method: str, in_features: int, out_features: int, *, rank: int = 0,
+                blocks: int = 1, **kwargs) -> StructuredLinear:
+  """Build the layer named by `method` (one of METHODS) with the given rank / block count."""
+  if method == 'dense':
+    return Dense(in_features, out_features, **kwargs)
+  if method == 'lowrank':
+    return LowRank(in_features, out_features, rank, **kwargs)
+  if method == 'blockdense':
+    return BlockDense(in_features, out_features, rank, blocks, **kwargs)
+  if method == 'blockshuffle':
+    return BlockShuffle(in_features, out_features, blocks, **kwargs)
+  raise ValueError(f'ffn.method={method!r} is unknown; allowed: {", ".join(METHODS)}.')
+
+
+def weight_params(method: str, n: int, m: int, *, rank: int = 0, blocks: int = 1) -> int:
+  """Closed-form weight parameter count (= MACs per token) of SPEC §1, for checks and docs."""
+  if method == 'dense':
+    return n * m
+  if method == 'lowrank':
+    return rank * (n + m)
+  if method == 'blockdense':
+    return rank * (m + n // blocks)
+  if method == 'blockshuffle':
+    return min(n, m) * (n + m) // blocks
+  raise ValueError(f'ffn.method={method!r} is unknown; allowed: {", ".join(METHODS)}.')
