@@ -5,7 +5,11 @@ Argument: `method=<dense|lowrank|blockdense|blockshuffle>` and optionally `sgt=<
   python -m structffn_jax.info --config configs/tiny.py:method=blockshuffle
 """
 
+import pathlib
+
 from structffn_jax import config as config_lib
+
+DATA = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
 
 STRUCTURES = {
     'dense': dict(method='dense', rank=0, blocks=1),
@@ -31,4 +35,11 @@ def get_config(arg=None):
   c.train.global_batch = 8
   c.train.peak_lr = 3e-3
   c.train.eval_tokens = 64 * 32
+  c.train.eval_every = 20
+  c.train.log_every = 10
+  c.train.ckpt_every = 20
+  c.data.vocab_size = m.vocab_size
+  c.data.source = 'text'  # WikiText-103 validation text trains, its test split evaluates
+  c.data.train_paths = [str(DATA / 'wikitext-103' / 'wiki.valid.tokens')]
+  c.data.valid_paths = [str(DATA / 'wikitext-103' / 'wiki.test.tokens')]
   return c

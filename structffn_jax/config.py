@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from structffn_jax import structured
+from structffn_jax.data import prepare as prepare_lib
 
 SIZES = {  # SPEC §3: hidden, ffn, heads, layers, tokens, peak lr
     's': dict(hidden_dim=768, ffn_dim=3072, num_heads=12, num_layers=12, tokens=2.2e9,
@@ -73,6 +74,17 @@ def base_config() -> ml_collections.ConfigDict:
   t.grad_clip = 1.0  # Global gradient-norm clip.
   t.seed = 1005  # Seed for init, data order and reduce_flop draws.
   t.eval_tokens = 0.5e9  # Held-out tokens for validation (capped by the split's size).
+  t.eval_every = 1000  # Evaluate every this many steps (and at the end); 0 = only at the end.
+  t.eval_batch = 0  # Sequences per evaluation forward pass (0 = micro_batch or global_batch).
+  t.log_every = 10  # Progress line and metrics every this many steps.
+  t.ckpt_every = 1000  # Checkpoint every this many steps (and at the end and on SIGTERM/SIGINT).
+  t.keep_ckpts = 3  # Checkpoints kept (the newest ones).
+  t.profile_start = -1  # First step of an XLA profiler trace (-1 = no trace).
+  t.profile_steps = 5  # Steps in the trace, written under <workdir>/profile.
+  t.peak_flops = 0.0  # Peak FLOP/s per device for the MFU estimate (0 = look up the device).
+
+  c.data = prepare_lib.default_data_config()
+  c.data.vocab_size = 32000  # SentencePiece vocabulary trained when data.tokenizer is empty.
   return c
 
 

@@ -101,7 +101,7 @@ class StructuredLinear(nnx.Module):
     """Apply the layer to x of shape (..., in_features).
 
     alpha: guide weight α in [0, 1] (scalar). Required when the layer has a guide.
-    key: PRNG key for the reduce_flop draw; required when the guide and reduce_flop are on.
+    key: PRNG key for the reduce_flop draw. Without one (evaluation) the full blend is computed.
     """
     if x.shape[-1] != self.in_features:
       raise ValueError(f'{type(self).__name__}: input has {x.shape[-1]} features, '
@@ -120,9 +120,7 @@ class StructuredLinear(nnx.Module):
         a = alpha.astype(x.dtype)
         return a * jnp.einsum('...n,mn->...m', x, w) + (1 - a) * self._structured(x)
 
-      if self.reduce_flop:
-        if key is None:
-          raise ValueError(f'{type(self).__name__}(reduce_flop=True) needs a PRNG key=.')
+      if self.reduce_flop and key is not None:
         u = jax.random.uniform(key, ())
         y = jax.lax.cond(u < alpha, mixed, self._structured, x)
       else:

@@ -1,0 +1,40 @@
+"""Data: text sources -> SentencePiece token rows on disk -> index-addressed batches.
+
+  sources   documents from plain text / JSON lines / Hugging Face datasets / the Python stdlib
+  prepare   tokenizer + `<split>.bin` rows of seq_len + 1 ids + manifest.json, written once
+  pipeline  grain pipeline: global batch d is a pure function of d (exact resume, replay)
+
+Names are imported on first use, so `python -m structffn_jax.data.prepare` does not load the
+module twice and importing the package stays cheap.
+"""
+
+import importlib
+
+_EXPORTS = {
+    'BatchIterator': 'pipeline',
+    'BatchStream': 'pipeline',
+    'TokenRows': 'pipeline',
+    'eval_batches': 'pipeline',
+    'make_train_iterator': 'pipeline',
+    'num_eval_batches': 'pipeline',
+    'open_split': 'pipeline',
+    'Manifest': 'prepare',
+    'as_manifest': 'prepare',
+    'default_data_config': 'prepare',
+    'load_tokenizer': 'prepare',
+    'prepare': 'prepare',
+    'resolve_data_dir': 'prepare',
+    'token_dtype': 'prepare',
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(f'{__name__}.{_EXPORTS[name]}'), name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def __dir__():
+  return sorted(list(globals()) + __all__)

@@ -1,0 +1,370 @@
+"""Text sources: where documents (plain `str`s) come from before tokenization.
+
+Four kinds, selected by `cfg.data.source`:
+
+  text    plain UTF-8 files (`data.*_paths`). A file in WikiText layout is split into one document
+          per article (an article starts at a top-level heading line ` = Title = `); any other file
+          is one document. Joining a file's documents gives back the file exactly.
+  jsonl   JSON-lines files (`data.*_paths`); each non-blank line is an object whose
+          `data.text_field` holds the document.
+  hf      Hugging Face `datasets`: either a directory written by `save_to_disk` (`data.hf_path`)
+          or a hub dataset (`data.hf_name`, `data.hf_config`, streamed). For this kind the
+          `data.*_paths` lists hold split *names* (train defaults to "train").
+  stdlib  the running interpreter's standard-library `.py` files: a corpus that needs no network
+          and no download, split into train/valid/test by a hash of each file's relative path.
+
+Every kind offers two functions of (cfg_data, split): `documents` yields the text, `describe`
+returns a JSON-able identity of the input (paths, sizes, sha256) that `prepare` stores in the
+manifest and compares to decide whether existing token files can be reused.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+SPLITS = ('train', 'valid', 'test')
+SOURCES = ('stdlib', 'text', 'jsonl', 'hf')
+
+# Default cap on stdlib text per split: enough to train a small model, quick to tokenize.
+DEFAULT_STDLIB_MAX_BYTES = 8_000_000
+# Fractions of stdlib files (by hash of relative path) held out for validation and test.
+STDLIB_VALID_FRACTION = 0.02
+STDLIB_TEST_FRACTION = 0.02
+# Directory names skipped inside the stdlib: installed packages and the (large) test suites.
+_STDLIB_SKIP_DIRS = frozenset(
+    {'site-packages', 'dist-packages', '__pycache__', 'test', 'tests', 'idle_test'}
+)
+
+# A WikiText top-level heading: " = Title = " (sub-headings look like " = = Section = = ").
+_WIKITEXT_TITLE = re.compile(r'^ = [^=].* = $')
+
+
+def config_value(cfg_data: Any, name: str, default: Any) -> Any:
+  """Reads `cfg_data.<name>`, falling back to `default` for absent fields (ConfigDict or dict)."""
+  if isinstance(cfg_data, dict):
+    return cfg_data.get(name, default)
+  return getattr(cfg_data, name, default) if name in cfg_data else default
+
+
+def paths_field(split: str) -> str:
+  """The config field that lists a split's inputs, for error messages: 'data.train_paths'."""
+  if split not in SPLITS:
+    raise ValueError(f'unknown split {split!r}; expected one of {SPLITS}')
+  return f'data.{split}_paths'
+
+
+def split_inputs(cfg_data: Any, split: str) -> list[str]:
+  """The configured inputs (paths, or split names for `hf`) of one split, as a list of str."""
+  value = config_value(cfg_data, f'{split}_paths', None) or []
+  if isinstance(value, (str, Path)):
+    value = [value]
+  inputs = [str(v) for v in value]
+  if not inputs and split == 'train' and config_value(cfg_data, 'source', 'stdlib') == 'hf':
+    inputs = ['train']
+  return inputs
+
+
+def available_splits(cfg_data: Any) -> list[str]:
+  """Splits this config provides: all three for `stdlib`, else those with configured inputs."""
+  source = _source(cfg_data)
+  if source == 'stdlib':
+    return list(SPLITS)
+  return [s for s in SPLITS if split_inputs(cfg_data, s)]
+
+
+def _source(cfg_data: Any) -> str:
+  source = config_value(cfg_data, 'source', 'stdlib')
+  if source not in SOURCES:
+    raise ValueError(f'data.source={source!r} is not one of {SOURCES}')
+  return source
+
+
+def documents(cfg_data: Any, split: str) -> Iterator[str]:
+  """Yields the documents of `split` ('train' | 'valid' | 'test') for the configured source."""
+  source = _source(cfg_data)
+  if source == 'stdlib':
+    return stdlib_documents(
+        split, int(config_value(cfg_data, 'stdlib_max_bytes', DEFAULT_STDLIB_MAX_BYTES))
+    )
+  inputs = split_inputs(cfg_data, split)
+  if not inputs:
+    raise ValueError(f'split {split!r} has no inputs: set {paths_field(split)}')
+  field = paths_field(split)
+  if source == 'text':
+    return text_documents(inputs, field=field)
+  if source == 'jsonl':
+    return jsonl_documents(
+        inputs, config_value(cfg_data, 'text_field', 'text') or 'text', field=field
+    )
+  return hf_documents(
+      name=config_value(cfg_data, 'hf_name', ''),
+      config=config_value(cfg_data, 'hf_config', ''),
+      path=config_value(cfg_data, 'hf_path', ''),
+      splits=inputs,
+      text_field=config_value(cfg_data, 'text_field', 'text') or 'text',
+  )
+
+
+def describe(cfg_data: Any, split: str) -> dict[str, Any]:
+  """A JSON-able identity of `split`'s input, checked for existence (raises if a file is missing).
+
+  Files are identified by resolved path, size and sha256, so that an edited input is noticed.
+  """
+  source = _source(cfg_data)
+  if source == 'stdlib':
+    max_bytes = int(config_value(cfg_data, 'stdlib_max_bytes', DEFAULT_STDLIB_MAX_BYTES))
+    files = stdlib_files(split, max_bytes)
+    digest = hashlib.sha256()
+    for rel, size in files:
+      digest.update(f'{rel}\0{size}\n'.encode())
+    return {
+        'kind': 'stdlib',
+        'stdlib': str(stdlib_root()),
+        'python': sys.version.split()[0],
+        'max_bytes': max_bytes,
+        'files': len(files),
+        'bytes': sum(size for _, size in files),
+        'listing_sha256': digest.hexdigest(),
+    }
+  inputs = split_inputs(cfg_data, split)
+  field = paths_field(split)
+  if not inputs:
+    raise ValueError(f'split {split!r} has no inputs: set {field}')
+  if source in ('text', 'jsonl'):
+    desc: dict[str, Any] = {'kind': source, 'files': [_describe_file(p, field) for p in inputs]}
+    if source == 'jsonl':
+      desc['text_field'] = config_value(cfg_data, 'text_field', 'text') or 'text'
+    return desc
+  hf_path = config_value(cfg_data, 'hf_path', '')
+  desc = {
+      'kind': 'hf',
+      'splits': inputs,
+      'text_field': config_value(cfg_data, 'text_field', 'text') or 'text',
+  }
+  if hf_path:
+    root = Path(hf_path).expanduser().resolve()
+    if not root.is_dir():
+      raise FileNotFoundError(f'data.hf_path={hf_path!r}: no such directory ({root})')
+    digest = hashlib.sha256()
+    for meta in sorted(root.rglob('*.json')):
+      digest.update(str(meta.relative_to(root)).encode() + b'\0' + meta.read_bytes())
+    desc.update(path=str(root), metadata_sha256=digest.hexdigest())
+  else:
+    desc.update(
+        name=config_value(cfg_data, 'hf_name', ''),
+        config=config_value(cfg_data, 'hf_config', '') or None,
+    )
+  return desc
+
+
+def _describe_file(path: str, field: str) -> dict[str, Any]:
+  resolved = Path(path).expanduser().resolve()
+  if not resolved.is_file():
+    raise FileNotFoundError(f'{field}: file not found: {path!r} (resolved to {resolved})')
+  try:
+    digest = hashlib.sha256()
+    with open(resolved, 'rb') as f:
+      for block in iter(lambda: f.read(1 << 20), b''):
+        digest.update(block)
+  except OSError as e:
+    raise ValueError(f'{field}: cannot read {path!r}: {e}') from e
+  return {'path': str(resolved), 'bytes': resolved.stat().st_size, 'sha256': digest.hexdigest()}
+
+
+# ----------------------------------------------------------------------------------------- text
+
+
+def _open_text(path: str, field: str):
+  resolved = Path(path).expanduser()
+  if not resolved.is_file():
+    raise FileNotFoundError(f'{field}: file not found: {path!r} (resolved to {resolved.resolve()})')
+  try:
+    # newline="" keeps "\r\n" and lone "\r" as they are, so the text round-trips byte for byte.
+    return open(resolved, encoding='utf-8', newline='')
+  except OSError as e:
+    raise ValueError(f'{field}: cannot read {path!r}: {e}') from e
+
+
+def text_documents(paths: Iterable[str], *, field: str = 'data.train_paths') -> Iterator[str]:
+  """Documents of plain UTF-8 text files, in order; WikiText files split per article.
+
+  A file's documents concatenate back to the file: text before the first title belongs to the
+  first article, and each article runs up to (not including) the next title line.
+  """
+  for path in paths:
+    with _open_text(path, field) as f:
+      lines: list[str] = []
+      in_article = False
+      try:
+        for line in f:
+          if _WIKITEXT_TITLE.match(line.rstrip('\r\n')):
+            if in_article:
+              yield ''.join(lines)
+              lines = []
+            in_article = True
+          lines.append(line)
+      except UnicodeDecodeError as e:
+        raise ValueError(f'{field}: {path!r} is not valid UTF-8 ({e})') from e
+      if lines:
+        yield ''.join(lines)
+
+
+def jsonl_documents(
+    paths: Iterable[str], text_field: str = 'text', *, field: str = 'data.train_paths'
+) -> Iterator[str]:
+  """Documents of JSON-lines files: `obj[text_field]` of every non-blank line, in order."""
+  for path in paths:
+    with _open_text(path, field) as f:
+      for lineno, line in enumerate(f, start=1):
+        if not line.strip():
+          continue
+        try:
+          obj = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ValueError(f'{field}: {path}:{lineno} is not valid JSON ({e.msg})') from e
+        if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+          keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+          raise ValueError(
+              f'{path}:{lineno} has no string field {text_field!r} (set data.text_field to the '
+              f'field that holds the text; keys present: {keys})'
+          )
+        yield obj[text_field]
+
+
+# ------------------------------------------------------------------------------- Hugging Face
+
+
+def _import_datasets():
+  try:
+    import datasets  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError(
+        "data.source='hf' needs the Hugging Face `datasets` package: pip install datasets"
+    ) from e
+  return datasets
+
+
+def hf_documents(
+    *,
+    name: str = '',
+    config: str = '',
+    path: str = '',
+    splits: Iterable[str],
+    text_field: str = 'text',
+) -> Iterator[str]:
+  """Documents of Hugging Face dataset splits, concatenated in the order of `splits`.
+
+  `path` (a `save_to_disk` directory) wins over `name` (a hub dataset, streamed so nothing is
+  downloaded in full). A saved single `Dataset` (not a `DatasetDict`) serves only split "train".
+  """
+  datasets = _import_datasets()
+  splits = list(splits)
+  if path:
+    root = Path(path).expanduser()
+    if not root.is_dir():
+      raise FileNotFoundError(f'data.hf_path={path!r}: no such directory ({root.resolve()})')
+    saved = datasets.load_from_disk(str(root))
+    parts = []
+    for split in splits:
+      if isinstance(saved, datasets.DatasetDict):
+        if split not in saved:
+          raise ValueError(f'data.hf_path={path!r} has splits {sorted(saved)}, not {split!r}')
+        parts.append(saved[split])
+      elif split == 'train':
+        parts.append(saved)
+      else:
+        raise ValueError(
+            f'data.hf_path={path!r} holds a single Dataset; split {split!r} needs a DatasetDict'
+        )
+  else:
+    if not name:
+      raise ValueError("data.source='hf' needs data.hf_name (a hub dataset) or data.hf_path")
+    parts = [datasets.load_dataset(name, config or None, split=s, streaming=True) for s in splits]
+  for split, part in zip(splits, parts):
+    for example in part:
+      if text_field not in example:
+        raise ValueError(
+            f'hf split {split!r} has no field {text_field!r} (set data.text_field; fields: '
+            f'{sorted(example)})'
+        )
+      yield example[text_field]
+
+
+# ------------------------------------------------------------------------------------- stdlib
+
+
+def stdlib_root() -> Path:
+  """The directory of the running interpreter's standard library."""
+  return Path(sysconfig.get_paths()['stdlib']).resolve()
+
+
+def stdlib_split_of(relative_path: str) -> str:
+  """'train' | 'valid' | 'test' for a stdlib file, from a hash of its relative path.
+
+  Depends only on the path, so a file stays in its split across runs and Python patch versions.
+  """
+  u = int.from_bytes(hashlib.sha256(relative_path.encode()).digest()[:8], 'big') / 2**64
+  if u < STDLIB_VALID_FRACTION:
+    return 'valid'
+  if u < STDLIB_VALID_FRACTION + STDLIB_TEST_FRACTION:
+    return 'test'
+  return 'train'
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_listing(root: Path) -> tuple[tuple[str, int], ...]:
+  """(relative path, size) of every stdlib `.py` file outside the skipped directories, sorted."""
+  found = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP_DIRS)  # Prune, don't descend.
+    for name in filenames:
+      path = Path(dirpath) / name
+      if name.endswith('.py') and path.is_file():
+        found.append((path.relative_to(root).as_posix(), path.stat().st_size))
+  return tuple(sorted(found))
+
+
+def stdlib_files(split: str, max_bytes: int = DEFAULT_STDLIB_MAX_BYTES) -> list[tuple[str, int]]:
+  """(relative path, size in bytes) of the stdlib `.py` files in `split`, capped at `max_bytes`.
+
+  Files are ordered by a hash of their path (a fixed pseudo-random order, so that a cap keeps a
+  sample of the whole library rather than its alphabetically first packages) and taken in that
+  order, skipping any that would push the total past `max_bytes`. Installed packages and test
+  suites are left out.
+  """
+  if split not in SPLITS:
+    raise ValueError(f'unknown split {split!r}; expected one of {SPLITS}')
+  root = stdlib_root()
+  if not root.is_dir():
+    raise FileNotFoundError(f"data.source='stdlib': standard library not found at {root}")
+  candidates = [(rel, size) for rel, size in _stdlib_listing(root) if stdlib_split_of(rel) == split]
+  candidates.sort(key=lambda item: (hashlib.sha256(b'order:' + item[0].encode()).digest(), item[0]))
+  chosen, total = [], 0
+  for rel, size in candidates:
+    if total + size <= max_bytes:
+      chosen.append((rel, size))
+      total += size
+  return chosen
+
+
+def stdlib_documents(split: str, max_bytes: int = DEFAULT_STDLIB_MAX_BYTES) -> Iterator[str]:
+  """The text of each file from `stdlib_files(split, max_bytes)`, one document per file.
+
+  A file that is not valid UTF-8 is skipped (which ones is fixed for a given interpreter, so the
+  corpus stays deterministic); empty files yield empty documents, which tokenization skips.
+  """
+  root = stdlib_root()
+  for rel, _ in stdlib_files(split, max_bytes):
+    try:
+      with open(root / rel, encoding='utf-8', newline='') as f:
+        yield f.read()
+    except UnicodeDecodeError:
+      continue

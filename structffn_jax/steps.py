@@ -1,0 +1,79 @@
+"""Pure, jittable training and evaluation steps over (graphdef, state) of an NNX model.
+
+A train state is the pytree `{'params': nnx.State, 'opt_state': optax state}`; the model graph
+(`graphdef`) is static. Dropping the self-guided guides changes the graph, which is why the trainer
+rebuilds these functions (one re-jit) at the hand-over.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from structffn_jax import optim
+
+
+def init_state(model, tx: optax.GradientTransformation):
+  graphdef, params = nnx.split(model, nnx.Param)
+  return graphdef, {'params': params, 'opt_state': tx.init(params)}
+
+
+def cross_entropy(logits_BTV, targets_BT, mask_BT=None):
+  """Summed token cross-entropy (float32) and the number of tokens it covers."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32),
+                                                           targets_BT)
+  if mask_BT is None:
+    return losses.sum(), jnp.asarray(losses.size, jnp.float32)
+  mask_BT = mask_BT.astype(jnp.float32)
+  return (losses * mask_BT).sum(), mask_BT.sum()
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, micro_batches: int):
+  """step(state, batch (B, T+1) int32, key) -> (state, metrics); gradients are accumulated over
+  `micro_batches` equal slices of the batch (scan), then one optimizer update."""
+
+  def loss_fn(params, tokens_BT1, alpha, key):
+    model = nnx.merge(graphdef, params)
+    logits = model(tokens_BT1[:, :-1], alpha=alpha, key=key)
+    total, count = cross_entropy(logits, tokens_BT1[:, 1:])
+    return total / count
+
+  grad_fn = jax.value_and_grad(loss_fn)
+
+  def step(state, batch, key):
+    params, opt_state = state['params'], state['opt_state']
+    alpha = optim.alpha_of(opt_state)
+    micro = batch.reshape(micro_batches, batch.shape[0] // micro_batches, batch.shape[1])
+
+    def accumulate(carry, i):
+      loss_sum, grad_sum = carry
+      loss, grads = grad_fn(params, micro[i], alpha, jax.random.fold_in(key, i))
+      return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros([], jnp.float32), zeros),
+                                    jnp.arange(micro_batches))
+    loss = loss / micro_batches
+    grads = jax.tree.map(lambda g: g / micro_batches, grads)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
+    if alpha is not None:
+      metrics['alpha'] = alpha
+    return {'params': params, 'opt_state': opt_state}, metrics
+
+  return step
+
+
+def make_eval_step(graphdef):
+  """eval(params, alpha, batch (B, T+1), mask (B,)) -> (summed loss, token count)."""
+
+  def evaluate(params, alpha, batch, mask_B):
+    model = nnx.merge(graphdef, params)
+    logits = model(batch[:, :-1], alpha=alpha)
+    mask_BT = jnp.broadcast_to(mask_B[:, None], batch[:, 1:].shape)
+    return cross_entropy(logits, batch[:, 1:], mask_BT)
+
+  return evaluate

@@ -1,0 +1,322 @@
+"""Train a GPT with structured FFNs: `python -m structffn_jax.train --config F.py:ARG --workdir DIR`.
+
+One run = one workdir: config.json, data/ (tokenizer + token rows, prepared on first use),
+checkpoints/, metrics.jsonl, tb/ (TensorBoard), profile/ (XLA traces). Re-running the same
+command resumes from the newest checkpoint and continues exactly as if never stopped.
+
+Self-guided training (SPEC §2): the optimizer's SelfGuidedState carries α; after G steps the
+guides and their optimizer state are dropped and the step is compiled once more. With
+`sgt.mode=fixedflop` the run has S + G steps and its last G steps replay the first G batches.
+
+  --profile K:N   XLA trace of steps K..K+N-1 under <workdir>/profile (TensorBoard / Perfetto)
+  --set F=V       override any config field, e.g. --set train.tokens=1e6
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import pathlib
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from structffn_jax import accounting, checkpoint, metrics, optim, steps
+from structffn_jax import config as config_lib
+from structffn_jax.data import pipeline
+from structffn_jax.data import prepare as prepare_lib
+from structffn_jax.model import GPT
+
+
+class NonFiniteLoss(RuntimeError):
+  """Training produced a NaN or Inf loss."""
+
+
+@dataclasses.dataclass
+class Plan:
+  """The step schedule of a run, from its config."""
+  total_steps: int  # S, or S + G with fixedflop
+  base_steps: int  # S
+  guided_steps: int  # G (0 without SGT)
+  micro_batches: int  # gradient-accumulation slices per step
+
+  def data_index(self, step: int) -> int:
+    """Which global batch optimizer step `step` reads (fixedflop replays [0, G) at the end)."""
+    return step - self.base_steps if step >= self.base_steps else step
+
+
+def make_plan(config) -> Plan:
+  total, guided = accounting.schedule_steps(config)
+  base = accounting.schedule_steps(config, base_only=True)[0]
+  t = config.train
+  micro = t.micro_batch or t.global_batch
+  if t.global_batch % micro:
+    raise config_lib.ConfigError(f'train.micro_batch={micro} must divide train.global_batch='
+                                 f'{t.global_batch}.')
+  return Plan(total, base, guided, t.global_batch // micro)
+
+
+def prepare_data(config, workdir: pathlib.Path, log=print):
+  data_dir = prepare_lib.resolve_data_dir(config.data, workdir)
+  log(f'data: {data_dir}')
+  manifest = prepare_lib.prepare(config.data, data_dir, config.model.seq_len,
+                                 model_vocab_size=config.model.vocab_size)
+  return manifest
+
+
+class Trainer:
+  """Owns the state of one run; `run()` trains to the end or to a stop request."""
+
+  def __init__(self, config, workdir, *, profile: tuple[int, int] | None = None):
+    self.config = config
+    self.workdir = pathlib.Path(workdir)
+    self.is_main = jax.process_index() == 0
+    checkpoint.check_workdir_config(self.workdir, config)
+    self.plan = make_plan(config)
+    self.report = metrics.Reporter(self.workdir, self.plan.total_steps, enabled=self.is_main)
+    self.acc = accounting.account(config)
+    self.manifest = prepare_data(config, self.workdir, self.report.log)
+    self.profile = profile or (config.train.profile_start, config.train.profile_steps)
+    self.stop_signal = None
+    self.tx = optim.make_optimizer(config, self.plan.total_steps, self.plan.guided_steps)
+    self.lr = optim.lr_schedule(config.train, self.plan.total_steps)
+    self.ckpt = checkpoint.Checkpointer(self.workdir, config.train.keep_ckpts)
+    self._build_state()
+
+  # --------------------------------------------------------------------------- state
+
+  def _new_model(self):
+    c = self.config
+    return GPT(c.model, guide=c.sgt.enabled, reduce_flop=c.sgt.reduce_flop,
+               rngs=nnx.Rngs(params=c.train.seed))
+
+  def _build_state(self):
+    latest = self.ckpt.latest_step()
+    meta = self.ckpt.meta(latest) if latest is not None else {}
+    model = self._new_model()
+    if meta.get('guides_dropped'):
+      model.drop_guides()
+    self.graphdef, state = steps.init_state(model, self.tx)
+    self.step = 0
+    if latest is not None:
+      state, meta = self.ckpt.restore(latest, state)
+      self.step = int(meta['step'])
+      self.report.log(f'resumed from {self.workdir / "checkpoints"} at step {self.step}')
+    self.state = state
+    self.guides = self.config.sgt.enabled and not meta.get('guides_dropped', False)
+    self._compile()
+
+  def _compile(self):
+    self.train_step = jax.jit(steps.make_train_step(self.graphdef, self.tx,
+                                                    self.plan.micro_batches), donate_argnums=0)
+    self.eval_step = jax.jit(steps.make_eval_step(self.graphdef))
+
+  def _drop_guides(self):
+    """Hand-over complete: remove the guides and their optimizer state, compile once more."""
+    model = nnx.merge(self.graphdef, self.state['params'])
+    model.drop_guides()
+    graphdef, fresh = steps.init_state(model, self.tx)
+    self.state = {'params': fresh['params'],
+                  'opt_state': optim.transplant(self.state['opt_state'], fresh['opt_state'])}
+    self.graphdef = graphdef
+    self.guides = False
+    self._compile()
+    self.report.log(f'step {self.step}: self-guided hand-over complete (α=0); dropped '
+                    f'{self.acc.params_guide:,} guide parameters and their optimizer state')
+
+  # --------------------------------------------------------------------------- checkpoints
+
+  def save(self):
+    meta = {'step': self.step, 'guides_dropped': self.config.sgt.enabled and not self.guides,
+            'data_next_index': self.plan.data_index(self.step), 'config': self.config.name}
+    self.ckpt.save(self.step, self.state, meta)
+
+  def _on_signal(self, signum, frame):
+    del frame
+    self.stop_signal = signal.Signals(signum).name
+    self.report.log(f'{self.stop_signal} received: saving a checkpoint after this step')
+
+  # --------------------------------------------------------------------------- evaluation
+
+  def evaluate(self, split='valid'):
+    if split not in self.manifest.splits:
+      return None
+    t = self.config.train
+    batch = t.eval_batch or t.micro_batch or t.global_batch
+    max_rows = max(1, int(t.eval_tokens // self.config.model.seq_len))
+    alpha = optim.alpha_of(self.state['opt_state']) if self.guides else None
+    total, count = 0.0, 0.0
+    for tokens, mask in pipeline.eval_batches(self.manifest, split, batch, max_rows):
+      s, n = self.eval_step(self.state['params'], alpha, jnp.asarray(tokens), jnp.asarray(mask))
+      total, count = total + float(s), count + float(n)
+    loss = total / max(count, 1)
+    return {f'{split}_loss': loss, f'{split}_ppl': math.exp(min(loss, 50)), f'{split}_tokens': count}
+
+  # --------------------------------------------------------------------------- loop
+
+  def run(self, stop_at: int | None = None) -> dict:
+    """Train to the end. `stop_at`: behave as if interrupted once that step is done."""
+    c, plan = self.config, self.plan
+    t = c.train
+    self.report.log(
+        f'{c.name}: {self.acc.params_total:,} params ({self.acc.params_ffn:,} FFN), '
+        f'{plan.total_steps} steps x {t.global_batch} x {c.model.seq_len} tokens, '
+        f'{self.acc.train_flops:.3e} training FLOPs'
+        + (f', self-guided for {plan.guided_steps} steps ({c.sgt.mode}, {c.sgt.schedule}'
+           f'{", reduce_flop" if c.sgt.reduce_flop else ""})' if c.sgt.enabled else ''))
+    stream = pipeline.BatchStream(self.manifest, 'train', global_batch=t.global_batch, seed=t.seed,
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+    batches = stream.iterate(self.step, plan.data_index)
+    old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    step_key = jax.random.key(t.seed + 1)
+    tokens_per_step = t.global_batch * c.model.seq_len
+    peak = metrics.peak_flops_per_device(t.peak_flops)
+    flops_done = 0.0
+    pending = None  # metrics of the last step, fetched one step late
+    window_start, window_steps = time.perf_counter(), 0
+    profiling = False
+    compiled_now = True  # the next step compiles: keep it out of the throughput window
+    last_eval = None
+    self.report.log(f'training from step {self.step}; the first step compiles')
+    try:
+      while self.step < plan.total_steps:
+        if self.profile[0] >= 0 and self.step == self.profile[0] and self.is_main:
+          jax.profiler.start_trace(str(self.workdir / 'profile'))
+          profiling = True
+        if self.guides and self.step >= plan.guided_steps:
+          self._flush(pending)
+          pending = None
+          self._drop_guides()
+          compiled_now = True
+        batch = jnp.asarray(next(batches))
+        self.state, m = self.train_step(self.state, batch, jax.random.fold_in(step_key, self.step))
+        self.step += 1
+        window_steps += 1
+        if compiled_now:
+          jax.block_until_ready(m['loss'])
+          window_start, window_steps, compiled_now = time.perf_counter(), 0, False
+        flops_done += self._step_flops(m)
+        if pending is not None:
+          self._flush(pending)
+        pending = (self.step, m, flops_done)
+        if profiling and self.step >= self.profile[0] + self.profile[1]:
+          jax.block_until_ready(self.state)
+          jax.profiler.stop_trace()
+          profiling = False
+          self.report.log(f'profile: steps {self.profile[0]}..{self.step - 1} written to '
+                          f'{self.workdir / "profile"}')
+        if self.step % t.log_every == 0 or self.step == plan.total_steps:
+          jax.block_until_ready(m['loss'])
+          elapsed = time.perf_counter() - window_start
+          rate = window_steps / elapsed if window_steps else 0.0
+          extra = {'tokens_per_s': rate * tokens_per_step, 'lr': float(self.lr(self.step - 1)),
+                   'train_flops': flops_done,
+                   'mfu': (self._step_flops(m) * rate / (peak * jax.device_count())
+                           if peak else None)}
+          self._flush(pending, extra, progress=rate)
+          pending = None
+          window_start, window_steps = time.perf_counter(), 0
+        if t.eval_every and self.step % t.eval_every == 0 and self.step < plan.total_steps:
+          self._flush(pending)
+          pending = None
+          last_eval = self.evaluate()
+          self._write_eval(last_eval)
+        if self.step % t.ckpt_every == 0:
+          self._flush(pending)
+          pending = None
+          self.save()
+        if stop_at is not None and self.step >= stop_at:
+          self.stop_signal = self.stop_signal or f'stop_at={stop_at}'
+        if self.stop_signal:
+          self._flush(pending)
+          pending = None
+          self.save()
+          self.ckpt.wait()
+          self.report.log(f'{self.stop_signal}: checkpoint saved at step {self.step}; '
+                          f'run the same command to resume')
+          return {'step': self.step, 'stopped': self.stop_signal}
+      self._flush(pending)
+      last_eval = self.evaluate()
+      self._write_eval(last_eval)
+      self.save()
+      return {'step': self.step, **(last_eval or {})}
+    finally:
+      if profiling:
+        jax.profiler.stop_trace()
+      for s, h in old_handlers.items():
+        signal.signal(s, h)
+      batches.close()
+      self.ckpt.close()
+      self.report.close()
+
+  def _step_flops(self, m) -> float:
+    """Training FLOPs of one step in the paper's accounting, the guide at its expected cost."""
+    tokens = self.config.train.global_batch * self.config.model.seq_len
+    flops = self.acc.flops_per_token
+    if self.guides and self.step <= self.plan.guided_steps:
+      flops += self.acc.guide_flops_per_token * (0.5 if self.config.sgt.reduce_flop else 1.0)
+    return 3.0 * flops * tokens
+
+  def _flush(self, pending, extra=None, progress=None):
+    """Fetch a step's metrics (blocking only now), stop on a non-finite loss, report."""
+    if pending is None:
+      return
+    step, m, flops_done = pending
+    host = {k: float(v) for k, v in jax.device_get(m).items()}
+    if not np.isfinite(host['loss']):
+      last = self.ckpt.latest_step()
+      raise NonFiniteLoss(
+          f'non-finite loss ({host["loss"]}) at step {step}; training stopped. The last good '
+          f'checkpoint (step {last}) is kept in {self.workdir / "checkpoints"}: lower '
+          f'train.peak_lr or raise train.warmup_frac and resume.')
+    record = {**host, 'tokens': step * self.config.train.global_batch * self.config.model.seq_len,
+              'train_flops': flops_done, **(extra or {})}
+    self.report.write(step, {k: v for k, v in record.items() if v is not None})
+    if progress is not None:
+      self.report.progress(step, record, progress)
+
+  def _write_eval(self, result):
+    if result:
+      self.report.write(self.step, result)
+      self.report.log(f'step {self.step:>6}  eval  ' + '  '.join(
+          f'{k} {v:.4f}' if 'tokens' not in k else f'{k} {v:,.0f}' for k, v in result.items()))
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog='\n'.join(__doc__.splitlines()[1:]))
+  parser.add_argument('--config', required=True, help='configs/<file>.py:<arg>')
+  parser.add_argument('--workdir', required=True, help='directory of the run (resumed if present)')
+  parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE')
+  parser.add_argument('--profile', default='', metavar='K:N',
+                      help='XLA profiler trace of steps K..K+N-1 under <workdir>/profile')
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format='%(message)s')
+  for noisy in ('absl', 'orbax', 'jax'):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  profile = None
+  if args.profile:
+    try:
+      k, n = (int(x) for x in args.profile.split(':'))
+    except ValueError:
+      sys.exit(f'error: --profile {args.profile!r}: expected K:N, e.g. --profile 10:5')
+    profile = (k, n)
+  try:
+    config = config_lib.load(args.config, tuple(args.set))
+    trainer = Trainer(config, args.workdir, profile=profile)
+    trainer.run()
+  except (config_lib.ConfigError, FileNotFoundError, ValueError, NonFiniteLoss) as e:
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,182 @@
+"""The trainer: exact resume, the self-guided Optax transformation, fixed-FLOP replay, bad runs."""
+
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from structffn_jax import config as config_lib
+from structffn_jax import metrics, optim, train
+from structffn_jax.data import prepare as prepare_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny(*overrides, method='lowrank', sgt=1):
+  return config_lib.load(f'{REPO}/configs/tiny.py:method={method},sgt={sgt}', overrides)
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  """One prepared copy of the tiny config's data, shared by every run here."""
+  d = tmp_path_factory.mktemp('data')
+  prepare_lib.prepare(tiny().data, d, 64, model_vocab_size=512)
+  return d
+
+
+def run_losses(workdir):
+  """step -> loss from metrics.jsonl (the latest record of a step wins)."""
+  return {r['step']: r['loss'] for r in metrics.read_metrics(workdir) if 'loss' in r}
+
+
+# 24 steps of 8 sequences; guided for the first 12 (fixedstep, ratio 0.5).
+RUN = ('train.tokens=12288', 'train.log_every=1', 'train.eval_every=0', 'train.ckpt_every=1000',
+       'train.eval_tokens=512')
+
+
+def test_resume_is_exact_across_the_handover(tmp_path, data_dir):
+  overrides = RUN + (f'data.data_dir={data_dir}', 'sgt.reduce_flop=true')
+  full = train.Trainer(tiny(*overrides), tmp_path / 'full')
+  full.run()
+  reference = run_losses(tmp_path / 'full')
+  assert sorted(reference) == list(range(1, 25))
+  for stop in (5, 17):  # before and after the hand-over at step 12
+    workdir = tmp_path / f'stop{stop}'
+    out = train.Trainer(tiny(*overrides), workdir).run(stop_at=stop)
+    assert out == {'step': stop, 'stopped': f'stop_at={stop}'}
+    resumed = train.Trainer(tiny(*overrides), workdir)
+    assert resumed.step == stop
+    assert resumed.guides == (stop < 12)
+    resumed.run()
+    losses = run_losses(workdir)
+    assert losses == reference, f'resumed at {stop}: losses differ from the uninterrupted run'
+
+
+def test_guides_and_their_optimizer_state_are_dropped(tmp_path, data_dir):
+  trainer = train.Trainer(tiny(*RUN, f'data.data_dir={data_dir}', 'train.tokens=3072'),
+                          tmp_path / 'w')
+  assert trainer.plan.guided_steps == 3
+  n_before = len(jax.tree.leaves(trainer.state))
+  trainer.run()
+  leaves = jax.tree_util.tree_flatten_with_path(trainer.state)[0]
+  assert not any('guide' in jax.tree_util.keystr(p) for p, _ in leaves)
+  # fc1 and fc2 of 2 stacked blocks each lose 1 param + 2 Adam moments.
+  assert n_before - len(leaves) == 2 * 3
+  assert optim.alpha_of(trainer.state['opt_state']) == 0.0
+
+
+def test_alpha_schedule_closed_forms():
+  g = 40
+  cos = optim.alpha_schedule('cosine', g)
+  lin = optim.alpha_schedule('linear', g)
+  for t in (0, 1, 7, 20, 39, 40, 41, 100):
+    expect_cos = 0.5 * (1 + math.cos(math.pi * t / g)) if t < g else 0.0
+    expect_lin = 1 - t / g if t < g else 0.0
+    assert float(cos(t)) == pytest.approx(expect_cos, abs=1e-6)
+    assert float(lin(t)) == pytest.approx(expect_lin, abs=1e-6)
+  assert float(cos(0)) == 1.0
+
+
+def test_self_guided_transform_freezes_guides_after_g():
+  g = 3
+  params = {'guide': jnp.ones((2, 2)), 'u': jnp.ones((2,))}
+  tx = optim.self_guided(optim.alpha_schedule('linear', g), g, optim.guide_mask)
+  state = tx.init(params)
+  assert int(state.step) == 0 and float(state.alpha) == 1.0
+  grads = {'guide': jnp.full((2, 2), 0.5), 'u': jnp.full((2,), 0.25)}
+  for t in range(6):
+    updates, state = tx.update(grads, state, params)
+    assert int(state.step) == t + 1
+    assert float(state.alpha) == pytest.approx(max(0.0, 1 - (t + 1) / g))
+    np.testing.assert_array_equal(updates['u'], grads['u'])
+    expected_guide = grads['guide'] if t < g else np.zeros((2, 2))
+    np.testing.assert_array_equal(updates['guide'], expected_guide)
+
+
+def test_lr_schedule_warmup_then_cosine_to_a_tenth():
+  c = tiny()
+  lr = optim.lr_schedule(c.train, 100)
+  peak = c.train.peak_lr
+  assert float(lr(0)) == 0.0
+  assert float(lr(5)) == pytest.approx(peak * 5 / 10, rel=1e-6)
+  assert float(lr(10)) == pytest.approx(peak, rel=1e-6)
+  mid = 10 + 45
+  assert float(lr(mid)) == pytest.approx(0.1 * peak + 0.9 * peak * 0.5, rel=1e-5)
+  assert float(lr(100)) == pytest.approx(0.1 * peak, rel=1e-6)
+
+
+def test_fixedflop_plan_replays_the_guided_batches():
+  c = tiny('sgt.mode=fixedflop', 'sgt.ratio=0.25', 'train.tokens=20480')  # S = 40
+  plan = train.make_plan(c)
+  assert (plan.base_steps, plan.guided_steps, plan.total_steps) == (40, 10, 50)
+  indices = [plan.data_index(t) for t in range(plan.total_steps)]
+  assert indices[:40] == list(range(40))
+  assert indices[40:] == list(range(10))
+
+
+def test_transplant_keeps_surviving_moments():
+  tx = optax.adam(1e-3)
+  big = {'a': jnp.arange(3.0), 'guide': jnp.ones(2)}
+  small = {'a': jnp.zeros(3)}
+  s_big = tx.init(big)
+  s_big = tx.update(big, s_big, big)[1]
+  moved = optim.transplant(s_big, tx.init(small))
+  np.testing.assert_array_equal(moved[0].mu['a'], s_big[0].mu['a'])
+  assert int(moved[0].count) == 1
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, data_dir):
+  overrides = RUN + (f'data.data_dir={data_dir}', 'train.ckpt_every=2', 'train.peak_lr=1e30',
+                     'train.warmup_frac=0.0001', 'train.grad_clip=1e30')
+  trainer = train.Trainer(tiny(*overrides, sgt=0), tmp_path / 'w')
+  with pytest.raises(train.NonFiniteLoss, match='non-finite loss') as e:
+    trainer.run()
+  saved = sorted(int(p.name) for p in (tmp_path / 'w' / 'checkpoints').iterdir()
+                 if p.name.isdigit())
+  bad_step = int(str(e.value).split('at step ')[1].split(';')[0])
+  assert all(s < bad_step for s in saved)
+
+
+def test_workdir_of_another_config_is_refused(tmp_path, data_dir):
+  workdir = tmp_path / 'w'
+  train.Trainer(tiny(*RUN, f'data.data_dir={data_dir}', 'train.tokens=1024'), workdir).run()
+  before = (workdir / 'config.json').read_text()
+  with pytest.raises(ValueError, match='holds a run of another config.*model.ffn.rank'):
+    train.Trainer(tiny(*RUN, f'data.data_dir={data_dir}', 'train.tokens=1024',
+                       'model.ffn.rank=8'), workdir)
+  assert (workdir / 'config.json').read_text() == before
+
+
+def test_cli_trains_profiles_and_evaluates(tmp_path, data_dir):
+  workdir = tmp_path / 'w'
+  cmd = [sys.executable, '-m', 'structffn_jax.train', '--config',
+         f'{REPO}/configs/tiny.py:method=blockshuffle', '--workdir', str(workdir),
+         '--profile', '2:2', '--set', f'data.data_dir={data_dir}', '--set', 'train.tokens=3072',
+         '--set', 'train.log_every=2']
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+  assert out.returncode == 0, out.stderr
+  assert 'step      6/6' in out.stdout and 'valid_loss' in out.stdout
+  traces = list((workdir / 'profile').rglob('*.xplane.pb'))
+  assert traces, 'no XLA trace written'
+  records = metrics.read_metrics(workdir)
+  assert any('valid_ppl' in r for r in records)
+  assert list((workdir / 'tb').iterdir())
+  ev = subprocess.run([sys.executable, '-m', 'structffn_jax.evaluate', '--workdir', str(workdir),
+                       '--max-tokens', '2048'],  # the tiny config's train.eval_tokens
+                      capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert ev.returncode == 0, ev.stderr
+  assert 'valid: loss' in ev.stdout
+  result = json.loads((workdir / 'eval.jsonl').read_text().splitlines()[-1])
+  final = [r for r in records if 'valid_loss' in r][-1]
+  assert result['loss'] == pytest.approx(final['valid_loss'], rel=1e-6)
+  bad = subprocess.run([sys.executable, '-m', 'structffn_jax.train', '--config',
+                        f'{REPO}/configs/tiny.py:method=lowrank', '--workdir', str(workdir)],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert bad.returncode != 0 and 'error:' in bad.stderr and 'Traceback' not in bad.stderr
