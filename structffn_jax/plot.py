@@ -1,0 +1,95 @@
+"""Overlay the loss curves of runs: `python -m structffn_jax.plot RUN_DIR... [--x flops] [--out F.png]`.
+
+Reads each workdir's metrics.jsonl and draws training loss (thin) and validation loss (markers)
+against steps, tokens or training FLOPs (the paper's scaling plots use FLOPs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+from structffn_jax import metrics
+
+X_AXES = {'steps': ('step', 'optimizer step'), 'tokens': ('tokens', 'training tokens'),
+          'flops': ('train_flops', 'training FLOPs (paper accounting)')}
+
+
+def load_curves(workdir) -> dict:
+  """{'name', 'train': [(step, tokens, flops, loss)], 'valid': [...]} from a workdir."""
+  workdir = pathlib.Path(workdir)
+  records = metrics.read_metrics(workdir)
+  by_step = {}
+  for r in records:  # a resumed run may repeat steps: the latest record wins
+    by_step.setdefault(r['step'], {}).update(r)
+  rows = [by_step[s] for s in sorted(by_step)]
+  config = workdir / 'config.json'
+  name = json.loads(config.read_text()).get('name', workdir.name) if config.exists() else \
+      workdir.name
+  per_step = {r['step']: r for r in rows if 'loss' in r}
+
+  def x_values(r):
+    ref = per_step.get(r['step'], r)
+    return {'step': r['step'], 'tokens': ref.get('tokens'), 'train_flops': ref.get('train_flops')}
+
+  train = [{**x_values(r), 'loss': r['loss']} for r in rows if 'loss' in r]
+  valid = [{**x_values(r), 'loss': r['valid_loss']} for r in rows if 'valid_loss' in r]
+  return {'name': name, 'train': train, 'valid': valid}
+
+
+def plot(workdirs, out, x='steps', title=None, smooth=1):
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  key, label = X_AXES[x]
+  fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+  for i, w in enumerate(workdirs):
+    curves = load_curves(w)
+    color = f'C{i}'
+    tr = [p for p in curves['train'] if p[key] is not None]
+    ys = [p['loss'] for p in tr]
+    if smooth > 1:
+      ys = [sum(ys[max(0, j - smooth + 1):j + 1]) / len(ys[max(0, j - smooth + 1):j + 1])
+            for j in range(len(ys))]
+    ax.plot([p[key] for p in tr], ys, color=color, lw=1, alpha=0.7,
+            label=f'{curves["name"]} (train)')
+    va = [p for p in curves['valid'] if p[key] is not None]
+    if va:
+      ax.plot([p[key] for p in va], [p['loss'] for p in va], 'o-', color=color, ms=4, lw=1.5,
+              label=f'{curves["name"]} (valid)')
+  ax.set_xlabel(label)
+  ax.set_ylabel('cross-entropy (nats/token)')
+  if x == 'flops':
+    ax.set_xscale('log')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  if title:
+    ax.set_title(title)
+  fig.tight_layout()
+  out = pathlib.Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(out)
+  plt.close(fig)
+  return out
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('workdirs', nargs='+', help='training workdirs')
+  parser.add_argument('--x', choices=sorted(X_AXES), default='steps')
+  parser.add_argument('--out', default='loss.png')
+  parser.add_argument('--title', default=None)
+  parser.add_argument('--smooth', type=int, default=1, help='moving average of train loss')
+  args = parser.parse_args(argv)
+  try:
+    out = plot(args.workdirs, args.out, args.x, args.title, args.smooth)
+  except FileNotFoundError as e:
+    sys.exit(f'error: {e}')
+  print(f'wrote {out}')
+
+
+if __name__ == '__main__':
+  main()
