@@ -53,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
   f.rank = 0  # Rank R (lowrank, blockdense).
   f.blocks = 1  # Block count B (blockdense, blockshuffle).
   f.init = 'paper'  # 'paper' (svd / orthogonal blocks) or 'gaussian'.
+  f.merge_threshold = -1  # Inference pre-merge up to this many tokens (0 off, -1 premerge.json).
 
   s = c.sgt = ml_collections.ConfigDict()
   s.enabled = False  # Self-guided training: dense guide blended in over the first G steps.
@@ -85,6 +86,16 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = prepare_lib.default_data_config()
   c.data.vocab_size = 32000  # SentencePiece vocabulary trained when data.tokenizer is empty.
+
+  h = c.mesh = ml_collections.ConfigDict()  # Device mesh and sharding (structffn_jax/sharding.py).
+  h.data = -1  # Data-parallel mesh axis size (-1 = the devices left over).
+  h.fsdp = 1  # Fully-sharded data-parallel axis: batch and parameters' embed dim split over it.
+  h.tensor = 1  # Tensor-parallel axis: mlp, heads, qkv, kv, vocab, rank, blocks split over it.
+  h.rules = (  # Logical axis -> mesh axis (None: replicated); also 'embed=fsdp' strings.
+      ('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'tensor'), ('heads', 'tensor'),
+      ('qkv', 'tensor'), ('kv', 'tensor'), ('vocab', 'tensor'), ('rank', 'tensor'),
+      ('blocks', 'tensor'), ('layers', None))
+  h.distributed = 'auto'  # jax.distributed.initialize: 'auto' (SLURM, TPU pod, env), 'on', 'off'.
   return c
 
 
@@ -174,7 +185,11 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
                         f'keys: {", ".join(defaults)}.')
     if key not in defaults:
       raise ConfigError(f'config argument {key!r} is unknown; keys: {", ".join(defaults)}.')
-    out[key] = type(defaults[key])(value) if defaults[key] is not None else value
+    try:
+      out[key] = type(defaults[key])(value) if defaults[key] is not None else value
+    except ValueError:
+      raise ConfigError(f'config argument {key}={value!r}: expected '
+                        f'{type(defaults[key]).__name__}.') from None
   return ml_collections.ConfigDict(out)
 
 
@@ -222,7 +237,11 @@ def _coerce(text, current, key):
       value = float(text)
     except ValueError:
       raise ConfigError(f'override {key}={text!r}: expected a number.') from None
-    return int(value) if isinstance(current, int) and value.is_integer() else value
+    if isinstance(current, int):
+      if not value.is_integer():
+        raise ConfigError(f'override {key}={text!r}: expected an integer.')
+      return int(value)
+    return value
   if isinstance(current, (list, tuple)):
     return [s for s in text.split(';') if s]
   return text

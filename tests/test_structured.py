@@ -45,8 +45,26 @@ STRUCTURED_CASES = [c for c in CASES if c[0] != 'dense']
 STRUCTURED_IDS = [i for c, i in zip(CASES, CASE_IDS) if c[0] != 'dense']
 
 
-def make(method, n, m, r, b, seed=0, **kw):
-  return structured.make_linear(method, n, m, rank=r, blocks=b, rngs=nnx.Rngs(seed), **kw)
+def make(method, n, m, r, b, seed=0, init='gaussian', **kw):
+  """The layer, really initialised. Gaussian unless a test is about the paper's init (each new
+  shape of the paper's SVD-based init costs a CPU compilation of seconds)."""
+  return structured.make_linear(method, n, m, rank=r, blocks=b, init=init,
+                                rngs=nnx.Rngs(seed), **kw)
+
+
+def make_random(method, n, m, r, b, seed=0, **kw):
+  """The layer's structure with every parameter (factors, bias, guide) drawn by numpy.
+
+  Built abstractly (nnx.eval_shape) and filled: tests of what a layer computes need its
+  structure, not its initialisers, and skipping those saves a compilation per shape.
+  """
+  layer = nnx.eval_shape(lambda: make(method, n, m, r, b, **kw))
+  rng = np.random.default_rng(zlib.crc32(f'{method}{n}{m}{r}{b}{seed}'.encode()))
+  for _, v in nnx.iter_graph(layer):
+    if isinstance(v, nnx.Variable):
+      v.set_value(jnp.asarray(rng.standard_normal(v.shape) / math.sqrt(v.shape[-1]),
+                              jnp.float32))
+  return layer
 
 
 def f64(p):
@@ -118,44 +136,35 @@ def close(actual, desired, rtol=RTOL, atol_rel=ATOL_REL):
                              atol=atol_rel * np.abs(desired).max())
 
 
-def randomize_bias(layer, rng):
-  b = rng.standard_normal(layer.out_features).astype(np.float32)
-  layer.bias[...] = jnp.asarray(b)
-  return b.astype(np.float64)
-
-
 # ----------------------------------------------------------------------------- forward
 
-
-@pytest.mark.parametrize('lead', [(5,), (2, 3)], ids=['lead5', 'lead2x3'])
-@pytest.mark.parametrize('method,n,m,r,b', CASES, ids=CASE_IDS)
-def test_forward_matches_numpy_reference_and_to_dense(method, n, m, r, b, lead):
-  rng = np.random.default_rng(zlib.crc32(f"{method}{n}{m}{r}{b}{lead}".encode()))
-  layer = make(method, n, m, r, b, seed=1)
-  bias = randomize_bias(layer, rng)
-  x = rng.standard_normal(lead + (n,)).astype(np.float32)
-  y = layer(jnp.asarray(x))
-  assert y.shape == lead + (m,) and y.dtype == jnp.float32
-  ref = ref_apply(method, factors(layer, method), x, b) + bias
-  close(y, ref)
-  dense = np.asarray(layer.to_dense(), np.float64)
-  assert dense.shape == (m, n)
-  close(y, x.astype(np.float64) @ dense.T + bias)
+# One compiled program per layer structure: outputs for two leading shapes, and to_dense().
+_apply = nnx.jit(lambda layer, xa, xb: (layer(xa), layer(xb), layer.to_dense()))
 
 
 @pytest.mark.parametrize('method,n,m,r,b', CASES, ids=CASE_IDS)
-def test_to_dense_matches_reference_matrix(method, n, m, r, b):
-  layer = make(method, n, m, r, b, seed=2)
+def test_forward_matches_numpy_reference_and_to_dense(method, n, m, r, b):
+  layer = make_random(method, n, m, r, b, seed=1)
   fac = factors(layer, method)
-  # Column j of the applied matrix is the reference applied to the unit vector e_j.
-  ref = ref_apply(method, fac, np.eye(n), b).T
-  close(layer.to_dense(), ref)
+  bias = f64(layer.bias)
+  rng = np.random.default_rng(zlib.crc32(f'{method}{n}{m}{r}{b}'.encode()))
+  xa = rng.standard_normal((5, n)).astype(np.float32)
+  xb = rng.standard_normal((2, 3, n)).astype(np.float32)
+  ya, yb, dense = _apply(layer, jnp.asarray(xa), jnp.asarray(xb))
+  dense = np.asarray(dense, np.float64)
+  assert dense.shape == (m, n)
+  # to_dense() against the reference applied to unit vectors (column j = layer(e_j)).
+  close(dense, ref_apply(method, fac, np.eye(n), b).T)
+  for x, y in ((xa, ya), (xb, yb)):
+    assert y.shape == x.shape[:-1] + (m,) and y.dtype == jnp.float32
+    close(y, ref_apply(method, fac, x, b) + bias)  # explicit loops from SPEC §1
+    close(y, x.astype(np.float64) @ dense.T + bias)  # the layer applies its to_dense()
 
 
 @pytest.mark.parametrize('n,m,b', [(8, 24, 2), (32, 16, 4), (16, 16, 1), (16, 16, 4),
                                    (12, 36, 4), (36, 12, 2)])
 def test_blockshuffle_to_dense_is_permuted_monarch_product(n, m, b):
-  layer = make('blockshuffle', n, m, 0, b, seed=3)
+  layer = make_random('blockshuffle', n, m, 0, b, seed=3)
   w1, w2 = f64(layer.w1), f64(layer.w2)
   q, s = min(n, m) // b, m // b
   # Shuffle: second-stage block j, position a reads flat(h)[a*B + j].
@@ -169,21 +178,21 @@ def test_blockshuffle_to_dense_is_permuted_monarch_product(n, m, b):
     for t in range(s):
       perm_out[t * b + j, j * s + t] = 1
   ref = perm_out @ block_diag(list(w2)) @ perm @ block_diag(list(w1))
-  close(layer.to_dense(), ref)
+  close(_apply(layer, jnp.ones((1, n)), jnp.ones((1, n)))[2], ref)
   if b > 1:  # the permutations matter: without them the matrix is a different one
     assert np.abs(block_diag(list(w2)) @ block_diag(list(w1)) - ref).max() > 0.1 * np.abs(ref).max()
 
 
-def test_blockshuffle_jit_matches_eager():
-  layer = make('blockshuffle', 32, 16, 0, 4, seed=4)
-  x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 32)), jnp.float32)
-  graphdef, state = nnx.split(layer)
-  jitted = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
-  close(jitted, layer(x))
+def test_eager_matches_jit():
+  layer = make_random('blockshuffle', 32, 16, 0, 4, seed=4)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 32)), jnp.float32)
+  y, _, dense = _apply(layer, x, x)
+  close(layer(x), y)
+  close(layer.to_dense(), dense)
 
 
 def test_wrong_input_width_raises():
-  layer = make('lowrank', 16, 8, 4, 1)
+  layer = make_random('lowrank', 16, 8, 4, 1)
   with pytest.raises(ValueError, match='in_features=16'):
     layer(jnp.ones((2, 15)))
 
@@ -215,7 +224,7 @@ def param_leaves(layer):
 @pytest.mark.parametrize('use_bias', [True, False])
 @pytest.mark.parametrize('method,n,m,r,b', CASES, ids=CASE_IDS)
 def test_factor_shapes_and_param_counts(method, n, m, r, b, use_bias):
-  layer = make(method, n, m, r, b, use_bias=use_bias)
+  layer = nnx.eval_shape(lambda: make(method, n, m, r, b, use_bias=use_bias))
   leaves = param_leaves(layer)
   shapes = expected_shapes(method, n, m, r, b)
   assert {k: tuple(v.shape) for k, v in leaves.items() if k != 'bias'} == shapes
@@ -231,12 +240,17 @@ def test_factor_shapes_and_param_counts(method, n, m, r, b, use_bias):
   else:
     assert 'bias' not in leaves and layer.bias is None
     assert total == closed
+  with_guide = nnx.eval_shape(lambda: make(method, n, m, r, b, use_bias=use_bias,
+                                           guide=method != 'dense'))
+  if method != 'dense':
+    assert param_leaves(with_guide)['guide'].shape == (m, n)
+    assert with_guide.num_weight_params() == closed + m * n
 
 
 @pytest.mark.parametrize('method,n,m,r,b', [CASES[4], CASES[7], CASES[11]],
                          ids=[CASE_IDS[4], CASE_IDS[7], CASE_IDS[11]])
 def test_no_bias_has_no_offset(method, n, m, r, b):
-  layer = make(method, n, m, r, b, use_bias=False, seed=5)
+  layer = make_random(method, n, m, r, b, use_bias=False, seed=5)
   x = np.random.default_rng(1).standard_normal((4, n)).astype(np.float32)
   y = np.asarray(layer(jnp.asarray(x)), np.float64)
   close(y, ref_apply(method, factors(layer, method), x, b))
@@ -265,41 +279,52 @@ def svals(w):
                                                 ('blockdense', 96, 4), ('blockshuffle', 0, 4)])
 def test_gaussian_init_std_and_not_orthogonal(method, rank, blocks):
   n, m = 256, 384
-  layer = make(method, n, m, rank, blocks, init='gaussian', seed=6)
+  layer = make(method, n, m, rank, blocks, seed=6, guide=method != 'dense')
+  if method != 'dense':  # the self-guided guide starts as the layer's exact dense matrix
+    close(layer.guide[...], ref_apply(method, factors(layer, method), np.eye(n), blocks).T)
   for name, w in factors(layer, method).items():
     assert_std(w)
     mats = w.reshape(-1, *w.shape[-2:])
     sv = np.concatenate([svals(a) for a in mats])
     assert sv.max() / sv.min() > 2, name  # a Gaussian matrix is far from orthogonal
   np.testing.assert_array_equal(np.asarray(layer.bias[...]), 0)
+  if method == 'lowrank':  # not the svd init: V V^T is far from diagonal
+    gram = f64(layer.v) @ f64(layer.v).T
+    off = gram - np.diag(np.diag(gram))
+    assert np.abs(off).max() > 0.05 * np.diag(gram).max()
 
 
-def test_dense_paper_init_is_gaussian():
-  layer = make('dense', 512, 256, 0, 1, seed=7)
-  assert_std(layer.kernel[...])
+def test_dense_init_and_std_option():
+  assert_std(make('dense', 256, 384, 0, 1, seed=7, init='paper').kernel[...])
+  assert_std(make('dense', 256, 384, 0, 1, seed=13, std=0.1).kernel[...], 0.1)
 
 
-@pytest.mark.parametrize('n,m,b', [(256, 384, 4), (384, 256, 2), (64, 64, 1)])
+# Block shapes shared between the two block layers: each SVD shape compiles once.
+@pytest.mark.parametrize('n,m,b', [(32, 64, 2), (64, 32, 2)])
 def test_blockshuffle_paper_init_orthogonal(n, m, b):
-  layer = make('blockshuffle', n, m, 0, b, seed=8)
+  layer = make('blockshuffle', n, m, 0, b, seed=8, init='paper')
   for w in (f64(layer.w1), f64(layer.w2)):
     for block in w:
       np.testing.assert_allclose(svals(block), 1.0, atol=1e-5)
   np.testing.assert_array_equal(np.asarray(layer.bias[...]), 0)
 
 
-@pytest.mark.parametrize('n,m,r,b', [(256, 384, 96, 4), (384, 256, 128, 2), (64, 64, 64, 1)])
+@pytest.mark.parametrize('n,m,r,b', [(32, 64, 32, 2), (64, 32, 32, 2)])
 def test_blockdense_paper_init_orthogonal(n, m, r, b):
-  layer = make('blockdense', n, m, r, b, seed=9)
+  layer = make('blockdense', n, m, r, b, seed=9, init='paper')
   for block in f64(layer.v):
     np.testing.assert_allclose(svals(block), 1.0, atol=1e-5)
-  np.testing.assert_allclose(svals(layer.u[...]), 1.0, atol=1e-5)
+  np.testing.assert_allclose(svals(layer.u[...]), 1.0, atol=1e-5)  # the dense U too
   np.testing.assert_array_equal(np.asarray(layer.bias[...]), 0)
 
 
-@pytest.mark.parametrize('n,m,r', [(96, 160, 24), (160, 96, 40), (64, 64, 64)])
+# LowRank shapes: (in, out, rank); the svd of the (out, in) draw compiles once per shape.
+LOWRANK_SVD = [(48, 80, 12), (80, 48, 20)]
+
+
+@pytest.mark.parametrize('n,m,r', LOWRANK_SVD)
 def test_lowrank_paper_init_is_balanced_svd(n, m, r):
-  layer = make('lowrank', n, m, r, 1, seed=10)
+  layer = make('lowrank', n, m, r, 1, seed=10, init='paper')
   v, u = f64(layer.v), f64(layer.u)
   gram_v, gram_u = v @ v.T, u.T @ u  # V = sqrt(S) Vh, U = U sqrt(S): both diag(S)
   s = np.diag(gram_v)
@@ -315,30 +340,18 @@ def test_lowrank_paper_init_is_balanced_svd(n, m, r):
   np.testing.assert_array_equal(np.asarray(layer.bias[...]), 0)
 
 
-@pytest.mark.parametrize('n,m,r', [(48, 80, 12), (80, 48, 20)])
+@pytest.mark.parametrize('n,m,r', LOWRANK_SVD)
 def test_lowrank_paper_init_is_truncation_of_a_gaussian_draw(n, m, r):
   """Full-rank 'svd' init reproduces the Gaussian draw; rank r is its best rank-r truncation."""
-  full = make('lowrank', n, m, min(n, m), 1, seed=11)
+  full = make('lowrank', n, m, min(n, m), 1, seed=11, init='paper')
   draw = f64(full.u) @ f64(full.v)
   assert_std(draw)
   uu, ss, vh = np.linalg.svd(draw, full_matrices=False)
   truncated = (uu[:, :r] * ss[:r]) @ vh[:r]
-  low = make('lowrank', n, m, r, 1, seed=11)
+  low = make('lowrank', n, m, r, 1, seed=11, init='paper')
   # Subspace error of a float32 SVD is ~ eps * |A| / gap(s_r, s_r+1).
   tol = 50 * 1.2e-7 * ss[0] / (ss[r - 1] - ss[r]) * np.abs(truncated).max()
   np.testing.assert_allclose(f64(low.u) @ f64(low.v), truncated, atol=max(tol, 1e-7))
-
-
-def test_lowrank_gaussian_init_is_not_svd():
-  layer = make('lowrank', 96, 160, 24, 1, init='gaussian', seed=12)
-  gram = f64(layer.v) @ f64(layer.v).T
-  off = gram - np.diag(np.diag(gram))
-  assert np.abs(off).max() > 0.05 * np.diag(gram).max()
-
-
-def test_init_std_option():
-  layer = make('dense', 256, 256, 0, 1, std=0.1, seed=13)
-  assert_std(layer.kernel[...], 0.1)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -375,29 +388,34 @@ def test_unknown_method_and_init_raise():
 # ----------------------------------------------------------------------------- self-guided
 
 
-def guided(method, n, m, r, b, seed, reduce_flop=False, rng=None):
-  """A guided layer whose guide and bias are perturbed away from the structured path."""
-  layer = make(method, n, m, r, b, seed=seed, guide=True, reduce_flop=reduce_flop)
-  rng = rng or np.random.default_rng(seed)
-  g = (0.3 * rng.standard_normal((m, n))).astype(np.float32)
-  layer.guide[...] = jnp.asarray(g)
-  bias = randomize_bias(layer, rng)
-  return layer, g.astype(np.float64), bias
+def guided(method, n, m, r, b, seed, reduce_flop=False):
+  """A guided layer whose guide and bias are random: the guide differs from the structure."""
+  layer = make_random(method, n, m, r, b, seed=seed, guide=True, reduce_flop=reduce_flop)
+  return layer, f64(layer.guide), f64(layer.bias)
 
 
-@pytest.mark.parametrize('method,n,m,r,b', STRUCTURED_CASES, ids=STRUCTURED_IDS)
+GUIDE_INIT = [1, 8]  # N > M (test_gaussian_init_std_and_not_orthogonal has N < M)
+
+
+@pytest.mark.parametrize('method,n,m,r,b', [STRUCTURED_CASES[i] for i in GUIDE_INIT],
+                         ids=[STRUCTURED_IDS[i] for i in GUIDE_INIT])
 def test_guide_initialised_to_exact_dense(method, n, m, r, b):
   layer = make(method, n, m, r, b, seed=14, guide=True)
   assert layer.guide.shape == (m, n)
   close(layer.guide[...], ref_apply(method, factors(layer, method), np.eye(n), b).T)
-  np.testing.assert_allclose(np.asarray(layer.guide[...]), np.asarray(layer.to_dense()),
-                             rtol=1e-6, atol=1e-7)
   assert layer.num_weight_params() == closed_form_params(method, n, m, r, b) + m * n
   # At init the guided output equals the structured one for every alpha.
   x = jnp.asarray(np.random.default_rng(0).standard_normal((3, n)), jnp.float32)
+  outs = _guide_apply(layer, x)
+  np.testing.assert_allclose(np.asarray(layer.guide[...]), np.asarray(outs[-1]),
+                             rtol=1e-6, atol=1e-7)
   plain = ref_apply(method, factors(layer, method), np.asarray(x), b)
-  for alpha in (0.0, 0.4, 1.0):
-    close(layer(x, alpha=alpha), plain)
+  for y in outs[:-1]:
+    close(y, plain)
+
+
+_guide_apply = nnx.jit(lambda layer, x: (layer(x, alpha=0.0), layer(x, alpha=0.4),
+                                         layer(x, alpha=1.0), layer.to_dense()))
 
 
 @pytest.mark.parametrize('method,n,m,r,b', [STRUCTURED_CASES[i] for i in (0, 4, 8, 11)],
@@ -426,10 +444,12 @@ def test_guide_gradients_flow_to_guide_and_factors():
   assert np.abs(np.asarray(grads.v[...])).max() > 0
 
 
-def _sample_branches(layer, x, alpha, keys):
+def _branch_sampler(layer, x):
+  """keys, alpha -> the layer's output for each key (one compilation for every alpha)."""
   graphdef, state = nnx.split(layer)
-  fn = jax.jit(jax.vmap(lambda k: nnx.merge(graphdef, state)(x, alpha=alpha, key=k)))
-  return np.asarray(fn(keys), np.float64)
+  call = lambda k, a: nnx.merge(graphdef, state)(x, alpha=a, key=k)
+  fn = jax.jit(jax.vmap(call, in_axes=(0, None)))
+  return lambda keys, alpha: np.asarray(fn(keys, jnp.float32(alpha)), np.float64)
 
 
 @pytest.mark.parametrize('method,n,m,r,b', [STRUCTURED_CASES[0], STRUCTURED_CASES[10]],
@@ -441,9 +461,10 @@ def test_reduce_flop_branch_frequency_and_outputs(method, n, m, r, b):
   dense = x.astype(np.float64) @ g.T + bias
   draws = 2000
   keys = jax.random.split(jax.random.key(123), draws)
+  sample = _branch_sampler(layer, jnp.asarray(x))
   for alpha in (0.3, 0.75):
     mixed = alpha * dense + (1 - alpha) * struct  # both carry the bias once
-    out = _sample_branches(layer, jnp.asarray(x), alpha, keys)
+    out = sample(keys, alpha)
     scale = np.abs(mixed).max()
     d_mixed = np.abs(out - mixed).max(axis=(1, 2)) / scale
     d_struct = np.abs(out - struct).max(axis=(1, 2)) / scale
@@ -457,7 +478,7 @@ def test_reduce_flop_branch_frequency_and_outputs(method, n, m, r, b):
     assert abs(frac - alpha) < 5 * sigma, (alpha, frac)
   # alpha = 0 never runs the guide, alpha = 1 always does.
   for alpha, ref in ((0.0, struct), (1.0, dense)):
-    out = _sample_branches(layer, jnp.asarray(x), alpha, keys[:16])
+    out = sample(keys, alpha)
     close(out, np.broadcast_to(ref, out.shape))
   # Without a key (evaluation) no draw is made: the full blend is computed.
   close(layer(jnp.asarray(x), alpha=0.3), 0.3 * dense + 0.7 * struct)
@@ -504,11 +525,11 @@ def test_reduce_flop_guide_matmul_only_inside_cond(method, n, m, r, b):
   assert guide_shape not in shapes.values()  # so a (M, N) operand can only be the guide
 
   # Without reduce_flop the guide matmul is unconditional: the detector sees it outside a cond.
-  plain = make(method, n, m, r, b, guide=True)
+  plain = make_random(method, n, m, r, b, guide=True)
   found = _dot_operand_shapes(jax.make_jaxpr(lambda x: plain(x, alpha=0.3))(x).jaxpr)
   assert guide_shape in found['outer'] and not found['cond']
 
-  layer = make(method, n, m, r, b, guide=True, reduce_flop=True)
+  layer = make_random(method, n, m, r, b, guide=True, reduce_flop=True)
   jaxpr = jax.make_jaxpr(lambda x, k: layer(x, alpha=0.3, key=k))(x, key).jaxpr
   found = _dot_operand_shapes(jaxpr)
   assert guide_shape not in found['outer']

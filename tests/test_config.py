@@ -1,0 +1,238 @@
+"""Config files express the paper's tables (SPEC §2-§4); bad input is a one-line ConfigError.
+
+Every error must name the field and say what is allowed, before anything is built; the info CLI
+turns it into `error: ...` on stderr with a non-zero exit status and no traceback.
+"""
+
+import subprocess
+import sys
+
+import pytest
+
+from structffn_jax import config as config_lib
+
+SIZES = ('s', 'm', 'l', 'xl')
+SPEC_SIZES = {  # SPEC §3: hidden, ffn, heads, layers, tokens, peak lr
+    's': (768, 3072, 12, 12, 2.2e9, 6e-4),
+    'm': (1024, 4096, 16, 24, 6.7e9, 3e-4),
+    'l': (1536, 6144, 12, 24, 14.58e9, 2.5e-4),
+    'xl': (2048, 8192, 16, 24, 25.5e9, 2e-4),
+}
+BLOCKDENSE = {'s': ((2, 512), (2, 256)), 'm': ((4, 768), (4, 384)),
+              'l': ((2, 1024), (2, 512)), 'xl': ((4, 1536), (4, 768))}
+FIXEDFLOP = {'lowrank': {'s': 0.30, 'm': 0.38, 'l': 0.41, 'xl': 0.43},
+             'blockshuffle': {'s': 0.30, 'm': 0.38, 'l': 0.41, 'xl': 0.43},
+             'blockdense': {'s': 0.30, 'm': 0.40, 'l': 0.41, 'xl': 0.45}}
+
+
+def load(repo_root, spec, overrides=()):
+  path, _, arg = spec.partition(':')
+  return config_lib.load(f'{repo_root / path}:{arg}', tuple(overrides))
+
+
+# ----------------------------------------------------------------------------- the tables
+
+
+def test_base_config_paper_defaults():
+  c = config_lib.base_config()
+  m, t, s = c.model, c.train, c.sgt
+  assert (m.vocab_size, m.seq_len) == (32000, 1024)
+  assert (m.norm, m.activation, m.position, m.use_bias) == ('layernorm', 'gelu', 'rope', True)
+  assert m.rope_base == 10000 and m.init_std == 0.02 and m.first_layer_dense
+  assert m.dtype == 'bfloat16' and m.ffn.init == 'paper'
+  assert (t.b1, t.b2, t.weight_decay, t.grad_clip) == (0.9, 0.999, 0.1, 1.0)
+  assert (t.global_batch, t.warmup_frac, t.min_lr_ratio, t.seed) == (512, 0.1, 0.1, 1005)
+  assert t.eval_tokens == 0.5e9
+  assert (s.enabled, s.mode, s.ratio, s.schedule, s.reduce_flop) == (
+      False, 'fixedstep', 0.5, 'cosine', False)
+  config_lib.validate(c)
+
+
+@pytest.mark.parametrize('size', SIZES)
+def test_structured_ffn_grid(repo_root, size):
+  hidden, ffn, heads, layers, tokens, lr = SPEC_SIZES[size]
+  for method in ('dense', 'lowrank', 'blockdense', 'blockshuffle'):
+    for i, fraction in enumerate((63, 32)):
+      c = load(repo_root, f'configs/structured_ffn.py:model={size},method={method},'
+                          f'fraction={fraction}')
+      m = c.model
+      assert (m.hidden_dim, m.ffn_dim, m.num_heads, m.num_layers) == (hidden, ffn, heads, layers)
+      assert (m.num_kv_heads, m.attn_dim) == (heads, hidden)
+      assert (c.train.tokens, c.train.peak_lr) == (tokens, lr)
+      assert not c.sgt.enabled and m.first_layer_dense
+      f = m.ffn
+      assert f.method == method
+      if method == 'lowrank':
+        assert f.rank == hidden // (2, 4)[i]
+      elif method == 'blockshuffle':
+        assert f.blocks == (2, 4)[i]
+      elif method == 'blockdense':
+        assert (f.blocks, f.rank) == BLOCKDENSE[size][i]
+
+
+@pytest.mark.parametrize('size', SIZES)
+def test_sgt_configs(repo_root, size):
+  for method in ('lowrank', 'blockdense', 'blockshuffle'):
+    c = load(repo_root, f'configs/structured_ffn.py:model={size},method={method},fraction=32,'
+                        'sgt=fixedflop')
+    assert c.sgt.enabled and c.sgt.mode == 'fixedflop'
+    assert c.sgt.ratio == FIXEDFLOP[method][size]
+    assert c.sgt.reduce_flop and c.sgt.schedule == 'cosine'
+    c = load(repo_root, f'configs/structured_ffn.py:model={size},method={method},fraction=32,'
+                        'sgt=fixedstep')
+    assert (c.sgt.enabled, c.sgt.mode, c.sgt.ratio, c.sgt.reduce_flop) == (
+        True, 'fixedstep', 0.5, False)
+    c = load(repo_root, f'configs/structured_ffn.py:model={size},method={method},fraction=32,'
+                        'sgt=fixedstep,reduce_flop=1')
+    assert c.sgt.reduce_flop
+
+
+def test_wide_structured(repo_root):
+  ours = {'m': (1024, 4864, 512, 8, 4, 512, 10.58e9, 0.40),
+          'l': (1536, 7424, 768, 12, 4, 768, 23.36e9, 0.395)}
+  gqa = {'m': (4, 4864), 'l': (2, 7424)}
+  for size in ('m', 'l'):
+    hidden, ffn, heads, layers, tokens, _ = SPEC_SIZES[size]
+    dense = load(repo_root, f'configs/wide_structured.py:model={size},variant=dense').model
+    assert (dense.hidden_dim, dense.ffn_dim, dense.num_heads, dense.num_kv_heads,
+            dense.attn_dim, dense.ffn.method) == (hidden, ffn, heads, heads, hidden, 'dense')
+    g = load(repo_root, f'configs/wide_structured.py:model={size},variant=gqa').model
+    assert (g.num_kv_heads, g.ffn_dim, g.num_heads, g.attn_dim) == gqa[size] + (heads, hidden)
+    for variant in ('ours', 'ours_sgt'):
+      c = load(repo_root, f'configs/wide_structured.py:model={size},variant={variant}')
+      m = c.model
+      h, f, a, nh, kv, r, t, ratio = ours[size]
+      assert (m.hidden_dim, m.ffn_dim, m.attn_dim, m.num_heads, m.num_kv_heads) == (h, f, a, nh, kv)
+      assert (m.ffn.method, m.ffn.rank, m.num_layers) == ('lowrank', r, layers)
+      if variant == 'ours':
+        assert c.train.tokens == t and not c.sgt.enabled
+      else:
+        assert c.train.tokens == tokens  # the dense token budget
+        assert (c.sgt.enabled, c.sgt.mode, c.sgt.ratio, c.sgt.reduce_flop) == (
+            True, 'fixedflop', ratio, True)
+
+
+@pytest.mark.parametrize('method', ['dense', 'lowrank', 'blockdense', 'blockshuffle'])
+def test_tiny_configs_load(repo_root, method):
+  for sgt in (0, 1):
+    c = load(repo_root, f'configs/tiny.py:method={method},sgt={sgt}')
+    assert c.model.ffn.method == method and c.sgt.enabled == bool(sgt)
+    assert c.model.dtype == 'float32'
+
+
+def test_overrides_are_applied_and_typed(repo_root):
+  c = load(repo_root, 'configs/structured_ffn.py:model=s,method=lowrank',
+           ('model.ffn.rank=128', 'model.init_std=0.01', 'model.use_bias=false',
+            'model.norm=rmsnorm', 'train.peak_lr=1e-3', 'model.num_kv_heads=4'))
+  m = c.model
+  assert m.ffn.rank == 128 and isinstance(m.ffn.rank, int)
+  assert m.init_std == 0.01 and m.use_bias is False and m.norm == 'rmsnorm'
+  assert c.train.peak_lr == 1e-3 and m.num_kv_heads == 4
+
+
+# ----------------------------------------------------------------------------- bad input
+
+S = 'configs/structured_ffn.py:model=s'
+BAD = [
+    # (config spec, overrides, words the message must contain)
+    ('configs/structured_ffn.py:model=s,method=butterfly', (),
+     ["method='butterfly'", 'dense, lowrank, blockdense, blockshuffle']),
+    (S, ('model.ffn.method=butterfly',),
+     ["model.ffn.method='butterfly'", 'dense, lowrank, blockdense, blockshuffle']),
+    (S + ',method=lowrank', ('model.ffn.rank=0',), ['model.ffn.rank=0', '[1, 768]']),
+    (S + ',method=lowrank', ('model.ffn.rank=1000',), ['model.ffn.rank=1000', '[1, 768]']),
+    (S + ',method=blockdense', ('model.ffn.rank=0',), ['model.ffn.rank=0', '[1, 768]']),
+    (S + ',method=blockdense', ('model.ffn.rank=769',), ['model.ffn.rank=769', '[1, 768]']),
+    (S + ',method=blockshuffle', ('model.ffn.blocks=5',),
+     ['model.ffn.blocks=5', 'model.hidden_dim=768', 'allowed', '[1, 2, 3, 4, 6, 8']),
+    (S + ',method=blockshuffle', ('model.ffn.blocks=0',), ['model.ffn.blocks=0', 'allowed']),
+    (S + ',method=blockdense', ('model.ffn.rank=255',),
+     ['model.ffn.blocks=2', 'model.ffn.rank=255', 'allowed', '[1, 3]']),
+    (S, ('model.ffn.method=blockshuffle', 'model.ffn.blocks=7'),
+     ['model.ffn.blocks=7', 'allowed']),
+    (S, ('model.num_heads=5',), ['model.attn_dim=768', 'model.num_heads=5']),
+    (S, ('model.num_kv_heads=5',),
+     ['model.num_kv_heads=5', 'model.num_heads=12', '[1, 2, 3, 4, 6, 12]']),
+    (S, ('model.num_heads=256', 'model.num_kv_heads=256'), ['RoPE', 'model.attn_dim']),
+    (S, ('model.num_layers=0',), ['model.num_layers=0', 'positive']),
+    (S, ('model.norm=batchnorm',), ["model.norm='batchnorm'", 'layernorm, rmsnorm']),
+    (S, ('model.activation=relu',), ["model.activation='relu'", 'gelu, swiglu']),
+    (S, ('model.position=alibi',), ["model.position='alibi'", 'rope, absolute']),
+    (S, ('model.dtype=float64',), ["model.dtype='float64'", 'bfloat16']),
+    (S, ('model.remat=some',), ["model.remat='some'", 'none, dots, full']),
+    (S, ('model.ffn.init=ortho',), ["model.ffn.init='ortho'", 'paper, gaussian']),
+    (S, ('sgt.mode=fixed',), ["sgt.mode='fixed'", 'fixedstep, fixedflop']),
+    (S, ('sgt.schedule=step',), ["sgt.schedule='step'", 'cosine, linear']),
+    ('configs/structured_ffn.py:model=s,foo=1', (),
+     ["'foo'", 'unknown', 'model, method, fraction, sgt, reduce_flop']),
+    ('configs/structured_ffn.py:model', (), ["'model'", 'key=value']),
+    ('configs/structured_ffn.py:model=xxl', (), ["model='xxl'", 's, m, l, xl']),
+    ('configs/structured_ffn.py:model=s,fraction=50', (), ['fraction=50', '63, 32']),
+    ('configs/structured_ffn.py:model=s,fraction=abc', (), ['fraction', "'abc'"]),
+    ('configs/structured_ffn.py:model=s,sgt=fixed', (),
+     ["sgt='fixed'", 'none, fixedstep, fixedflop']),
+    ('configs/structured_ffn.py:model=s,sgt=fixedflop', (), ['sgt', 'lowrank']),
+    ('configs/structured_ffn.py:model=s,method=lowrank,sgt=fixedflop,reduce_flop=2', (),
+     ["reduce_flop='2'", '0, 1']),
+    ('configs/wide_structured.py:model=s', (), ["model='s'", 'm, l']),
+    ('configs/wide_structured.py:model=m,variant=moe', (),
+     ["variant='moe'", 'dense, gqa, ours, ours_sgt']),
+    ('configs/tiny.py:method=dense,bar=2', (), ["'bar'", 'method, sgt']),
+    (S, ('model.nonexistent=1',), ["'model.nonexistent'", 'no such config field']),
+    (S, ('model.num_layers',), ["'model.num_layers'", 'field=value']),
+    (S, ('model.num_layers=abc',), ['model.num_layers', 'number']),
+    (S, ('model.num_heads=5.5',), ['model.num_heads', 'integer']),
+    (S, ('model.use_bias=maybe',), ['model.use_bias', 'true or false']),
+]
+
+
+@pytest.mark.parametrize('spec,overrides,words', BAD, ids=[f'{i:02d}' for i in range(len(BAD))])
+def test_bad_input_is_a_one_line_config_error(repo_root, spec, overrides, words):
+  with pytest.raises(config_lib.ConfigError) as info:
+    load(repo_root, spec, overrides)
+  message = str(info.value)
+  assert '\n' not in message and message.strip() == message
+  for word in words:
+    assert word in message, (word, message)
+
+
+def test_missing_config_file(repo_root):
+  with pytest.raises(config_lib.ConfigError, match='no config file'):
+    config_lib.load(str(repo_root / 'configs' / 'nope.py') + ':model=s')
+
+
+def test_config_error_is_a_value_error():
+  assert issubclass(config_lib.ConfigError, ValueError)
+
+
+def test_validate_catches_direct_edits():
+  c = config_lib.base_config()
+  c.model.ffn.method = 'lowrank'
+  c.model.ffn.rank = 0
+  with pytest.raises(config_lib.ConfigError, match=r'model\.ffn\.rank=0'):
+    config_lib.validate(c)
+  c.model.ffn.rank = 384
+  config_lib.validate(c)
+  c.model.attn_dim = 700
+  with pytest.raises(config_lib.ConfigError, match=r'model\.attn_dim=700.*num_heads=12'):
+    config_lib.validate(c)
+
+
+@pytest.mark.parametrize('args,words', [
+    (['--config', 'configs/structured_ffn.py:model=s,method=butterfly'],
+     ["method='butterfly'", 'lowrank']),
+    (['--config', 'configs/structured_ffn.py:model=s,method=blockshuffle', '--set',
+      'model.ffn.blocks=5'], ['model.ffn.blocks=5', 'allowed']),
+    (['--config', 'configs/structured_ffn.py:model=s', '--set', 'model.num_heads=5.5'],
+     ['model.num_heads', 'integer']),
+], ids=['unknown-method', 'blocks', 'non-integer'])
+def test_info_cli_bad_input_exits_with_error_line(repo_root, args, words):
+  proc = subprocess.run([sys.executable, '-m', 'structffn_jax.info', *args], cwd=repo_root,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert proc.stdout == ''
+  assert 'Traceback' not in proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr
+  for word in words:
+    assert word in lines[0]
