@@ -5,6 +5,10 @@ A checkpoint holds everything a resumed run needs to continue exactly: parameter
 The data position is a pure function of the step (see `data.pipeline.BatchStream`), so it is saved
 implicitly and restored exactly.
 
+Arrays are saved sharded: with several processes every one writes its shards (Orbax coordinates
+them) and process 0 the metadata. A restore reads into whatever shardings its target asks for, so
+a run saved on one mesh resumes on another (`mesh.*` may change between a run and its resumption).
+
 The workdir also keeps `config.json`; starting a different config in the same workdir is an error
 naming the fields that differ, and nothing there is overwritten.
 """
@@ -21,7 +25,9 @@ import orbax.checkpoint as ocp
 # Fields that may change between a run and its resumption without changing what is trained.
 RUNTIME_FIELDS = ('train.eval_every', 'train.log_every', 'train.ckpt_every', 'train.keep_ckpts',
                   'train.profile_start', 'train.profile_steps', 'train.peak_flops',
-                  'train.eval_batch', 'train.micro_batch', 'model.remat', 'data.data_dir')
+                  'train.eval_batch', 'train.micro_batch', 'model.remat', 'data.data_dir',
+                  'mesh.data', 'mesh.fsdp', 'mesh.tensor', 'mesh.rules', 'mesh.distributed',
+                  'model.ffn.merge_threshold', 'model.ffn.implementation')
 
 
 def _flatten(d, prefix=''):
@@ -35,8 +41,13 @@ def _flatten(d, prefix=''):
   return out
 
 
-def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
-  """Write config.json into a new workdir, or check that it matches the run already there."""
+def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDict, *,
+                         write: bool = True) -> None:
+  """Check that config.json matches the run already in `workdir`; then (over)write it if `write`.
+
+  With several processes all check and only process 0 writes (atomically, so a process reading
+  meanwhile sees the old file or the new one).
+  """
   path = workdir / 'config.json'
   current = json.loads(config.to_json_best_effort())
   if path.exists():
@@ -50,9 +61,11 @@ def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDic
           f'workdir {workdir} holds a run of another config ({shown}'
           f'{", ..." if len(differ) > 6 else ""}); use a new --workdir, or the same config '
           f'to resume. Nothing was overwritten.')
-  else:
-    workdir.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(current, indent=2, sort_keys=True))
+  workdir.mkdir(parents=True, exist_ok=True)
+  if write:
+    tmp = path.with_name(f'.{path.name}.tmp')
+    tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
+    tmp.replace(path)
 
 
 class Checkpointer:
@@ -77,8 +90,14 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
   def restore(self, step: int, like):
-    """Restore the state at `step` into the structure, shapes and shardings of `like`."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    """Restore the state at `step` into the structure, shapes and shardings of `like`.
+
+    `like`: arrays, or `jax.ShapeDtypeStruct`s with `sharding=` (see `sharding.with_shardings`),
+    which restores straight into place without building the state first.
+    """
+    abstract = jax.tree.map(
+        lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else ocp.utils.to_shape_dtype_struct(x),
+        like)
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     return out['state'], out['meta']

@@ -53,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
   f.rank = 0  # Rank R (lowrank, blockdense).
   f.blocks = 1  # Block count B (blockdense, blockshuffle).
   f.init = 'paper'  # 'paper' (svd / orthogonal blocks) or 'gaussian'.
+  f.implementation = 'auto'  # Structured matmuls: 'auto', 'xla' or 'pallas' (kernels/api.py).
   f.merge_threshold = -1  # Inference pre-merge up to this many tokens (0 off, -1 premerge.json).
 
   s = c.sgt = ml_collections.ConfigDict()
@@ -107,6 +108,7 @@ _CHOICES = {
     'model.remat': ('none', 'dots', 'full'),
     'model.ffn.method': structured.METHODS,
     'model.ffn.init': structured.INITS,
+    'model.ffn.implementation': ('auto', 'xla', 'pallas'),
     'sgt.mode': ('fixedstep', 'fixedflop'),
     'sgt.schedule': ('cosine', 'linear'),
 }

@@ -9,18 +9,24 @@ Blocks 1..L-1 are identical in structure, so they are stored stacked (leading `l
 applied with one `lax.scan`: the model compiles once however deep it is. Parameters are float32;
 activations and matmuls run in `model.dtype` (bfloat16 by default).
 
+Inference: `init_cache` + `decode` run prefill and incremental decoding over a KV cache of static
+shape, each row at its own length (structffn_jax/generate.py drives them); `premerge` gives the
+structured FFN layers their merged dense matrices for calls on few tokens.
+
 Shapes in names: B batch, T sequence, D model width, F FFN width, N query heads, K kv heads,
 H head width, V vocabulary.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from structffn_jax import structured
+from structffn_jax import sharding, structured
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -45,6 +51,17 @@ def _norm(cfg, dtype, rngs):
   return nnx.RMSNorm(d, epsilon=cfg.norm_eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
+class KVCache(NamedTuple):
+  """Keys and values of every layer for incremental decoding (`GPT.decode`), static in shape.
+
+  Slot s of row b holds the key/value of that row's token at position s; `lengths[b]` tokens are
+  filled, so row b's next token goes to slot lengths[b]. Layer 0 is the first block, 1.. the stack.
+  """
+  k: jax.Array  # (L, B, S, K, H), compute dtype
+  v: jax.Array  # (L, B, S, K, H)
+  lengths: jax.Array  # (B,) int32
+
+
 class Attention(nnx.Module):
   """Causal grouped-query self-attention with a fused QKV projection."""
 
@@ -59,7 +76,8 @@ class Attention(nnx.Module):
     self.out = structured.Dense(cfg.attn_dim, cfg.hidden_dim, in_axis='heads', out_axis='embed',
                                 **common)
 
-  def __call__(self, x_BTD, positions_BT):
+  def _project(self, x_BTD, positions_BT):
+    """Queries, keys and values of x, RoPE applied."""
     b, t, _ = x_BTD.shape
     n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
     qkv = self.qkv(x_BTD)
@@ -69,9 +87,30 @@ class Attention(nnx.Module):
     if self.position == 'rope':
       q_BTNH = rope(q_BTNH, positions_BT, self.rope_base)
       k_BTKH = rope(k_BTKH, positions_BT, self.rope_base)
+    return q_BTNH, k_BTKH, v_BTKH
+
+  def __call__(self, x_BTD, positions_BT):
+    b, t, _ = x_BTD.shape
+    q_BTNH, k_BTKH, v_BTKH = self._project(x_BTD, positions_BT)
     o_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True,
-                                          scale=h ** -0.5)
-    return self.out(o_BTNH.reshape(b, t, n * h))
+                                          scale=self.head_dim ** -0.5)
+    return self.out(o_BTNH.reshape(b, t, -1))
+
+  def decode(self, x_BTD, positions_BT, cache: KVCache, layer):
+    """Attention of x (at positions_BT, per row) over the cache of `layer`, after writing x's
+    keys and values into it at those positions. Returns (output, updated cache)."""
+    b, t, _ = x_BTD.shape
+    q_BTNH, k_BTKH, v_BTKH = self._project(x_BTD, positions_BT)
+    rows_B1 = jnp.arange(b)[:, None]
+    k_LBSKH = cache.k.at[layer, rows_B1, positions_BT].set(k_BTKH.astype(cache.k.dtype))
+    v_LBSKH = cache.v.at[layer, rows_B1, positions_BT].set(v_BTKH.astype(cache.v.dtype))
+    # Slot s of a row holds its token at position s: a query sees the slots up to its own.
+    slots_S = jnp.arange(k_LBSKH.shape[2])
+    mask_B1TS = (slots_S <= positions_BT[:, :, None])[:, None]
+    o_BTNH = jax.nn.dot_product_attention(q_BTNH, k_LBSKH[layer].astype(q_BTNH.dtype),
+                                          v_LBSKH[layer].astype(q_BTNH.dtype), mask=mask_B1TS,
+                                          scale=self.head_dim ** -0.5)
+    return self.out(o_BTNH.reshape(b, t, -1)), cache._replace(k=k_LBSKH, v=v_LBSKH)
 
 
 class FeedForward(nnx.Module):
@@ -85,7 +124,8 @@ class FeedForward(nnx.Module):
     common = dict(rank=cfg.ffn.rank, blocks=cfg.ffn.blocks, use_bias=cfg.use_bias,
                   init=cfg.ffn.init, std=cfg.init_std, dtype=dtype, rngs=rngs)
     if method != 'dense':
-      common.update(guide=guide, reduce_flop=reduce_flop)
+      common.update(guide=guide, reduce_flop=reduce_flop,
+                    implementation=cfg.ffn.get('implementation', 'auto'))
     self.fc1 = structured.make_linear(method, d, fc1_out, in_axis='embed', out_axis='mlp',
                                       **common)
     self.fc2 = structured.make_linear(method, f, d, in_axis='mlp', out_axis='embed', **common)
@@ -115,6 +155,12 @@ class Block(nnx.Module):
   def __call__(self, x_BTD, positions_BT, alpha=None, key=None):
     x_BTD = x_BTD + self.attn(self.norm1(x_BTD), positions_BT)
     return x_BTD + self.ffn(self.norm2(x_BTD), alpha, key)
+
+  def decode(self, x_BTD, positions_BT, cache, layer, alpha=None):
+    """The block on new tokens, attending over (and extending) the cache of `layer`."""
+    a_BTD, cache = self.attn.decode(self.norm1(x_BTD), positions_BT, cache, layer)
+    x_BTD = x_BTD + a_BTD
+    return x_BTD + self.ffn(self.norm2(x_BTD), alpha), cache
 
 
 class GPT(nnx.Module):
@@ -174,7 +220,9 @@ class GPT(nnx.Module):
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
     emb_VD = self.embedding[...]
-    x_BTD = jnp.take(emb_VD, tokens_BT, axis=0).astype(self.dtype)
+    # On a mesh (no-op without jax.set_mesh): look up in the gathered table, shard over the batch.
+    x_BTD = jnp.take(sharding.constrain(emb_VD, (None, None)), tokens_BT, axis=0)
+    x_BTD = sharding.constrain(x_BTD.astype(self.dtype), ('batch', None, None))
     if self.pos_embedding is not None:
       x_BTD = x_BTD + jnp.take(self.pos_embedding[...], positions_BT, axis=0).astype(self.dtype)
     keys = [None] * self.cfg.num_layers
@@ -186,7 +234,8 @@ class GPT(nnx.Module):
 
       def body(x, layer):
         state_l, key_l = layer
-        return nnx.merge(graphdef, state_l)(x, positions_BT, alpha, key_l), None
+        x = nnx.merge(graphdef, state_l)(x, positions_BT, alpha, key_l)
+        return sharding.constrain(x, ('batch', None, None)), None
 
       if self.cfg.remat == 'full':
         body = jax.checkpoint(body)
@@ -196,3 +245,75 @@ class GPT(nnx.Module):
     x_BTD = self.final_norm(x_BTD)
     return jnp.einsum('btd,vd->btv', x_BTD, emb_VD.astype(self.dtype),
                       preferred_element_type=jnp.float32)
+
+  # --------------------------------------------------------------------------- inference
+
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+    """An empty KV cache for `batch` rows of up to `max_len` positions (compute dtype default)."""
+    c = self.cfg
+    if c.position == 'absolute' and max_len > c.seq_len:
+      raise ValueError(f'init_cache: max_len={max_len} exceeds model.seq_len={c.seq_len}, the '
+                       'number of learned absolute positions.')
+    shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.attn_dim // c.num_heads)
+    zeros = jnp.zeros(shape, dtype or self.dtype)
+    return KVCache(zeros, zeros, jnp.zeros((batch,), jnp.int32))
+
+  def decode(self, tokens_BT, cache: KVCache, *, lengths_B=None, alpha=None, last_only=False):
+    """Logits of new tokens that continue each row of `cache`, and the extended cache.
+
+    Row b's tokens take positions cache.lengths[b] + 0..T-1. lengths_B: how many of the T tokens
+    of each row are real (right padding after them; default all T); the cache advances by that
+    much, and padding slots are overwritten by the row's next tokens before anyone attends them.
+    last_only: return only each row's logits at its last real token, (B, V), not (B, T, V).
+    Matches `__call__` over the whole sequence to float rounding; the guide runs in full (no
+    reduce_flop draws) when the model still has guides.
+    """
+    b, t = tokens_BT.shape
+    lengths_B = jnp.full((b,), t, jnp.int32) if lengths_B is None else lengths_B
+    positions_BT = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)
+    emb_VD = self.embedding[...]
+    x_BTD = jnp.take(emb_VD, tokens_BT, axis=0).astype(self.dtype)
+    if self.pos_embedding is not None:
+      x_BTD = x_BTD + jnp.take(self.pos_embedding[...], positions_BT, axis=0).astype(self.dtype)
+    x_BTD, cache = self.first.decode(x_BTD, positions_BT, cache, 0, alpha)
+    if self.stack is not None:
+      graphdef, state = nnx.split(self.stack)
+
+      def body(carry, layer):
+        x, cache = carry
+        state_l, index = layer
+        return nnx.merge(graphdef, state_l).decode(x, positions_BT, cache, index, alpha), None
+
+      layers = jnp.arange(1, self.cfg.num_layers)
+      (x_BTD, cache), _ = jax.lax.scan(body, (x_BTD, cache), (state, layers))
+    if last_only:
+      x_BTD = jnp.take_along_axis(x_BTD, (lengths_B - 1)[:, None, None], axis=1)
+    x_BTD = self.final_norm(x_BTD)
+    logits = jnp.einsum('btd,vd->btv', x_BTD, emb_VD.astype(self.dtype),
+                        preferred_element_type=jnp.float32)
+    cache = cache._replace(lengths=cache.lengths + lengths_B.astype(jnp.int32))
+    return (logits[:, 0] if last_only else logits), cache
+
+  def premerge(self, threshold):
+    """Pre-merge: give every structured FFN layer its merged dense matrix as well (SPEC §5).
+
+    threshold: an int, or {'fc1': int, 'fc2': int}; a call on at most that many tokens applies
+    the merged matrix, a larger one the structured factors. Dense layers are left as they are.
+    Inference only: refused while self-guided guides exist.
+    """
+    if self.has_guide:
+      raise ValueError('premerge: the model still has self-guided guides; merge after the '
+                       'hand-over (drop_guides()).')
+    for block, stacked in ((self.first, False), (self.stack, True)):
+      if block is None:
+        continue
+      for name in ('fc1', 'fc2'):
+        layer = getattr(block.ffn, name)
+        if isinstance(layer, structured.Dense):
+          continue
+        limit = int(threshold[name] if isinstance(threshold, dict) else threshold)
+        dense = None
+        if stacked:  # factors carry a leading `layers` axis: merge each layer on its own
+          graphdef, state = nnx.split(layer)
+          dense = jax.vmap(lambda s: nnx.merge(graphdef, s).to_dense())(state)
+        layer.merge(limit, dense)

@@ -2,7 +2,9 @@
 
 A train state is the pytree `{'params': nnx.State, 'opt_state': optax state}`; the model graph
 (`graphdef`) is static. Dropping the self-guided guides changes the graph, which is why the trainer
-rebuilds these functions (one re-jit) at the hand-over.
+rebuilds these functions (one re-jit) at the hand-over. On a device mesh the trainer jits them with
+the shardings of `structffn_jax.sharding`: the state like its parameters, batches over the batch
+axes.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from structffn_jax import optim
+from structffn_jax import optim, sharding
 
 
 def init_state(model, tx: optax.GradientTransformation):
@@ -46,6 +48,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, micro_batches: i
     params, opt_state = state['params'], state['opt_state']
     alpha = optim.alpha_of(opt_state)
     micro = batch.reshape(micro_batches, batch.shape[0] // micro_batches, batch.shape[1])
+    micro = sharding.constrain(micro, (None, 'batch', None))  # each slice over the batch axes
 
     def accumulate(carry, i):
       loss_sum, grad_sum = carry

@@ -15,6 +15,10 @@ dense guide `W` initialised to its own `to_dense()` and outputs `α·Wx + (1−�
 With `reduce_flop=True` each call draws u ~ U[0, 1) and, when u ≥ α, takes a `lax.cond` branch
 that never computes the guide matmul and returns `structured(x) + b`.
 
+Pre-merge (SPEC §5, inference): `merge(threshold)` keeps `to_dense()` as a `Merged` variable next
+to the factors; a call on at most `threshold` tokens (static at trace time) applies it as one
+dense matmul, a larger call the factors. `structffn_jax.premerge` calibrates the threshold.
+
 Parameters carry logical axis names in their `axes` metadata (embed, mlp, rank, blocks, ...) so
 that a sharding rules table can place them on a device mesh.
 """
@@ -25,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from structffn_jax import kernels
 
 METHODS = ('dense', 'lowrank', 'blockdense', 'blockshuffle')
 INITS = ('paper', 'gaussian')
@@ -62,6 +68,10 @@ def _check_divides(layer, what, value, divisor, divisor_name):
 # ----------------------------------------------------------------------------- base class
 
 
+class Merged(nnx.Variable):
+  """A structured layer's merged dense (M, N) matrix, kept for small calls: never trained."""
+
+
 class StructuredLinear(nnx.Module):
   """Shared machinery: bias, compute dtype, optional self-guided dense guide.
 
@@ -81,6 +91,8 @@ class StructuredLinear(nnx.Module):
     self.guide = nnx.data(None)
     if guide:
       self.guide = nnx.Param(self.to_dense().astype(param_dtype), axes=(out_axis, in_axis))
+    self.merged = nnx.data(None)  # pre-merge (see `merge`): the dense matrix, inference only
+    self.merge_threshold = 0  # static: calls on at most this many tokens use `merged`
 
   # The structured path, without bias, in the compute dtype. Shape (..., N) -> (..., M).
   def _structured(self, x):
@@ -97,6 +109,32 @@ class StructuredLinear(nnx.Module):
     """Remove the guide once self-guided training has handed over (α = 0 from then on)."""
     self.guide = nnx.data(None)
 
+  def merge(self, threshold: int, dense=None):
+    """Pre-merge (SPEC §5): keep `to_dense()` as well; calls on ≤ threshold tokens apply it.
+
+    The token count of a call is the product of x's leading dimensions, static at trace time,
+    so each traced call contains exactly one of the two paths. `dense`: the matrix to keep when
+    the caller computed it (stacked layers merge per layer under vmap). Inference only.
+    """
+    if self.guide is not None:
+      raise ValueError(f'{type(self).__name__}: cannot pre-merge while the self-guided guide '
+                       'exists; merge after the hand-over (drop_guide()).')
+    dense = self.to_dense() if dense is None else dense
+    self.merged = nnx.data(Merged(jnp.asarray(dense, self.param_dtype)))
+    self.merge_threshold = int(threshold)
+
+  def unmerge(self):
+    """Forget the merged matrix: every call takes the structured path again."""
+    self.merged = nnx.data(None)
+    self.merge_threshold = 0
+
+  def _apply(self, x):
+    """x @ W^T without bias: the merged matrix for small calls when pre-merged, else structured."""
+    tokens = int(np.prod(x.shape[:-1]))
+    if self.merged is not None and tokens <= self.merge_threshold:
+      return jnp.einsum('...n,mn->...m', x, self._cast(self.merged))
+    return self._structured(x)
+
   def __call__(self, x, *, alpha=None, key=None):
     """Apply the layer to x of shape (..., in_features).
 
@@ -109,7 +147,7 @@ class StructuredLinear(nnx.Module):
     if self.dtype is not None:
       x = x.astype(self.dtype)
     if self.guide is None:
-      y = self._structured(x)
+      y = self._apply(x)
     else:
       if alpha is None:
         raise ValueError(f'{type(self).__name__} has a self-guided guide: pass alpha=.')
@@ -168,7 +206,8 @@ class LowRank(StructuredLinear):
   def __init__(self, in_features: int, out_features: int, rank: int, *, use_bias: bool = True,
                init: str = 'paper', std: float = DEFAULT_STD, dtype=None,
                param_dtype=jnp.float32, in_axis='embed', out_axis='mlp', guide: bool = False,
-               reduce_flop: bool = False, rngs: nnx.Rngs):
+               reduce_flop: bool = False, implementation: str = 'auto',
+               rngs: nnx.Rngs):
     if not 0 < rank <= min(in_features, out_features):
       raise ValueError(
           f'LowRank: rank={rank} must be in [1, min(in_features, out_features)] = '
@@ -184,12 +223,13 @@ class LowRank(StructuredLinear):
       v = _gaussian(kv, (rank, in_features), std)
     self.v = nnx.Param(v.astype(param_dtype), axes=('rank', in_axis))
     self.u = nnx.Param(u.astype(param_dtype), axes=(out_axis, 'rank'))
+    self.implementation = _check_implementation('LowRank', implementation)
     self._finish_init(use_bias=use_bias, guide=guide, reduce_flop=reduce_flop, dtype=dtype,
                       param_dtype=param_dtype, in_axis=in_axis, out_axis=out_axis, rngs=rngs)
 
   def _structured(self, x):
-    h = jnp.einsum('...n,rn->...r', x, self._cast(self.v))
-    return jnp.einsum('...r,mr->...m', h, self._cast(self.u))
+    return kernels.lowrank(x, self._cast(self.v), self._cast(self.u),
+                           implementation=self.implementation)
 
   def to_dense(self):
     return self.u[...] @ self.v[...]
@@ -201,7 +241,8 @@ class BlockDense(StructuredLinear):
   def __init__(self, in_features: int, out_features: int, rank: int, blocks: int, *,
                use_bias: bool = True, init: str = 'paper', std: float = DEFAULT_STD, dtype=None,
                param_dtype=jnp.float32, in_axis='embed', out_axis='mlp', guide: bool = False,
-               reduce_flop: bool = False, rngs: nnx.Rngs):
+               reduce_flop: bool = False, implementation: str = 'auto',
+               rngs: nnx.Rngs):
     _check_divides('BlockDense', 'in_features', in_features, blocks, 'blocks')
     _check_divides('BlockDense', 'rank', rank, blocks, 'blocks')
     if not 0 < rank <= out_features:
@@ -219,15 +260,14 @@ class BlockDense(StructuredLinear):
       v, u = _orthogonalize(v), _orthogonalize(u)
     self.v = nnx.Param(v.astype(param_dtype), axes=('blocks', None, None))
     self.u = nnx.Param(u.astype(param_dtype), axes=(out_axis, 'rank'))
+    self.implementation = _check_implementation('BlockDense', implementation)
     self._finish_init(use_bias=use_bias, guide=guide, reduce_flop=reduce_flop, dtype=dtype,
                       param_dtype=param_dtype, in_axis=in_axis, out_axis=out_axis, rngs=rngs)
 
   def _structured(self, x):
-    b = self.blocks
-    x_chunks = x.reshape(*x.shape[:-1], b, self.in_features // b)
-    h = jnp.einsum('...bp,brp->...br', x_chunks, self._cast(self.v))
-    h = h.reshape(*x.shape[:-1], self.rank)
-    return jnp.einsum('...r,mr->...m', h, self._cast(self.u))
+    # Kernel choice and layouts (block dimension leading, batched matmuls): kernels/api.py.
+    return kernels.blockdense(x, self._cast(self.v), self._cast(self.u),
+                              implementation=self.implementation)
 
   def to_dense(self):
     return self.u[...] @ jax.scipy.linalg.block_diag(*self.v[...])
@@ -247,7 +287,8 @@ class BlockShuffle(StructuredLinear):
   def __init__(self, in_features: int, out_features: int, blocks: int, *, use_bias: bool = True,
                init: str = 'paper', std: float = DEFAULT_STD, dtype=None,
                param_dtype=jnp.float32, in_axis='embed', out_axis='mlp', guide: bool = False,
-               reduce_flop: bool = False, rngs: nnx.Rngs):
+               reduce_flop: bool = False, implementation: str = 'auto',
+               rngs: nnx.Rngs):
     _check_divides('BlockShuffle', 'in_features', in_features, blocks, 'blocks')
     _check_divides('BlockShuffle', 'out_features', out_features, blocks, 'blocks')
     _check_init('BlockShuffle', init)
@@ -261,18 +302,15 @@ class BlockShuffle(StructuredLinear):
       w1, w2 = _orthogonalize(w1), _orthogonalize(w2)
     self.w1 = nnx.Param(w1.astype(param_dtype), axes=('blocks', None, None))
     self.w2 = nnx.Param(w2.astype(param_dtype), axes=('blocks', None, None))
+    self.implementation = _check_implementation('BlockShuffle', implementation)
     self._finish_init(use_bias=use_bias, guide=guide, reduce_flop=reduce_flop, dtype=dtype,
                       param_dtype=param_dtype, in_axis=in_axis, out_axis=out_axis, rngs=rngs)
 
   def _structured(self, x):
-    b = self.blocks
-    lead = x.shape[:-1]
-    q = self.w1.shape[1]
-    h = jnp.einsum('...bp,bqp->...bq', x.reshape(*lead, b, self.in_features // b),
-                   self._cast(self.w1))
-    h = h.reshape(*lead, q, b)  # flat index i·q + c viewed as (t, j) with t·B + j
-    y = jnp.einsum('...tj,jst->...sj', h, self._cast(self.w2))
-    return y.reshape(*lead, self.out_features)  # y[s·B + j] = u[j, s]
+    # The einsum that follows the docstring word for word is kernels/reference.py; the default
+    # path keeps blocks leading and has a hand-written backward (kernels/xla.py, kernels/api.py).
+    return kernels.blockshuffle(x, self._cast(self.w1), self._cast(self.w2),
+                                implementation=self.implementation)
 
   def to_dense(self):
     b = self.blocks
@@ -285,6 +323,13 @@ class BlockShuffle(StructuredLinear):
     s = self.out_features // b
     interleave = np.arange(b * s).reshape(b, s).T.reshape(-1)
     return second[interleave] @ first[shuffle]
+
+
+def _check_implementation(layer, implementation):
+  if implementation not in kernels.IMPLEMENTATIONS:
+    raise ValueError(f'{layer}: implementation={implementation!r} is unknown; use one of '
+                     f'{kernels.IMPLEMENTATIONS}.')
+  return implementation
 
 
 def _check_init(layer, init):
@@ -300,6 +345,7 @@ def make_linear(method: str, in_features: int, out_features: int, *, rank: int =
                 blocks: int = 1, **kwargs) -> StructuredLinear:
   """Build the layer named by `method` (one of METHODS) with the given rank / block count."""
   if method == 'dense':
+    kwargs.pop('implementation', None)  # one dense matmul: nothing to choose
     return Dense(in_features, out_features, **kwargs)
   if method == 'lowrank':
     return LowRank(in_features, out_features, rank, **kwargs)

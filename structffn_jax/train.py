@@ -8,6 +8,11 @@ Self-guided training (SPEC §2): the optimizer's SelfGuidedState carries α; aft
 guides and their optimizer state are dropped and the step is compiled once more. With
 `sgt.mode=fixedflop` the run has S + G steps and its last G steps replay the first G batches.
 
+Devices: one (data, fsdp, tensor) mesh over every device of every process (`config.mesh`, see
+structffn_jax/sharding.py). The state is initialised sharded, each step is jitted with explicit
+shardings, and each process reads only the rows of a batch its devices hold. With several
+processes (`mesh.distributed`, launch/README.md) every one runs this same command.
+
   --profile K:N   XLA trace of steps K..K+N-1 under <workdir>/profile (TensorBoard / Perfetto)
   --set F=V       override any config field, e.g. --set train.tokens=1e6
 """
@@ -24,11 +29,10 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from structffn_jax import accounting, checkpoint, metrics, optim, steps
+from structffn_jax import accounting, checkpoint, distributed, metrics, optim, sharding, steps
 from structffn_jax import config as config_lib
 from structffn_jax.data import pipeline
 from structffn_jax.data import prepare as prepare_lib
@@ -64,10 +68,17 @@ def make_plan(config) -> Plan:
 
 
 def prepare_data(config, workdir: pathlib.Path, log=print):
+  """Prepare the data on process 0; the others wait, then load (and check) its manifest."""
   data_dir = prepare_lib.resolve_data_dir(config.data, workdir)
   log(f'data: {data_dir}')
-  manifest = prepare_lib.prepare(config.data, data_dir, config.model.seq_len,
-                                 model_vocab_size=config.model.vocab_size)
+  manifest = None
+  if jax.process_index() == 0:
+    manifest = prepare_lib.prepare(config.data, data_dir, config.model.seq_len,
+                                   model_vocab_size=config.model.vocab_size)
+  distributed.barrier('data prepared')
+  if manifest is None:
+    manifest = prepare_lib.prepare(config.data, data_dir, config.model.seq_len,
+                                   model_vocab_size=config.model.vocab_size)
   return manifest
 
 
@@ -78,54 +89,90 @@ class Trainer:
     self.config = config
     self.workdir = pathlib.Path(workdir)
     self.is_main = jax.process_index() == 0
-    checkpoint.check_workdir_config(self.workdir, config)
+    # Every check on the mesh, the batches and the parameter shapes comes before any compile.
+    self.mesh = sharding.make_mesh(config)
+    self.rules = sharding.rules_of(config)
     self.plan = make_plan(config)
+    sharding.check_batch(config, self.mesh, jax.process_count())
+    self.tx = optim.make_optimizer(config, self.plan.total_steps, self.plan.guided_steps)
+    self.lr = optim.lr_schedule(config.train, self.plan.total_steps)
+    self._abstract_state(guides=config.sgt.enabled)  # raises on a dimension the mesh can't split
+    checkpoint.check_workdir_config(self.workdir, config, write=self.is_main)
+    distributed.barrier('workdir checked')
     self.report = metrics.Reporter(self.workdir, self.plan.total_steps, enabled=self.is_main)
+    self.report.log(sharding.describe(self.mesh))
     self.acc = accounting.account(config)
     self.manifest = prepare_data(config, self.workdir, self.report.log)
     self.profile = profile or (config.train.profile_start, config.train.profile_steps)
     self.stop_signal = None
-    self.tx = optim.make_optimizer(config, self.plan.total_steps, self.plan.guided_steps)
-    self.lr = optim.lr_schedule(config.train, self.plan.total_steps)
     self.ckpt = checkpoint.Checkpointer(self.workdir, config.train.keep_ckpts)
     self._build_state()
 
   # --------------------------------------------------------------------------- state
 
-  def _new_model(self):
+  def _new_model(self, guides: bool):
     c = self.config
-    return GPT(c.model, guide=c.sgt.enabled, reduce_flop=c.sgt.reduce_flop,
-               rngs=nnx.Rngs(params=c.train.seed))
+    model = GPT(c.model, guide=c.sgt.enabled, reduce_flop=c.sgt.reduce_flop,
+                rngs=nnx.Rngs(params=c.train.seed))
+    if c.sgt.enabled and not guides:
+      model.drop_guides()
+    return model
+
+  def _init_state(self, guides: bool):
+    """The initial train state (a pure function: jitted with the state's shardings)."""
+    return steps.init_state(self._new_model(guides), self.tx)[1]
+
+  def _abstract_state(self, guides: bool):
+    """Shapes and shardings of the train state, without computing it; sets graphdef too."""
+    self.graphdef = nnx.split(nnx.eval_shape(lambda: self._new_model(guides)), nnx.Param)[0]
+    abstract = jax.eval_shape(lambda: self._init_state(guides))
+    self.state_shardings = sharding.param_shardings(abstract, self.mesh, self.rules)
+    return abstract
 
   def _build_state(self):
     latest = self.ckpt.latest_step()
     meta = self.ckpt.meta(latest) if latest is not None else {}
-    model = self._new_model()
-    if meta.get('guides_dropped'):
-      model.drop_guides()
-    self.graphdef, state = steps.init_state(model, self.tx)
+    self.guides = self.config.sgt.enabled and not meta.get('guides_dropped', False)
+    abstract = self._abstract_state(self.guides)
     self.step = 0
-    if latest is not None:
-      state, meta = self.ckpt.restore(latest, state)
+    if latest is None:  # initialised in place: a large model never sits on one device
+      self.state = jax.jit(lambda: self._init_state(self.guides),
+                           out_shardings=self.state_shardings)()
+    else:
+      self.state, meta = self.ckpt.restore(
+          latest, sharding.with_shardings(abstract, self.state_shardings))
       self.step = int(meta['step'])
       self.report.log(f'resumed from {self.workdir / "checkpoints"} at step {self.step}')
-    self.state = state
-    self.guides = self.config.sgt.enabled and not meta.get('guides_dropped', False)
     self._compile()
 
   def _compile(self):
-    self.train_step = jax.jit(steps.make_train_step(self.graphdef, self.tx,
-                                                    self.plan.micro_batches), donate_argnums=0)
-    self.eval_step = jax.jit(steps.make_eval_step(self.graphdef))
+    mesh, rules = self.mesh, self.rules
+    state_sh, rep = self.state_shardings, sharding.replicated(mesh)
+    self.batch_sharding = sharding.batch_sharding(mesh, rules, 2)
+    self.mask_sharding = sharding.batch_sharding(mesh, rules, 1)
+    self.train_step = jax.jit(
+        steps.make_train_step(self.graphdef, self.tx, self.plan.micro_batches),
+        in_shardings=(state_sh, self.batch_sharding, rep), out_shardings=(state_sh, rep),
+        donate_argnums=0)
+    self.eval_step = jax.jit(
+        steps.make_eval_step(self.graphdef),
+        in_shardings=(state_sh['params'], rep, self.batch_sharding, self.mask_sharding),
+        out_shardings=rep)
+
+  def _global_batch(self, local, global_rows: int, sharding_=None):
+    """This process's rows of a batch, as one array over the mesh."""
+    sh = sharding_ or self.batch_sharding
+    return jax.make_array_from_process_local_data(sh, local, (global_rows,) + local.shape[1:])
 
   def _drop_guides(self):
     """Hand-over complete: remove the guides and their optimizer state, compile once more."""
     model = nnx.merge(self.graphdef, self.state['params'])
     model.drop_guides()
-    graphdef, fresh = steps.init_state(model, self.tx)
-    self.state = {'params': fresh['params'],
-                  'opt_state': optim.transplant(self.state['opt_state'], fresh['opt_state'])}
-    self.graphdef = graphdef
+    _, params = nnx.split(model, nnx.Param)
+    fresh = jax.eval_shape(self.tx.init, params)  # the structure only: every leaf moves across
+    self._abstract_state(guides=False)
+    self.state = {'params': params,
+                  'opt_state': optim.transplant(self.state['opt_state'], fresh)}
     self.guides = False
     self._compile()
     self.report.log(f'step {self.step}: self-guided hand-over complete (α=0); dropped '
@@ -152,10 +199,14 @@ class Trainer:
     batch = t.eval_batch or t.micro_batch or t.global_batch
     max_rows = max(1, int(t.eval_tokens // self.config.model.seq_len))
     alpha = optim.alpha_of(self.state['opt_state']) if self.guides else None
+    index, count_p = sharding.process_share(self.batch_sharding, (batch, 1))
     total, count = 0.0, 0.0
-    for tokens, mask in pipeline.eval_batches(self.manifest, split, batch, max_rows):
-      s, n = self.eval_step(self.state['params'], alpha, jnp.asarray(tokens), jnp.asarray(mask))
-      total, count = total + float(s), count + float(n)
+    with sharding.use_mesh(self.mesh, self.rules):
+      for tokens, mask in pipeline.eval_batches(self.manifest, split, batch, max_rows,
+                                                process_index=index, process_count=count_p):
+        s, n = self.eval_step(self.state['params'], alpha, self._global_batch(tokens, batch),
+                              self._global_batch(mask, batch, self.mask_sharding))
+        total, count = total + float(s), count + float(n)
     loss = total / max(count, 1)
     return {f'{split}_loss': loss, f'{split}_ppl': math.exp(min(loss, 50)), f'{split}_tokens': count}
 
@@ -163,6 +214,10 @@ class Trainer:
 
   def run(self, stop_at: int | None = None) -> dict:
     """Train to the end. `stop_at`: behave as if interrupted once that step is done."""
+    with sharding.use_mesh(self.mesh, self.rules):
+      return self._run(stop_at)
+
+  def _run(self, stop_at: int | None) -> dict:
     c, plan = self.config, self.plan
     t = c.train
     self.report.log(
@@ -171,9 +226,9 @@ class Trainer:
         f'{self.acc.train_flops:.3e} training FLOPs'
         + (f', self-guided for {plan.guided_steps} steps ({c.sgt.mode}, {c.sgt.schedule}'
            f'{", reduce_flop" if c.sgt.reduce_flop else ""})' if c.sgt.enabled else ''))
+    index, count = sharding.process_share(self.batch_sharding, (t.global_batch, 1))
     stream = pipeline.BatchStream(self.manifest, 'train', global_batch=t.global_batch, seed=t.seed,
-                                  process_index=jax.process_index(),
-                                  process_count=jax.process_count())
+                                  process_index=index, process_count=count)
     batches = stream.iterate(self.step, plan.data_index)
     old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     step_key = jax.random.key(t.seed + 1)
@@ -196,7 +251,7 @@ class Trainer:
           pending = None
           self._drop_guides()
           compiled_now = True
-        batch = jnp.asarray(next(batches))
+        batch = self._global_batch(next(batches), t.global_batch)
         self.state, m = self.train_step(self.state, batch, jax.random.fold_in(step_key, self.step))
         self.step += 1
         window_steps += 1
@@ -233,16 +288,20 @@ class Trainer:
           self._flush(pending)
           pending = None
           self.save()
+        stop = self.stop_signal
         if stop_at is not None and self.step >= stop_at:
-          self.stop_signal = self.stop_signal or f'stop_at={stop_at}'
-        if self.stop_signal:
+          stop = stop or f'stop_at={stop_at}'
+        elif jax.process_count() > 1:  # processes agree on a signal at log steps, stop together
+          agreed = self.step % t.log_every == 0 and distributed.agree(bool(stop))
+          stop = (stop or 'a signal to another process') if agreed else None
+        if stop:
           self._flush(pending)
           pending = None
           self.save()
           self.ckpt.wait()
-          self.report.log(f'{self.stop_signal}: checkpoint saved at step {self.step}; '
+          self.report.log(f'{stop}: checkpoint saved at step {self.step}; '
                           f'run the same command to resume')
-          return {'step': self.step, 'stopped': self.stop_signal}
+          return {'step': self.step, 'stopped': stop}
       self._flush(pending)
       last_eval = self.evaluate()
       self._write_eval(last_eval)
@@ -312,6 +371,7 @@ def main(argv=None):
     profile = (k, n)
   try:
     config = config_lib.load(args.config, tuple(args.set))
+    distributed.initialize(sharding.mesh_config(config).distributed)
     trainer = Trainer(config, args.workdir, profile=profile)
     trainer.run()
   except (config_lib.ConfigError, FileNotFoundError, ValueError, NonFiniteLoss) as e:

@@ -15,7 +15,7 @@ NOTEBOOKS = sorted((REPO / 'colab').glob('*.ipynb'))
 CI_PARAMETERS = {
     '01_structured_layers': "BENCH_WIDTHS = (128, 256)\nBENCH_TOKENS = 512\n",
     '02_train': "STEPS = 8\nCORPUS_BYTES = 1e6\nWORKROOT = {tmp!r}\n",
-    '03_decode_premerge': "WIDTH = 256\nMAX_TOKENS = 64\nGEN_STEPS = 8\n",
+    "03_decode_premerge": "WIDTH = 128\nMAX_TOKENS = 32\nGEN_STEPS = 8\nITERS = 3\n",
     '04_profiling': "STEPS = 6\nPROFILE_START, PROFILE_STEPS = 3, 2\nCORPUS_BYTES = 1e6\n"
                     "WORKDIR = {tmp!r}\n",
 }

@@ -1,0 +1,105 @@
+"""Shared benchmark helpers: a median timer, a plain-text table and a self-describing JSON file.
+
+Every benchmark prints a table and writes JSON that records where and how it ran (device, jax
+version, date, command line), so a number in BENCHMARKS.md can always be traced to its command.
+Compare variants inside one process, interleaved (`time_interleaved`), so that a busy shared CPU
+slows them all alike.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+
+
+def _block(out):
+  return jax.block_until_ready(out)
+
+
+def time_fn(fn: Callable, *args, warmup: int = 2, iters: int = 10) -> float:
+  """Median wall-clock seconds of `fn(*args)`, waiting for the device; `warmup` untimed calls."""
+  for _ in range(warmup):
+    _block(fn(*args))
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    _block(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def time_interleaved(fns: Mapping[str, tuple[Callable, tuple]], *, warmup: int = 2,
+                     iters: int = 10) -> dict[str, float]:
+  """Median seconds of each `name: (fn, args)`, the variants run round-robin in one process.
+
+  Interleaving makes a ratio between variants robust to other load on a shared machine.
+  """
+  for fn, args in fns.values():
+    for _ in range(warmup):
+      _block(fn(*args))
+  times = {name: [] for name in fns}
+  for _ in range(iters):
+    for name, (fn, args) in fns.items():
+      t0 = time.perf_counter()
+      _block(fn(*args))
+      times[name].append(time.perf_counter() - t0)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _fmt(value) -> str:
+  if isinstance(value, float):
+    return f'{value:.3g}' if abs(value) < 1000 else f'{value:.0f}'
+  return str(value)
+
+
+def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], *, file=None) -> str:
+  """Print rows (dicts) as an aligned Markdown table with the given columns; returns the text."""
+  cells = [[_fmt(r.get(c, '')) for c in columns] for r in rows]
+  widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+  line = lambda vals: '| ' + ' | '.join(v.ljust(w) for v, w in zip(vals, widths)) + ' |'
+  text = '\n'.join([line(columns), '|' + '|'.join('-' * (w + 2) for w in widths) + '|']
+                   + [line(row) for row in cells])
+  print(text, file=file or sys.stdout, flush=True)
+  return text
+
+
+def device_info() -> dict[str, Any]:
+  """The device the default backend runs on, and the software around it."""
+  dev = jax.devices()[0]
+  return {
+      'backend': jax.default_backend(),
+      'device': getattr(dev, 'device_kind', str(dev)),
+      'device_count': jax.device_count(),
+      'cpu_count': os.cpu_count(),
+      'host': platform.node(),
+      'jax': jax.__version__,
+      'python': platform.python_version(),
+  }
+
+
+def write_json(path: str, payload: Mapping[str, Any]) -> str:
+  """Write `payload` plus device, jax version, UTC date and command line to `path`; returns it."""
+  record = {
+      'command': ' '.join(['python'] + sys.argv),
+      'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+      **device_info(),
+      **payload,
+  }
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(record, f, indent=2, default=str)
+  print(f'wrote {path}')
+  return path
+
+
+def default_out(name: str) -> str:
+  """Default JSON path for benchmark `name`: bench_results/<name>_<backend>.json."""
+  return os.path.join('bench_results', f'{name}_{jax.default_backend()}.json')

@@ -1,0 +1,206 @@
+"""FFN latency versus width, the paper's Figure 4 (SPEC §5): dense against the three structures.
+
+    python -m structffn_jax.bench.ffn                       # CPU default: widths 256..1024
+    python -m structffn_jax.bench.ffn --preset gpu          # the paper's grid: widths
+                                                            # 1024..6144, 30720 tokens, bf16
+    python -m structffn_jax.bench.ffn --preset cpu-issue    # fp32, width 1024, 8192 tokens,
+                                                            # fwd+bwd, incl. the einsum layout
+
+The FFN is the model's own `model.FeedForward` (fc1 -> GELU tanh -> fc2, biases on), ffn = 4 ×
+width, on `tokens` tokens, loss <y, dy> for a fixed random dy. Passes:
+  fwd     the forward alone
+  fwdbwd  a training step's work: the loss and its gradients with respect to every parameter
+          and the input (`jax.jit(jax.value_and_grad)`)
+  grad    `jax.jit(jax.grad)` of the same loss (--preset cpu-issue): the loss value is unused, so
+          XLA drops fc2's last matmul, a large share of dense's work and a small one of a
+          structured FFN's; speed-ups read lower than in a training step
+The variants of a width are interleaved in one process so that load on a shared machine hits
+them alike; medians.
+The speed-up is dense time / variant time; the bound beside it is the FLOP ratio (dense weight
+parameters / structured ones), which a structured FFN can approach but not beat.
+63% / 32% settings follow SPEC §3: LowRank R = d/2, d/4; BlockShuffle B = 2, 4; BlockDense
+(B, R) = (4, 3d/4), (4, 3d/8) for widths divisible by 8 (m, xl), (2, 2d/3), (2, d/3) otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from structffn_jax import config as config_lib
+from structffn_jax import kernels
+from structffn_jax import model as model_lib
+from structffn_jax import structured
+from structffn_jax.bench import common
+
+PRESETS = {
+    'cpu': dict(widths=(256, 512, 768, 1024), tokens=8192, dtype='float32', passes=('fwd',
+                                                                                    'fwdbwd')),
+    'gpu': dict(widths=(1024, 2048, 3072, 4096, 5120, 6144), tokens=30720, dtype='bfloat16',
+                passes=('fwd', 'fwdbwd')),
+    'cpu-issue': dict(widths=(1024,), tokens=8192, dtype='float32', passes=('grad', 'fwdbwd')),
+}
+FRACTIONS = ('63', '32')
+
+
+def settings(method: str, width: int, fraction: str) -> dict:
+  """rank / blocks of `method` at this width for the 63% or 32% parameter fraction (SPEC §3)."""
+  small = fraction == '32'
+  if method == 'lowrank':
+    return dict(rank=width // 4 if small else width // 2, blocks=1)
+  if method == 'blockshuffle':
+    return dict(rank=0, blocks=4 if small else 2)
+  if method == 'blockdense':
+    if width % 8 == 0 and width % 3:
+      return dict(rank=3 * width // 8 if small else 3 * width // 4, blocks=4)
+    return dict(rank=width // 3 if small else 2 * width // 3, blocks=2)
+  return dict(rank=0, blocks=1)
+
+
+def variants(preset: str, with_einsum: bool) -> list[tuple[str, str, str, str]]:
+  """(name, method, fraction, implementation override or '') in table order."""
+  out = [('dense', 'dense', '', '')]
+  fractions = ('32',) if preset == 'cpu-issue' else FRACTIONS
+  for method in ('lowrank', 'blockdense', 'blockshuffle'):
+    for fraction in fractions:
+      out.append((f'{method} {fraction}%', method, fraction, ''))
+      if with_einsum and method != 'lowrank':
+        out.append((f'{method} {fraction}% einsum', method, fraction, 'reference'))
+  return out
+
+
+def build_ffn(width: int, method: str, fraction: str, dtype: str, implementation: str,
+              override: str = '', seed: int = 0):
+  """The model's FeedForward at this width; `override` forces a kernels implementation."""
+  cfg = config_lib.base_config().model
+  cfg.hidden_dim, cfg.ffn_dim, cfg.activation, cfg.use_bias = width, 4 * width, 'gelu', True
+  s = settings(method, width, fraction)
+  cfg.ffn.method, cfg.ffn.rank, cfg.ffn.blocks = method, s['rank'], s['blocks']
+  cfg.ffn.init, cfg.ffn.implementation = 'gaussian', implementation
+  ffn = model_lib.FeedForward(cfg, method, model_lib.DTYPES[dtype], guide=False,
+                              reduce_flop=False, rngs=nnx.Rngs(seed))
+  if override:
+    for layer in (ffn.fc1, ffn.fc2):
+      layer.implementation = override
+  weights = sum(structured.weight_params(method, n, m, rank=s['rank'], blocks=s['blocks'])
+                for n, m in ((width, 4 * width), (4 * width, width)))
+  return ffn, weights
+
+
+def timed_functions(ffn, x, dy):
+  """Jitted forward and forward+backward of the FFN (grads w.r.t. parameters and input)."""
+  graphdef, params = nnx.split(ffn)
+
+  def forward(params, x):
+    return nnx.merge(graphdef, params)(x)
+
+  def loss(params, x):
+    return jnp.vdot(forward(params, x).astype(jnp.float32), dy)
+
+  return dict(fwd=(jax.jit(forward), (params, x)),
+              fwdbwd=(jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), (params, x)),
+              grad=(jax.jit(jax.grad(loss, argnums=(0, 1))), (params, x)))
+
+
+def run(widths, tokens, dtype, passes, implementation, preset, warmup, iters, with_einsum):
+  rows = []
+  for width in widths:
+    key_x, key_dy = jax.random.split(jax.random.key(width))
+    x = jax.random.normal(key_x, (tokens, width), jnp.float32).astype(dtype)
+    dy = jax.random.normal(key_dy, (tokens, width), jnp.float32)
+    fns, meta = {}, {}
+    for name, method, fraction, override in variants(preset, with_einsum):
+      ffn, weights = build_ffn(width, method, fraction, dtype, implementation, override)
+      for p, fn in timed_functions(ffn, x, dy).items():
+        if p in passes:
+          fns[(name, p)] = fn
+      impl = override or implementation
+      if method != 'dense' and impl != 'reference':  # what 'auto' / 'pallas' resolve to here
+        factors = [ffn.fc1.w1[...], ffn.fc1.w2[...]] if method == 'blockshuffle' \
+            else [ffn.fc1.v[...], ffn.fc1.u[...]]
+        impl = kernels.resolve(method, impl, x, *factors)
+      elif method == 'dense':
+        impl = 'xla'
+      meta[name] = dict(method=method, fraction=fraction, weights=weights,
+                        implementation=impl, **settings(method, width, fraction))
+    times = common.time_interleaved(fns, warmup=warmup, iters=iters)
+    dense_weights = meta['dense']['weights']
+    for name, m in meta.items():
+      row = dict(width=width, ffn=4 * width, tokens=tokens, variant=name, **m,
+                 flop_bound=dense_weights / m['weights'])
+      for p in passes:
+        row[f'{p}_ms'] = 1e3 * times[(name, p)]
+        row[f'{p}_speedup'] = times[('dense', p)] / times[(name, p)]
+      rows.append(row)
+    print(f'width {width}: done', file=sys.stderr, flush=True)
+  return rows
+
+
+def plot(rows, passes, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, len(passes), figsize=(6 * len(passes), 4), squeeze=False)
+  for ax, p in zip(axes[0], passes):
+    for name in dict.fromkeys(r['variant'] for r in rows):
+      pts = [(r['width'], r[f'{p}_ms']) for r in rows if r['variant'] == name]
+      ax.plot(*zip(*pts), marker='o', label=name, linestyle='--' if 'einsum' in name else '-')
+    ax.set_xlabel('width (ffn = 4 × width)')
+    ax.set_ylabel(f'{p} latency (ms)')
+    ax.set_yscale('log')
+    ax.set_title(f'FFN {p}')
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  print(f'wrote {path}')
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--preset', choices=sorted(PRESETS),
+                      default='gpu' if jax.default_backend() == 'gpu' else 'cpu')
+  parser.add_argument('--widths', type=lambda s: tuple(int(w) for w in s.split(',')))
+  parser.add_argument('--tokens', type=int)
+  parser.add_argument('--dtype', choices=sorted(model_lib.DTYPES))
+  parser.add_argument('--implementation', default='auto', choices=('auto', 'xla', 'pallas'),
+                      help="kernels for the structured layers (kernels/api.py)")
+  parser.add_argument('--einsum', action='store_true',
+                      help='also time the plain-einsum layout of the block layers '
+                           '(always on for --preset cpu-issue)')
+  parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--iters', type=int, default=7)
+  parser.add_argument('--out', help='JSON path (default bench_results/ffn_<backend>.json)')
+  parser.add_argument('--plot', nargs='?', const='', help='also draw a PNG (default: next to '
+                      'the JSON)')
+  args = parser.parse_args(argv)
+  preset = PRESETS[args.preset]
+  widths = args.widths or preset['widths']
+  tokens = args.tokens or preset['tokens']
+  dtype = args.dtype or preset['dtype']
+  passes = preset['passes']
+  with_einsum = args.einsum or args.preset == 'cpu-issue'
+  rows = run(widths, tokens, dtype, passes, args.implementation, args.preset, args.warmup,
+             args.iters, with_einsum)
+  columns = ['width', 'variant', 'implementation']
+  for p in passes:
+    columns += [f'{p}_ms', f'{p}_speedup']
+  columns.append('flop_bound')
+  if jax.default_backend() == 'cpu':
+    print(f'# CPU ({common.device_info()["cpu_count"]} cores): interleaved medians of '
+          f'{args.iters}; compare ratios, not absolute times, across machines.')
+  common.print_table(rows, columns)
+  out = args.out or common.default_out('ffn' if args.preset != 'cpu-issue' else 'ffn_cpu_issue')
+  common.write_json(out, dict(preset=args.preset, widths=list(widths), tokens=tokens,
+                              dtype=dtype, passes=list(passes), warmup=args.warmup,
+                              iters=args.iters, rows=rows))
+  if args.plot is not None:
+    plot(rows, passes, args.plot or out.rsplit('.', 1)[0] + '.png')
+
+
+if __name__ == '__main__':
+  main()

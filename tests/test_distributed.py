@@ -1,0 +1,128 @@
+"""Two processes on 127.0.0.1 with `jax.distributed` train in lockstep, exactly as one process would.
+
+Each process (this file run as a script) has 2 simulated CPU devices; together they form the mesh
+(data, fsdp, tensor) = (2, 1, 2), so each process reads half of every batch and the tensor axis
+stays inside a process. They train the tiny config through the self-guided hand-over, checkpoint
+cooperatively, resume from that checkpoint in new trainers, and evaluate. Both must see the same
+loss at every step, equal to this (single-device) process's run of the same config.
+"""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from structffn_jax import config as config_lib  # noqa: E402
+from structffn_jax import metrics, train  # noqa: E402
+from structffn_jax.data import prepare as prepare_lib  # noqa: E402
+
+# 6 steps of 8 x 64 tokens, guided for the first 2; the processes stop at STOP and resume.
+RUN = ('train.tokens=3072', 'sgt.ratio=0.34', 'train.log_every=1', 'train.eval_every=0',
+       'train.ckpt_every=1000', 'train.eval_tokens=512')
+MESH = ('mesh.data=2', 'mesh.fsdp=1', 'mesh.tensor=2')
+STOP = 3
+RTOL = 1e-5  # float32 sums in another order over 6 steps
+
+
+def tiny(*overrides):
+  return config_lib.load(f'{REPO}/configs/tiny.py:method=lowrank,sgt=1', overrides)
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp('data')
+  prepare_lib.prepare(tiny().data, d, 64, model_vocab_size=512)
+  return d
+
+
+def test_two_processes_train_in_lockstep_like_one(tmp_path, data_dir):
+  port = free_port()
+  workdir = tmp_path / 'run'
+  procs = []
+  for i in range(2):
+    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO),
+               JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES='2',
+               JAX_PROCESS_ID=str(i), XLA_FLAGS='--xla_force_host_platform_device_count=2',
+               NPROC='16')  # XLA:CPU collectives need a thread per simulated device
+    procs.append(subprocess.Popen(
+        [sys.executable, __file__, str(workdir), str(data_dir), str(tmp_path / f'p{i}.json')],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env))
+  try:
+    # Meanwhile, the reference: one process, one device, uninterrupted.
+    ref_dir = tmp_path / 'single'
+    result = train.Trainer(tiny(*RUN, f'data.data_dir={data_dir}'), ref_dir).run()
+    reference = {r['step']: r['loss'] for r in metrics.read_metrics(ref_dir) if 'loss' in r}
+    outputs = [p.communicate(timeout=480) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for i, (p, (out, err)) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0, f'process {i}:\n{out[-2000:]}\n{err[-4000:]}'
+  reports = [json.loads((tmp_path / f'p{i}.json').read_text()) for i in range(2)]
+
+  for i, r in enumerate(reports):
+    assert r['process'] == [i, 2] and r['devices'] == [4, 2]
+    assert r['share'] == [i, 2], 'each process reads its half of every batch'
+    assert r['resumed_at'] == STOP
+  steps = sorted(reference)
+  assert steps == list(range(1, 7))
+  p0, p1 = ({int(k): v for k, v in r['losses'].items()} for r in reports)
+  assert sorted(p0) == steps
+  assert p0 == p1, 'the processes disagree on the loss'
+  for s in steps:
+    assert p0[s] == pytest.approx(reference[s], rel=RTOL), s
+  assert reports[0]['valid_loss'] == reports[1]['valid_loss']
+  assert reports[0]['valid_loss'] == pytest.approx(result['valid_loss'], rel=RTOL)
+  # Process 0 alone reported: one record per step in metrics.jsonl, one progress line per step.
+  logged = [r['step'] for r in metrics.read_metrics(workdir) if 'loss' in r]
+  assert logged == steps
+  out0, out1 = outputs[0][0], outputs[1][0]
+  assert 'step      6/6' in out0 and 'step ' not in out1
+
+
+def driver(workdir: pathlib.Path, data_dir: str, report: pathlib.Path) -> None:
+  """One of the two processes: train to STOP, resume in a new trainer, finish, report."""
+  from structffn_jax import distributed, sharding
+
+  config = tiny(*RUN, *MESH, f'data.data_dir={data_dir}')
+  assert distributed.initialize(config.mesh.distributed)  # 'auto': JAX_COORDINATOR_ADDRESS
+  seen = {}
+
+  class Recording(train.Trainer):
+    """Keeps every step's loss as this process fetched it (only process 0 writes metrics)."""
+
+    def _flush(self, pending, extra=None, progress=None):
+      if pending is not None:
+        seen[pending[0]] = float(jax.device_get(pending[1])['loss'])
+      super()._flush(pending, extra, progress)
+
+  first = Recording(config, workdir)
+  assert first.run(stop_at=STOP)['step'] == STOP
+  second = Recording(config, workdir)
+  resumed_at = second.step
+  result = second.run()
+  share = sharding.process_share(second.batch_sharding, (config.train.global_batch, 1))
+  report.write_text(json.dumps({
+      'process': [jax.process_index(), jax.process_count()],
+      'devices': [jax.device_count(), jax.local_device_count()],
+      'share': list(share), 'resumed_at': resumed_at, 'losses': seen,
+      'valid_loss': result['valid_loss']}))
+
+
+if __name__ == '__main__':
+  driver(pathlib.Path(sys.argv[1]), sys.argv[2], pathlib.Path(sys.argv[3]))
