@@ -5,8 +5,10 @@
   'on'    always call `jax.distributed.initialize()`; coordinator, process count and id come from
           the cluster (SLURM, Cloud TPU pod, Kubernetes, Open MPI are auto-detected by JAX) or
           from JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID.
-  'auto'  'on' when the environment asks for it: JAX_COORDINATOR_ADDRESS is set, a SLURM step
-          with more than one task, or a multi-host Cloud TPU VM; 'off' otherwise.
+  'auto'  'on' when the environment asks for it: JAX_COORDINATOR_ADDRESS is set, an `srun` step
+          of several tasks, or a TPU pod whose worker list is in the environment
+          (TPU_WORKER_HOSTNAMES, as on GKE); 'off' otherwise. On TPU VMs created with gcloud the
+          worker list lives in the metadata server: launch/tpu_pod.sh sets mesh.distributed=on.
 
 Must run before anything touches a JAX device. Every process then runs the same program: logs,
 metrics and config.json come from process 0, data preparation runs on process 0 behind a
@@ -33,15 +35,15 @@ def _env_int(name):
   try:
     return int(value)
   except ValueError:
-    raise config_lib.ConfigError(f'environment variable {name}={value!r} is not an integer.') from None
+    raise config_lib.ConfigError(f'environment variable {name}={value!r} is not an integer.') \
+        from None
 
 
 def detected() -> str | None:
   """Why this process looks like one of several ('JAX_COORDINATOR_ADDRESS', 'SLURM', 'TPU pod')."""
   if os.environ.get('JAX_COORDINATOR_ADDRESS'):
     return 'JAX_COORDINATOR_ADDRESS'
-  if 'SLURM_STEP_ID' in os.environ and (_env_int('SLURM_STEP_NUM_TASKS') or
-                                        _env_int('SLURM_NTASKS') or 1) > 1:
+  if (_env_int('SLURM_STEP_NUM_TASKS') or 1) > 1:  # an `srun` step of several tasks
     return 'SLURM'
   hosts = os.environ.get('TPU_WORKER_HOSTNAMES') or os.environ.get('TPU_PROCESS_ADDRESSES') or ''
   if len([h for h in hosts.split(',') if h]) > 1 or os.environ.get('MEGASCALE_COORDINATOR_ADDRESS'):
@@ -59,7 +61,8 @@ def initialize(mode: str = 'auto') -> bool:
   if mode == 'off' or (mode == 'auto' and detected() is None):
     return False
   kwargs = {}
-  if os.environ.get('JAX_COORDINATOR_ADDRESS') and 'SLURM_STEP_ID' not in os.environ:
+  in_srun = 'SLURM_STEP_NUM_TASKS' in os.environ  # SLURM gives the process count and id
+  if os.environ.get('JAX_COORDINATOR_ADDRESS') and not in_srun:
     kwargs = dict(coordinator_address=os.environ['JAX_COORDINATOR_ADDRESS'],
                   num_processes=_env_int('JAX_NUM_PROCESSES'),
                   process_id=_env_int('JAX_PROCESS_ID'))

@@ -1,6 +1,7 @@
-"""Two processes on 127.0.0.1 with `jax.distributed` train in lockstep, exactly as one process would.
+"""Two processes on 127.0.0.1 with `jax.distributed` train in lockstep, as one process would.
 
-Each process (this file run as a script) has 2 simulated CPU devices; together they form the mesh
+launch/local.sh starts the processes (this file run as a script), each with 2 simulated CPU
+devices; together they form the mesh
 (data, fsdp, tensor) = (2, 1, 2), so each process reads half of every batch and the tensor axis
 stays inside a process. They train the tiny config through the self-guided hand-over, checkpoint
 cooperatively, resume from that checkpoint in new trainers, and evaluate. Both must see the same
@@ -10,7 +11,6 @@ loss at every step, equal to this (single-device) process's run of the same conf
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -36,12 +36,6 @@ def tiny(*overrides):
   return config_lib.load(f'{REPO}/configs/tiny.py:method=lowrank,sgt=1', overrides)
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
   d = tmp_path_factory.mktemp('data')
@@ -50,29 +44,24 @@ def data_dir(tmp_path_factory):
 
 
 def test_two_processes_train_in_lockstep_like_one(tmp_path, data_dir):
-  port = free_port()
-  workdir = tmp_path / 'run'
-  procs = []
-  for i in range(2):
-    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO),
-               JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES='2',
-               JAX_PROCESS_ID=str(i), XLA_FLAGS='--xla_force_host_platform_device_count=2',
-               NPROC='16')  # XLA:CPU collectives need a thread per simulated device
-    procs.append(subprocess.Popen(
-        [sys.executable, __file__, str(workdir), str(data_dir), str(tmp_path / f'p{i}.json')],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env))
+  workdir, logs = tmp_path / 'run', tmp_path / 'logs'
+  env = dict(os.environ, PYTHONPATH=str(REPO), CPU_DEVICES='2', LOG_DIR=str(logs))
+  env.pop('XLA_FLAGS', None)
+  proc = subprocess.Popen(
+      ['bash', str(REPO / 'launch' / 'local.sh'), '2', sys.executable, __file__, str(workdir),
+       str(data_dir), str(tmp_path)],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
   try:
     # Meanwhile, the reference: one process, one device, uninterrupted.
     ref_dir = tmp_path / 'single'
     result = train.Trainer(tiny(*RUN, f'data.data_dir={data_dir}'), ref_dir).run()
     reference = {r['step']: r['loss'] for r in metrics.read_metrics(ref_dir) if 'loss' in r}
-    outputs = [p.communicate(timeout=480) for p in procs]
+    out0, err0 = proc.communicate(timeout=480)
   finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for i, (p, (out, err)) in enumerate(zip(procs, outputs)):
-    assert p.returncode == 0, f'process {i}:\n{out[-2000:]}\n{err[-4000:]}'
+    if proc.poll() is None:
+      proc.kill()
+  out1 = (logs / 'process_1.log').read_text()
+  assert proc.returncode == 0, f'{out0[-2000:]}\n{err0[-4000:]}\nprocess 1:\n{out1[-4000:]}'
   reports = [json.loads((tmp_path / f'p{i}.json').read_text()) for i in range(2)]
 
   for i, r in enumerate(reports):
@@ -91,11 +80,29 @@ def test_two_processes_train_in_lockstep_like_one(tmp_path, data_dir):
   # Process 0 alone reported: one record per step in metrics.jsonl, one progress line per step.
   logged = [r['step'] for r in metrics.read_metrics(workdir) if 'loss' in r]
   assert logged == steps
-  out0, out1 = outputs[0][0], outputs[1][0]
   assert 'step      6/6' in out0 and 'step ' not in out1
 
 
-def driver(workdir: pathlib.Path, data_dir: str, report: pathlib.Path) -> None:
+def test_sweep_turns_variants_into_commands():
+  out = subprocess.run(
+      [sys.executable, 'launch/sweep.py', 'configs/tiny.py', '--grid', 'method=dense,lowrank',
+       '--grid', 'sgt=0,1', '--set', 'mesh.fsdp=2', '--launcher', 'slurm', '--root', '/r'],
+      capture_output=True, text=True, cwd=REPO, timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.splitlines()[:2] == [
+      'sbatch --job-name=tiny-dense launch/slurm.sbatch configs/tiny.py:method=dense,sgt=0 '
+      '/r/tiny-dense --set mesh.fsdp=2',
+      'sbatch --job-name=tiny-dense-2 launch/slurm.sbatch configs/tiny.py:method=dense,sgt=1 '
+      '/r/tiny-dense-2 --set mesh.fsdp=2']
+  assert len(out.stdout.splitlines()) == 4
+  bad = subprocess.run(
+      [sys.executable, 'launch/sweep.py', 'configs/tiny.py', '--grid', 'method=dense,bogus'],
+      capture_output=True, text=True, cwd=REPO, timeout=120)
+  assert bad.returncode == 2 and "error: method='bogus' is not allowed" in bad.stderr
+  assert bad.stdout == ''  # nothing printed (or run) before every variant is valid
+
+
+def driver(workdir: pathlib.Path, data_dir: str, out_dir: pathlib.Path) -> None:
   """One of the two processes: train to STOP, resume in a new trainer, finish, report."""
   from structffn_jax import distributed, sharding
 
@@ -117,7 +124,7 @@ def driver(workdir: pathlib.Path, data_dir: str, report: pathlib.Path) -> None:
   resumed_at = second.step
   result = second.run()
   share = sharding.process_share(second.batch_sharding, (config.train.global_batch, 1))
-  report.write_text(json.dumps({
+  (out_dir / f'p{jax.process_index()}.json').write_text(json.dumps({
       'process': [jax.process_index(), jax.process_count()],
       'devices': [jax.device_count(), jax.local_device_count()],
       'share': list(share), 'resumed_at': resumed_at, 'losses': seen,

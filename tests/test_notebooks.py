@@ -14,7 +14,7 @@ NOTEBOOKS = sorted((REPO / 'colab').glob('*.ipynb'))
 # Small settings per notebook, applied like papermill: a cell right after the 'parameters' cell.
 CI_PARAMETERS = {
     '01_structured_layers': "BENCH_WIDTHS = (128, 256)\nBENCH_TOKENS = 512\n",
-    '02_train': "STEPS = 8\nCORPUS_BYTES = 1e6\nWORKROOT = {tmp!r}\n",
+    '02_train': "STEPS = 6\nCORPUS_BYTES = 5e5\nVOCAB = 1024\nWORKROOT = {tmp!r}\n",
     "03_decode_premerge": "WIDTH = 128\nMAX_TOKENS = 32\nGEN_STEPS = 8\nITERS = 3\n",
     '04_profiling': "STEPS = 6\nPROFILE_START, PROFILE_STEPS = 3, 2\nCORPUS_BYTES = 1e6\n"
                     "WORKDIR = {tmp!r}\n",

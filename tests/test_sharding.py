@@ -22,7 +22,7 @@ from jax.sharding import AbstractMesh
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from structffn_jax import accounting, metrics, optim, sharding, steps, train  # noqa: E402
+from structffn_jax import accounting, evaluate, metrics, optim, sharding, steps, train  # noqa: E402
 from structffn_jax import config as config_lib  # noqa: E402
 from structffn_jax.data import prepare as prepare_lib  # noqa: E402
 from structffn_jax.model import GPT  # noqa: E402
@@ -214,9 +214,10 @@ def test_a_dimension_its_mesh_axis_cannot_split_names_the_parameter():
   config = tiny(method='blockshuffle')  # 2 blocks
   mesh = AbstractMesh((1, 1, 8), sharding.MESH_AXES)
   with pytest.raises(config_lib.ConfigError,
-                     match=r"parameter stack/ffn/fc1/w1 \(2, 2, 32, 32\): dimension 1 \('blocks', size 2\)"
-                           r" is not divisible by mesh.tensor=8 = 8; set mesh.tensor to a divisor of"
-                           r" 2, map 'blocks' to None in mesh.rules, or change model.ffn.blocks"):
+                     match=r"parameter stack/ffn/fc1/w1 \(2, 2, 32, 32\): dimension 1 \('blocks', "
+                           r"size 2\) is not divisible by mesh.tensor=8 = 8; set mesh.tensor to a "
+                           r"divisor of 2, map 'blocks' to None in mesh.rules, or change "
+                           r"model.ffn.blocks"):
     sharding.param_shardings(abstract_state(config), mesh, config.mesh.rules)
   # Mapping blocks to None instead leaves them whole: no error.
   sharding.param_shardings(abstract_state(config), mesh, ('blocks=none', 'embed=fsdp',
@@ -263,7 +264,7 @@ def runs(tmp_path_factory, data_dir):
     if proc.poll() is None:
       proc.kill()
   assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
-  return json.loads((root / 'report.json').read_text()), reference
+  return json.loads((root / 'report.json').read_text()), reference, root
 
 
 @pytest.fixture(scope='module')
@@ -303,6 +304,16 @@ def test_a_checkpoint_saved_on_one_mesh_resumes_on_another(meshes, reference):
   for s in range(STOP + 1, 7):
     assert got[s] == pytest.approx(reference['losses'][s], rel=RTOL), s
   assert resumed['valid_loss'] == pytest.approx(reference['valid_loss'], rel=RTOL)
+
+
+def test_evaluate_restores_a_sharded_run_on_one_device(runs):
+  report, _, root = runs
+  workdir = root / 'data'  # ended on (2,2,2), which this 1-device process cannot build
+  with pytest.raises(config_lib.ConfigError, match='= 8 devices, but this run has 1'):
+    evaluate.evaluate(workdir, max_tokens=512)
+  result = evaluate.evaluate(workdir, max_tokens=512, mesh='1,1,1')
+  assert result['step'] == 6
+  assert result['loss'] == pytest.approx(report['resumed']['valid_loss'], rel=RTOL)
 
 
 def test_bad_meshes_fail_before_any_compile(meshes):
