@@ -281,7 +281,8 @@ class BlockShuffle(StructuredLinear):
     h'[j, t] = flat(h)[t·B + j]              (B, q)   the shuffle: view (q, B), transpose
     u[j] = W2[j] h'[j]                       (B, s)
     y[t·B + j] = u[j, t]                     (M,)     interleaved output
-  The shuffle and the interleave are a reshape plus einsum index order: no data is copied.
+  The default XLA layout keeps the block dimension first and moves data once for the shuffle and
+  once for the interleave (see structffn_jax/kernels/xla.py); `to_dense()` spells both out.
   """
 
   def __init__(self, in_features: int, out_features: int, blocks: int, *, use_bias: bool = True,
