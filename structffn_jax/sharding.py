@@ -297,7 +297,8 @@ def constrain(x: jax.Array, axes: tuple) -> jax.Array:
 
 
 def describe(mesh: jax.sharding.Mesh) -> str:
-  """'data=8 fsdp=1 tensor=1 (8 devices, 1 process)' for the log."""
+  """'mesh data=8 fsdp=1 tensor=1 (8 gpu devices, 1 process)' for the log."""
   sizes = ' '.join(f'{a}={mesh.shape[a]}' for a in MESH_AXES)
-  return (f'mesh {sizes} ({mesh.size} {np.asarray(mesh.devices).flat[0].platform} devices, '
-          f'{jax.process_count()} process{"es" if jax.process_count() > 1 else ""})')
+  n, p = mesh.size, jax.process_count()
+  return (f'mesh {sizes} ({n} {np.asarray(mesh.devices).flat[0].platform} device'
+          f'{"s" if n > 1 else ""}, {p} process{"es" if p > 1 else ""})')

@@ -124,9 +124,13 @@ class Trainer:
 
   def _abstract_state(self, guides: bool):
     """Shapes and shardings of the train state, without computing it; sets graphdef too."""
-    self.graphdef = nnx.split(nnx.eval_shape(lambda: self._new_model(guides)), nnx.Param)[0]
-    abstract = jax.eval_shape(lambda: self._init_state(guides))
-    self.state_shardings = sharding.param_shardings(abstract, self.mesh, self.rules)
+    cached = getattr(self, '_abstract', None)
+    if cached is None or cached[0] != guides:
+      graphdef = nnx.split(nnx.eval_shape(lambda: self._new_model(guides)), nnx.Param)[0]
+      abstract = jax.eval_shape(lambda: self._init_state(guides))
+      shardings = sharding.param_shardings(abstract, self.mesh, self.rules)
+      self._abstract = cached = (guides, graphdef, abstract, shardings)
+    _, self.graphdef, abstract, self.state_shardings = cached
     return abstract
 
   def _build_state(self):

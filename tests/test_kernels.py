@@ -77,8 +77,9 @@ def test_backend_matches_reference(op, x_shape, factor_shapes, implementation, s
   seed = zlib.crc32(f'{op}{x_shape}{implementation}'.encode())
   args = _arrays([x_shape, *factor_shapes], seed)
   expected_impl = implementation
+  on_gpu = jax.default_backend() == 'gpu'  # there the tiny tiles are unsupported: 'xla' runs
   if implementation == 'pallas' and not pallas_gpu.supports(op, x_shape, *factor_shapes,
-                                                            gpu=False):
+                                                            gpu=on_gpu):
     expected_impl = 'xla'  # lowrank, or a BlockShuffle whose shuffle is not whole runs
   assert kernels.resolve(op, implementation, *args) == expected_impl
   fn = lambda *a: getattr(kernels, op)(*a, implementation=implementation)
@@ -101,6 +102,23 @@ def test_bfloat16(op, x_shape, factor_shapes):
     assert [g.dtype for g in got] == [jnp.bfloat16] * len(got)
     for g, w in zip(got, want):
       _close(g, w, atol_rel=3e-2, what=f'{op} {implementation} bfloat16')
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiled kernels need a GPU')
+@pytest.mark.parametrize('op,x_shape,factor_shapes', [
+    ('blockshuffle', (512, 256), [(4, 64, 64), (4, 256, 64)]),
+    ('blockshuffle', (512, 1024), [(4, 64, 256), (4, 64, 64)]),
+    ('blockdense', (512, 256), [(4, 32, 64), (1024, 128)]),
+    ('blockdense', (512, 1024), [(4, 32, 256), (256, 128)]),
+])
+def test_compiled_kernels_on_gpu(op, x_shape, factor_shapes):
+  args = _arrays([x_shape, *factor_shapes], 11, jnp.bfloat16)
+  assert kernels.resolve(op, 'pallas', *args) == 'pallas'
+  (dy,) = _arrays([jax.eval_shape(getattr(reference, op), *args).shape], 12)
+  want = _value_and_grads(getattr(reference, op), [a.astype(jnp.float32) for a in args], dy)
+  got = _value_and_grads(lambda *a: getattr(kernels, op)(*a, implementation='pallas'), args, dy)
+  for g, w in zip(got, want):
+    _close(g, w, atol_rel=3e-2, what=f'{op} compiled')
 
 
 def test_auto_is_xla_off_gpu_and_names_are_checked():

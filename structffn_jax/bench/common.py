@@ -36,12 +36,9 @@ def time_fn(fn: Callable, *args, warmup: int = 2, iters: int = 10) -> float:
   return statistics.median(times)
 
 
-def time_interleaved(fns: Mapping[str, tuple[Callable, tuple]], *, warmup: int = 2,
-                     iters: int = 10) -> dict[str, float]:
-  """Median seconds of each `name: (fn, args)`, the variants run round-robin in one process.
-
-  Interleaving makes a ratio between variants robust to other load on a shared machine.
-  """
+def time_interleaved_samples(fns: Mapping[str, tuple[Callable, tuple]], *, warmup: int = 2,
+                             iters: int = 10) -> dict[str, list[float]]:
+  """Every timed call (seconds) of each `name: (fn, args)`, the variants run round-robin."""
   for fn, args in fns.values():
     for _ in range(warmup):
       _block(fn(*args))
@@ -51,7 +48,17 @@ def time_interleaved(fns: Mapping[str, tuple[Callable, tuple]], *, warmup: int =
       t0 = time.perf_counter()
       _block(fn(*args))
       times[name].append(time.perf_counter() - t0)
-  return {name: statistics.median(t) for name, t in times.items()}
+  return times
+
+
+def time_interleaved(fns: Mapping[str, tuple[Callable, tuple]], *, warmup: int = 2,
+                     iters: int = 10) -> dict[str, float]:
+  """Median seconds of each `name: (fn, args)`, the variants run round-robin in one process.
+
+  Interleaving makes a ratio between variants robust to other load on a shared machine.
+  """
+  samples = time_interleaved_samples(fns, warmup=warmup, iters=iters)
+  return {name: statistics.median(t) for name, t in samples.items()}
 
 
 def _fmt(value) -> str:
@@ -80,6 +87,7 @@ def device_info() -> dict[str, Any]:
       'device_count': jax.device_count(),
       'cpu_count': os.cpu_count(),
       'host': platform.node(),
+      'loadavg': os.getloadavg() if hasattr(os, 'getloadavg') else None,  # others' load too
       'jax': jax.__version__,
       'python': platform.python_version(),
   }
@@ -87,8 +95,11 @@ def device_info() -> dict[str, Any]:
 
 def write_json(path: str, payload: Mapping[str, Any]) -> str:
   """Write `payload` plus device, jax version, UTC date and command line to `path`; returns it."""
+  main = sys.modules.get('__main__')
+  spec = getattr(main, '__spec__', None)  # run as `python -m package.module`
+  program = ['-m', spec.name] if spec is not None and spec.name else sys.argv[:1]
   record = {
-      'command': ' '.join(['python'] + sys.argv),
+      'command': ' '.join(['python'] + program + sys.argv[1:]),
       'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       **device_info(),
       **payload,

@@ -25,7 +25,7 @@ parameters / structured ones), which a structured FFN can approach but not beat.
 from __future__ import annotations
 
 import argparse
-import functools
+import statistics
 import sys
 
 import jax
@@ -69,7 +69,7 @@ def variants(preset: str, with_einsum: bool) -> list[tuple[str, str, str, str]]:
   for method in ('lowrank', 'blockdense', 'blockshuffle'):
     for fraction in fractions:
       out.append((f'{method} {fraction}%', method, fraction, ''))
-      if with_einsum and method != 'lowrank':
+      if with_einsum:  # the einsums differentiated by JAX: the layout before kernels/xla.py
         out.append((f'{method} {fraction}% einsum', method, fraction, 'reference'))
   return out
 
@@ -128,7 +128,8 @@ def run(widths, tokens, dtype, passes, implementation, preset, warmup, iters, wi
         impl = 'xla'
       meta[name] = dict(method=method, fraction=fraction, weights=weights,
                         implementation=impl, **settings(method, width, fraction))
-    times = common.time_interleaved(fns, warmup=warmup, iters=iters)
+    samples = common.time_interleaved_samples(fns, warmup=warmup, iters=iters)
+    times = {k: statistics.median(v) for k, v in samples.items()}
     dense_weights = meta['dense']['weights']
     for name, m in meta.items():
       row = dict(width=width, ffn=4 * width, tokens=tokens, variant=name, **m,
@@ -136,6 +137,7 @@ def run(widths, tokens, dtype, passes, implementation, preset, warmup, iters, wi
       for p in passes:
         row[f'{p}_ms'] = 1e3 * times[(name, p)]
         row[f'{p}_speedup'] = times[('dense', p)] / times[(name, p)]
+        row[f'{p}_samples_ms'] = [1e3 * t for t in samples[(name, p)]]
       rows.append(row)
     print(f'width {width}: done', file=sys.stderr, flush=True)
   return rows
@@ -170,7 +172,7 @@ def main(argv=None):
   parser.add_argument('--implementation', default='auto', choices=('auto', 'xla', 'pallas'),
                       help="kernels for the structured layers (kernels/api.py)")
   parser.add_argument('--einsum', action='store_true',
-                      help='also time the plain-einsum layout of the block layers '
+                      help='also time the plain einsums differentiated by JAX '
                            '(always on for --preset cpu-issue)')
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--iters', type=int, default=7)
@@ -191,8 +193,9 @@ def main(argv=None):
     columns += [f'{p}_ms', f'{p}_speedup']
   columns.append('flop_bound')
   if jax.default_backend() == 'cpu':
-    print(f'# CPU ({common.device_info()["cpu_count"]} cores): interleaved medians of '
-          f'{args.iters}; compare ratios, not absolute times, across machines.')
+    info = common.device_info()
+    print(f'# CPU ({info["cpu_count"]} cores, load average {info["loadavg"]}): interleaved '
+          f'medians of {args.iters}; compare ratios, not absolute times, across machines.')
   common.print_table(rows, columns)
   out = args.out or common.default_out('ffn' if args.preset != 'cpu-issue' else 'ffn_cpu_issue')
   common.write_json(out, dict(preset=args.preset, widths=list(widths), tokens=tokens,

@@ -107,10 +107,12 @@ def blockdense(x, v, u):
 
 # ----------------------------------------------------------------------------- BlockShuffle
 # h (B_i, T, q) from the first stage; h' (B_j, T, q) with h'[j, :, t] = flat(h)[t·B + j].
+# XLA:CPU moves these element-granular permutations (2-D transposes) faster than block-granular
+# ones: permuting W1's rows so that the shuffle moves runs of q/B measured ~2x slower there.
 
 
 def _shuffle(h):
-  """General shuffle (any q): through the token-major flat layout, element by element."""
+  """(B_i, T, q) -> (B_j, T, q) through the token-major flat layout, element by element."""
   b, t, q = h.shape
   return _from_blocks(h).reshape(t, q, b).transpose(2, 0, 1)
 
@@ -146,6 +148,51 @@ def _bs_backward(res, dy):
       _weight_grad(du, hp).astype(w2.dtype)
 
 
+# ----------------------------------------------------------------------------- BlockShuffle FFN
+# fc1 (BlockShuffle d -> f), bias, GELU (tanh), fc2 (BlockShuffle f -> d'), bias, as one op with
+# one hand-written backward. fc1's bias and the GELU are applied in fc1's block layout (the bias
+# permuted to match), and the GELU's forward and backward fuse with the single relayout from
+# fc1's interleaved blocks to fc2's input chunks. Applied one by one, the layers instead move
+# the (T, f) activation through four separate copies (interleave, chunk, and back) and run the
+# GELU on a transposed read.
+
+
+def _bias_blocks(bias, b):
+  """(f,) in interleaved order -> (B, 1, f/B) in fc1's block layout: [j, s] = bias[s·B + j]."""
+  return bias.reshape(-1, b).T[:, None, :]
+
+
+def _gelu(h):
+  return jax.nn.gelu(h, approximate=True)
+
+
+def _ffn_forward(x, w1a, w2a, b1, w1b, w2b, b2):
+  ba, bb = w1a.shape[0], w1b.shape[0]
+  xb = _to_blocks(x, ba)
+  h1 = _shuffle(jnp.einsum(_BMM_NT, xb, w1a))                      # (B, T, q1)
+  pre = jnp.einsum(_BMM_NT, h1, w2a) + _bias_blocks(b1, ba)        # (B, T, f/B), fc1's layout
+  g = _to_blocks(_interleave(_gelu(pre)), bb)                      # (B', T, f/B'), fc2's chunks
+  h2 = _shuffle(jnp.einsum(_BMM_NT, g, w1b))                       # (B', T, q2)
+  y = _interleave(jnp.einsum(_BMM_NT, h2, w2b)) + b2
+  return y, (xb, h1, pre, g, h2, w1a, w2a, w1b, w2b)
+
+
+def _ffn_backward(res, dy):
+  xb, h1, pre, g, h2, w1a, w2a, w1b, w2b = res
+  ba, bb = w1a.shape[0], w1b.shape[0]
+  du2 = _deinterleave(dy, bb)
+  dh2 = _unshuffle(jnp.einsum(_BMM_NN, du2, w2b))
+  dg = _deinterleave(_from_blocks(jnp.einsum(_BMM_NN, dh2, w1b)), ba)
+  dpre = jax.vjp(_gelu, pre)[1](dg)[0]
+  dh1 = _unshuffle(jnp.einsum(_BMM_NN, dpre, w2a))
+  grads = (_from_blocks(jnp.einsum(_BMM_NN, dh1, w1a)),            # x
+           _weight_grad(dh1, xb), _weight_grad(dpre, h1),         # fc1's W1, W2
+           dpre.sum(1).T.reshape(-1),                              # fc1's bias, interleaved
+           _weight_grad(dh2, g), _weight_grad(du2, h2),            # fc2's W1, W2
+           dy.sum(0))                                              # fc2's bias
+  return tuple(d.astype(a.dtype) for d, a in zip(grads, (xb, w1a, w2a, pre, w1b, w2b, dy)))
+
+
 def _common(*arrays):
   dtype = jnp.result_type(*arrays)
   return [a.astype(dtype) for a in arrays]
@@ -154,11 +201,20 @@ def _common(*arrays):
 _lr_op = _with_vjp(_lr_forward, _lr_backward)
 _bd_op = _with_vjp(_bd_forward, _bd_backward)
 _bs_op = _with_vjp(_bs_forward, _bs_backward)
+_ffn_op = _with_vjp(_ffn_forward, _ffn_backward)
 
 
 @_flat
 def blockshuffle(x, w1, w2):
   return _bs_op(*_common(x, w1, w2))
+
+
+def blockshuffle_ffn(x, w1a, w2a, b1, w1b, w2b, b2):
+  """fc2(GELU_tanh(fc1(x) + b1)) + b2 for two BlockShuffle layers (fc1 d -> f, fc2 f -> d')."""
+  lead = x.shape[:-1]
+  args = _common(x.reshape(-1, x.shape[-1]), w1a, w2a, b1, w1b, w2b, b2)
+  y = _ffn_op(*args)
+  return y.reshape(*lead, y.shape[-1])
 
 
 # ----------------------------------------------------------------------------- shared with Pallas
