@@ -187,11 +187,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
                         f'keys: {", ".join(defaults)}.')
     if key not in defaults:
       raise ConfigError(f'config argument {key!r} is unknown; keys: {", ".join(defaults)}.')
-    try:
-      out[key] = type(defaults[key])(value) if defaults[key] is not None else value
-    except ValueError:
-      raise ConfigError(f'config argument {key}={value!r}: expected '
-                        f'{type(defaults[key]).__name__}.') from None
+    out[key] = _coerce(value, defaults[key], f'config argument {key}')
   return ml_collections.ConfigDict(out)
 
 
@@ -225,23 +221,26 @@ def load(spec: str, overrides: tuple[str, ...] = ()) -> ml_collections.ConfigDic
       raise ConfigError(f'override {key!r}: no such config field.') from None
     parent, _, leaf = key.rpartition('.')
     node = _get(config, parent) if parent else config
-    node[leaf] = _coerce(value, current, key)
+    node[leaf] = _coerce(value, current, f'override {key}')
   return validate(config)
 
 
-def _coerce(text, current, key):
+def _coerce(text, current, what):
+  """text as the type of `current` (bool: true/false/1/0); errors name `what`."""
+  if current is None:
+    return text
   if isinstance(current, bool):
     if text.lower() not in ('true', 'false', '1', '0'):
-      raise ConfigError(f'override {key}={text!r}: expected true or false.')
+      raise ConfigError(f'{what}={text!r}: expected true or false.')
     return text.lower() in ('true', '1')
   if isinstance(current, (int, float)):
     try:
       value = float(text)
     except ValueError:
-      raise ConfigError(f'override {key}={text!r}: expected a number.') from None
+      raise ConfigError(f'{what}={text!r}: expected a number.') from None
     if isinstance(current, int):
       if not value.is_integer():
-        raise ConfigError(f'override {key}={text!r}: expected an integer.')
+        raise ConfigError(f'{what}={text!r}: expected an integer.')
       return int(value)
     return value
   if isinstance(current, (list, tuple)):

@@ -15,12 +15,13 @@ import json
 import math
 import pathlib
 import sys
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
 from flax import nnx
 
-from structffn_jax import accounting, checkpoint, distributed, optim, sharding, steps
+from structffn_jax import accounting, checkpoint, distributed, hostmem, optim, sharding, steps
 from structffn_jax.data import pipeline
 from structffn_jax.data import prepare as prepare_lib
 from structffn_jax.model import GPT
@@ -42,9 +43,17 @@ def load_config(workdir, mesh: str | None = None) -> ml_collections.ConfigDict:
   return config
 
 
-def load_run(workdir, mesh: str | None = None):
-  """(config, model, opt_state, meta, mesh) of the newest checkpoint in `workdir`, restored sharded
-  onto the run's mesh (or `mesh` 'D,F,T')."""
+class Run(NamedTuple):
+  """A trained run restored from its newest checkpoint (`load_run`)."""
+  config: ml_collections.ConfigDict
+  model: GPT
+  opt_state: Any             # carries the self-guided α (optim.alpha_of)
+  meta: dict                 # the checkpoint's metadata: step, guides_dropped, ...
+  mesh: jax.sharding.Mesh    # the mesh the arrays were restored onto
+
+
+def load_run(workdir, mesh: str | None = None) -> Run:
+  """The newest checkpoint in `workdir`, restored onto the run's mesh (or `mesh` 'D,F,T')."""
   workdir = pathlib.Path(workdir)
   config = load_config(workdir, mesh)
   device_mesh = sharding.make_mesh(config)
@@ -68,7 +77,7 @@ def load_run(workdir, mesh: str | None = None):
   shardings = sharding.param_shardings(abstract, device_mesh, sharding.rules_of(config))
   state, meta = ckpt.restore(step, sharding.with_shardings(abstract, shardings))
   ckpt.close()
-  return config, nnx.merge(graphdef, state['params']), state['opt_state'], meta, device_mesh
+  return Run(config, nnx.merge(graphdef, state['params']), state['opt_state'], meta, device_mesh)
 
 
 def evaluate(workdir, split='valid', max_tokens=None, batch_size=None, mesh=None) -> dict:
@@ -76,8 +85,8 @@ def evaluate(workdir, split='valid', max_tokens=None, batch_size=None, mesh=None
   rules = sharding.rules_of(config)
   manifest = prepare_lib.Manifest.load(prepare_lib.resolve_data_dir(config.data, workdir))
   if split not in manifest.splits:
-    raise ValueError(f'split {split!r} was not prepared for this run (has {sorted(manifest.splits)}); '
-                     f'set data.{split}_paths in the config.')
+    raise ValueError(f'split {split!r} was not prepared for this run (has '
+                     f'{sorted(manifest.splits)}); set data.{split}_paths in the config.')
   graphdef, params = nnx.split(model, nnx.Param)
   batch_size = batch_size or config.train.eval_batch or config.train.micro_batch or \
       config.train.global_batch
@@ -111,6 +120,7 @@ def evaluate(workdir, split='valid', max_tokens=None, batch_size=None, mesh=None
 
 
 def main(argv=None):
+  hostmem.tune()  # before JAX starts its backend
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--split', default='valid', help='valid or test')

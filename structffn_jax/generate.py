@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from structffn_jax import hostmem
 from structffn_jax import structured
 
 PREMERGE_FILE = 'premerge.json'
@@ -149,7 +150,8 @@ def load(workdir, merge_threshold: int | None = None):
   from structffn_jax import evaluate, optim
   from structffn_jax.data import prepare as prepare_lib
 
-  config, model, opt_state = evaluate.load_run(workdir)[:3]
+  run = evaluate.load_run(workdir)
+  config, model, opt_state = run.config, run.model, run.opt_state
   alpha = None
   if model.has_guide:
     alpha = optim.alpha_of(opt_state)
@@ -176,6 +178,7 @@ def _read_prompts(args):
 
 
 def main(argv=None):
+  hostmem.tune()  # before JAX starts its backend
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog='\n'.join(__doc__.splitlines()[1:]))

@@ -129,8 +129,13 @@ class FeedForward(nnx.Module):
     self.fc1 = structured.make_linear(method, d, fc1_out, in_axis='embed', out_axis='mlp',
                                       **common)
     self.fc2 = structured.make_linear(method, f, d, in_axis='mlp', out_axis='embed', **common)
+    # BlockShuffle + GELU: fc1, GELU and fc2 as one op where it applies (structured.gelu_ffn).
+    self.fuse = True
 
   def __call__(self, x_BTD, alpha=None, key=None):
+    if (self.fuse and self.activation == 'gelu'
+        and structured.fusable_gelu_ffn(self.fc1, self.fc2, x_BTD)):
+      return structured.gelu_ffn(self.fc1, self.fc2, x_BTD)
     k1 = k2 = None
     if key is not None:
       k1, k2 = jax.random.split(key)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from structffn_jax import hostmem
 from structffn_jax import evaluate, structured
 from structffn_jax.bench import common
 from structffn_jax.model import DTYPES
@@ -105,6 +106,7 @@ def print_result(result):
 
 
 def main(argv=None):
+  hostmem.tune()  # before JAX starts its backend
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog='\n'.join(__doc__.splitlines()[1:]))

@@ -326,6 +326,40 @@ class BlockShuffle(StructuredLinear):
     return second[interleave] @ first[shuffle]
 
 
+def fusable_gelu_ffn(fc1, fc2, x) -> bool:
+  """Whether `gelu_ffn(fc1, fc2, x)` can run fc1, GELU and fc2 as one op: both BlockShuffle
+  layers without a guide, neither pre-merged for this many tokens, both on the XLA path."""
+  if not (isinstance(fc1, BlockShuffle) and isinstance(fc2, BlockShuffle)):
+    return False
+  tokens = int(np.prod(x.shape[:-1]))
+  for layer in (fc1, fc2):
+    if layer.guide is not None or (layer.merged is not None and tokens <= layer.merge_threshold):
+      return False
+    if kernels.resolve('blockshuffle', layer.implementation, x, layer.w1, layer.w2) != 'xla':
+      return False
+  return fc1.dtype == fc2.dtype and fc1.out_features == fc2.in_features
+
+
+def gelu_ffn(fc1, fc2, x):
+  """fc2(GELU_tanh(fc1(x))), biases included, as one op (see `fusable_gelu_ffn`)."""
+  if x.shape[-1] != fc1.in_features:
+    raise ValueError(f'BlockShuffle: input has {x.shape[-1]} features, expected '
+                     f'in_features={fc1.in_features}.')
+  if fc1.dtype is not None:
+    x = x.astype(fc1.dtype)
+  dtype = x.dtype
+
+  def bias(layer):
+    if layer.bias is None:
+      return jnp.zeros((layer.out_features,), dtype)
+    return layer._cast(layer.bias)  # pylint: disable=protected-access
+
+  return kernels.blockshuffle_ffn(
+      x, fc1._cast(fc1.w1), fc1._cast(fc1.w2), bias(fc1),  # pylint: disable=protected-access
+      fc2._cast(fc2.w1), fc2._cast(fc2.w2), bias(fc2),  # pylint: disable=protected-access
+      implementation='xla')
+
+
 def _check_implementation(layer, implementation):
   if implementation not in kernels.IMPLEMENTATIONS:
     raise ValueError(f'{layer}: implementation={implementation!r} is unknown; use one of '

@@ -32,6 +32,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from structffn_jax import hostmem
 from structffn_jax import accounting, checkpoint, distributed, metrics, optim, sharding, steps
 from structffn_jax import config as config_lib
 from structffn_jax.data import pipeline
@@ -101,6 +102,8 @@ class Trainer:
     distributed.barrier('workdir checked')
     self.report = metrics.Reporter(self.workdir, self.plan.total_steps, enabled=self.is_main)
     self.report.log(sharding.describe(self.mesh))
+    if hostmem.status() != 'not requested':  # the CLI tuned (or left) the CPU allocator
+      self.report.log(f'host allocator: {hostmem.status()}')
     self.acc = accounting.account(config)
     self.manifest = prepare_data(config, self.workdir, self.report.log)
     self.profile = profile or (config.train.profile_start, config.train.profile_steps)
@@ -354,6 +357,7 @@ class Trainer:
 
 
 def main(argv=None):
+  hostmem.tune()  # before JAX starts its backend
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog='\n'.join(__doc__.splitlines()[1:]))

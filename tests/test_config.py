@@ -236,3 +236,15 @@ def test_info_cli_bad_input_exits_with_error_line(repo_root, args, words):
   assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr
   for word in words:
     assert word in lines[0]
+
+
+def test_parse_arg_types_each_value_like_its_default():
+  c = config_lib.parse_arg('n=3,rate=0.5,name=x,flag=0,other=True', n=1, rate=0.1, name='a',
+                           flag=True, other=False)
+  assert (c.n, c.rate, c.name, c.flag, c.other) == (3, 0.5, 'x', False, True)
+  with pytest.raises(config_lib.ConfigError, match="flag='maybe': expected true or false"):
+    config_lib.parse_arg('flag=maybe', flag=True)
+  with pytest.raises(config_lib.ConfigError, match="n='x': expected a number"):
+    config_lib.parse_arg('n=x', n=1)
+  with pytest.raises(config_lib.ConfigError, match="'m' is unknown; keys: n"):
+    config_lib.parse_arg('m=1', n=1)

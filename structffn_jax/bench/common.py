@@ -19,6 +19,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 
+from structffn_jax import hostmem
+
 
 def _block(out):
   return jax.block_until_ready(out)
@@ -88,6 +90,7 @@ def device_info() -> dict[str, Any]:
       'cpu_count': os.cpu_count(),
       'host': platform.node(),
       'loadavg': os.getloadavg() if hasattr(os, 'getloadavg') else None,  # others' load too
+      'host_allocator': hostmem.status(),
       'jax': jax.__version__,
       'python': platform.python_version(),
   }

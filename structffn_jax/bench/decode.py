@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from structffn_jax import hostmem
 from structffn_jax import config as config_lib
 from structffn_jax import generate, premerge
 from structffn_jax.bench import common
@@ -41,7 +42,6 @@ from structffn_jax.model import DTYPES, GPT, FeedForward
 REPO = pathlib.Path(__file__).resolve().parents[2]
 PAPER_TABLE2 = {'m': {'dense': 30229, 'gqa': 84202, 'ours': 91147},
                 'l': {'dense': 23351, 'gqa': 64737, 'ours': 75930}}
-GPU = jax.default_backend() != 'cpu'
 
 
 def ffn_variants(width: int) -> dict[str, dict]:
@@ -216,21 +216,23 @@ def _ints(text):
 
 
 def main(argv=None):
+  hostmem.tune()  # before JAX starts its backend
+  gpu = jax.default_backend() != 'cpu'
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog='\n'.join(__doc__.splitlines()[1:]))
   parser.add_argument('--part', choices=('ffn', 'table2', 'all'), default='all')
-  parser.add_argument('--dtype', default='bfloat16' if GPU else 'float32')
-  parser.add_argument('--iters', type=int, default=20 if GPU else 5)
-  parser.add_argument('--widths', default='1536,2048,3072,4096,5120,6144' if GPU else '512,1024')
-  parser.add_argument('--tokens', default=','.join(str(2 ** i) for i in range(13)) if GPU
+  parser.add_argument('--dtype', default='bfloat16' if gpu else 'float32')
+  parser.add_argument('--iters', type=int, default=20 if gpu else 5)
+  parser.add_argument('--widths', default='1536,2048,3072,4096,5120,6144' if gpu else '512,1024')
+  parser.add_argument('--tokens', default=','.join(str(2 ** i) for i in range(13)) if gpu
                       else '1,4,16,64,256,1024')
   parser.add_argument('--model', default='m', help='Table 2 model size: m or l')
   parser.add_argument('--variants', default='dense,gqa,ours,ours+premerge')
-  parser.add_argument('--batches', default='32,64,128,256,512' if GPU else '1,8,32')
+  parser.add_argument('--batches', default='32,64,128,256,512' if gpu else '1,8,32')
   parser.add_argument('--gen-len', type=int, default=256)
   parser.add_argument('--prompt-len', type=int, default=1)
-  parser.add_argument('--scale', type=float, default=1.0 if GPU else 0.25,
+  parser.add_argument('--scale', type=float, default=1.0 if gpu else 0.25,
                       help='shrink Table 2 widths and depth by this factor (CPU)')
   parser.add_argument('--out', default=common.default_out('decode'))
   parser.add_argument('--plot', nargs='?', const='', default=None, metavar='PNG',

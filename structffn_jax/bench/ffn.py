@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from structffn_jax import hostmem
 from structffn_jax import config as config_lib
 from structffn_jax import kernels
 from structffn_jax import model as model_lib
@@ -69,6 +70,8 @@ def variants(preset: str, with_einsum: bool) -> list[tuple[str, str, str, str]]:
   for method in ('lowrank', 'blockdense', 'blockshuffle'):
     for fraction in fractions:
       out.append((f'{method} {fraction}%', method, fraction, ''))
+      if method == 'blockshuffle' and with_einsum:  # the two layers one by one, unfused
+        out.append((f'{method} {fraction}% layers', method, fraction, 'layers'))
       if with_einsum:  # the einsums differentiated by JAX: the layout before kernels/xla.py
         out.append((f'{method} {fraction}% einsum', method, fraction, 'reference'))
   return out
@@ -76,7 +79,8 @@ def variants(preset: str, with_einsum: bool) -> list[tuple[str, str, str, str]]:
 
 def build_ffn(width: int, method: str, fraction: str, dtype: str, implementation: str,
               override: str = '', seed: int = 0):
-  """The model's FeedForward at this width; `override` forces a kernels implementation."""
+  """The model's FeedForward at this width; `override` forces a kernels implementation, or
+  'layers': BlockShuffle's fc1 and fc2 one by one instead of the fused FFN op."""
   cfg = config_lib.base_config().model
   cfg.hidden_dim, cfg.ffn_dim, cfg.activation, cfg.use_bias = width, 4 * width, 'gelu', True
   s = settings(method, width, fraction)
@@ -84,7 +88,9 @@ def build_ffn(width: int, method: str, fraction: str, dtype: str, implementation
   cfg.ffn.init, cfg.ffn.implementation = 'gaussian', implementation
   ffn = model_lib.FeedForward(cfg, method, model_lib.DTYPES[dtype], guide=False,
                               reduce_flop=False, rngs=nnx.Rngs(seed))
-  if override:
+  if override == 'layers':
+    ffn.fuse = False
+  elif override:
     for layer in (ffn.fc1, ffn.fc2):
       layer.implementation = override
   weights = sum(structured.weight_params(method, n, m, rank=s['rank'], blocks=s['blocks'])
@@ -119,11 +125,13 @@ def run(widths, tokens, dtype, passes, implementation, preset, warmup, iters, wi
       for p, fn in timed_functions(ffn, x, dy).items():
         if p in passes:
           fns[(name, p)] = fn
-      impl = override or implementation
+      impl = implementation if override in ('', 'layers') else override
       if method != 'dense' and impl != 'reference':  # what 'auto' / 'pallas' resolve to here
         factors = [ffn.fc1.w1[...], ffn.fc1.w2[...]] if method == 'blockshuffle' \
             else [ffn.fc1.v[...], ffn.fc1.u[...]]
         impl = kernels.resolve(method, impl, x, *factors)
+        if ffn.fuse and structured.fusable_gelu_ffn(ffn.fc1, ffn.fc2, x):
+          impl += ' fused ffn'
       elif method == 'dense':
         impl = 'xla'
       meta[name] = dict(method=method, fraction=fraction, weights=weights,
@@ -163,6 +171,7 @@ def plot(rows, passes, path):
 
 
 def main(argv=None):
+  hostmem.tune()  # before JAX starts its backend
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--preset', choices=sorted(PRESETS),
                       default='gpu' if jax.default_backend() == 'gpu' else 'cpu')
@@ -195,7 +204,8 @@ def main(argv=None):
   if jax.default_backend() == 'cpu':
     info = common.device_info()
     print(f'# CPU ({info["cpu_count"]} cores, load average {info["loadavg"]}): interleaved '
-          f'medians of {args.iters}; compare ratios, not absolute times, across machines.')
+          f'medians of {args.iters}; compare ratios, not absolute times, across machines.\n'
+          f'# host allocator: {hostmem.status()}')
   common.print_table(rows, columns)
   out = args.out or common.default_out('ffn' if args.preset != 'cpu-issue' else 'ffn_cpu_issue')
   common.write_json(out, dict(preset=args.preset, widths=list(widths), tokens=tokens,

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from structffn_jax import hostmem
 from structffn_jax import kernels
 from structffn_jax.bench import common
 from structffn_jax.bench.ffn import settings
@@ -63,6 +64,7 @@ def max_rel_err(got, want):
 
 
 def main(argv=None):
+  hostmem.tune()  # before JAX starts its backend
   on_gpu = jax.default_backend() == 'gpu'
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--widths', type=lambda s: tuple(int(w) for w in s.split(',')),

@@ -28,15 +28,18 @@ from flax import nnx
 
 from structffn_jax import accounting, metrics, optim, steps
 from structffn_jax import config as config_lib
+from structffn_jax import hostmem
 from structffn_jax.bench import common
 from structffn_jax.model import GPT
 
-GPU = jax.default_backend() != 'cpu'
 _METHODS = ('dense', 'lowrank', 'blockdense', 'blockshuffle')
-DEFAULT_CONFIGS = (
-    [f'configs/structured_ffn.py:model=m,method={m},fraction=32' for m in _METHODS] if GPU else
-    [f'configs/tiny.py:method={m}' for m in _METHODS]
-    + [f'configs/quickstart.py:method={m}' for m in _METHODS])
+
+
+def default_configs(gpu: bool) -> list[str]:
+  if gpu:
+    return [f'configs/structured_ffn.py:model=m,method={m},fraction=32' for m in _METHODS]
+  return ([f'configs/tiny.py:method={m}' for m in _METHODS]
+          + [f'configs/quickstart.py:method={m}' for m in _METHODS])
 
 
 def prepare(spec, overrides, global_batch, micro_batch):
@@ -117,6 +120,8 @@ def plot(rows, path):
 
 
 def main(argv=None):
+  hostmem.tune()  # before JAX starts its backend
+  gpu = jax.default_backend() != 'cpu'
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog='\n'.join(__doc__.splitlines()[1:]))
@@ -126,14 +131,14 @@ def main(argv=None):
                       help='override for every config, e.g. model.remat=dots')
   parser.add_argument('--global-batch', type=int, default=0, help='sequences per step (0: config)')
   parser.add_argument('--micro-batch', type=int, default=0, help='sequences per micro-batch')
-  parser.add_argument('--steps', type=int, default=10 if GPU else 5, help='timed steps')
+  parser.add_argument('--steps', type=int, default=10 if gpu else 5, help='timed steps')
   parser.add_argument('--peak-flops', type=float, default=0.0, help='FLOP/s per device (MFU)')
   parser.add_argument('--out', default=common.default_out('train'))
   parser.add_argument('--plot', nargs='?', const='', default=None, metavar='PNG')
   args = parser.parse_args(argv)
   peak = metrics.peak_flops_per_device(args.peak_flops)
   try:
-    rows = bench(args.config or DEFAULT_CONFIGS, args.set, args.global_batch, args.micro_batch,
+    rows = bench(args.config or default_configs(gpu), args.set, args.global_batch, args.micro_batch,
                  args.steps, peak)
   except config_lib.ConfigError as e:
     sys.exit(f'error: {e}')

@@ -1,7 +1,8 @@
 """Structured projections with a choice of implementation (SPEC §1 layers, SPEC §5 speed).
 
 One public function per layer kind, each `f(x, *factors, implementation='auto')` mapping
-x (..., N) to (..., M) without bias, factors stored exactly as in `structured.py`:
+x (..., N) to (..., M) without bias, factors stored exactly as in `structured.py`, and
+`blockshuffle_ffn`, a whole BlockShuffle FFN (fc1, bias, GELU, fc2, bias) as one op:
 
   implementation='xla'        block-leading batched matmuls (kernels/xla.py); every device.
   implementation='pallas'     Pallas kernels (kernels/pallas_gpu.py) with a hand-written
@@ -78,3 +79,19 @@ def blockdense(x, v, u, *, implementation: str = 'auto'):
 def blockshuffle(x, w1, w2, *, implementation: str = 'auto'):
   """Monarch: W1 (B, q, N/B), shuffle, W2 (B, M/B, q), interleaved output (SPEC §1)."""
   return _dispatch('blockshuffle', x, (w1, w2), implementation)
+
+
+def blockshuffle_ffn(x, w1a, w2a, b1, w1b, w2b, b2, *, implementation: str = 'auto'):
+  """fc2(GELU_tanh(fc1(x) + b1)) + b2 with fc1 = BlockShuffle(W1a, W2a), fc2 = (W1b, W2b).
+
+  Where both layers resolve to 'xla', one op with one hand-written backward (kernels/xla.py):
+  the relayout between the layers is done once and fused with the GELU. Otherwise the two
+  layers run one by one with `implementation` ('reference': the plain einsums).
+  """
+  layers = [resolve('blockshuffle', implementation, x, w1a, w2a),
+            resolve('blockshuffle', implementation, x, w1b, w2b)]
+  if layers == ['xla', 'xla']:
+    return xla.blockshuffle_ffn(x, w1a, w2a, b1, w1b, w2b, b2)
+  h = blockshuffle(x, w1a, w2a, implementation=implementation) + b1
+  h = jax.nn.gelu(h, approximate=True)
+  return blockshuffle(h, w1b, w2b, implementation=implementation) + b2
