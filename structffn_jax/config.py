@@ -194,7 +194,8 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 def choose(field: str, value, table: dict):
   """table[value], or a ConfigError naming the field and the allowed values."""
   if value not in table:
-    raise ConfigError(f'{field}={value!r} is not allowed; use one of: {", ".join(map(str, table))}.')
+    allowed = ', '.join(map(str, table))
+    raise ConfigError(f'{field}={value!r} is not allowed; use one of: {allowed}.')
   return table[value]
 
 

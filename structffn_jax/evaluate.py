@@ -10,7 +10,6 @@ command (as for training) and process 0 reports.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import pathlib
@@ -21,7 +20,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from structffn_jax import accounting, checkpoint, distributed, hostmem, optim, sharding, steps
+from structffn_jax import accounting, checkpoint, cli, distributed, optim, sharding, steps
 from structffn_jax.data import pipeline
 from structffn_jax.data import prepare as prepare_lib
 from structffn_jax.model import GPT
@@ -120,8 +119,7 @@ def evaluate(workdir, split='valid', max_tokens=None, batch_size=None, mesh=None
 
 
 def main(argv=None):
-  hostmem.tune()  # before JAX starts its backend
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.parser(__doc__)
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--split', default='valid', help='valid or test')
   parser.add_argument('--max-tokens', type=float, default=None, help='evaluate only this many')

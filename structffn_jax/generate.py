@@ -19,7 +19,6 @@ model.ffn.merge_threshold, the calibration <workdir>/premerge.json written by
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import pathlib
@@ -31,8 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from structffn_jax import hostmem
-from structffn_jax import structured
+from structffn_jax import cli, structured
 
 PREMERGE_FILE = 'premerge.json'
 
@@ -178,10 +176,7 @@ def _read_prompts(args):
 
 
 def main(argv=None):
-  hostmem.tune()  # before JAX starts its backend
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog='\n'.join(__doc__.splitlines()[1:]))
+  parser = cli.parser(__doc__)
   parser.add_argument('--workdir', required=True, help='a training workdir')
   parser.add_argument('--prompt', action='append', default=[], help='repeat for a batch')
   parser.add_argument('--prompt-file', default='', help='one prompt per non-empty line')

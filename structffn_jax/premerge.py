@@ -16,7 +16,6 @@ be pre-merged directly with `GPT.premerge({'fc1': T1, 'fc2': T2})`.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 
@@ -24,8 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from structffn_jax import hostmem
-from structffn_jax import evaluate, structured
+from structffn_jax import cli, evaluate, structured
 from structffn_jax.bench import common
 from structffn_jax.model import DTYPES
 
@@ -106,10 +104,7 @@ def print_result(result):
 
 
 def main(argv=None):
-  hostmem.tune()  # before JAX starts its backend
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog='\n'.join(__doc__.splitlines()[1:]))
+  parser = cli.parser(__doc__)
   parser.add_argument('--workdir', required=True, help='a training workdir (its config.json)')
   parser.add_argument('--tokens', default=','.join(map(str, DEFAULT_TOKENS)),
                       help='comma-separated token counts to time')

@@ -236,7 +236,7 @@ class LowRank(StructuredLinear):
 
 
 class BlockDense(StructuredLinear):
-  """Block-diagonal V (B, R/B, N/B) on the B input chunks, concatenated block-major, then dense U."""
+  """Block-diagonal V (B, R/B, N/B) on the B input chunks, block-major concat, then dense U."""
 
   def __init__(self, in_features: int, out_features: int, rank: int, blocks: int, *,
                use_bias: bool = True, init: str = 'paper', std: float = DEFAULT_STD, dtype=None,

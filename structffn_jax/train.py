@@ -19,7 +19,6 @@ processes (`mesh.distributed`, launch/README.md) every one runs this same comman
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import math
@@ -32,8 +31,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from structffn_jax import hostmem
-from structffn_jax import accounting, checkpoint, distributed, metrics, optim, sharding, steps
+from structffn_jax import accounting, checkpoint, cli, distributed, hostmem, metrics, optim
+from structffn_jax import sharding, steps
 from structffn_jax import config as config_lib
 from structffn_jax.data import pipeline
 from structffn_jax.data import prepare as prepare_lib
@@ -215,7 +214,8 @@ class Trainer:
                               self._global_batch(mask, batch, self.mask_sharding))
         total, count = total + float(s), count + float(n)
     loss = total / max(count, 1)
-    return {f'{split}_loss': loss, f'{split}_ppl': math.exp(min(loss, 50)), f'{split}_tokens': count}
+    return {f'{split}_loss': loss, f'{split}_ppl': math.exp(min(loss, 50)),
+            f'{split}_tokens': count}
 
   # --------------------------------------------------------------------------- loop
 
@@ -357,10 +357,7 @@ class Trainer:
 
 
 def main(argv=None):
-  hostmem.tune()  # before JAX starts its backend
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog='\n'.join(__doc__.splitlines()[1:]))
+  parser = cli.parser(__doc__)
   parser.add_argument('--config', required=True, help='configs/<file>.py:<arg>')
   parser.add_argument('--workdir', required=True, help='directory of the run (resumed if present)')
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE')

@@ -20,9 +20,8 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from structffn_jax import config as config_lib  # noqa: E402
 from structffn_jax import metrics, train  # noqa: E402
-from structffn_jax.data import prepare as prepare_lib  # noqa: E402
+from tests import tiny_setup  # noqa: E402
 
 # 6 steps of 8 x 64 tokens, guided for the first 2; the processes stop at STOP and resume.
 RUN = ('train.tokens=3072', 'sgt.ratio=0.34', 'train.log_every=1', 'train.eval_every=0',
@@ -32,15 +31,7 @@ STOP = 3
 RTOL = 1e-5  # float32 sums in another order over 6 steps
 
 
-def tiny(*overrides):
-  return config_lib.load(f'{REPO}/configs/tiny.py:method=lowrank,sgt=1', overrides)
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp('data')
-  prepare_lib.prepare(tiny().data, d, 64, model_vocab_size=512)
-  return d
+tiny = tiny_setup.run_config  # (*overrides, method='lowrank', sgt=1)
 
 
 def test_two_processes_train_in_lockstep_like_one(tmp_path, data_dir):

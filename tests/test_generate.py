@@ -9,7 +9,6 @@ itself is checked against float64 numpy in test_model.py.
 
 import json
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -17,35 +16,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from structffn_jax import config as config_lib
 from structffn_jax import generate, premerge, structured, train
 from structffn_jax.data import prepare as prepare_lib
 from structffn_jax.model import GPT
+from tests import tiny_setup
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = tiny_setup.REPO
 RTOL = 2e-5  # of the logit scale: float32 rounding over a few layers of width <= 64
-STRUCTURES = {
-    'dense': dict(method='dense', rank=0, blocks=1),
-    'lowrank': dict(method='lowrank', rank=8, blocks=1),
-    'blockdense': dict(method='blockdense', rank=16, blocks=2),
-    'blockshuffle': dict(method='blockshuffle', rank=0, blocks=4),
-}
 
 
 def tiny(method='lowrank', **overrides):
-  """3 layers, GQA (4 query / 2 kv heads), attn_dim 48 != hidden 32, 16 positions, float32."""
-  c = config_lib.base_config()
-  m = c.model
-  m.vocab_size, m.seq_len = 61, 16
-  m.hidden_dim, m.ffn_dim, m.attn_dim = 32, 64, 48
-  m.num_layers, m.num_heads, m.num_kv_heads = 3, 4, 2
-  m.dtype = 'float32'
-  m.ffn.update(STRUCTURES[method])
-  m.ffn.init = 'gaussian'
-  for key, value in overrides.items():
-    m[key] = value
-  config_lib.validate(c)
-  return m
+  return tiny_setup.model_config(method, seq_len=16, **overrides)
 
 
 def build(cfg, seed=0, **kw):
@@ -312,10 +293,9 @@ def test_crossover_is_the_last_count_where_merged_always_won():
 def trained_workdir(tmp_path_factory):
   """A tiny LowRank run (configs/tiny.py on WikiText-103 text), trained for 2 steps."""
   root = tmp_path_factory.mktemp('run')
-  config = config_lib.load(f'{REPO}/configs/tiny.py:method=lowrank',
-                           ('train.tokens=1024', 'train.eval_every=0', 'train.log_every=1',
-                            'train.eval_tokens=256', 'model.ffn.init=gaussian',
-                            f'data.data_dir={root / "data"}'))
+  config = tiny_setup.run_config(
+      'train.tokens=1024', 'train.eval_every=0', 'train.log_every=1', 'train.eval_tokens=256',
+      'model.ffn.init=gaussian', f'data.data_dir={root / "data"}', sgt=0)
   train.Trainer(config, root / 'w').run()
   return root / 'w'
 

@@ -13,42 +13,16 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
-from structffn_jax import config as config_lib
 from structffn_jax import structured
 from structffn_jax.model import GPT
+from tests import tiny_setup
 
 ATOL_REL = 2e-5
-STRUCTURES = {
-    'dense': dict(method='dense', rank=0, blocks=1),
-    'lowrank': dict(method='lowrank', rank=8, blocks=1),
-    'blockdense': dict(method='blockdense', rank=16, blocks=2),
-    'blockshuffle': dict(method='blockshuffle', rank=0, blocks=4),
-}
-
-
-def tiny(method='lowrank', init='gaussian', **overrides) -> ml_collections.ConfigDict:
-  """A validated tiny model config: GQA (4 q / 2 kv heads), attn_dim 48 != hidden_dim 32.
-
-  Gaussian FFN init unless asked: the tests randomise the parameters anyway, and every new shape
-  of the paper's SVD-based init costs seconds of CPU compilation.
-  """
-  c = config_lib.base_config()
-  m = c.model
-  m.vocab_size, m.seq_len = 61, 12
-  m.hidden_dim, m.ffn_dim, m.attn_dim = 32, 64, 48
-  m.num_layers, m.num_heads, m.num_kv_heads = 3, 4, 2
-  m.dtype = 'float32'
-  m.ffn.update(STRUCTURES[method])
-  m.ffn.init = init
-  for key, value in overrides.items():
-    m[key] = value
-  config_lib.validate(c)
-  return m
+tiny = tiny_setup.model_config  # (method, init='gaussian', **model overrides)
 
 
 def build(cfg, seed=0, **kw):

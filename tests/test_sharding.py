@@ -24,8 +24,8 @@ sys.path.insert(0, str(REPO))
 
 from structffn_jax import accounting, evaluate, metrics, optim, sharding, steps, train  # noqa: E402
 from structffn_jax import config as config_lib  # noqa: E402
-from structffn_jax.data import prepare as prepare_lib  # noqa: E402
 from structffn_jax.model import GPT  # noqa: E402
+from tests import tiny_setup  # noqa: E402
 
 MESHES = {'data': (8, 1, 1), 'fsdp': (1, 8, 1), 'mixed': (2, 2, 2)}
 # 6 steps of 8 x 64 tokens, self-guided throughout (guides are placed too; the hand-over is
@@ -37,8 +37,7 @@ STOP = 4
 RTOL = 1e-5  # float32 sums in another order over 6 steps
 
 
-def tiny(*overrides, method='lowrank', sgt=1):
-  return config_lib.load(f'{REPO}/configs/tiny.py:method={method},sgt={sgt}', overrides)
+tiny = tiny_setup.run_config  # (*overrides, method='lowrank', sgt=1)
 
 
 def mesh_overrides(shape):
@@ -237,13 +236,6 @@ def test_cli_reports_a_bad_mesh_without_a_traceback(tmp_path):
 
 
 # ----------------------------------------------------------------------------- 8 devices
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp('data')
-  prepare_lib.prepare(tiny().data, d, 64, model_vocab_size=512)
-  return d
 
 
 @pytest.fixture(scope='module')

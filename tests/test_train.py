@@ -12,23 +12,13 @@ import numpy as np
 import optax
 import pytest
 
-from structffn_jax import config as config_lib
 from structffn_jax import metrics, optim, train
-from structffn_jax.data import prepare as prepare_lib
+from tests import tiny_setup
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def tiny(*overrides, method='lowrank', sgt=1):
-  return config_lib.load(f'{REPO}/configs/tiny.py:method={method},sgt={sgt}', overrides)
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  """One prepared copy of the tiny config's data, shared by every run here."""
-  d = tmp_path_factory.mktemp('data')
-  prepare_lib.prepare(tiny().data, d, 64, model_vocab_size=512)
-  return d
+tiny = tiny_setup.run_config  # (*overrides, method='lowrank', sgt=1)
 
 
 def run_losses(workdir):

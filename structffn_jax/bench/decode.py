@@ -23,7 +23,6 @@ throughput m: dense 30229, GQA 84202, ours 91147; l: dense 23351, GQA 64737, our
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import pathlib
 import sys
@@ -33,9 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from structffn_jax import hostmem
+from structffn_jax import cli, generate, premerge
 from structffn_jax import config as config_lib
-from structffn_jax import generate, premerge
 from structffn_jax.bench import common
 from structffn_jax.model import DTYPES, GPT, FeedForward
 
@@ -216,11 +214,8 @@ def _ints(text):
 
 
 def main(argv=None):
-  hostmem.tune()  # before JAX starts its backend
   gpu = jax.default_backend() != 'cpu'
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog='\n'.join(__doc__.splitlines()[1:]))
+  parser = cli.parser(__doc__)
   parser.add_argument('--part', choices=('ffn', 'table2', 'all'), default='all')
   parser.add_argument('--dtype', default='bfloat16' if gpu else 'float32')
   parser.add_argument('--iters', type=int, default=20 if gpu else 5)

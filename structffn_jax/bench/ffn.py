@@ -24,7 +24,6 @@ parameters / structured ones), which a structured FFN can approach but not beat.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 
@@ -32,11 +31,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from structffn_jax import hostmem
+from structffn_jax import cli, hostmem, kernels, structured
 from structffn_jax import config as config_lib
-from structffn_jax import kernels
 from structffn_jax import model as model_lib
-from structffn_jax import structured
 from structffn_jax.bench import common
 
 PRESETS = {
@@ -171,8 +168,7 @@ def plot(rows, passes, path):
 
 
 def main(argv=None):
-  hostmem.tune()  # before JAX starts its backend
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = cli.parser(__doc__)
   parser.add_argument('--preset', choices=sorted(PRESETS),
                       default='gpu' if jax.default_backend() == 'gpu' else 'cpu')
   parser.add_argument('--widths', type=lambda s: tuple(int(w) for w in s.split(',')))

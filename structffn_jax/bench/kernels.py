@@ -16,15 +16,13 @@ table says so) and the default is a small correctness-and-plumbing pass.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from structffn_jax import hostmem
-from structffn_jax import kernels
+from structffn_jax import cli, kernels
 from structffn_jax.bench import common
 from structffn_jax.bench.ffn import settings
 
@@ -64,9 +62,8 @@ def max_rel_err(got, want):
 
 
 def main(argv=None):
-  hostmem.tune()  # before JAX starts its backend
   on_gpu = jax.default_backend() == 'gpu'
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = cli.parser(__doc__)
   parser.add_argument('--widths', type=lambda s: tuple(int(w) for w in s.split(',')),
                       default=(1024, 2048, 4096, 6144) if on_gpu else (64,))
   parser.add_argument('--tokens', type=int, default=30720 if on_gpu else 256)

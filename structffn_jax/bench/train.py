@@ -17,7 +17,6 @@ the target is >= 45% MFU for dense.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
@@ -26,9 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from structffn_jax import accounting, metrics, optim, steps
+from structffn_jax import accounting, cli, metrics, optim, steps
 from structffn_jax import config as config_lib
-from structffn_jax import hostmem
 from structffn_jax.bench import common
 from structffn_jax.model import GPT
 
@@ -120,11 +118,8 @@ def plot(rows, path):
 
 
 def main(argv=None):
-  hostmem.tune()  # before JAX starts its backend
   gpu = jax.default_backend() != 'cpu'
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog='\n'.join(__doc__.splitlines()[1:]))
+  parser = cli.parser(__doc__)
   parser.add_argument('--config', action='append', default=[],
                       help='configs/<file>.py:<arg>, repeatable (default: see above)')
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',

@@ -4,4 +4,5 @@
 from structffn_jax.kernels.api import (IMPLEMENTATIONS, blockdense, blockshuffle,
                                        blockshuffle_ffn, lowrank, resolve)
 
-__all__ = ['IMPLEMENTATIONS', 'blockdense', 'blockshuffle', 'blockshuffle_ffn', 'lowrank', 'resolve']
+__all__ = ['IMPLEMENTATIONS', 'blockdense', 'blockshuffle', 'blockshuffle_ffn', 'lowrank',
+           'resolve']

@@ -161,7 +161,7 @@ def _flat(fn):
 
 
 def _bs_forward(x, w1p, w2, mode):
-  (t, n), (b, q, p), (_, s, _) = x.shape, w1p.shape, w2.shape
+  (t, _), (b, q, p), (_, s, _) = x.shape, w1p.shape, w2.shape
   r = q // b
   tt, tr, ts = (_tile(d, pref, mode.interpret) for d, pref in ((t, TILE_T), (r, TILE_N),
                                                               (s, TILE_N)))
@@ -240,7 +240,7 @@ def blockshuffle(x, w1, w2, mode):
 
 def _bd_stage(x, v, mode):
   """h (T, R) block-major: h[:, i·r..] = x[:, i-chunk] · V[i]ᵀ, written in place."""
-  (t, n), (b, r, p) = x.shape, v.shape
+  (t, _), (b, r, p) = x.shape, v.shape
   tt, tr = _tile(t, TILE_T, mode.interpret), _tile(r, TILE_N, mode.interpret)
   return _nt('blockdense_stage1', mode, (t // tt, b, r // tr),
              x.reshape(t, b, p), pl.BlockSpec((tt, _SQ, p), lambda ti, i, c: (ti, i, 0)),

@@ -9,6 +9,8 @@ The permutations of the layers become single copies between those matmuls:
   BlockDense    x -> (B, T, p) ; h = x_b V_bᵀ ; (T, R) block-major ; y = h Uᵀ
   BlockShuffle  x -> (B, T, p) ; h = x_b W1_bᵀ ; shuffle -> (B, T, q) ; u = h' W2_bᵀ ;
                 interleave -> (T, M)
+  BlockShuffle FFN (`blockshuffle_ffn`): fc1, bias, GELU, fc2, bias in one op, the relayout
+                between the layers done once and fused with the GELU
 
 Each has a hand-written backward (`jax.custom_vjp`) built from the same well-laid-out matmuls in
 reverse (de-interleave, un-shuffle, ...); autodiff of the plain einsums instead moves data

@@ -1,0 +1,45 @@
+"""Tiny configurations shared by the tests (imported, not collected).
+
+`model_config`: a validated model section for layer, model and decoding tests: 3 layers,
+grouped-query attention (4 query / 2 kv heads), attn_dim 48 != hidden_dim 32, float32.
+`run_config`: configs/tiny.py with overrides, for the training, sharding and multi-process tests.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import ml_collections
+
+from structffn_jax import config as config_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STRUCTURES = {
+    'dense': dict(method='dense', rank=0, blocks=1),
+    'lowrank': dict(method='lowrank', rank=8, blocks=1),
+    'blockdense': dict(method='blockdense', rank=16, blocks=2),
+    'blockshuffle': dict(method='blockshuffle', rank=0, blocks=4),
+}
+
+
+def model_config(method: str = 'lowrank', init: str = 'gaussian', seq_len: int = 12,
+                 **overrides) -> ml_collections.ConfigDict:
+  """The model section. Gaussian FFN init unless asked: the tests randomise the parameters
+  anyway, and every new shape of the paper's SVD-based init costs seconds of CPU compilation."""
+  c = config_lib.base_config()
+  m = c.model
+  m.vocab_size, m.seq_len = 61, seq_len
+  m.hidden_dim, m.ffn_dim, m.attn_dim = 32, 64, 48
+  m.num_layers, m.num_heads, m.num_kv_heads = 3, 4, 2
+  m.dtype = 'float32'
+  m.ffn.update(STRUCTURES[method])
+  m.ffn.init = init
+  for key, value in overrides.items():
+    m[key] = value
+  config_lib.validate(c)
+  return m
+
+
+def run_config(*overrides: str, method: str = 'lowrank', sgt: int = 1):
+  """configs/tiny.py:method=<method>,sgt=<sgt> with 'a.b=value' overrides, validated."""
+  return config_lib.load(f'{REPO}/configs/tiny.py:method={method},sgt={sgt}', overrides)
