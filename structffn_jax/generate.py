@@ -139,8 +139,9 @@ def premerge_threshold(config, workdir, override: int | None = None):
   return thresholds if any(thresholds.values()) else None
 
 
-def load(workdir, merge_threshold: int | None = None):
-  """(config, model, alpha, manifest) of the newest checkpoint of `workdir`, pre-merged if asked.
+def load(workdir, merge_threshold: int | None = None, mesh: str | None = None):
+  """(config, model, alpha, manifest) of the newest checkpoint of `workdir`, pre-merged if asked,
+  restored onto the run's mesh or `mesh` ('D,F,T', e.g. '1,1,1' for one device).
 
   A run stopped during self-guided training keeps its guides and their α (pre-merge is then
   skipped); at α = 0 the guides are dropped, which changes no output.
@@ -148,7 +149,7 @@ def load(workdir, merge_threshold: int | None = None):
   from structffn_jax import evaluate, optim
   from structffn_jax.data import prepare as prepare_lib
 
-  run = evaluate.load_run(workdir)
+  run = evaluate.load_run(workdir, mesh)
   config, model, opt_state = run.config, run.model, run.opt_state
   alpha = None
   if model.has_guide:
@@ -187,6 +188,9 @@ def main(argv=None):
   parser.add_argument('--no-stop-at-eos', action='store_true')
   parser.add_argument('--merge-threshold', type=int, default=None,
                       help='pre-merge threshold in tokens (0 = off, -1 = config / premerge.json)')
+  parser.add_argument('--mesh', default=None, metavar='D,F,T',
+                      help="mesh sizes (data, fsdp, tensor) instead of the run's, e.g. 1,1,1 to "
+                           'generate on one device from a run trained on many')
   args = parser.parse_args(argv)
   import sentencepiece as spm
 
@@ -194,7 +198,7 @@ def main(argv=None):
     prompts = _read_prompts(args)
     if not prompts:
       raise ValueError('no prompt: pass --prompt TEXT (repeatable) or --prompt-file FILE.')
-    config, model, alpha, manifest = load(args.workdir, args.merge_threshold)
+    config, model, alpha, manifest = load(args.workdir, args.merge_threshold, args.mesh)
     sp = spm.SentencePieceProcessor(model_file=str(manifest.tokenizer_path))
     ids = [[manifest.eos_id] + sp.encode(p) for p in prompts]
     start = time.perf_counter()

@@ -114,7 +114,11 @@ class Attention(nnx.Module):
 
 
 class FeedForward(nnx.Module):
-  """fc1 -> GELU(tanh) or SwiGLU -> fc2, each projection built by `structured.make_linear`."""
+  """fc1 -> GELU(tanh) or SwiGLU -> fc2, each projection built by `structured.make_linear`.
+
+  Two BlockShuffle layers with GELU run as one fused op (`structured.gelu_ffn`) whenever neither
+  has a guide or a pre-merged path for the call; set `fuse = False` to run them one by one.
+  """
 
   def __init__(self, cfg: ml_collections.ConfigDict, method: str, dtype, *, guide: bool,
                reduce_flop: bool, rngs: nnx.Rngs):

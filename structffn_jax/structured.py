@@ -19,6 +19,9 @@ Pre-merge (SPEC §5, inference): `merge(threshold)` keeps `to_dense()` as a `Mer
 to the factors; a call on at most `threshold` tokens (static at trace time) applies it as one
 dense matmul, a larger call the factors. `structffn_jax.premerge` calibrates the threshold.
 
+`gelu_ffn(fc1, fc2, x)` runs two BlockShuffle layers with the GELU between them as one op (the
+model's FeedForward takes it where `fusable_gelu_ffn` says it applies; kernels/xla.py).
+
 Parameters carry logical axis names in their `axes` metadata (embed, mlp, rank, blocks, ...) so
 that a sharding rules table can place them on a device mesh.
 """

@@ -327,3 +327,7 @@ def test_premerge_and_generate_commands(trained_workdir, capsys):
     generate.main(['--workdir', str(trained_workdir)])
   with pytest.raises(SystemExit, match='config.json not found'):
     generate.main(['--workdir', str(trained_workdir.parent), '--prompt', 'x'])
+  generate.main(args + ['--mesh', '1,1,1'])  # the run's own mesh, named
+  assert capsys.readouterr().out == out
+  with pytest.raises(SystemExit, match='= 4 devices, but this run has 1'):
+    generate.main(args + ['--mesh', '2,2,1'])
