@@ -6,6 +6,10 @@
     python -m structffn_jax.bench.ffn --preset cpu-issue    # fp32, width 1024, 8192 tokens,
                                                             # fwd+bwd, incl. the einsum layout
 
+With --einsum (always with cpu-issue) two more kinds of row: `einsum`, the plain einsums of
+kernels/reference.py differentiated by JAX, and for BlockShuffle `layers`, fc1 and fc2 one by
+one on the XLA path instead of the fused FFN op (structured.gelu_ffn).
+
 The FFN is the model's own `model.FeedForward` (fc1 -> GELU tanh -> fc2, biases on), ffn = 4 ×
 width, on `tokens` tokens, loss <y, dy> for a fixed random dy. Passes:
   fwd     the forward alone
