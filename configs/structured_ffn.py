@@ -41,6 +41,14 @@ FIXEDFLOP_RATIO = {  # G / S that matches dense training FLOPs (SPEC §2), 32% m
 }
 
 
+# The rows of Table 1, for `launch/sweep.py configs/structured_ffn.py`. Add `--grid model=s,m,l`
+# for the appendix grid; `--grid method=lowrank,blockdense,blockshuffle --grid fraction=32
+# --grid sgt=fixedflop` turns the rows into the self-guided table's (duplicates are dropped).
+VARIANTS = ['model=xl,method=dense'] + [
+    f'model=xl,method={method},fraction={fraction}'
+    for fraction in (63, 32) for method in ('lowrank', 'blockdense', 'blockshuffle')]
+
+
 def structure(method: str, size: str, fraction: int, hidden_dim: int) -> dict:
   """The FFN fields (method, rank, blocks) of a table row."""
   config_lib.choose('fraction', fraction, {63: None, 32: None})

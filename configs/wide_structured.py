@@ -32,6 +32,10 @@ OURS = {
 GQA = {'m': dict(num_kv_heads=4, ffn_dim=4864), 'l': dict(num_kv_heads=2, ffn_dim=7424)}
 
 
+# The rows of Table 2, for `launch/sweep.py configs/wide_structured.py`.
+VARIANTS = [f'model={m},variant={v}' for m in ('m', 'l') for v in ('dense', 'gqa', 'ours', 'ours_sgt')]
+
+
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, model='m', variant='ours')
   config_lib.choose('model', a.model, OURS)

@@ -35,6 +35,13 @@ SCALES = {
 }
 
 
+# The small-scale study, for `launch/sweep.py configs/wikitext103_small.py` (`--grid scale=cpu`
+# for the CPU-sized version): LowRank with and without self-guidance, the init ablation.
+VARIANTS = ['method=dense', 'method=lowrank,sgt=0', 'method=lowrank,sgt=1',
+            'method=blockdense,init=paper', 'method=blockdense,init=gaussian',
+            'method=blockshuffle,init=paper', 'method=blockshuffle,init=gaussian']
+
+
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, method='lowrank', sgt=0, init='paper', scale='paper')
   s = config_lib.choose('scale', a.scale, SCALES)
