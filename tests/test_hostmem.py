@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.tiny_setup import REPO as REPO_ROOT
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc only')
 
