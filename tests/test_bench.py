@@ -22,11 +22,13 @@ def _rows(path, key='rows'):
 
 def test_ffn_bench(tmp_path, capsys):
   out = tmp_path / 'ffn.json'
-  ffn.main(['--widths', '64', '--tokens', '32', '--iters', '1', '--warmup', '1', '--einsum',
-            '--out', str(out)])
+  ffn.main(['--widths', '32,64', '--tokens', '32', '--iters', '1', '--warmup', '1', '--einsum',
+            '--out', str(out), '--plot'])
   assert '| width | variant' in capsys.readouterr().out
+  assert (tmp_path / 'ffn.png').stat().st_size > 0
   record, rows = _rows(out)
-  by_name = {r['variant']: r for r in rows}
+  assert [r['width'] for r in rows if r['variant'] == 'dense'] == [32, 64]
+  by_name = {r['variant']: r for r in rows if r['width'] == 64}
   assert list(by_name)[0] == 'dense' and by_name['dense']['fwd_speedup'] == 1
   for method in ('lowrank', 'blockdense', 'blockshuffle'):
     for fraction in ('63', '32'):
@@ -37,7 +39,7 @@ def test_ffn_bench(tmp_path, capsys):
   assert by_name['lowrank 32% einsum']['implementation'] == 'reference'
   assert by_name['lowrank 32%']['flop_bound'] == pytest.approx(3.2)
   assert by_name['lowrank 63%']['flop_bound'] == pytest.approx(1.6)
-  for r in rows:
+  for r in by_name.values():
     for p in record['passes']:
       assert r[f'{p}_speedup'] == pytest.approx(by_name['dense'][f'{p}_ms'] / r[f'{p}_ms'])
       assert len(r[f'{p}_samples_ms']) == 1

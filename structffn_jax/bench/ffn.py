@@ -153,19 +153,31 @@ def run(widths, tokens, dtype, passes, implementation, preset, warmup, iters, wi
 
 
 def plot(rows, passes, path):
+  """Latency (top) and speed-up over dense (bottom) against width, one column per pass; the
+  dotted lines in the speed-up panels are the FLOP bounds at 63% and 32%."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, len(passes), figsize=(6 * len(passes), 4), squeeze=False)
-  for ax, p in zip(axes[0], passes):
-    for name in dict.fromkeys(r['variant'] for r in rows):
-      pts = [(r['width'], r[f'{p}_ms']) for r in rows if r['variant'] == name]
-      ax.plot(*zip(*pts), marker='o', label=name, linestyle='--' if 'einsum' in name else '-')
-    ax.set_xlabel('width (ffn = 4 × width)')
-    ax.set_ylabel(f'{p} latency (ms)')
-    ax.set_yscale('log')
-    ax.set_title(f'FFN {p}')
-    ax.legend(fontsize=7)
+  fig, axes = plt.subplots(2, len(passes), figsize=(6 * len(passes), 8), squeeze=False)
+  names = list(dict.fromkeys(r['variant'] for r in rows))
+  colors = {n: f'C{i}' for i, n in enumerate(names)}
+  for col, p in enumerate(passes):
+    for name in names:
+      mine = [r for r in rows if r['variant'] == name]
+      style = dict(marker='o', label=name, color=colors[name],
+                   linestyle='--' if 'einsum' in name or 'layers' in name else '-')
+      widths = [r['width'] for r in mine]
+      axes[0, col].plot(widths, [r[f'{p}_ms'] for r in mine], **style)
+      if name != 'dense':
+        axes[1, col].plot(widths, [r[f'{p}_speedup'] for r in mine], **style)
+    for bound in sorted({round(r['flop_bound'], 2) for r in rows if r['variant'] != 'dense'}):
+      axes[1, col].axhline(bound, color='gray', linestyle=':', linewidth=1)
+    axes[1, col].axhline(1.0, color='black', linewidth=0.8)
+    axes[0, col].set(yscale='log', ylabel=f'{p} latency (ms)', title=f'FFN {p}')
+    axes[1, col].set(ylabel=f'{p} speed-up over dense (dotted: FLOP bounds)',
+                     xlabel='width (ffn = 4 × width)')
+    for ax in axes[:, col]:
+      ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   print(f'wrote {path}')
