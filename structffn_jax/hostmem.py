@@ -43,8 +43,8 @@ def _accelerator_plugin_installed() -> bool:
 
 def _cpu_bound() -> bool:
   platforms = os.environ.get('JAX_PLATFORMS', '').strip().lower()
-  if platforms:
-    return platforms.split(',')[0] == 'cpu'
+  if platforms:  # JAX picks the highest-priority platform listed, an accelerator before cpu
+    return {p.strip() for p in platforms.split(',')} == {'cpu'}
   return not _accelerator_plugin_installed()
 
 

@@ -60,6 +60,7 @@ def test_opt_out_keeps_glibc_defaults():
 @pytest.mark.parametrize('code,env,expected', [
     ('import jax; jax.devices()\n', {'JAX_PLATFORMS': 'cpu'}, 'JAX backend already started'),
     ('', {'JAX_PLATFORMS': 'cuda'}, 'an accelerator backend may be used'),
+    ('', {'JAX_PLATFORMS': 'cpu,cuda'}, 'an accelerator backend may be used'),
 ])
 def test_tune_stands_aside(code, env, expected):
   (status,) = _run(code + 'from structffn_jax import hostmem\nprint(hostmem.tune())', **env)
