@@ -79,6 +79,22 @@ def load_run(workdir, mesh: str | None = None) -> Run:
   return Run(config, nnx.merge(graphdef, state['params']), state['opt_state'], meta, device_mesh)
 
 
+def mean_loss(eval_step, params, alpha, manifest, split: str, batch_size: int,
+              max_rows: int | None, batch_sh, mask_sh) -> tuple[float, float]:
+  """(mean loss per token, tokens) of `eval_step` over the first `max_rows` rows of `split` (all
+  when None), each process reading its share of every global batch. Call it under the mesh."""
+  index, share_count = sharding.process_share(batch_sh, (batch_size, 1))
+  total = count = 0.0
+  for tokens, mask in pipeline.eval_batches(manifest, split, batch_size, max_rows,
+                                            process_index=index, process_count=share_count):
+    s, n = eval_step(
+        params, alpha,
+        jax.make_array_from_process_local_data(batch_sh, tokens, (batch_size, tokens.shape[1])),
+        jax.make_array_from_process_local_data(mask_sh, mask, (batch_size,)))
+    total, count = total + float(s), count + float(n)
+  return total / max(count, 1.0), count
+
+
 def evaluate(workdir, split='valid', max_tokens=None, batch_size=None, mesh=None) -> dict:
   config, model, opt_state, meta, device_mesh = load_run(workdir, mesh)
   rules = sharding.rules_of(config)
@@ -99,17 +115,9 @@ def evaluate(workdir, split='valid', max_tokens=None, batch_size=None, mesh=None
                       out_shardings=sharding.replicated(device_mesh))
   alpha = optim.alpha_of(opt_state) if not meta.get('guides_dropped') else None
   max_rows = None if max_tokens is None else max(1, int(max_tokens // config.model.seq_len))
-  index, share_count = sharding.process_share(batch_sh, (batch_size, 1))
-  total = count = 0.0
   with sharding.use_mesh(device_mesh, rules):
-    for tokens, mask in pipeline.eval_batches(manifest, split, batch_size, max_rows,
-                                              process_index=index, process_count=share_count):
-      s, n = eval_step(
-          params, alpha,
-          jax.make_array_from_process_local_data(batch_sh, tokens, (batch_size, tokens.shape[1])),
-          jax.make_array_from_process_local_data(mask_sh, mask, (batch_size,)))
-      total, count = total + float(s), count + float(n)
-  loss = total / max(count, 1.0)
+    loss, count = mean_loss(eval_step, params, alpha, manifest, split, batch_size, max_rows,
+                            batch_sh, mask_sh)
   result = {'step': meta['step'], 'split': split, 'loss': loss, 'ppl': math.exp(min(loss, 50)),
             'tokens': count}
   if jax.process_index() == 0:

@@ -34,6 +34,7 @@ from flax import nnx
 from structffn_jax import accounting, checkpoint, cli, distributed, hostmem, metrics, optim
 from structffn_jax import sharding, steps
 from structffn_jax import config as config_lib
+from structffn_jax import evaluate as evaluate_lib
 from structffn_jax.data import pipeline
 from structffn_jax.data import prepare as prepare_lib
 from structffn_jax.model import GPT
@@ -165,10 +166,10 @@ class Trainer:
         in_shardings=(state_sh['params'], rep, self.batch_sharding, self.mask_sharding),
         out_shardings=rep)
 
-  def _global_batch(self, local, global_rows: int, sharding_=None):
+  def _global_batch(self, local, global_rows: int):
     """This process's rows of a batch, as one array over the mesh."""
-    sh = sharding_ or self.batch_sharding
-    return jax.make_array_from_process_local_data(sh, local, (global_rows,) + local.shape[1:])
+    return jax.make_array_from_process_local_data(self.batch_sharding, local,
+                                                  (global_rows,) + local.shape[1:])
 
   def _drop_guides(self):
     """Hand-over complete: remove the guides and their optimizer state, compile once more."""
@@ -205,15 +206,10 @@ class Trainer:
     batch = t.eval_batch or t.micro_batch or t.global_batch
     max_rows = max(1, int(t.eval_tokens // self.config.model.seq_len))
     alpha = optim.alpha_of(self.state['opt_state']) if self.guides else None
-    index, count_p = sharding.process_share(self.batch_sharding, (batch, 1))
-    total, count = 0.0, 0.0
     with sharding.use_mesh(self.mesh, self.rules):
-      for tokens, mask in pipeline.eval_batches(self.manifest, split, batch, max_rows,
-                                                process_index=index, process_count=count_p):
-        s, n = self.eval_step(self.state['params'], alpha, self._global_batch(tokens, batch),
-                              self._global_batch(mask, batch, self.mask_sharding))
-        total, count = total + float(s), count + float(n)
-    loss = total / max(count, 1)
+      loss, count = evaluate_lib.mean_loss(self.eval_step, self.state['params'], alpha,
+                                           self.manifest, split, batch, max_rows,
+                                           self.batch_sharding, self.mask_sharding)
     return {f'{split}_loss': loss, f'{split}_ppl': math.exp(min(loss, 50)),
             f'{split}_tokens': count}
 
