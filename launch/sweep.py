@@ -20,7 +20,6 @@ ready for a shell or a job queue; with --run they are run one after another (slu
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import pathlib
 import shlex
@@ -35,10 +34,7 @@ from structffn_jax import config as config_lib  # noqa: E402
 
 def module_variants(config_path: str) -> list[str]:
   """The `VARIANTS` list of a config module ([''] when it has none: the defaults)."""
-  spec = importlib.util.spec_from_file_location('_sweep_config', config_path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return [str(v) for v in getattr(module, 'VARIANTS', [''])]
+  return [str(v) for v in getattr(config_lib.config_module(config_path), 'VARIANTS', [''])]
 
 
 def parse_arg(arg: str) -> dict[str, str]:

@@ -199,19 +199,25 @@ def choose(field: str, value, table: dict):
   return table[value]
 
 
-def load(spec: str, overrides: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
-  """Load 'path/to/config.py:arg', apply 'a.b=value' overrides, validate."""
+def config_module(path):
+  """The config file at `path` as a module (its `get_config`, and `VARIANTS` if it has them)."""
   import importlib.util
   import pathlib
 
-  path, _, arg = spec.partition(':')
   file = pathlib.Path(path)
   if not file.is_file():
-    raise ConfigError(f'--config: no config file at {path!r} (expected configs/<name>.py:<arg>).')
+    raise ConfigError(f'--config: no config file at {str(path)!r} '
+                      '(expected configs/<name>.py:<arg>).')
   module_spec = importlib.util.spec_from_file_location(f'_config_{file.stem}', file)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  config = module.get_config(arg or None)
+  return module
+
+
+def load(spec: str, overrides: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+  """Load 'path/to/config.py:arg', apply 'a.b=value' overrides, validate."""
+  path, _, arg = spec.partition(':')
+  config = config_module(path).get_config(arg or None)
   for item in overrides:
     key, sep, value = item.partition('=')
     if not sep:

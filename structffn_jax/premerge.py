@@ -53,10 +53,8 @@ def time_forms(layer, tokens, *, iters: int = 10):
   """Median seconds of the merged and the structured form of `layer` at each token count."""
   merged_layer = nnx.clone(layer)
   merged_layer.merge(threshold=max(tokens))
-  forms = {}
-  for name, lyr in (('merged', merged_layer), ('structured', layer)):
-    graphdef, state = nnx.split(lyr)
-    forms[name] = (jax.jit(lambda s, x, g=graphdef: nnx.merge(g, s)(x)), state)
+  forms = {'merged': common.jitted_forward(merged_layer),
+           'structured': common.jitted_forward(layer)}
   out = {'merged_s': [], 'structured_s': []}
   key = jax.random.key(0)
   for t in tokens:

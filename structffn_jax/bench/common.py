@@ -18,8 +18,30 @@ import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+from flax import nnx
 
+from structffn_jax import config as config_lib
 from structffn_jax import hostmem
+from structffn_jax import model as model_lib
+
+
+def ffn_module(width: int, structure: Mapping[str, Any], dtype: str, *,
+               implementation: str = 'auto', seed: int = 0) -> model_lib.FeedForward:
+  """The model's FeedForward (GELU, biases) at `width`, ffn = 4 × width, with `structure`'s
+  method / rank / blocks. Gaussian init: timings do not depend on the values, and it skips the
+  SVDs of the paper's init."""
+  cfg = config_lib.base_config().model
+  cfg.hidden_dim, cfg.ffn_dim, cfg.activation, cfg.use_bias = width, 4 * width, 'gelu', True
+  cfg.ffn.update(structure)
+  cfg.ffn.init, cfg.ffn.implementation = 'gaussian', implementation
+  return model_lib.FeedForward(cfg, structure['method'], model_lib.DTYPES[dtype], guide=False,
+                               reduce_flop=False, rngs=nnx.Rngs(seed))
+
+
+def jitted_forward(module) -> tuple[Callable, Any]:
+  """(fn, state) with fn(state, x) = module(x), jitted: the module's state is an argument."""
+  graphdef, state = nnx.split(module)
+  return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)), state
 
 
 def _block(out):

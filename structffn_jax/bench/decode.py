@@ -23,7 +23,6 @@ throughput m: dense 30229, GQA 84202, ours 91147; l: dense 23351, GQA 64737, our
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import sys
 
@@ -35,7 +34,7 @@ from flax import nnx
 from structffn_jax import cli, generate, premerge
 from structffn_jax import config as config_lib
 from structffn_jax.bench import common
-from structffn_jax.model import DTYPES, GPT, FeedForward
+from structffn_jax.model import DTYPES, GPT
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 PAPER_TABLE2 = {'m': {'dense': 30229, 'gqa': 84202, 'ours': 91147},
@@ -58,33 +57,19 @@ def ffn_variants(width: int) -> dict[str, dict]:
   }
 
 
-def build_ffn(width: int, structure: dict, dtype: str) -> FeedForward:
-  m = config_lib.base_config().model
-  m.hidden_dim, m.ffn_dim = width, 4 * width
-  m.ffn.update(structure)
-  m.ffn.init = 'gaussian'  # timing does not depend on the values; skips SVDs of big matrices
-  return FeedForward(m, structure['method'], DTYPES[dtype], guide=False, reduce_flop=False,
-                     rngs=nnx.Rngs(0))
-
-
-def _jitted(module):
-  graphdef, state = nnx.split(module)
-  return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)), state
-
-
 def bench_ffn(widths, tokens, dtype, iters):
   rows = []
   for width in widths:
     variants = ffn_variants(width)
     fns, merged_fns = {}, {}
     for name, structure in variants.items():
-      ffn = build_ffn(width, structure, dtype)
-      fns[name] = _jitted(ffn)
+      ffn = common.ffn_module(width, structure, dtype)
+      fns[name] = common.jitted_forward(ffn)
       if structure['method'] != 'dense':
         merged = nnx.clone(ffn)
         merged.fc1.merge(max(tokens))
         merged.fc2.merge(max(tokens))
-        merged_fns[name] = _jitted(merged)
+        merged_fns[name] = common.jitted_forward(merged)
     cells = {}
     for t in tokens:
       x = jax.random.normal(jax.random.key(t), (t, 1, width), DTYPES[dtype])
@@ -109,10 +94,7 @@ def bench_ffn(widths, tokens, dtype, iters):
 
 
 def table2_config(model: str, variant: str, scale: float, dtype: str):
-  spec = importlib.util.spec_from_file_location('_wide', REPO / 'configs' / 'wide_structured.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(f'model={model},variant={variant}')
+  c = config_lib.load(f'{REPO}/configs/wide_structured.py:model={model},variant={variant}')
   m = c.model
   m.dtype = dtype
   m.ffn.init = 'gaussian'

@@ -33,10 +33,8 @@ import sys
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from structffn_jax import cli, hostmem, kernels, structured
-from structffn_jax import config as config_lib
 from structffn_jax import model as model_lib
 from structffn_jax.bench import common
 
@@ -82,13 +80,9 @@ def build_ffn(width: int, method: str, fraction: str, dtype: str, implementation
               override: str = '', seed: int = 0):
   """The model's FeedForward at this width; `override` forces a kernels implementation, or
   'layers': BlockShuffle's fc1 and fc2 one by one instead of the fused FFN op."""
-  cfg = config_lib.base_config().model
-  cfg.hidden_dim, cfg.ffn_dim, cfg.activation, cfg.use_bias = width, 4 * width, 'gelu', True
   s = settings(method, width, fraction)
-  cfg.ffn.method, cfg.ffn.rank, cfg.ffn.blocks = method, s['rank'], s['blocks']
-  cfg.ffn.init, cfg.ffn.implementation = 'gaussian', implementation
-  ffn = model_lib.FeedForward(cfg, method, model_lib.DTYPES[dtype], guide=False,
-                              reduce_flop=False, rngs=nnx.Rngs(seed))
+  ffn = common.ffn_module(width, dict(method=method, **s), dtype, implementation=implementation,
+                          seed=seed)
   if override == 'layers':
     ffn.fuse = False
   elif override:
@@ -101,15 +95,12 @@ def build_ffn(width: int, method: str, fraction: str, dtype: str, implementation
 
 def timed_functions(ffn, x, dy):
   """Jitted forward and forward+backward of the FFN (grads w.r.t. parameters and input)."""
-  graphdef, params = nnx.split(ffn)
-
-  def forward(params, x):
-    return nnx.merge(graphdef, params)(x)
+  forward, params = common.jitted_forward(ffn)
 
   def loss(params, x):
     return jnp.vdot(forward(params, x).astype(jnp.float32), dy)
 
-  return dict(fwd=(jax.jit(forward), (params, x)),
+  return dict(fwd=(forward, (params, x)),
               fwdbwd=(jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), (params, x)),
               grad=(jax.jit(jax.grad(loss, argnums=(0, 1))), (params, x)))
 
