@@ -108,6 +108,13 @@ class StructuredLinear(nnx.Module):
   def _cast(self, p):
     return p[...].astype(self.dtype) if self.dtype is not None else p[...]
 
+  def _input(self, x):
+    """x checked against in_features and cast to the compute dtype."""
+    if x.shape[-1] != self.in_features:
+      raise ValueError(f'{type(self).__name__}: input has {x.shape[-1]} features, '
+                       f'expected in_features={self.in_features}.')
+    return x.astype(self.dtype) if self.dtype is not None else x
+
   def drop_guide(self):
     """Remove the guide once self-guided training has handed over (α = 0 from then on)."""
     self.guide = nnx.data(None)
@@ -144,11 +151,7 @@ class StructuredLinear(nnx.Module):
     alpha: guide weight α in [0, 1] (scalar). Required when the layer has a guide.
     key: PRNG key for the reduce_flop draw. Without one (evaluation) the full blend is computed.
     """
-    if x.shape[-1] != self.in_features:
-      raise ValueError(f'{type(self).__name__}: input has {x.shape[-1]} features, '
-                       f'expected in_features={self.in_features}.')
-    if self.dtype is not None:
-      x = x.astype(self.dtype)
+    x = self._input(x)
     if self.guide is None:
       y = self._apply(x)
     else:
@@ -345,11 +348,7 @@ def fusable_gelu_ffn(fc1, fc2, x) -> bool:
 
 def gelu_ffn(fc1, fc2, x):
   """fc2(GELU_tanh(fc1(x))), biases included, as one op (see `fusable_gelu_ffn`)."""
-  if x.shape[-1] != fc1.in_features:
-    raise ValueError(f'BlockShuffle: input has {x.shape[-1]} features, expected '
-                     f'in_features={fc1.in_features}.')
-  if fc1.dtype is not None:
-    x = x.astype(fc1.dtype)
+  x = fc1._input(x)  # pylint: disable=protected-access
   dtype = x.dtype
 
   def bias(layer):
