@@ -150,6 +150,18 @@ def _common_dtype(*arrays):
   return [a.astype(dtype) for a in arrays]
 
 
+def _kernel_op(forward, backward):
+  """A custom_vjp op (x, a, b, mode) from forward(x, a, b, mode) -> (y, h) and
+  backward(mode, (x, h, a, b), dy) -> (dx, da, db); `mode` is static."""
+  def fwd_rule(x, a, b, mode):
+    y, h = forward(x, a, b, mode)
+    return y, (x, h, a, b)
+
+  op = jax.custom_vjp(lambda x, a, b, mode: forward(x, a, b, mode)[0], nondiff_argnums=(3,))
+  op.defvjp(fwd_rule, backward)
+  return op
+
+
 def _flat(fn):
   def wrapped(x, *factors, interpret=False):
     y = fn(x.reshape(-1, x.shape[-1]), *factors, _Mode(bool(interpret)))
@@ -217,14 +229,7 @@ def _bs_backward(mode, res, dy):
   return dx, dw1p.astype(w1p.dtype), dw2.astype(w2.dtype)
 
 
-def _bs_fwd_rule(x, w1p, w2, mode):
-  y, hp = _bs_forward(x, w1p, w2, mode)
-  return y, (x, hp, w1p, w2)
-
-
-_bs_op = jax.custom_vjp(lambda x, w1p, w2, mode: _bs_forward(x, w1p, w2, mode)[0],
-                        nondiff_argnums=(3,))
-_bs_op.defvjp(_bs_fwd_rule, _bs_backward)
+_bs_op = _kernel_op(_bs_forward, _bs_backward)
 
 
 @_flat
@@ -277,14 +282,7 @@ def _bd_backward(mode, res, dy):
   return dx, dv.astype(v.dtype), du
 
 
-def _bd_fwd_rule(x, v, u, mode):
-  y, h = _bd_forward(x, v, u, mode)
-  return y, (x, h, v, u)
-
-
-_bd_op = jax.custom_vjp(lambda x, v, u, mode: _bd_forward(x, v, u, mode)[0],
-                        nondiff_argnums=(3,))
-_bd_op.defvjp(_bd_fwd_rule, _bd_backward)
+_bd_op = _kernel_op(_bd_forward, _bd_backward)
 
 
 @_flat
