@@ -12,12 +12,8 @@ Argument (optional): `method=<dense|lowrank|blockdense|blockshuffle>,sgt=<0|1>`;
 
 from structffn_jax import config as config_lib
 
-STRUCTURES = {  # 32% of the dense FFN's parameters
-    'dense': dict(method='dense', rank=0, blocks=1),
-    'lowrank': dict(method='lowrank', rank=64, blocks=1),
-    'blockdense': dict(method='blockdense', rank=64, blocks=2),
-    'blockshuffle': dict(method='blockshuffle', rank=0, blocks=4),
-}
+# 32% of the dense FFN's parameters
+STRUCTURES = config_lib.ffn_structures(rank=64, blockdense=(2, 64), blockshuffle_blocks=4)
 
 
 def get_config(arg=None):

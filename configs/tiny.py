@@ -11,12 +11,7 @@ from structffn_jax import config as config_lib
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
 
-STRUCTURES = {
-    'dense': dict(method='dense', rank=0, blocks=1),
-    'lowrank': dict(method='lowrank', rank=16, blocks=1),
-    'blockdense': dict(method='blockdense', rank=32, blocks=2),
-    'blockshuffle': dict(method='blockshuffle', rank=0, blocks=2),
-}
+STRUCTURES = config_lib.ffn_structures(rank=16, blockdense=(2, 32), blockshuffle_blocks=2)
 
 
 def get_config(arg=None):

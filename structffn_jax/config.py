@@ -191,6 +191,17 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
+def ffn_structures(*, rank: int, blockdense: tuple[int, int], blockshuffle_blocks: int) -> dict:
+  """{method: model.ffn fields} for dense and the three structures of one small config: LowRank
+  of `rank`, BlockDense with (blocks, rank) = `blockdense`, BlockShuffle with its block count."""
+  return {
+      'dense': dict(method='dense', rank=0, blocks=1),
+      'lowrank': dict(method='lowrank', rank=rank, blocks=1),
+      'blockdense': dict(method='blockdense', rank=blockdense[1], blocks=blockdense[0]),
+      'blockshuffle': dict(method='blockshuffle', rank=0, blocks=blockshuffle_blocks),
+  }
+
+
 def choose(field: str, value, table: dict):
   """table[value], or a ConfigError naming the field and the allowed values."""
   if value not in table:

@@ -14,12 +14,7 @@ import ml_collections
 from structffn_jax import config as config_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-STRUCTURES = {
-    'dense': dict(method='dense', rank=0, blocks=1),
-    'lowrank': dict(method='lowrank', rank=8, blocks=1),
-    'blockdense': dict(method='blockdense', rank=16, blocks=2),
-    'blockshuffle': dict(method='blockshuffle', rank=0, blocks=4),
-}
+STRUCTURES = config_lib.ffn_structures(rank=8, blockdense=(2, 16), blockshuffle_blocks=4)
 
 
 def model_config(method: str = 'lowrank', init: str = 'gaussian', seq_len: int = 12,
