@@ -27,6 +27,7 @@ from flax import nnx
 
 from structffn_jax import accounting, cli, metrics, optim, steps
 from structffn_jax import config as config_lib
+from structffn_jax import train as train_lib
 from structffn_jax.bench import common
 from structffn_jax.model import GPT
 
@@ -49,17 +50,15 @@ def prepare(spec, overrides, global_batch, micro_batch):
     t.micro_batch = 0
   if micro_batch:
     t.micro_batch = micro_batch
-  micro = t.micro_batch or t.global_batch
-  if t.global_batch % micro:
-    raise config_lib.ConfigError(f'micro batch {micro} must divide global batch {t.global_batch}')
+  plan = train_lib.make_plan(config)  # checks that the micro batch divides the global one
+  micro = t.global_batch // plan.micro_batches
   acc = accounting.account(config)
-  total, guided = accounting.schedule_steps(config)
-  tx = optim.make_optimizer(config, total, guided)
+  tx = optim.make_optimizer(config, plan.total_steps, plan.guided_steps)
   new_model = lambda: GPT(config.model, guide=config.sgt.enabled,
                           reduce_flop=config.sgt.reduce_flop, rngs=nnx.Rngs(params=t.seed))
   graphdef = nnx.split(nnx.eval_shape(new_model), nnx.Param)[0]
   holder = {'state': jax.jit(lambda: steps.init_state(new_model(), tx)[1])()}
-  step = jax.jit(steps.make_train_step(graphdef, tx, t.global_batch // micro), donate_argnums=0)
+  step = jax.jit(steps.make_train_step(graphdef, tx, plan.micro_batches), donate_argnums=0)
   seq = config.model.seq_len
   batch = jnp.asarray(np.random.default_rng(0).integers(
       0, config.model.vocab_size, (t.global_batch, seq + 1)), jnp.int32)
