@@ -228,12 +228,7 @@ class GPT(nnx.Module):
     b, t = tokens_BT.shape
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
-    emb_VD = self.embedding[...]
-    # On a mesh (no-op without jax.set_mesh): look up in the gathered table, shard over the batch.
-    x_BTD = jnp.take(sharding.constrain(emb_VD, (None, None)), tokens_BT, axis=0)
-    x_BTD = sharding.constrain(x_BTD.astype(self.dtype), ('batch', None, None))
-    if self.pos_embedding is not None:
-      x_BTD = x_BTD + jnp.take(self.pos_embedding[...], positions_BT, axis=0).astype(self.dtype)
+    x_BTD = self._embed(tokens_BT, positions_BT)
     keys = [None] * self.cfg.num_layers
     if key is not None:
       keys = jax.random.split(key, self.cfg.num_layers)
@@ -251,9 +246,21 @@ class GPT(nnx.Module):
       elif self.cfg.remat == 'dots':
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
       x_BTD, _ = jax.lax.scan(body, x_BTD, (state, None if key is None else keys[1:]))
-    x_BTD = self.final_norm(x_BTD)
-    return jnp.einsum('btd,vd->btv', x_BTD, emb_VD.astype(self.dtype),
-                      preferred_element_type=jnp.float32)
+    return self._logits(x_BTD)
+
+  def _embed(self, tokens_BT, positions_BT):
+    """Token (and absolute position) embeddings in the compute dtype."""
+    # On a mesh (no-op without jax.set_mesh): look up in the gathered table, shard over the batch.
+    x_BTD = jnp.take(sharding.constrain(self.embedding[...], (None, None)), tokens_BT, axis=0)
+    x_BTD = sharding.constrain(x_BTD.astype(self.dtype), ('batch', None, None))
+    if self.pos_embedding is not None:
+      x_BTD = x_BTD + jnp.take(self.pos_embedding[...], positions_BT, axis=0).astype(self.dtype)
+    return x_BTD
+
+  def _logits(self, x_BTD):
+    """Final norm and the tied head: float32 logits (B, T, V)."""
+    return jnp.einsum('btd,vd->btv', self.final_norm(x_BTD),
+                      self.embedding[...].astype(self.dtype), preferred_element_type=jnp.float32)
 
   # --------------------------------------------------------------------------- inference
 
@@ -280,10 +287,7 @@ class GPT(nnx.Module):
     b, t = tokens_BT.shape
     lengths_B = jnp.full((b,), t, jnp.int32) if lengths_B is None else lengths_B
     positions_BT = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)
-    emb_VD = self.embedding[...]
-    x_BTD = jnp.take(emb_VD, tokens_BT, axis=0).astype(self.dtype)
-    if self.pos_embedding is not None:
-      x_BTD = x_BTD + jnp.take(self.pos_embedding[...], positions_BT, axis=0).astype(self.dtype)
+    x_BTD = self._embed(tokens_BT, positions_BT)
     x_BTD, cache = self.first.decode(x_BTD, positions_BT, cache, 0, alpha)
     if self.stack is not None:
       graphdef, state = nnx.split(self.stack)
@@ -297,9 +301,7 @@ class GPT(nnx.Module):
       (x_BTD, cache), _ = jax.lax.scan(body, (x_BTD, cache), (state, layers))
     if last_only:
       x_BTD = jnp.take_along_axis(x_BTD, (lengths_B - 1)[:, None, None], axis=1)
-    x_BTD = self.final_norm(x_BTD)
-    logits = jnp.einsum('btd,vd->btv', x_BTD, emb_VD.astype(self.dtype),
-                        preferred_element_type=jnp.float32)
+    logits = self._logits(x_BTD)
     cache = cache._replace(lengths=cache.lengths + lengths_B.astype(jnp.int32))
     return (logits[:, 0] if last_only else logits), cache
 
