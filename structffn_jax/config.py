@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import ml_collections
 
-from structffn_jax import structured
+from structffn_jax import attention, structured
 from structffn_jax.data import prepare as prepare_lib
+from structffn_jax.kernels import api as kernels_api
 
 SIZES = {  # SPEC §3: hidden, ffn, heads, layers, tokens, peak lr
     's': dict(hidden_dim=768, ffn_dim=3072, num_heads=12, num_layers=12, tokens=2.2e9,
@@ -55,6 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
   f.init = 'paper'  # 'paper' (svd / orthogonal blocks) or 'gaussian'.
   f.implementation = 'auto'  # Structured matmuls: 'auto', 'xla' or 'pallas' (kernels/api.py).
   f.merge_threshold = -1  # Inference pre-merge up to this many tokens (0 off, -1 premerge.json).
+  a = m.attention = ml_collections.ConfigDict()
+  a.implementation = 'auto'  # 'auto' (fused on GPU, xla elsewhere), 'xla', 'cudnn', 'pallas'.
 
   s = c.sgt = ml_collections.ConfigDict()
   s.enabled = False  # Self-guided training: dense guide blended in over the first G steps.
@@ -108,7 +111,8 @@ _CHOICES = {
     'model.remat': ('none', 'dots', 'full'),
     'model.ffn.method': structured.METHODS,
     'model.ffn.init': structured.INITS,
-    'model.ffn.implementation': ('auto', 'xla', 'pallas'),
+    'model.ffn.implementation': kernels_api.IMPLEMENTATIONS,
+    'model.attention.implementation': attention.IMPLEMENTATIONS,
     'sgt.mode': ('fixedstep', 'fixedflop'),
     'sgt.schedule': ('cosine', 'linear'),
 }
