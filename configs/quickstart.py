@@ -36,5 +36,7 @@ def get_config(arg=None):
   c.train.log_every = 10  # progress line every 10 steps
   c.train.ckpt_every = 100  # checkpoint every 100 steps
   c.data.source = 'stdlib'  # the embedded default corpus
+  c.data.stdlib_max_bytes = 8_000_000  # an 8 MB sample per split keeps tokenizing quick
+  c.data.stdlib_tests = False  # the library proper, without its test suites
   c.data.vocab_size = m.vocab_size  # tokenizer size = model vocabulary
   return c

@@ -51,10 +51,11 @@ class Plan:
   base_steps: int  # S
   guided_steps: int  # G (0 without SGT)
   micro_batches: int  # gradient-accumulation slices per step
+  data_start: int = 0  # the global batch step 0 reads (train.data_start)
 
   def data_index(self, step: int) -> int:
     """Which global batch optimizer step `step` reads (fixedflop replays [0, G) at the end)."""
-    return step - self.base_steps if step >= self.base_steps else step
+    return self.data_start + (step - self.base_steps if step >= self.base_steps else step)
 
 
 def make_plan(config) -> Plan:
@@ -65,7 +66,7 @@ def make_plan(config) -> Plan:
   if t.global_batch % micro:
     raise config_lib.ConfigError(f'train.micro_batch={micro} must divide train.global_batch='
                                  f'{t.global_batch}.')
-  return Plan(total, base, guided, t.global_batch // micro)
+  return Plan(total, base, guided, t.global_batch // micro, int(t.data_start))
 
 
 def prepare_data(config, workdir: pathlib.Path, log=print):

@@ -68,7 +68,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.tokenizer = ''  # Path of an existing SentencePiece .model; '' = train one on the train split.
   c.vocab_size = 8192  # Size of the SentencePiece vocabulary to train (ignored with `tokenizer`).
   c.data_dir = ''  # Where tokenizer, token rows and manifest go; '' = <workdir>/data.
-  c.stdlib_max_bytes = sources.DEFAULT_STDLIB_MAX_BYTES  # Cap on stdlib text per split (bytes).
+  c.stdlib_max_bytes = sources.DEFAULT_STDLIB_MAX_BYTES  # Cap on stdlib text per split (0 = none).
+  c.stdlib_tests = True  # Include the standard library's own test suites.
+  c.stdlib_site_packages = False  # Add the installed site-packages sources (deduplicated).
   return c
 
 

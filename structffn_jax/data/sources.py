@@ -10,8 +10,11 @@ Four kinds, selected by `cfg.data.source`:
   hf      Hugging Face `datasets`: either a directory written by `save_to_disk` (`data.hf_path`)
           or a hub dataset (`data.hf_name`, `data.hf_config`, streamed). For this kind the
           `data.*_paths` lists hold split *names* (train defaults to "train").
-  stdlib  the running interpreter's standard-library `.py` files: a corpus that needs no network
-          and no download, split into train/valid/test by a hash of each file's relative path.
+  stdlib  the running interpreter's standard-library `.py` files (about 31 MB with its test
+          suites; `data.stdlib_tests=False` leaves those out), plus the installed site-packages
+          sources with `data.stdlib_site_packages=True` (about 140 MB more in this project's
+          venv): a corpus that needs no network and no download, deduplicated by content and
+          split into train/valid/test by a hash of each file's relative path.
 
 Every kind offers two functions of (cfg_data, split): `documents` yields the text, `describe`
 returns a JSON-able identity of the input (paths, sizes, sha256) that `prepare` stores in the
@@ -33,15 +36,17 @@ from typing import Any, Iterable, Iterator
 SPLITS = ('train', 'valid', 'test')
 SOURCES = ('stdlib', 'text', 'jsonl', 'hf')
 
-# Default cap on stdlib text per split: enough to train a small model, quick to tokenize.
-DEFAULT_STDLIB_MAX_BYTES = 8_000_000
+# Default cap on stdlib text per split: 0 = no cap, the whole library (about 31 MB of `.py` text).
+DEFAULT_STDLIB_MAX_BYTES = 0
 # Fractions of stdlib files (by hash of relative path) held out for validation and test.
 STDLIB_VALID_FRACTION = 0.02
 STDLIB_TEST_FRACTION = 0.02
-# Directory names skipped inside the stdlib: installed packages and the (large) test suites.
-_STDLIB_SKIP_DIRS = frozenset(
-    {'site-packages', 'dist-packages', '__pycache__', 'test', 'tests', 'idle_test'}
-)
+# Directory names never entered: installed packages (a root of their own) and bytecode caches.
+_STDLIB_SKIP_DIRS = frozenset({'site-packages', 'dist-packages', '__pycache__'})
+# The standard library's own test suites, left out with `data.stdlib_tests=False`.
+_STDLIB_TEST_DIRS = frozenset({'test', 'tests', 'idle_test'})
+# The root label of the installed packages' sources (`data.stdlib_site_packages=True`).
+SITE_PACKAGES = 'site-packages'
 
 # A WikiText top-level heading: " = Title = " (sub-headings look like " = = Section = = ").
 _WIKITEXT_TITLE = re.compile(r'^ = [^=].* = $')
@@ -91,9 +96,7 @@ def documents(cfg_data: Any, split: str) -> Iterator[str]:
   """Yields the documents of `split` ('train' | 'valid' | 'test') for the configured source."""
   source = _source(cfg_data)
   if source == 'stdlib':
-    return stdlib_documents(
-        split, int(config_value(cfg_data, 'stdlib_max_bytes', DEFAULT_STDLIB_MAX_BYTES))
-    )
+    return stdlib_documents(split, **_stdlib_options(cfg_data))
   inputs = split_inputs(cfg_data, split)
   if not inputs:
     raise ValueError(f'split {split!r} has no inputs: set {paths_field(split)}')
@@ -120,19 +123,20 @@ def describe(cfg_data: Any, split: str) -> dict[str, Any]:
   """
   source = _source(cfg_data)
   if source == 'stdlib':
-    max_bytes = int(config_value(cfg_data, 'stdlib_max_bytes', DEFAULT_STDLIB_MAX_BYTES))
-    files = stdlib_files(split, max_bytes)
+    options = _stdlib_options(cfg_data)
+    files = stdlib_files(split, **options)
     digest = hashlib.sha256()
-    for rel, size in files:
-      digest.update(f'{rel}\0{size}\n'.encode())
+    for key, size in files:
+      digest.update(f'{key}\0{size}\n'.encode())
     return {
         'kind': 'stdlib',
-        'stdlib': str(stdlib_root()),
+        'roots': {label: str(path) for label, path in corpus_roots(options['site_packages']).items()},
         'python': sys.version.split()[0],
-        'max_bytes': max_bytes,
+        **options,
         'files': len(files),
         'bytes': sum(size for _, size in files),
         'listing_sha256': digest.hexdigest(),
+        'file_list': [key for key, _ in files],
     }
   inputs = split_inputs(cfg_data, split)
   field = paths_field(split)
@@ -306,8 +310,13 @@ def stdlib_root() -> Path:
   return Path(sysconfig.get_paths()['stdlib']).resolve()
 
 
+def site_packages_root() -> Path:
+  """The running environment's directory of installed pure-Python packages (its site-packages)."""
+  return Path(sysconfig.get_paths()['purelib']).resolve()
+
+
 def stdlib_split_of(relative_path: str) -> str:
-  """'train' | 'valid' | 'test' for a stdlib file, from a hash of its relative path.
+  """'train' | 'valid' | 'test' for a corpus file, from a hash of its key (its relative path).
 
   Depends only on the path, so a file stays in its split across runs and Python patch versions.
   """
@@ -319,52 +328,113 @@ def stdlib_split_of(relative_path: str) -> str:
   return 'train'
 
 
-@functools.lru_cache(maxsize=1)
-def _stdlib_listing(root: Path) -> tuple[tuple[str, int], ...]:
-  """(relative path, size) of every stdlib `.py` file outside the skipped directories, sorted."""
+def corpus_roots(site_packages: bool = False) -> dict[str, Path]:
+  """{label: directory} of the code corpus: the stdlib, and site-packages when asked for."""
+  roots = {'stdlib': stdlib_root()}
+  if site_packages:
+    roots[SITE_PACKAGES] = site_packages_root()
+  return roots
+
+
+def _key(label: str, relative: str) -> str:
+  """A file's corpus key: its stdlib-relative path, or 'site-packages/<path>' for a package."""
+  return relative if label == 'stdlib' else f'{label}/{relative}'
+
+
+def _path_of(key: str, roots: dict[str, Path]) -> Path:
+  label, sep, rest = key.partition('/')
+  if sep and label in roots and label != 'stdlib':
+    return roots[label] / rest
+  return roots['stdlib'] / key
+
+
+@functools.lru_cache(maxsize=4)
+def _corpus_listing(tests: bool, site_packages: bool) -> tuple[tuple[str, int], ...]:
+  """(key, size) of every corpus `.py` file, sorted by key, one file per distinct content.
+
+  The stdlib is walked first, then site-packages; of files with identical bytes only the first
+  is kept (its key decides the split), so no text appears twice in the corpus or in two splits.
+  """
+  skip = _STDLIB_SKIP_DIRS | (frozenset() if tests else _STDLIB_TEST_DIRS)
+  seen: set[bytes] = set()
   found = []
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP_DIRS)  # Prune, don't descend.
-    for name in filenames:
-      path = Path(dirpath) / name
-      if name.endswith('.py') and path.is_file():
-        found.append((path.relative_to(root).as_posix(), path.stat().st_size))
+  for label, root in corpus_roots(site_packages).items():
+    if not root.is_dir():
+      raise FileNotFoundError(f"data.source='stdlib': {label} directory not found at {root}")
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(root):
+      dirnames[:] = sorted(d for d in dirnames if d not in skip)  # Prune, don't descend.
+      for name in filenames:
+        path = Path(dirpath) / name
+        if name.endswith('.py') and path.is_file():
+          entries.append(path.relative_to(root).as_posix())
+    for rel in sorted(entries):
+      try:
+        content = (root / rel).read_bytes()
+      except OSError:
+        continue
+      digest = hashlib.sha256(content).digest()
+      if digest in seen:
+        continue
+      seen.add(digest)
+      found.append((_key(label, rel), len(content)))
   return tuple(sorted(found))
 
 
-def stdlib_files(split: str, max_bytes: int = DEFAULT_STDLIB_MAX_BYTES) -> list[tuple[str, int]]:
-  """(relative path, size in bytes) of the stdlib `.py` files in `split`, capped at `max_bytes`.
+def stdlib_files(
+    split: str,
+    max_bytes: int = DEFAULT_STDLIB_MAX_BYTES,
+    *,
+    tests: bool = True,
+    site_packages: bool = False,
+) -> list[tuple[str, int]]:
+  """(key, size in bytes) of the corpus `.py` files in `split`, capped at `max_bytes` (0: none).
 
-  Files are ordered by a hash of their path (a fixed pseudo-random order, so that a cap keeps a
+  Files are ordered by a hash of their key (a fixed pseudo-random order, so that a cap keeps a
   sample of the whole library rather than its alphabetically first packages) and taken in that
-  order, skipping any that would push the total past `max_bytes`. Installed packages and test
-  suites are left out.
+  order, skipping any that would push the total past `max_bytes`. `tests` keeps the standard
+  library's own test suites; `site_packages` adds the installed packages' sources.
   """
   if split not in SPLITS:
     raise ValueError(f'unknown split {split!r}; expected one of {SPLITS}')
-  root = stdlib_root()
-  if not root.is_dir():
-    raise FileNotFoundError(f"data.source='stdlib': standard library not found at {root}")
-  candidates = [(rel, size) for rel, size in _stdlib_listing(root) if stdlib_split_of(rel) == split]
+  candidates = [(key, size) for key, size in _corpus_listing(bool(tests), bool(site_packages))
+                if stdlib_split_of(key) == split]
   candidates.sort(key=lambda item: (hashlib.sha256(b'order:' + item[0].encode()).digest(), item[0]))
+  if max_bytes <= 0:
+    return candidates
   chosen, total = [], 0
-  for rel, size in candidates:
+  for key, size in candidates:
     if total + size <= max_bytes:
-      chosen.append((rel, size))
+      chosen.append((key, size))
       total += size
   return chosen
 
 
-def stdlib_documents(split: str, max_bytes: int = DEFAULT_STDLIB_MAX_BYTES) -> Iterator[str]:
-  """The text of each file from `stdlib_files(split, max_bytes)`, one document per file.
+def stdlib_documents(
+    split: str,
+    max_bytes: int = DEFAULT_STDLIB_MAX_BYTES,
+    *,
+    tests: bool = True,
+    site_packages: bool = False,
+) -> Iterator[str]:
+  """The text of each file from `stdlib_files(...)`, one document per file.
 
   A file that is not valid UTF-8 is skipped (which ones is fixed for a given interpreter, so the
   corpus stays deterministic); empty files yield empty documents, which tokenization skips.
   """
-  root = stdlib_root()
-  for rel, _ in stdlib_files(split, max_bytes):
+  roots = corpus_roots(site_packages)
+  for key, _ in stdlib_files(split, max_bytes, tests=tests, site_packages=site_packages):
     try:
-      with open(root / rel, encoding='utf-8', newline='') as f:
+      with open(_path_of(key, roots), encoding='utf-8', newline='') as f:
         yield f.read()
-    except UnicodeDecodeError:
+    except (UnicodeDecodeError, OSError):
       continue
+
+
+def _stdlib_options(cfg_data: Any) -> dict[str, Any]:
+  """The stdlib source's settings from the data config: cap, test suites, site-packages."""
+  return {
+      'max_bytes': int(config_value(cfg_data, 'stdlib_max_bytes', DEFAULT_STDLIB_MAX_BYTES)),
+      'tests': bool(config_value(cfg_data, 'stdlib_tests', True)),
+      'site_packages': bool(config_value(cfg_data, 'stdlib_site_packages', False)),
+  }
