@@ -1,7 +1,7 @@
 r"""Table 1 and its appendix grid: Transformer-s/m/l/xl with dense or structured FFNs.
 
 Argument: `model=<s|m|l|xl>,method=<dense|lowrank|blockdense|blockshuffle>,fraction=<63|32>`
-and optionally `sgt=<none|fixedstep|fixedflop>` (self-guided training, SPEC §2) and
+and optionally `sgt=<none|fixedstep|fixedflop>` (self-guided training, docs/design.md §3) and
 `reduce_flop=<0|1>` (default: on for fixedflop, where it makes the ratios below match dense FLOPs to
 within 0.5%; off for fixedstep).
 
@@ -34,7 +34,7 @@ BLOCKDENSE = {  # (blocks, rank) at the 63% and 32% fractions
     'l': {63: (2, 1024), 32: (2, 512)},
     'xl': {63: (4, 1536), 32: (4, 768)},
 }
-FIXEDFLOP_RATIO = {  # G / S that matches dense training FLOPs (SPEC §2), 32% models
+FIXEDFLOP_RATIO = {  # G / S that matches dense training FLOPs (docs/design.md §3.6), 32% models
     'lowrank': {'s': 0.30, 'm': 0.38, 'l': 0.41, 'xl': 0.43},
     'blockshuffle': {'s': 0.30, 'm': 0.38, 'l': 0.41, 'xl': 0.43},
     'blockdense': {'s': 0.30, 'm': 0.40, 'l': 0.41, 'xl': 0.45},

@@ -1,4 +1,4 @@
-r"""Small-scale study on WikiText-103 (SPEC §4): 4-layer, width-768 GPTs, 3000 steps.
+r"""Small-scale study on WikiText-103 (docs/design.md §7): 4-layer, width-768 GPTs, 3000 steps.
 
 The paper's observations: LowRank R=128 trained without self-guidance shows loss spikes or slow
 convergence; self-guided training over the first half removes them. For the block layers the

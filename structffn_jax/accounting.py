@@ -1,4 +1,4 @@
-"""Parameter and FLOP accounting in the paper's convention (SPEC §3), read off the model itself.
+"""Parameter and FLOP accounting, the paper's convention (docs/design.md §5), read off the model.
 
 Counts come from the instantiated model's parameters, built abstractly with `nnx.eval_shape` (an
 xl model costs no memory), so they cannot drift from what trains. Forward FLOPs per token:
@@ -97,7 +97,7 @@ def account(config: ml_collections.ConfigDict, model: GPT | None = None) -> Acco
 
 
 def ffn_params_closed_form(config: ml_collections.ConfigDict) -> int:
-  """FFN weight count from SPEC §1's formulas; an independent check on `account`."""
+  """FFN weight count from design §2's formulas; an independent check on `account`."""
   m, f = config.model, config.model.ffn
   fc1_out = 2 * m.ffn_dim if m.activation == 'swiglu' else m.ffn_dim
   kw = dict(rank=f.rank, blocks=f.blocks)

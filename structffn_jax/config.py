@@ -13,7 +13,7 @@ from structffn_jax import attention, structured
 from structffn_jax.data import prepare as prepare_lib
 from structffn_jax.kernels import api as kernels_api
 
-SIZES = {  # SPEC §3: hidden, ffn, heads, layers, tokens, peak lr
+SIZES = {  # docs/design.md §6.2: hidden, ffn, heads, layers, tokens, peak lr
     's': dict(hidden_dim=768, ffn_dim=3072, num_heads=12, num_layers=12, tokens=2.2e9,
               peak_lr=6e-4),
     'm': dict(hidden_dim=1024, ffn_dim=4096, num_heads=16, num_layers=24, tokens=6.7e9,

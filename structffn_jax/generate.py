@@ -8,7 +8,7 @@ completions as its prompts one at a time. The tokenizer is the run's (its data m
 prompt follows an EOS, as every document but the first does in training. Generation stops at
 EOS unless --no-stop-at-eos.
 
-Pre-merge (SPEC §5): structured FFN layers also keep their merged dense matrix and use it for
+Pre-merge (docs/design.md §8): structured FFN layers also keep their merged matrix and use it for
 calls on few tokens. The threshold is, in order: --merge-threshold, the config's
 model.ffn.merge_threshold, the calibration <workdir>/premerge.json written by
 `python -m structffn_jax.premerge`; -1 in the first two means "the next one"; 0 = never merged.

@@ -1,4 +1,4 @@
-"""The paper's Transformer: a GPT with structured feedforward layers (SPEC §3).
+"""The paper's Transformer: a GPT with structured feedforward layers (docs/design.md §4).
 
 Pre-norm blocks, fused QKV, grouped-query attention with an attention width independent of the
 model width, RoPE (rotate-half) or learned absolute positions, causal softmax attention, an FFN
@@ -175,7 +175,7 @@ class Block(nnx.Module):
 class GPT(nnx.Module):
   """Decoder-only LM. `cfg` is the `model` section of a config (see structffn_jax/config.py).
 
-  guide / reduce_flop: build the self-guided dense guides (SPEC §2) in every structured layer.
+  guide / reduce_flop: build the self-guided dense guides (design §3) in every structured layer.
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, guide: bool = False,
@@ -306,7 +306,7 @@ class GPT(nnx.Module):
     return (logits[:, 0] if last_only else logits), cache
 
   def premerge(self, threshold):
-    """Pre-merge: give every structured FFN layer its merged dense matrix as well (SPEC §5).
+    """Pre-merge: give every structured FFN layer its merged dense matrix as well (design §8).
 
     threshold: an int, or {'fc1': int, 'fc2': int}; a call on at most that many tokens applies
     the merged matrix, a larger one the structured factors. Dense layers are left as they are.

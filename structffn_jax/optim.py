@@ -1,4 +1,4 @@
-"""The optimisation recipe (SPEC §3) and self-guided training as an Optax transformation (SPEC §2).
+"""The optimisation recipe (design §6.1) and self-guided training as an Optax transformation (§3).
 
 `self_guided(...)` is the last link of the chain. Its state carries the optimizer step and the guide
 weight α that the model reads for the next forward; from step G on it zeroes the guides' updates

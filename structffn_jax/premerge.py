@@ -1,7 +1,7 @@
 """Calibrate pre-merge on this device: `python -m structffn_jax.premerge --workdir DIR`.
 
 A structured layer is cheaper than its dense equivalent in FLOPs, but on few tokens (decoding)
-its two skinny matmuls lose to one dense matmul (SPEC §5). Pre-merge keeps the merged dense
+its two skinny matmuls lose to one dense matmul (docs/design.md §8). Pre-merge keeps the merged
 matrix too and picks per call by the number of tokens. This command times, for each structured
 FFN layer shape of the run's model (fc1, fc2) in the model's compute dtype, the merged matmul
 against the structured one over token counts 1..4096, and writes the crossover to

@@ -1,7 +1,7 @@
 """Structured linear layers: drop-in replacements for a dense `y = x W^T + b`.
 
 Four parametrizations of an (out=M, in=N) map, with factors stored exactly as the paper's code
-stores them (SPEC §1):
+stores them (docs/design.md §2):
 
   Dense            W (M, N)                                              N·M params
   LowRank(R)       V (R, N), U (M, R);  y = U (V x)                      R·(N+M)
@@ -10,12 +10,12 @@ stores them (SPEC §1):
 
 Every layer offers `to_dense()`, the exact (M, N) matrix it applies, permutations included.
 
-Self-guided training (SPEC §2) lives here too: a structured layer built with `guide=True` owns a
+Self-guided training (design §3) lives here too: a structured layer built with `guide=True` owns a
 dense guide `W` initialised to its own `to_dense()` and outputs `α·Wx + (1−α)·structured(x) + b`.
 With `reduce_flop=True` each call draws u ~ U[0, 1) and, when u ≥ α, takes a `lax.cond` branch
 that never computes the guide matmul and returns `structured(x) + b`.
 
-Pre-merge (SPEC §5, inference): `merge(threshold)` keeps `to_dense()` as a `Merged` variable next
+Pre-merge (design §8, inference): `merge(threshold)` keeps `to_dense()` as a `Merged` variable next
 to the factors; a call on at most `threshold` tokens (static at trace time) applies it as one
 dense matmul, a larger call the factors. `structffn_jax.premerge` calibrates the threshold.
 
@@ -120,7 +120,7 @@ class StructuredLinear(nnx.Module):
     self.guide = nnx.data(None)
 
   def merge(self, threshold: int, dense=None):
-    """Pre-merge (SPEC §5): keep `to_dense()` as well; calls on ≤ threshold tokens apply it.
+    """Pre-merge (design §8): keep `to_dense()` as well; calls on ≤ threshold tokens apply it.
 
     The token count of a call is the product of x's leading dimensions, static at trace time,
     so each traced call contains exactly one of the two paths. `dense`: the matrix to keep when
@@ -394,7 +394,7 @@ def make_linear(method: str, in_features: int, out_features: int, *, rank: int =
 
 
 def weight_params(method: str, n: int, m: int, *, rank: int = 0, blocks: int = 1) -> int:
-  """Closed-form weight parameter count (= MACs per token) of SPEC §1, for checks and docs."""
+  """Closed-form weight parameter count (= MACs per token) of design §2, for checks and docs."""
   if method == 'dense':
     return n * m
   if method == 'lowrank':

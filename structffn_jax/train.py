@@ -4,7 +4,7 @@ One run = one workdir: config.json, data/ (tokenizer + token rows, prepared on f
 checkpoints/, metrics.jsonl, tb/ (TensorBoard), profile/ (XLA traces). Re-running the same
 command resumes from the newest checkpoint and continues exactly as if never stopped.
 
-Self-guided training (SPEC §2): the optimizer's SelfGuidedState carries α; after G steps the
+Self-guided training (docs/design.md §3): the optimizer state carries α; after G steps the
 guides and their optimizer state are dropped and the step is compiled once more. With
 `sgt.mode=fixedflop` the run has S + G steps and its last G steps replay the first G batches.
 

@@ -1,7 +1,7 @@
-"""Parameter and FLOP accounting (SPEC §3) against the paper's tables and closed forms.
+"""Parameter and FLOP accounting (docs/design.md §5) against the paper's tables and closed forms.
 
-Closed forms here are written from the SPEC's words, independently of the library: SPEC §1's
-parameter formulas per layer, the attention/norm/bias bookkeeping of a pre-norm GPT, and SPEC §3's
+Closed forms here are written from the design notes' words, independently of the library: §2's
+parameter formulas per layer, the attention/norm/bias bookkeeping of a pre-norm GPT, and §5's
 FLOPs per token. The paper's numbers are reproduced to the digits the paper prints.
 """
 
@@ -33,7 +33,7 @@ def table_config(repo_root, size, method, fraction=32, **extra):
 
 
 def layer_params(method, n, m, rank, blocks):
-  """SPEC §1's table: weight parameters of an n -> m layer."""
+  """design §2's table: weight parameters of an n -> m layer."""
   return {'dense': n * m, 'lowrank': rank * (n + m), 'blockdense': rank * (m + n // blocks),
           'blockshuffle': min(n, m) * (n + m) // blocks}[method]
 
@@ -67,7 +67,7 @@ def total_params(m):
 
 
 def forward_flops(m):
-  """SPEC §3: per layer 2(2 attn d + 2 (attn/heads) kv d + 2 seq attn), 2 x FFN weights, head."""
+  """§5.2: per layer 2(2 attn d + 2 (attn/heads) kv d + 2 seq attn), 2 x FFN weights, head."""
   head = m.attn_dim // m.num_heads
   per_layer = 2 * (2 * m.attn_dim * m.hidden_dim + 2 * head * m.num_kv_heads * m.hidden_dim
                    + 2 * m.seq_len * m.attn_dim)
@@ -198,7 +198,7 @@ def test_sgt_accounting_closed_form(repo_root, mode, reduce_flop):
   m, t = config.model, config.train
   assert config.sgt.reduce_flop == bool(reduce_flop)
   base = round(t.tokens / (t.global_batch * m.seq_len))
-  ratio = 0.5 if mode == 'fixedstep' else 0.40  # SPEC §2: BlockDense m
+  ratio = 0.5 if mode == 'fixedstep' else 0.40  # design §3.6: BlockDense m
   assert config.sgt.ratio == ratio
   guided = round(ratio * base)
   steps = base + guided if mode == 'fixedflop' else base

@@ -1,4 +1,4 @@
-"""Config files express the paper's tables (SPEC §2-§4); bad input is a one-line ConfigError.
+"""Config files express the paper's tables (docs/design.md §7); bad input is a one-line ConfigError.
 
 Every error must name the field and say what is allowed, before anything is built; the info CLI
 turns it into `error: ...` on stderr with a non-zero exit status and no traceback.
@@ -12,7 +12,7 @@ import pytest
 from structffn_jax import config as config_lib
 
 SIZES = ('s', 'm', 'l', 'xl')
-SPEC_SIZES = {  # SPEC §3: hidden, ffn, heads, layers, tokens, peak lr
+PAPER_SIZES = {  # docs/design.md §6.2: hidden, ffn, heads, layers, tokens, peak lr
     's': (768, 3072, 12, 12, 2.2e9, 6e-4),
     'm': (1024, 4096, 16, 24, 6.7e9, 3e-4),
     'l': (1536, 6144, 12, 24, 14.58e9, 2.5e-4),
@@ -50,7 +50,7 @@ def test_base_config_paper_defaults():
 
 @pytest.mark.parametrize('size', SIZES)
 def test_structured_ffn_grid(repo_root, size):
-  hidden, ffn, heads, layers, tokens, lr = SPEC_SIZES[size]
+  hidden, ffn, heads, layers, tokens, lr = PAPER_SIZES[size]
   for method in ('dense', 'lowrank', 'blockdense', 'blockshuffle'):
     for i, fraction in enumerate((63, 32)):
       c = load(repo_root, f'configs/structured_ffn.py:model={size},method={method},'
@@ -92,7 +92,7 @@ def test_wide_structured(repo_root):
           'l': (1536, 7424, 768, 12, 4, 768, 23.36e9, 0.395)}
   gqa = {'m': (4, 4864), 'l': (2, 7424)}
   for size in ('m', 'l'):
-    hidden, ffn, heads, layers, tokens, _ = SPEC_SIZES[size]
+    hidden, ffn, heads, layers, tokens, _ = PAPER_SIZES[size]
     dense = load(repo_root, f'configs/wide_structured.py:model={size},variant=dense').model
     assert (dense.hidden_dim, dense.ffn_dim, dense.num_heads, dense.num_kv_heads,
             dense.attn_dim, dense.ffn.method) == (hidden, ffn, heads, heads, hidden, 'dense')

@@ -171,7 +171,7 @@ def test_sampling_follows_tempered_top_k_softmax():
 
 
 def np_structured(layer, x):
-  """float64 numpy y = x W^T + b from the layer's factors, written from SPEC §1."""
+  """float64 numpy y = x W^T + b from the layer's factors, written from design §2."""
   get = lambda name: np.asarray(getattr(layer, name)[...], np.float64)
   lead = x.shape[:-1]
   if isinstance(layer, structured.LowRank):

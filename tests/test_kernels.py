@@ -159,7 +159,7 @@ def test_config_field():
     config_lib.validate(c)
 
 
-# The paper's m size at 32% (SPEC §3): fc1 and fc2 of BlockShuffle B=4 and BlockDense (4, 384),
+# The paper's m size at 32% (design §6.3): fc1 and fc2 of BlockShuffle B=4 and BlockDense (4, 384),
 # and an s-size BlockShuffle whose run length q/B = 48 is tiled by 16.
 GPU_SHAPES = [
     ('blockshuffle', (4096, 1024), [(4, 256, 256), (4, 1024, 256)]),

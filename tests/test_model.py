@@ -1,7 +1,7 @@
-"""The GPT of SPEC §3 against an independent float64 numpy forward, plus structural properties.
+"""The GPT (docs/design.md §4) against an independent float64 numpy forward, plus structure.
 
 The numpy reference reads the model's parameters (randomised first, so that biases, norm scales
-and guides all matter) and recomputes the whole forward from the SPEC's words: LayerNorm/RMSNorm,
+and guides all matter) and recomputes the whole forward from the design's words: LayerNorm/RMSNorm,
 fused QKV split q|k|v, grouped-query attention, RoPE rotate-half with base 10000, causal softmax
 with scale 1/sqrt(head_dim), GELU (tanh) or SwiGLU, structured FFN factors, tied LM head.
 
@@ -70,7 +70,7 @@ def param_dict(model):
 
 
 def np_linear(get, method, blocks, x, alpha):
-  """Structured layer from its factors (SPEC §1), plus the guide blend of SPEC §2."""
+  """Structured layer from its factors (design §2), plus the guide blend of design §3.1."""
   if method == 'dense':
     y = x @ get('kernel').T
   elif method == 'lowrank':

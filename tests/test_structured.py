@@ -1,7 +1,7 @@
-"""Structured linear layers (SPEC §1) and self-guided training inside a layer (SPEC §2).
+"""Structured linear layers (docs/design.md §2) and self-guided training inside a layer (§3).
 
 Every layer is checked against an independent float64 numpy construction from its stored factors
-(explicit loops that follow the SPEC's words), against its own `to_dense()`, and against closed
+(explicit loops that follow the design's words), against its own `to_dense()`, and against closed
 forms for shapes and parameter counts. Tolerances are float32 ones: a float32 layer accumulates
 at most a few dozen products per output, so its relative error is ~1e-6; 1e-5 relative to the
 output scale leaves a margin of 10 and still catches any wrong index (errors of order 1).
@@ -80,7 +80,7 @@ def factors(layer, method):
 
 
 def ref_apply_vector(method, fac, x, blocks):
-  """One input vector x (N,) -> y (M,), written from SPEC §1 with explicit loops, float64."""
+  """One input vector x (N,) -> y (M,), written from design §2 with explicit loops, float64."""
   n = x.shape[0]
   if method == 'dense':
     w = fac['kernel']
@@ -157,7 +157,7 @@ def test_forward_matches_numpy_reference_and_to_dense(method, n, m, r, b):
   close(dense, ref_apply(method, fac, np.eye(n), b).T)
   for x, y in ((xa, ya), (xb, yb)):
     assert y.shape == x.shape[:-1] + (m,) and y.dtype == jnp.float32
-    close(y, ref_apply(method, fac, x, b) + bias)  # explicit loops from SPEC §1
+    close(y, ref_apply(method, fac, x, b) + bias)  # explicit loops from design §2
     close(y, x.astype(np.float64) @ dense.T + bias)  # the layer applies its to_dense()
 
 
@@ -230,7 +230,7 @@ def test_factor_shapes_and_param_counts(method, n, m, r, b, use_bias):
   assert {k: tuple(v.shape) for k, v in leaves.items() if k != 'bias'} == shapes
   assert all(v.dtype == jnp.float32 for v in leaves.values())
   closed = closed_form_params(method, n, m, r, b)
-  assert sum(math.prod(s) for s in shapes.values()) == closed  # SPEC's table is consistent
+  assert sum(math.prod(s) for s in shapes.values()) == closed  # design §2's table is consistent
   assert layer.num_weight_params() == closed
   assert structured.weight_params(method, n, m, rank=r, blocks=b) == closed
   total = sum(math.prod(v.shape) for v in leaves.values())

@@ -1,4 +1,4 @@
-"""FFN latency versus width, the paper's Figure 4 (SPEC §5): dense against the three structures.
+"""FFN latency versus width, the paper's Figure 4 (docs/design.md §8): dense vs three structures.
 
     python -m structffn_jax.bench.ffn                       # CPU default: widths 256..1024
     python -m structffn_jax.bench.ffn --preset gpu          # the paper's grid: widths
@@ -22,7 +22,7 @@ The variants of a width are interleaved in one process so that load on a shared 
 them alike; medians.
 The speed-up is dense time / variant time; the bound beside it is the FLOP ratio (dense weight
 parameters / structured ones), which a structured FFN can approach but not beat.
-63% / 32% settings follow SPEC §3: LowRank R = d/2, d/4; BlockShuffle B = 2, 4; BlockDense
+63% / 32% settings follow design §6.3: LowRank R = d/2, d/4; BlockShuffle B = 2, 4; BlockDense
 (B, R) = (4, 3d/4), (4, 3d/8) for widths divisible by 8 (m, xl), (2, 2d/3), (2, d/3) otherwise.
 """
 
@@ -49,7 +49,7 @@ FRACTIONS = ('63', '32')
 
 
 def settings(method: str, width: int, fraction: str) -> dict:
-  """rank / blocks of `method` at this width for the 63% or 32% parameter fraction (SPEC §3)."""
+  """rank / blocks of `method` at this width for the 63% or 32% parameter fraction (design §6.3)."""
   small = fraction == '32'
   if method == 'lowrank':
     return dict(rank=width // 4 if small else width // 2, blocks=1)

@@ -3,7 +3,7 @@
     python -m structffn_jax.bench.kernels                  # GPU: the paper's shapes, bf16
     python -m structffn_jax.bench.kernels --widths 1024    # one width
 
-For BlockShuffle and BlockDense at 63% and 32% (SPEC §3 settings, as in bench/ffn.py), fc1
+For BlockShuffle and BlockDense at 63% and 32% (design §6.3 settings, as in bench/ffn.py), fc1
 (d -> 4d) and fc2 (4d -> d), the op alone is timed forward and forward+backward (gradients with
 respect to x and the factors), 'pallas' / 'xla' / 'reference' interleaved in one process, and
 checked against the reference (largest difference relative to the reference's largest entry).

@@ -1,4 +1,4 @@
-"""Structured projections with a choice of implementation (SPEC §1 layers, SPEC §5 speed).
+"""Structured projections with a choice of implementation (design §2 layers, §8 speed).
 
 One public function per layer kind, each `f(x, *factors, implementation='auto')` mapping
 x (..., N) to (..., M) without bias, factors stored exactly as in `structured.py`, and
@@ -77,7 +77,7 @@ def blockdense(x, v, u, *, implementation: str = 'auto'):
 
 
 def blockshuffle(x, w1, w2, *, implementation: str = 'auto'):
-  """Monarch: W1 (B, q, N/B), shuffle, W2 (B, M/B, q), interleaved output (SPEC §1)."""
+  """Monarch: W1 (B, q, N/B), shuffle, W2 (B, M/B, q), interleaved output (design §2.4)."""
   return _dispatch('blockshuffle', x, (w1, w2), implementation)
 
 

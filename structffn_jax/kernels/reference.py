@@ -1,4 +1,4 @@
-"""Plain-jnp reference of the three structured projections: the einsums that follow SPEC §1 word
+"""Plain-jnp reference of the three structured projections: the einsums that follow design §2 word
 for word, differentiated by JAX. Every other backend is tested against these.
 
 All functions map x (..., N) to (..., M) without bias; factors are stored as in structured.py.
