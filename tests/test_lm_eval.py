@@ -1,0 +1,221 @@
+"""The lm-evaluation-harness adapter on small local tasks (task YAMLs over generated jsonl files,
+offline): the harness's scores against scores computed here from the model's own logits, one
+unpadded sequence at a time in float64 numpy; then the command on a trained run.
+
+The model's parameters are random at a scale that gives peaked logits (as in test_generate.py), so
+that a wrong mask, position or window changes a score visibly.
+"""
+
+import json
+import math
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+harness = pytest.importorskip('lm_eval', reason="lm-evaluation-harness is not installed "
+                              "(pip install '.[eval]')")
+
+from structffn_jax import lm_eval as adapter  # noqa: E402
+from structffn_jax import train  # noqa: E402
+from structffn_jax.data import prepare as prepare_lib  # noqa: E402
+from structffn_jax.model import GPT  # noqa: E402
+from tests import tiny_setup  # noqa: E402
+
+SEQ_LEN = 32
+WORDS = ('the game was released in 1996 , and it sold well . the album reached number one on '
+         'the chart after its first week , and the band toured europe with it .').split()
+
+
+def random_model(cfg, seed=0):
+  """A GPT whose parameters are random at a scale that gives peaked, distinct logits."""
+  model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(seed)))
+  rng = np.random.default_rng(seed + 100)
+  for path, v in nnx.iter_graph(model):
+    if isinstance(v, nnx.Param):
+      if path[-1] == 'scale':
+        new = 1 + 0.2 * rng.standard_normal(v.shape)
+      elif path[-1] == 'bias':
+        new = 0.1 * rng.standard_normal(v.shape)
+      else:
+        new = 1.5 * rng.standard_normal(v.shape) / math.sqrt(v.shape[-1])
+      v.set_value(jnp.asarray(new, jnp.float32))
+  return model
+
+
+_forward = nnx.jit(lambda model, tokens: model(tokens))
+
+
+class Reference:
+  """Scores from full forwards of one sequence each (right-padded to seq_len, which causality
+  makes irrelevant; checked in test_generate.py), log-softmax in float64."""
+
+  def __init__(self, model, tok, eos):
+    self.model, self.tok, self.eos = model, tok, eos
+
+  def logprobs(self, inputs):
+    buf = np.zeros((1, SEQ_LEN), np.int32)
+    buf[0, :len(inputs)] = inputs
+    logits = np.asarray(_forward(self.model, jnp.asarray(buf))[0, :len(inputs)], np.float64)
+    top = logits.max(-1, keepdims=True)
+    return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+
+  def continuation(self, context, continuation):
+    """log p(continuation | EOS + context), the continuation's tokens being those of the whole
+    text past the context's own tokens."""
+    whole = [self.eos] + self.tok.encode(context + continuation)
+    n = 1 + len(self.tok.encode(context))
+    assert len(whole) <= SEQ_LEN + 1
+    lp = self.logprobs(whole[:-1])
+    return sum(lp[i - 1, whole[i]] for i in range(n, len(whole)))
+
+  def document(self, text):
+    """Sum of log p(token) over the document in disjoint chunks of seq_len tokens: the first
+    after an EOS, each later one with the seq_len tokens before its end as context."""
+    ids = self.tok.encode(text)
+    total, done = 0.0, 0
+    while done < len(ids):
+      end = min(done + SEQ_LEN, len(ids))
+      seq = ([self.eos] + ids)[max(0, end - SEQ_LEN):end + 1]  # predicts ids[end - len + 1:end]
+      lp = self.logprobs(seq[:-1])
+      total += sum(lp[j, seq[j + 1]] for j in range(len(seq) - 1 - (end - done), len(seq) - 1))
+      done = end
+    return total
+
+  def greedy(self, prompt, new):
+    seq = [self.eos] + self.tok.encode(prompt)
+    out = []
+    for _ in range(new):
+      token = int(np.argmax(self.logprobs(seq)[-1]))
+      if token == self.eos:
+        break
+      seq.append(token)
+      out.append(token)
+    return self.tok.decode(out)
+
+
+@pytest.fixture(scope='module')
+def setup(data_dir):
+  manifest = prepare_lib.Manifest.load(data_dir)
+  tok = adapter.Tokenizer(manifest.tokenizer_path)
+  cfg = tiny_setup.run_config(f'model.seq_len={SEQ_LEN}', method='blockshuffle', sgt=0).model
+  assert cfg.vocab_size >= manifest.vocab_size
+  model = random_model(cfg, seed=3)
+  return model, tok, manifest.eos_id, Reference(model, tok, manifest.eos_id)
+
+
+def phrase(rng, n):
+  return ' '.join(rng.choice(WORDS, n))
+
+
+def write_task(folder, name, docs, spec):
+  """A harness task `name` over `docs` as a local jsonl (cache inside `folder`: offline)."""
+  data = folder / f'{name}.jsonl'
+  data.write_text(''.join(json.dumps(d) + '\n' for d in docs))
+  lines = [f'task: {name}', 'dataset_path: json', 'dataset_kwargs:',
+           f'  data_files: {{test: "{data}"}}', f'  cache_dir: "{folder / "hf_cache"}"',
+           'test_split: test', *spec]
+  (folder / f'{name}.yaml').write_text('\n'.join(lines) + '\n')
+
+
+def test_scores_match_the_models_own_logits(setup, tmp_path):
+  model, tok, eos, ref = setup
+  rng = np.random.default_rng(0)
+  # Multiple choice: 4 choices of different lengths; acc and acc_norm from reference scores.
+  choice_docs, expect_acc, expect_norm = [], [], []
+  for i in range(6):
+    doc = {'question': phrase(rng, 4 + i % 3), 'choices': [phrase(rng, n) for n in (1, 2, 3, 1)],
+           'label': int(rng.integers(4))}
+    lls = np.array([ref.continuation(doc['question'], ' ' + c) for c in doc['choices']])
+    chars = np.array([len(c) for c in doc['choices']], float)
+    expect_acc.append(int(np.argmax(lls)) == doc['label'])
+    expect_norm.append(int(np.argmax(lls / chars)) == doc['label'])
+    choice_docs.append(doc)
+  assert 0 < np.mean(expect_acc) < 1 or 0 < np.mean(expect_norm) < 1  # not all alike
+  write_task(tmp_path, 'tiny_choice', choice_docs, [
+      'output_type: multiple_choice', 'doc_to_text: "{{question}}"',
+      'doc_to_target: "{{label}}"', 'doc_to_choice: "{{choices}}"', 'metric_list:',
+      '  - metric: acc', '  - metric: acc_norm'])
+  # Rolling log-likelihood: documents of 1 to 4 windows of seq_len tokens.
+  texts = [phrase(rng, n) for n in (3, 20, 45)]
+  assert max(len(tok.encode(t)) for t in texts) > 2 * SEQ_LEN
+  ll = np.array([ref.document(t) for t in texts])
+  words = sum(len(re.split(r'\s+', t)) for t in texts)
+  chars = sum(len(t.encode()) for t in texts)
+  write_task(tmp_path, 'tiny_rolling', [{'text': t} for t in texts], [
+      'output_type: loglikelihood_rolling', 'doc_to_text: ""', 'doc_to_target: "{{text}}"',
+      'metric_list:', '  - metric: word_perplexity', '  - metric: bits_per_byte'])
+  # Greedy generation until a newline: half the answers are the reference's greedy text.
+  prompts = [phrase(rng, n) for n in (2, 5, 9, 3)]
+  greedy = [ref.greedy(p, 6).split('\n')[0] for p in prompts]
+  answers = [g if i % 2 == 0 else g + ' extra' for i, g in enumerate(greedy)]
+  write_task(tmp_path, 'tiny_gen', [{'prompt': p, 'answer': a} for p, a in zip(prompts, answers)], [
+      'output_type: generate_until', 'doc_to_text: "{{prompt}}"', 'doc_to_target: "{{answer}}"',
+      'generation_kwargs:', '  until: ["\\n"]', '  max_gen_toks: 6', '  do_sample: false',
+      'metric_list:', '  - metric: exact_match'])
+
+  lm = adapter.StructFFNLM(model, tok, eos, batch_size=4)  # batches mix lengths and tasks
+  manager = adapter.task_manager(str(tmp_path), include_defaults=False)
+  out = harness.simple_evaluate(model=lm, tasks=['tiny_choice', 'tiny_rolling', 'tiny_gen'],
+                                task_manager=manager, bootstrap_iters=0, log_samples=False)
+  r = out['results']
+  assert r['tiny_choice']['acc,none'] == pytest.approx(np.mean(expect_acc))
+  assert r['tiny_choice']['acc_norm,none'] == pytest.approx(np.mean(expect_norm))
+  assert r['tiny_rolling']['word_perplexity,none'] == pytest.approx(math.exp(-ll.sum() / words),
+                                                                    rel=1e-4)
+  assert r['tiny_rolling']['bits_per_byte,none'] == pytest.approx(
+      -ll.sum() / chars / math.log(2), rel=1e-5)
+  assert r['tiny_gen']['exact_match,none'] == 0.5
+
+  # The log-likelihoods themselves, batched and padded, against the reference one by one.
+  pairs = [(d['question'], ' ' + c) for d in choice_docs for c in d['choices']]
+  requests = [harness.api.instance.Instance('loglikelihood', {}, p, 0) for p in pairs]
+  got = lm.loglikelihood(requests)
+  np.testing.assert_allclose([g for g, _ in got], [ref.continuation(*p) for p in pairs],
+                             rtol=2e-5, atol=1e-4)
+  rolling = lm.loglikelihood_rolling(
+      [harness.api.instance.Instance('loglikelihood_rolling', {}, (t,), 0) for t in texts])
+  np.testing.assert_allclose(rolling, ll, rtol=2e-5)
+
+
+def test_unknown_task_is_a_one_line_error(tmp_path):
+  manager = adapter.task_manager(str(tmp_path), include_defaults=False)
+  with pytest.raises(ValueError, match=r"no lm-eval task named 'no_such_task'"):
+    adapter.check_tasks(['no_such_task'], manager)
+
+
+@pytest.fixture(scope='module')
+def trained_workdir(tmp_path_factory, data_dir):
+  """A tiny LowRank run, trained for 2 steps."""
+  root = tmp_path_factory.mktemp('run')
+  config = tiny_setup.run_config(
+      'train.tokens=1024', 'train.eval_every=0', 'train.log_every=1', 'train.eval_tokens=256',
+      'model.ffn.init=gaussian', f'data.data_dir={data_dir}', sgt=0)
+  train.Trainer(config, root / 'w').run()
+  return root / 'w'
+
+
+def test_command_writes_results_next_to_the_run(trained_workdir, tmp_path, capsys):
+  tasks = tmp_path / 'tasks'
+  tasks.mkdir()
+  write_task(tasks, 'tiny_choice', [
+      {'question': 'the game was', 'choices': ['released', 'album'], 'label': 0},
+      {'question': 'the band', 'choices': ['toured', 'week'], 'label': 1}], [
+          'output_type: multiple_choice', 'doc_to_text: "{{question}}"',
+          'doc_to_target: "{{label}}"', 'doc_to_choice: "{{choices}}"', 'metric_list:',
+          '  - metric: acc'])
+  args = ['--workdir', str(trained_workdir), '--include-path', str(tasks), '--batch-size', '2']
+  adapter.main(args + ['--tasks', 'tiny_choice'])
+  out, err = capsys.readouterr()
+  path = trained_workdir / 'lm_eval' / 'step2_tiny_choice.json'
+  record = json.loads(path.read_text())
+  assert record['step'] == 2 and record['tasks'] == ['tiny_choice']
+  acc = record['results']['tiny_choice']['acc,none']
+  assert acc in (0.0, 0.5, 1.0)
+  assert re.search(rf'tiny_choice\s+acc\s+{acc:.4f}', out) and str(path) in err
+  with pytest.raises(SystemExit, match=r"^error: --tasks: no lm-eval task named 'nope'"):
+    adapter.main(args + ['--tasks', 'tiny_choice,nope'])
+  with pytest.raises(SystemExit, match='config.json not found'):
+    adapter.main(['--workdir', str(tmp_path), '--tasks', 'tiny_choice'])
