@@ -1,5 +1,144 @@
-"""Causal attention with a choice of implementation (`model.attention.implementation`)."""
+"""Causal self-attention with a choice of implementation (`model.attention.implementation`).
+
+`attend(q, k, v, implementation=...)` maps queries (B, T, N, H) and keys/values (B, T, K, H)
+(grouped-query: K divides N) to the causal softmax attention output (B, T, N, H):
+
+  'xla'     jax.nn.dot_product_attention's XLA path: scores materialised, every device.
+  'cudnn'   jax.nn.dot_product_attention(implementation='cudnn'): cuDNN's fused flash
+            attention, GPUs only, bfloat16/float16 only (grouped-query handled by cuDNN).
+  'pallas'  a Pallas flash attention that jax ships, picked by the target platform:
+            GPU  jax.experimental.pallas.ops.gpu.attention.mha (Triton lowering);
+            TPU  jax.experimental.pallas.ops.tpu.flash_attention (Mosaic TPU);
+            CPU  the GPU kernel in the Pallas interpreter (slow: for tests).
+            Both kernels want as many key/value heads as query heads: K is repeated to N
+            (its gradient sums back over the group). Shapes a kernel cannot tile take 'xla'.
+  'auto'    'cudnn' on GPUs where it applies (bfloat16/float16, head width a multiple of 8 up
+            to 128), 'xla' everywhere else. On TPU it stays 'xla' until a TPU measurement says
+            the Pallas kernel is faster.
+
+The KV-cache decode path (`model.Attention.decode`: a few queries over a padded cache with a
+per-row length mask) always uses 'xla': fused kernels pay off on long query blocks, and the
+masked cache shape is not one the kernels take.
+
+Under a multi-device jit a pallas_call is not split by XLA's automatic sharding (it sees whole,
+gathered operands); 'cudnn' is partitioned by jax. On a mesh (`jax.set_mesh`) the Pallas kernels
+therefore run inside a `shard_map` over the batch and head axes (`sharding.constrain`'s rules).
+
+The target platform is the default backend, or the one set by `kernels.api.target_platform`
+(for `jax.export` to another platform).
+"""
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from structffn_jax.kernels import api as kernels_api
+
 IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'pallas')
+
+# Largest Pallas tiles along the sequence: Triton (GPU) forward and backward, Mosaic (TPU).
+GPU_BLOCK, GPU_BLOCK_BWD, TPU_BLOCK = 128, 64, 128
+
+
+def _pow2_tile(n: int, pref: int) -> int:
+  """The largest power of two <= pref that divides n."""
+  t = 1 << (min(n, pref).bit_length() - 1)
+  while n % t:
+    t //= 2
+  return t
+
+
+def _pallas_supports(platform: str, t: int, h: int) -> bool:
+  if platform == 'tpu':  # the kernel's tiles are multiples of 128 (its MIN_BLOCK_SIZE)
+    return t % TPU_BLOCK == 0
+  if platform == 'gpu':  # Triton dots: tiles of at least 16, head width padded to a power of 2
+    return _pow2_tile(t, GPU_BLOCK_BWD) >= 16 and h <= 256
+  return t > 0  # the interpreter takes any shape
+
+
+def _cudnn_supports(dtype, h: int) -> bool:
+  return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and h % 8 == 0 and h <= 128
+
+
+def resolve(implementation: str, q_BTNH, platform: str | None = None) -> str:
+  """The implementation that will run: 'xla', 'cudnn' or 'pallas'."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f'attention implementation={implementation!r} is unknown; use one of '
+                     f'{IMPLEMENTATIONS}.')
+  platform = platform or kernels_api.platform()
+  _, t, _, h = q_BTNH.shape
+  if implementation == 'auto':
+    return 'cudnn' if platform == 'gpu' and _cudnn_supports(q_BTNH.dtype, h) else 'xla'
+  if implementation == 'cudnn' and platform != 'gpu':
+    raise ValueError(f'attention implementation=\'cudnn\' needs a GPU; the target is {platform}. '
+                     "Use 'auto', 'xla' or 'pallas'.")
+  if implementation == 'pallas' and not _pallas_supports(platform, t, h):
+    return 'xla'
+  return implementation
+
+
+def _repeat_kv(x_BTKH, n: int):
+  return jnp.repeat(x_BTKH, n // x_BTKH.shape[2], axis=2)
+
+
+def _pallas_gpu(q, k, v, scale, interpret):
+  """Triton flash attention (B, T, N, H) layout; the interpreter on CPU."""
+  from jax.experimental.pallas.ops.gpu import attention as gpu_attention  # pylint: disable=g-import-not-at-top
+  t = q.shape[1]
+  fwd, bwd = _pow2_tile(t, GPU_BLOCK), _pow2_tile(t, GPU_BLOCK_BWD)
+  blocks = gpu_attention.BlockSizes(block_q=fwd, block_k=fwd, block_q_dkv=bwd, block_kv_dkv=bwd,
+                                    block_q_dq=bwd, block_kv_dq=bwd)
+  return gpu_attention.mha(q, k, v, None, sm_scale=scale, causal=True, block_sizes=blocks,
+                           interpret=interpret)
+
+
+def _pallas_tpu(q, k, v, scale):
+  """Mosaic TPU flash attention, which wants (B, N, T, H)."""
+  from jax.experimental.pallas.ops.tpu import flash_attention as tpu_attention  # pylint: disable=g-import-not-at-top
+  b = TPU_BLOCK
+  blocks = tpu_attention.BlockSizes(
+      block_q=b, block_k_major=b, block_k=b, block_b=1, block_q_major_dkv=b,
+      block_k_major_dkv=b, block_k_dkv=b, block_q_dkv=b, block_k_major_dq=b, block_k_dq=b,
+      block_q_dq=b)
+  to_bnth = lambda x: x.transpose(0, 2, 1, 3)
+  o = tpu_attention.flash_attention(to_bnth(q), to_bnth(k), to_bnth(v), causal=True,
+                                    sm_scale=scale, block_sizes=blocks)
+  return to_bnth(o)
+
+
+def _on_mesh(fn, q, k, v):
+  """fn on each device's batch rows and heads when a mesh is set, else on the whole arrays."""
+  from structffn_jax import config as config_lib, sharding  # pylint: disable=g-import-not-at-top
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(sharding.MESH_AXES) <= set(mesh.axis_names):
+    return fn(q, k, v)
+  rules = sharding._ACTIVE_RULES.get() or sharding.rules_of(config_lib.base_config())  # pylint: disable=protected-access
+  batch, heads = (sharding.logical_to_spec((name,), rules)[0] for name in ('batch', 'heads'))
+  size = lambda entry: sharding._axis_size(mesh, entry)  # pylint: disable=protected-access
+  if q.shape[0] % size(batch):
+    batch = None
+  if q.shape[2] % size(heads):
+    heads = None
+  spec = P(batch, None, heads, None)
+  return jax.shard_map(fn, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+
+
+def attend(q_BTNH, k_BTKH, v_BTKH, *, scale: float, implementation: str = 'auto'):
+  """Causal attention output (B, T, N, H) with `implementation` (see the module docstring)."""
+  platform = kernels_api.platform()
+  impl = resolve(implementation, q_BTNH, platform)
+  if impl == 'xla':
+    return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True, scale=scale,
+                                        implementation='xla')
+  if impl == 'cudnn':
+    return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True, scale=scale,
+                                        implementation='cudnn')
+  n = q_BTNH.shape[2]
+  k_BTNH, v_BTNH = _repeat_kv(k_BTKH, n), _repeat_kv(v_BTKH, n)
+  if platform == 'tpu':
+    kernel = lambda q, k, v: _pallas_tpu(q, k, v, scale)
+  else:
+    kernel = lambda q, k, v: _pallas_gpu(q, k, v, scale, interpret=platform != 'gpu')
+  return _on_mesh(kernel, q_BTNH, k_BTNH, v_BTNH)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from structffn_jax import attention as attention_lib
 from structffn_jax import sharding, structured
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -63,10 +64,15 @@ class KVCache(NamedTuple):
 
 
 class Attention(nnx.Module):
-  """Causal grouped-query self-attention with a fused QKV projection."""
+  """Causal grouped-query self-attention with a fused QKV projection.
+
+  The softmax attention runs with `model.attention.implementation` (structffn_jax/attention.py);
+  the KV-cache `decode` always takes the XLA path.
+  """
 
   def __init__(self, cfg: ml_collections.ConfigDict, dtype, rngs: nnx.Rngs):
     self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+    self.implementation = cfg.get('attention', {}).get('implementation', 'auto')
     self.head_dim = cfg.attn_dim // cfg.num_heads
     self.position, self.rope_base = cfg.position, cfg.rope_base
     qkv_width = (cfg.num_heads + 2 * cfg.num_kv_heads) * self.head_dim
@@ -92,8 +98,8 @@ class Attention(nnx.Module):
   def __call__(self, x_BTD, positions_BT):
     b, t, _ = x_BTD.shape
     q_BTNH, k_BTKH, v_BTKH = self._project(x_BTD, positions_BT)
-    o_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True,
-                                          scale=self.head_dim ** -0.5)
+    o_BTNH = attention_lib.attend(q_BTNH, k_BTKH, v_BTKH, scale=self.head_dim ** -0.5,
+                                  implementation=self.implementation)
     return self.out(o_BTNH.reshape(b, t, -1))
 
   def decode(self, x_BTD, positions_BT, cache: KVCache, layer):
@@ -109,7 +115,7 @@ class Attention(nnx.Module):
     mask_B1TS = (slots_S <= positions_BT[:, :, None])[:, None]
     o_BTNH = jax.nn.dot_product_attention(q_BTNH, k_LBSKH[layer].astype(q_BTNH.dtype),
                                           v_LBSKH[layer].astype(q_BTNH.dtype), mask=mask_B1TS,
-                                          scale=self.head_dim ** -0.5)
+                                          scale=self.head_dim ** -0.5, implementation='xla')
     return self.out(o_BTNH.reshape(b, t, -1)), cache._replace(k=k_LBSKH, v=v_LBSKH)
 
 

@@ -22,7 +22,7 @@ from flax import nnx
 
 from structffn_jax import config as config_lib
 from structffn_jax import kernels, structured
-from structffn_jax.kernels import pallas_gpu, reference
+from structffn_jax.kernels import pallas_triton, reference
 
 ATOL_REL = 2e-5
 
@@ -68,7 +68,7 @@ def _close(got, want, atol_rel=ATOL_REL, what=''):
 def small_tiles(monkeypatch):
   """Kernel tiles of 4 (8 tokens): several tiles per loop and several token splits."""
   for name, value in (('TILE_T', 8), ('TILE_N', 4), ('TILE_K', 4), ('TILE_T_GRAD', 4)):
-    monkeypatch.setattr(pallas_gpu, name, value)
+    monkeypatch.setattr(pallas_triton, name, value)
 
 
 @pytest.mark.parametrize('implementation', ['xla', 'pallas'])
@@ -78,7 +78,7 @@ def test_backend_matches_reference(op, x_shape, factor_shapes, implementation, s
   args = _arrays([x_shape, *factor_shapes], seed)
   expected_impl = implementation
   on_gpu = jax.default_backend() == 'gpu'  # there the tiny tiles are unsupported: 'xla' runs
-  if implementation == 'pallas' and not pallas_gpu.supports(op, x_shape, *factor_shapes,
+  if implementation == 'pallas' and not pallas_triton.supports(op, x_shape, *factor_shapes,
                                                             gpu=on_gpu):
     expected_impl = 'xla'  # lowrank, or a BlockShuffle whose shuffle is not whole runs
   assert kernels.resolve(op, implementation, *args) == expected_impl
@@ -175,9 +175,9 @@ GPU_SHAPES = [
 def test_kernels_lower_for_gpu(op, x_shape, factor_shapes):
   """Forward and backward lower to Triton kernels for CUDA: no transpose pass between them."""
   from jax import export  # pylint: disable=g-import-not-at-top
-  assert pallas_gpu.supports(op, x_shape, *factor_shapes, gpu=True)
+  assert pallas_triton.supports(op, x_shape, *factor_shapes, gpu=True)
   specs = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in [x_shape, *factor_shapes]]
-  fn = getattr(pallas_gpu, op)
+  fn = getattr(pallas_triton, op)
   y = jax.eval_shape(fn, *specs)
 
   def fwd_bwd(*args):

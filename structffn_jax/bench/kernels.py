@@ -1,6 +1,6 @@
 """Each Pallas kernel against the XLA path (and the plain einsums) on the FFN's projections.
 
-    python -m structffn_jax.bench.kernels                  # GPU: the paper's shapes, bf16
+    python -m structffn_jax.bench.kernels                  # GPU/TPU: the paper's shapes, bf16
     python -m structffn_jax.bench.kernels --widths 1024    # one width
 
 For BlockShuffle and BlockDense at 63% and 32% (design §6.3 settings, as in bench/ffn.py), fc1
@@ -8,7 +8,8 @@ For BlockShuffle and BlockDense at 63% and 32% (design §6.3 settings, as in ben
 respect to x and the factors), 'pallas' / 'xla' / 'reference' interleaved in one process, and
 checked against the reference (largest difference relative to the reference's largest entry).
 The last lines say which ops to list in `kernels.api.PALLAS_WINS` for this device: those whose
-kernels beat the XLA path on every shape, forward and backward.
+kernels beat the XLA path on every shape, forward and backward. GPUs run the Triton kernels
+(kernels/pallas_triton.py), TPUs the Mosaic ones (kernels/pallas_tpu.py).
 
 On CPU the kernels run in the Pallas interpreter: the timings say nothing about speed (the
 table says so) and the default is a small correctness-and-plumbing pass.
@@ -22,9 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from structffn_jax import cli, kernels
-from structffn_jax.bench import common
-from structffn_jax.bench.ffn import settings
+from structffn_jax import cli, kernels, timing
 
 OPS = ('blockshuffle', 'blockdense')
 IMPLS = ('pallas', 'xla', 'reference')
@@ -41,7 +40,7 @@ def cases(widths, fractions):
   for width in widths:
     for op in OPS:
       for fraction in fractions:
-        s = settings(op, width, fraction)
+        s = timing.ffn_settings(op, width, fraction)
         for layer, (n, m) in (('fc1', (width, 4 * width)), ('fc2', (4 * width, width))):
           yield dict(op=op, width=width, fraction=fraction, layer=layer, n=n, m=m,
                      shapes=factor_shapes(op, n, m, s['rank'], s['blocks']), **s)
@@ -62,7 +61,7 @@ def max_rel_err(got, want):
 
 
 def main(argv=None):
-  on_gpu = jax.default_backend() == 'gpu'
+  on_gpu = kernels.api.platform() in ('gpu', 'tpu')  # an accelerator: the kernels compiled
   parser = cli.parser(__doc__)
   parser.add_argument('--widths', type=lambda s: tuple(int(w) for w in s.split(',')),
                       default=(1024, 2048, 4096, 6144) if on_gpu else (64,))
@@ -89,7 +88,7 @@ def main(argv=None):
       for p, fn in functions(op, impl, x, factors, dy).items():
         fns[(impl, p)] = fn
     results = {k: fn(*a) for k, (fn, a) in fns.items()}
-    times = common.time_interleaved(fns, warmup=args.warmup, iters=args.iters)
+    times = timing.time_interleaved(fns, warmup=args.warmup, iters=args.iters)
     row = dict(case, shapes=[list(s) for s in shapes], tokens=args.tokens, dtype=args.dtype,
                pallas_runs=runs['pallas'])
     for p in ('fwd', 'fwdbwd'):
@@ -102,23 +101,23 @@ def main(argv=None):
     print(f"{op} {case['layer']} width {case['width']} {case['fraction']}%: done",
           file=sys.stderr, flush=True)
   if not on_gpu:
-    print('# NOTE: no GPU. The Pallas kernels ran in the Pallas interpreter on CPU: the timings '
-          'below are NOT a speed measurement (only the error columns mean something). Run this '
-          'on a GPU for the comparison.')
+    print('# NOTE: no GPU or TPU. The Pallas kernels ran in the Pallas interpreter on CPU: the '
+          'timings below are NOT a speed measurement (only the error columns mean something). '
+          'Run this on a GPU or TPU for the comparison.')
   columns = ['op', 'layer', 'width', 'fraction', 'pallas_runs']
   for p in ('fwd', 'fwdbwd'):
     columns += [f'{p}_pallas_ms', f'{p}_xla_ms', f'{p}_reference_ms', f'{p}_pallas_vs_xla',
                 f'{p}_pallas_err']
-  common.print_table(rows, columns)
+  timing.print_table(rows, columns)
   wins = [op for op in OPS
           if all(r['pallas_runs'] == 'pallas' and r['fwd_pallas_vs_xla'] > 1 and
                  r['fwdbwd_pallas_vs_xla'] > 1 for r in rows if r['op'] == op)]
-  kind = common.device_info()['device']
+  kind = timing.device_info()['device']
   if on_gpu:
     print(f'kernels.api.PALLAS_WINS entry for this device: {{{kind!r}: {tuple(wins)!r}}}')
   worst = max(max(r['fwd_pallas_err'], r['fwdbwd_pallas_err']) for r in rows)
   print(f'largest Pallas error relative to the reference: {worst:.2e}')
-  common.write_json(args.out or common.default_out('kernels'),
+  timing.write_json(args.out or timing.default_out('kernels'),
                     dict(tokens=args.tokens, dtype=args.dtype, widths=list(args.widths),
                          iters=args.iters, interpret=not on_gpu, pallas_wins=wins, rows=rows))
   if np.isnan(worst) or worst > (2e-2 if dtype == jnp.bfloat16 else 1e-4):

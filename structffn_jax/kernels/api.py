@@ -5,20 +5,28 @@ x (..., N) to (..., M) without bias, factors stored exactly as in `structured.py
 `blockshuffle_ffn`, a whole BlockShuffle FFN (fc1, bias, GELU, fc2, bias) as one op:
 
   implementation='xla'        block-leading batched matmuls (kernels/xla.py); every device.
-  implementation='pallas'     Pallas kernels (kernels/pallas_gpu.py) with a hand-written
-                              backward; compiled for GPUs, run in interpret mode elsewhere (slow,
-                              for tests). Shapes a kernel cannot tile fall back to 'xla'.
-                              LowRank is two dense matmuls and has no kernel: 'pallas' = 'xla'.
+  implementation='pallas'     Pallas kernels with a hand-written backward: the Triton lowering
+                              (kernels/pallas_triton.py) compiled on GPUs, the Mosaic one
+                              (kernels/pallas_tpu.py) compiled on TPUs, and the Triton kernels in
+                              interpret mode elsewhere (slow, for tests). Shapes a kernel cannot
+                              tile fall back to 'xla'. LowRank is two dense matmuls and has no
+                              kernel: 'pallas' = 'xla'.
   implementation='reference'  the plain einsums of kernels/reference.py (tests, benchmarks).
   implementation='auto'       'pallas' where it was measured faster (`PALLAS_WINS`: device kind ->
                               ops, filled from `python -m structffn_jax.bench.kernels` on that
-                              device) and the shape is supported; 'xla' everywhere else.
+                              GPU or TPU) and the shape is supported; 'xla' everywhere else.
+
+The platform is the default backend's, or the one `target_platform` sets while tracing for
+`jax.export` to another platform (the lowering tests).
 
 A pallas_call is not split by XLA's automatic sharding: under a multi-device jit, 'pallas' sees
 whole (gathered) operands, so keep 'xla' there unless the call sits inside a shard_map.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import jax
 
@@ -28,7 +36,7 @@ IMPLEMENTATIONS = ('auto', 'xla', 'pallas')
 _ALL = IMPLEMENTATIONS + ('reference',)
 
 # Device kinds (jax.Device.device_kind) on which the Pallas kernels beat the XLA path, per op.
-# Empty until `bench.kernels` has been run on a GPU: no claim without a measurement.
+# Empty until `bench.kernels` has been run on a GPU or TPU: no claim without a measurement.
 PALLAS_WINS: dict[str, tuple[str, ...]] = {}
 
 
@@ -37,8 +45,44 @@ def _check(implementation):
     raise ValueError(f'implementation={implementation!r} is unknown; use one of {_ALL}.')
 
 
-def _on_gpu() -> bool:
-  return jax.default_backend() == 'gpu'
+_TARGET = contextvars.ContextVar('structffn_target_platform', default=None)
+_PLATFORM_NAMES = {'cuda': 'gpu', 'rocm': 'gpu', 'gpu': 'gpu', 'tpu': 'tpu', 'cpu': 'cpu'}
+
+
+def platform() -> str:
+  """'gpu', 'tpu' or 'cpu': the platform the code being traced is for (the default backend
+  unless `target_platform` says otherwise)."""
+  return _TARGET.get() or _PLATFORM_NAMES.get(jax.default_backend(), jax.default_backend())
+
+
+@contextlib.contextmanager
+def target_platform(name: str):
+  """Trace for platform `name` ('cuda', 'rocm', 'gpu', 'tpu' or 'cpu') instead of the default
+  backend: the kernels and attention pick that platform's lowering, compiled rather than
+  interpreted. For `jax.export(..., platforms=[name])` from another machine."""
+  if name not in _PLATFORM_NAMES:
+    raise ValueError(f'target_platform: {name!r} is unknown; use one of {tuple(_PLATFORM_NAMES)}.')
+  token = _TARGET.set(_PLATFORM_NAMES[name])
+  try:
+    yield
+  finally:
+    _TARGET.reset(token)
+
+
+def _pallas_module(target: str):
+  """The kernels for `target`: Mosaic on TPU, Triton elsewhere (interpreted off GPU)."""
+  if target == 'tpu':
+    from structffn_jax.kernels import pallas_tpu  # pylint: disable=g-import-not-at-top
+    return pallas_tpu
+  from structffn_jax.kernels import pallas_triton  # pylint: disable=g-import-not-at-top
+  return pallas_triton
+
+
+def _pallas_supports(target: str, op: str, x, factors) -> bool:
+  shapes = (x.shape, *(f.shape for f in factors))
+  if target == 'tpu':
+    return _pallas_module(target).supports(op, *shapes, tpu=True)
+  return _pallas_module(target).supports(op, *shapes, gpu=target == 'gpu')
 
 
 def resolve(op: str, implementation: str, x, *factors) -> str:
@@ -48,12 +92,12 @@ def resolve(op: str, implementation: str, x, *factors) -> str:
     return implementation
   if op == 'lowrank':
     return 'xla'
+  target = platform()
   if implementation == 'auto' and (
-      not _on_gpu() or op not in PALLAS_WINS.get(jax.devices()[0].device_kind, ())):
+      target not in ('gpu', 'tpu')
+      or op not in PALLAS_WINS.get(jax.devices()[0].device_kind, ())):
     return 'xla'
-  from structffn_jax.kernels import pallas_gpu  # pylint: disable=g-import-not-at-top
-  supported = pallas_gpu.supports(op, x.shape, *(f.shape for f in factors), gpu=_on_gpu())
-  return 'pallas' if supported else 'xla'
+  return 'pallas' if _pallas_supports(target, op, x, factors) else 'xla'
 
 
 def _dispatch(op, x, factors, implementation):
@@ -61,8 +105,9 @@ def _dispatch(op, x, factors, implementation):
   if impl == 'reference':
     return getattr(reference, op)(x, *factors)
   if impl == 'pallas':
-    from structffn_jax.kernels import pallas_gpu  # pylint: disable=g-import-not-at-top
-    return getattr(pallas_gpu, op)(x, *factors, interpret=not _on_gpu())
+    target = platform()
+    return getattr(_pallas_module(target), op)(x, *factors,
+                                               interpret=target not in ('gpu', 'tpu'))
   return getattr(xla, op)(x, *factors)
 
 

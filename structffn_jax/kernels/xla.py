@@ -26,19 +26,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from structffn_jax.kernels.layout import (common_dtype, deinterleave, from_blocks, interleave,
+                                          to_blocks)
+
 _BMM_NT = 'btk,bnk->btn'  # a (B, T, K) · w (B, N, K)ᵀ
 _BMM_NN = 'btn,bnk->btk'  # a (B, T, N) · w (B, N, K)
-
-
-def _to_blocks(x, b):
-  """(T, B·p) -> (B, T, p)."""
-  return x.reshape(x.shape[0], b, -1).transpose(1, 0, 2)
-
-
-def _from_blocks(xb):
-  """(B, T, p) -> (T, B·p)."""
-  b, t, p = xb.shape
-  return xb.transpose(1, 0, 2).reshape(t, b * p)
 
 
 def _flat(fn):
@@ -82,29 +74,29 @@ def _lr_backward(res, dy):
 
 @_flat
 def lowrank(x, v, u):
-  return _lr_op(*_common(x, v, u))
+  return _lr_op(*common_dtype(x, v, u))
 
 
 # ----------------------------------------------------------------------------- BlockDense
 
 
 def _bd_forward(x, v, u):
-  xb = _to_blocks(x, v.shape[0])
-  h = _from_blocks(jnp.einsum(_BMM_NT, xb, v))  # (T, R) block-major
+  xb = to_blocks(x, v.shape[0])
+  h = from_blocks(jnp.einsum(_BMM_NT, xb, v))  # (T, R) block-major
   return jnp.einsum('tr,mr->tm', h, u), (xb, h, v, u)
 
 
 def _bd_backward(res, dy):
   xb, h, v, u = res
-  dhb = _to_blocks(jnp.einsum('tm,mr->tr', dy, u), v.shape[0])
-  dx = _from_blocks(jnp.einsum(_BMM_NN, dhb, v))
+  dhb = to_blocks(jnp.einsum('tm,mr->tr', dy, u), v.shape[0])
+  dx = from_blocks(jnp.einsum(_BMM_NN, dhb, v))
   return dx.astype(xb.dtype), _weight_grad(dhb, xb).astype(v.dtype), \
       _weight_grad(dy, h).astype(u.dtype)
 
 
 @_flat
 def blockdense(x, v, u):
-  return _bd_op(*_common(x, v, u))
+  return _bd_op(*common_dtype(x, v, u))
 
 
 # ----------------------------------------------------------------------------- BlockShuffle
@@ -116,36 +108,25 @@ def blockdense(x, v, u):
 def _shuffle(h):
   """(B_i, T, q) -> (B_j, T, q) through the token-major flat layout, element by element."""
   b, t, q = h.shape
-  return _from_blocks(h).reshape(t, q, b).transpose(2, 0, 1)
+  return from_blocks(h).reshape(t, q, b).transpose(2, 0, 1)
 
 
 def _unshuffle(hp):
   b, t, q = hp.shape
-  return _to_blocks(hp.transpose(1, 2, 0).reshape(t, q * b), b)
-
-
-def _interleave(u):
-  """(B, T, s) -> (T, s·B) with y[s·B + j] = u[j, s]."""
-  b, t, s = u.shape
-  return u.transpose(1, 2, 0).reshape(t, s * b)
-
-
-def _deinterleave(y, b):
-  t, m = y.shape
-  return y.reshape(t, m // b, b).transpose(2, 0, 1)
+  return to_blocks(hp.transpose(1, 2, 0).reshape(t, q * b), b)
 
 
 def _bs_forward(x, w1, w2):
-  xb = _to_blocks(x, w1.shape[0])
+  xb = to_blocks(x, w1.shape[0])
   hp = _shuffle(jnp.einsum(_BMM_NT, xb, w1))
-  return _interleave(jnp.einsum(_BMM_NT, hp, w2)), (xb, hp, w1, w2)
+  return interleave(jnp.einsum(_BMM_NT, hp, w2)), (xb, hp, w1, w2)
 
 
 def _bs_backward(res, dy):
   xb, hp, w1, w2 = res
-  du = _deinterleave(dy, w1.shape[0])
+  du = deinterleave(dy, w1.shape[0])
   dh = _unshuffle(jnp.einsum(_BMM_NN, du, w2))
-  dx = _from_blocks(jnp.einsum(_BMM_NN, dh, w1))
+  dx = from_blocks(jnp.einsum(_BMM_NN, dh, w1))
   return dx.astype(xb.dtype), _weight_grad(dh, xb).astype(w1.dtype), \
       _weight_grad(du, hp).astype(w2.dtype)
 
@@ -170,34 +151,29 @@ def _gelu(h):
 
 def _ffn_forward(x, w1a, w2a, b1, w1b, w2b, b2):
   ba, bb = w1a.shape[0], w1b.shape[0]
-  xb = _to_blocks(x, ba)
+  xb = to_blocks(x, ba)
   h1 = _shuffle(jnp.einsum(_BMM_NT, xb, w1a))                      # (B, T, q1)
   pre = jnp.einsum(_BMM_NT, h1, w2a) + _bias_blocks(b1, ba)        # (B, T, f/B), fc1's layout
-  g = _to_blocks(_interleave(_gelu(pre)), bb)                      # (B', T, f/B'), fc2's chunks
+  g = to_blocks(interleave(_gelu(pre)), bb)                        # (B', T, f/B'), fc2's chunks
   h2 = _shuffle(jnp.einsum(_BMM_NT, g, w1b))                       # (B', T, q2)
-  y = _interleave(jnp.einsum(_BMM_NT, h2, w2b)) + b2
+  y = interleave(jnp.einsum(_BMM_NT, h2, w2b)) + b2
   return y, (xb, h1, pre, g, h2, w1a, w2a, w1b, w2b)
 
 
 def _ffn_backward(res, dy):
   xb, h1, pre, g, h2, w1a, w2a, w1b, w2b = res
   ba, bb = w1a.shape[0], w1b.shape[0]
-  du2 = _deinterleave(dy, bb)
+  du2 = deinterleave(dy, bb)
   dh2 = _unshuffle(jnp.einsum(_BMM_NN, du2, w2b))
-  dg = _deinterleave(_from_blocks(jnp.einsum(_BMM_NN, dh2, w1b)), ba)
+  dg = deinterleave(from_blocks(jnp.einsum(_BMM_NN, dh2, w1b)), ba)
   dpre = jax.vjp(_gelu, pre)[1](dg)[0]
   dh1 = _unshuffle(jnp.einsum(_BMM_NN, dpre, w2a))
-  grads = (_from_blocks(jnp.einsum(_BMM_NN, dh1, w1a)),            # x
+  grads = (from_blocks(jnp.einsum(_BMM_NN, dh1, w1a)),             # x
            _weight_grad(dh1, xb), _weight_grad(dpre, h1),         # fc1's W1, W2
            dpre.sum(1).T.reshape(-1),                              # fc1's bias, interleaved
            _weight_grad(dh2, g), _weight_grad(du2, h2),            # fc2's W1, W2
            dy.sum(0))                                              # fc2's bias
   return tuple(d.astype(a.dtype) for d, a in zip(grads, (xb, w1a, w2a, pre, w1b, w2b, dy)))
-
-
-def _common(*arrays):
-  dtype = jnp.result_type(*arrays)
-  return [a.astype(dtype) for a in arrays]
 
 
 _lr_op = _with_vjp(_lr_forward, _lr_backward)
@@ -208,22 +184,12 @@ _ffn_op = _with_vjp(_ffn_forward, _ffn_backward)
 
 @_flat
 def blockshuffle(x, w1, w2):
-  return _bs_op(*_common(x, w1, w2))
+  return _bs_op(*common_dtype(x, w1, w2))
 
 
 def blockshuffle_ffn(x, w1a, w2a, b1, w1b, w2b, b2):
   """fc2(GELU_tanh(fc1(x) + b1)) + b2 for two BlockShuffle layers (fc1 d -> f, fc2 f -> d')."""
   lead = x.shape[:-1]
-  args = _common(x.reshape(-1, x.shape[-1]), w1a, w2a, b1, w1b, w2b, b2)
+  args = common_dtype(x.reshape(-1, x.shape[-1]), w1a, w2a, b1, w1b, w2b, b2)
   y = _ffn_op(*args)
   return y.reshape(*lead, y.shape[-1])
-
-
-# ----------------------------------------------------------------------------- shared with Pallas
-
-
-def permute_rows(w1):
-  """W1 rows reordered from c·B + j to j·(q/B) + c (q a multiple of B): the Pallas kernels then
-  move the shuffle's data in contiguous runs of q/B."""
-  b, q, p = w1.shape
-  return w1.reshape(b, q // b, b, p).transpose(0, 2, 1, 3).reshape(b, q, p)

@@ -1,4 +1,5 @@
-"""Pallas kernels for BlockShuffle and BlockDense on GPUs, with hand-written backward passes.
+"""Pallas kernels for BlockShuffle and BlockDense on GPUs (Triton lowering), with hand-written
+backward passes. The TPU (Mosaic) counterparts are in pallas_tpu.py.
 
 On a GPU the XLA path spends a full read and write of an activation on every permutation
 (x into blocks, the shuffle, the interleave, and their mirror images in the backward). Here the
@@ -12,7 +13,7 @@ Two kernel bodies do all the work, each a tiled matmul accumulating in float32:
               into float32 partial sums that XLA adds)
 and the BlockSpecs below make them the stages of the two layers:
 
-  BlockShuffle (q = min(N, M)/B, r = q/B, W1's rows permuted as in xla.permute_rows)
+  BlockShuffle (q = min(N, M)/B, r = q/B, W1's rows permuted as in layout.permute_rows)
     forward   h' [j, T, i·r:(i+1)·r] = x[:, i-chunk] · W1p[i, j·r:(j+1)·r]ᵀ   (stage 1 + shuffle)
               y[:, s·B + j]          = h'[j] · W2[j]ᵀ                     (stage 2 + interleave)
     backward  dh~[i, T, j·r:(j+1)·r] = dy[:, j::B] · W2[j][:, i·r:(i+1)·r]
@@ -40,6 +41,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from structffn_jax.kernels.layout import common_dtype, permute_rows
+from structffn_jax.kernels.layout import tile as _tile
+
 try:  # The Triton lowering's parameters; absent from some builds.
   from jax.experimental.pallas import triton as _triton
 except ImportError:  # pragma: no cover
@@ -56,18 +60,6 @@ MAX_TOKEN_SPLITS = 16  # programs a weight gradient's token sum is split over
 
 class _Mode(NamedTuple):
   interpret: bool  # run the kernels in the Pallas interpreter (CPU tests)
-
-
-def _tile(n: int, pref: int, interpret: bool) -> int:
-  """The tile for a dimension of size n: the largest power of two <= pref that divides n.
-
-  In interpret mode a dimension no larger than pref is taken whole (any size works there)."""
-  if interpret and n <= pref:
-    return n
-  t = 1 << (min(n, pref).bit_length() - 1)
-  while n % t:
-    t //= 2
-  return t
 
 
 def _gpu_tile_ok(n: int, pref: int) -> bool:
@@ -143,11 +135,6 @@ def _token_splits(tokens: int, mode: _Mode) -> int:
   while splits > 1 and tokens % (splits * tt):
     splits -= 1
   return max(splits, 1)
-
-
-def _common_dtype(*arrays):
-  dtype = jnp.result_type(*arrays)
-  return [a.astype(dtype) for a in arrays]
 
 
 def _kernel_op(forward, backward):
@@ -235,8 +222,7 @@ _bs_op = _kernel_op(_bs_forward, _bs_backward)
 @_flat
 def blockshuffle(x, w1, w2, mode):
   """BlockShuffle x (T, N) -> (T, M); W1 (B, q, N/B), W2 (B, M/B, q); q a multiple of B."""
-  from structffn_jax.kernels.xla import permute_rows  # pylint: disable=g-import-not-at-top
-  x, w1, w2 = _common_dtype(x, w1, w2)
+  x, w1, w2 = common_dtype(x, w1, w2)
   return _bs_op(x, permute_rows(w1), w2, mode)
 
 
@@ -288,5 +274,5 @@ _bd_op = _kernel_op(_bd_forward, _bd_backward)
 @_flat
 def blockdense(x, v, u, mode):
   """BlockDense x (T, N) -> (T, M); V (B, R/B, N/B), U (M, R)."""
-  x, v, u = _common_dtype(x, v, u)
+  x, v, u = common_dtype(x, v, u)
   return _bd_op(x, v, u, mode)
