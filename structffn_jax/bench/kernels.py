@@ -23,7 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from structffn_jax import cli, kernels, timing
+from structffn_jax import cli, kernels
+from structffn_jax.bench import common
+from structffn_jax.bench.ffn import settings
 
 OPS = ('blockshuffle', 'blockdense')
 IMPLS = ('pallas', 'xla', 'reference')
@@ -40,7 +42,7 @@ def cases(widths, fractions):
   for width in widths:
     for op in OPS:
       for fraction in fractions:
-        s = timing.ffn_settings(op, width, fraction)
+        s = settings(op, width, fraction)
         for layer, (n, m) in (('fc1', (width, 4 * width)), ('fc2', (4 * width, width))):
           yield dict(op=op, width=width, fraction=fraction, layer=layer, n=n, m=m,
                      shapes=factor_shapes(op, n, m, s['rank'], s['blocks']), **s)
@@ -88,7 +90,7 @@ def main(argv=None):
       for p, fn in functions(op, impl, x, factors, dy).items():
         fns[(impl, p)] = fn
     results = {k: fn(*a) for k, (fn, a) in fns.items()}
-    times = timing.time_interleaved(fns, warmup=args.warmup, iters=args.iters)
+    times = common.time_interleaved(fns, warmup=args.warmup, iters=args.iters)
     row = dict(case, shapes=[list(s) for s in shapes], tokens=args.tokens, dtype=args.dtype,
                pallas_runs=runs['pallas'])
     for p in ('fwd', 'fwdbwd'):
@@ -108,16 +110,16 @@ def main(argv=None):
   for p in ('fwd', 'fwdbwd'):
     columns += [f'{p}_pallas_ms', f'{p}_xla_ms', f'{p}_reference_ms', f'{p}_pallas_vs_xla',
                 f'{p}_pallas_err']
-  timing.print_table(rows, columns)
+  common.print_table(rows, columns)
   wins = [op for op in OPS
           if all(r['pallas_runs'] == 'pallas' and r['fwd_pallas_vs_xla'] > 1 and
                  r['fwdbwd_pallas_vs_xla'] > 1 for r in rows if r['op'] == op)]
-  kind = timing.device_info()['device']
+  kind = common.device_info()['device']
   if on_gpu:
     print(f'kernels.api.PALLAS_WINS entry for this device: {{{kind!r}: {tuple(wins)!r}}}')
   worst = max(max(r['fwd_pallas_err'], r['fwdbwd_pallas_err']) for r in rows)
   print(f'largest Pallas error relative to the reference: {worst:.2e}')
-  timing.write_json(args.out or timing.default_out('kernels'),
+  common.write_json(args.out or common.default_out('kernels'),
                     dict(tokens=args.tokens, dtype=args.dtype, widths=list(args.widths),
                          iters=args.iters, interpret=not on_gpu, pallas_wins=wins, rows=rows))
   if np.isnan(worst) or worst > (2e-2 if dtype == jnp.bfloat16 else 1e-4):
