@@ -1,7 +1,7 @@
-r"""The paper's findings in miniature, on 2 CPU cores: four studies over 4-layer GPTs of width 64-256.
+r"""The paper's findings in miniature, on 2 CPU cores: four studies over 4-layer GPTs of width 64-128.
 
-Every run reads the embedded corpus (the whole standard library's `.py` text, ~8M tokens at
-vocabulary 8192, context 128) from one shared data directory, `runs/cpu_repro/data`. No run reads
+Every run reads the embedded corpus (the whole standard library's `.py` text, ~11M tokens at
+vocabulary 4096, context 128) from one shared data directory, `runs/cpu_repro/data`. No run reads
 a row twice, and the studies read disjoint rows: each study starts at its own batch offset
 (`train.data_start`) of the one shuffled order, and every run of one study and width sees the
 same rows. Runs are float32, batch 32 x 128 tokens, AdamW with the paper's recipe (10% warm-up,
@@ -9,16 +9,16 @@ cosine to 0.1 x peak, weight decay 0.1, clip 1.0); nothing was tuned to agree wi
 
 Argument: `study=<scaling|lr|sgt|wide>` plus the study's own keys:
 
-  scaling  Table 1 / Figure 1a: `width=<64|128|256>,method=<dense|lowrank|blockdense|
+  scaling  Table 1 / Figure 1a: `width=<64|96|128>,method=<dense|lowrank|blockdense|
            blockshuffle>,fraction=<63|32>,seed=N`. Tokens grow with width (TOKENS).
-  lr       Figure 3: `variant=<dense|lowrank|lowrank_sgt>,lr=X` at width 128, 32% LowRank,
+  lr       Figure 3: `variant=<dense|lowrank|lowrank_sgt>,lr=X` at width 64, 32% LowRank,
            SGT fixedstep over the first half.
   sgt      Tables 3, 4, 10: `method=<lowrank|blockshuffle>,variant=<plain|fixedstep|fixedflop|
            more_tokens>` at width 128, 32%. `fixedflop` uses reduce_flop and the ratio that
            matches dense training FLOPs (`sgt_ratio_matching_dense`); `more_tokens` is plain
            structured training with the extra tokens that reach the same FLOPs; `variant=dense`
            is the reference.
-  wide     Table 2: `variant=<dense|gqa|ours>` at width 256: ours = wider LowRank FFN + GQA with
+  wide     Table 2: `variant=<dense|gqa|ours>` at width 128: ours = wider LowRank FFN + GQA with
            half the attention width, trained on the tokens that match dense training FLOPs.
 
   python launch/sweep.py configs/cpu_reproduction.py --grid study=scaling --run --summary
@@ -34,19 +34,16 @@ DATA_DIR = 'runs/cpu_repro/data'  # shared by every run of every study (tokenize
 SEQ_LEN = 128
 BATCH = 32
 # Tokens of one scaling run per width (every method of a width sees the same rows).
-TOKENS = {64: 1_048_576, 128: 1_572_864, 256: 2_097_152}
+TOKENS = {64: 524_288, 96: 786_432, 128: 1_048_576}
 # The width of the lr, sgt and wide studies, and their token budgets.
-STUDY_WIDTH = {'lr': 128, 'sgt': 128, 'wide': 256}
-STUDY_TOKENS = {'lr': 1_048_576, 'sgt': 1_048_576, 'wide': 1_048_576}
-# Rows are read in one fixed shuffled order; each study starts at its own batch of it, so the
-# studies' rows never overlap (scaling takes the first TOKENS[256] / (BATCH * SEQ_LEN) batches).
+STUDY_WIDTH = {'lr': 64, 'sgt': 128, 'wide': 128}
+STUDY_TOKENS = {'lr': 524_288, 'sgt': 786_432, 'wide': 786_432}
+# Rows are read in one fixed shuffled order; each study owns a window of it (in batches of
+# BATCH x SEQ_LEN tokens), so the studies' rows never overlap. tests/test_cpu_reproduction.py
+# checks that every variant stays inside its study's window.
 _BATCH_TOKENS = BATCH * SEQ_LEN
-DATA_START = {
-    'scaling': 0,
-    'lr': TOKENS[256] // _BATCH_TOKENS,
-    'sgt': TOKENS[256] // _BATCH_TOKENS + STUDY_TOKENS['lr'] // _BATCH_TOKENS,
-    'wide': TOKENS[256] // _BATCH_TOKENS + 2 * STUDY_TOKENS['lr'] // _BATCH_TOKENS,
-}
+WINDOWS = {'scaling': 256, 'scaling_reseed': 128, 'lr': 128, 'sgt': 256, 'wide': 256}
+DATA_START = {study: sum(list(WINDOWS.values())[:i]) for i, study in enumerate(WINDOWS)}
 PEAK_LR = 2e-3
 LRS = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2)
 
@@ -63,14 +60,18 @@ def structures(width: int) -> dict:
   return out
 
 
+def _scaling(width: int, seed: int = 1005) -> list[str]:
+  tail = '' if seed == 1005 else f',seed={seed}'
+  return [f'study=scaling,width={width},method=dense{tail}'] + [
+      f'study=scaling,width={width},method={m},fraction={f}{tail}'
+      for f in (63, 32) for m in ('lowrank', 'blockdense', 'blockshuffle')]
+
+
+# In the order a sweep runs them: the smallest width with its second seed first, then the
+# larger widths, then the lr, sgt and wide studies.
 VARIANTS = (
-    [f'study=scaling,width={w},method=dense' for w in TOKENS]
-    + [f'study=scaling,width={w},method={m},fraction={f}' for w in TOKENS
-       for f in (63, 32) for m in ('lowrank', 'blockdense', 'blockshuffle')]
-    + [f'study=scaling,width=64,method={m},fraction={f},seed=2' for m, f in
-       [('dense', 32)] + [(m, f) for f in (63, 32) for m in ('lowrank', 'blockdense',
-                                                              'blockshuffle')]]
-    + [f'study=lr,variant={v},lr={lr:g}' for v in ('dense', 'lowrank', 'lowrank_sgt') for lr in LRS]
+    _scaling(64) + _scaling(64, seed=2) + _scaling(96) + _scaling(128)
+    + [f'study=lr,variant={v},lr={lr:g}' for lr in LRS for v in ('dense', 'lowrank', 'lowrank_sgt')]
     + ['study=sgt,method=dense,variant=plain']
     + [f'study=sgt,method={m},variant={v}' for m in ('lowrank', 'blockshuffle')
        for v in ('plain', 'fixedstep', 'fixedflop', 'more_tokens')]
@@ -80,7 +81,7 @@ VARIANTS = (
 
 def _model(c, width: int):
   m = c.model
-  m.vocab_size = 8192  # SentencePiece vocabulary trained on the corpus
+  m.vocab_size = 4096  # SentencePiece vocabulary trained on the corpus
   m.seq_len = SEQ_LEN  # context
   m.hidden_dim, m.ffn_dim, m.attn_dim = width, 4 * width, width  # width, FFN width, attention
   m.num_layers = 4  # blocks
@@ -94,11 +95,12 @@ def _train(c, study: str, tokens: float, seed: int = 1005, lr: float = PEAK_LR):
   t.tokens = tokens  # baseline token budget S x batch x context
   t.global_batch = BATCH  # sequences per step
   t.peak_lr = lr  # peak learning rate
-  t.seed = seed  # init, data order, reduce_flop draws
+  t.seed = seed  # init and reduce_flop draws
+  t.data_seed = 1005  # one row order for every run; studies take disjoint windows of it
   t.data_start = DATA_START[study]  # this study's first batch of the shared row order
   steps = int(tokens // _BATCH_TOKENS)
-  t.eval_every = max(steps // 8, 1)  # 8 validation points per run
-  t.eval_tokens = 256 * SEQ_LEN  # 256 validation rows
+  t.eval_every = max(steps // 4, 1)  # 4 validation points per run
+  t.eval_tokens = 512 * SEQ_LEN  # 512 of the 1,165 validation rows
   t.log_every = 8  # loss every 8 steps: the spike counter's resolution
   t.ckpt_every = 64  # resumable at most 64 steps back
   t.keep_ckpts = 1
@@ -141,7 +143,11 @@ def get_config(arg=None):
     fraction = 100 if a.method == 'dense' else a.fraction
     c.model.ffn.update(config_lib.choose('method,fraction', (a.method, fraction),
                                          structures(a.width)))
-    _train(c, 'scaling', TOKENS[a.width], seed=a.seed)
+    # Another seed also reads other rows (its own window): the spread is init and data noise.
+    _train(c, 'scaling' if a.seed == 1005 else 'scaling_reseed', TOKENS[a.width], seed=a.seed)
+    if a.seed != 1005 and TOKENS[a.width] > WINDOWS['scaling_reseed'] * _BATCH_TOKENS:
+      raise config_lib.ConfigError(f'seed={a.seed}: other seeds run at width 64 only (their row '
+                                   'window holds 128 batches)')
     c.name = f'scaling-w{a.width}-{a.method}' + (f'-{fraction}' if a.method != 'dense' else '') \
         + (f'-seed{a.seed}' if a.seed != 1005 else '')
     return c

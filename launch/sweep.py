@@ -12,9 +12,16 @@ name (`config.name`) names its workdir under --root.
       --launcher slurm --set mesh.fsdp=8 --run          # one sbatch job per variant
 
 Launchers: `plain` (python -m structffn_jax.train, one process: all local devices), `local`
-(launch/local.sh with --processes N), `slurm` (sbatch launch/slurm.sbatch), `tpu` (launch/
-tpu_pod.sh train --tpu NAME --zone ZONE). Without --run the commands are printed, one per line,
-ready for a shell or a job queue; with --run they are run one after another (slurm: submitted).
+(launch/local.sh with --processes N), `slurm` (sbatch launch/slurm.sbatch, one job per variant),
+`slurm-array` (one sbatch array job, task i trains variant i: the script is written to
+<root>/<config>.array.sbatch), `tpu` (launch/tpu_pod.sh train --tpu NAME --zone ZONE). Without
+--run the commands are printed, one per line, ready for a shell or a job queue.
+
+With --run (plain and local) the variants run one after another on this machine: a finished run
+is skipped, an unfinished one resumes from its last checkpoint, a failed one (a diverged loss, a
+crash) is recorded in <workdir>/sweep.json and the sweep goes on; --retry-failed runs those again.
+Each run's output goes to <workdir>/train.log. --summary prints one table of every variant's
+status and final validation loss (alone, without --run, it only reads the workdirs).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from structffn_jax import config as config_lib  # noqa: E402
+from structffn_jax import studies  # noqa: E402
 
 
 def module_variants(config_path: str) -> list[str]:
@@ -61,7 +69,7 @@ def expand(variants: list[str], grid: list[str]) -> list[str]:
 
 def command(launcher: str, config_arg: str, workdir: str, sets: list[str], args) -> list[str]:
   train = ['--config', config_arg, '--workdir', workdir] + [a for s in sets for a in ('--set', s)]
-  if launcher == 'plain':
+  if launcher in ('plain', 'slurm-array'):  # slurm-array: one line of the array's table
     return ['python', '-m', 'structffn_jax.train'] + train
   if launcher == 'local':
     return ['launch/local.sh', str(args.processes), 'python', '-m',
@@ -85,40 +93,111 @@ def main(argv=None) -> int:
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
                       help='config override for every variant')
   parser.add_argument('--root', default='runs', help='workdirs are <root>/<run name>')
-  parser.add_argument('--launcher', default='plain', choices=('plain', 'local', 'slurm', 'tpu'))
+  parser.add_argument('--launcher', default='plain',
+                      choices=('plain', 'local', 'slurm', 'slurm-array', 'tpu'),
+                      help='how each variant is started (see above)')
   parser.add_argument('--processes', type=int, default=2, help='local: processes per run')
   parser.add_argument('--sbatch', action='append', default=[], metavar='FLAG',
                       help='slurm: extra sbatch flag, e.g. --sbatch=--nodes=4')
   parser.add_argument('--tpu', default='', help='tpu: TPU VM name')
   parser.add_argument('--zone', default='', help='tpu: zone')
-  parser.add_argument('--run', action='store_true', help='run (or submit) the commands')
+  parser.add_argument('--run', action='store_true',
+                      help='run the commands (plain, local: one after another; slurm: submit)')
+  parser.add_argument('--retry-failed', action='store_true',
+                      help='with --run: train again the runs that failed or diverged before')
+  parser.add_argument('--summary', action='store_true',
+                      help='print a table of every variant: status, steps, final losses')
+  parser.add_argument('--match', default='', metavar='TEXT',
+                      help='only the variants whose config argument contains TEXT')
   args = parser.parse_args(argv)
 
   try:
     variants = expand(module_variants(args.config), args.grid)
+    if args.match:
+      variants = [v for v in variants if args.match in v]
+      if not variants:
+        raise config_lib.ConfigError(f'--match {args.match!r}: no variant contains it')
     if variants == ['']:
       print(f'note: {args.config} defines no VARIANTS and no --grid was given: one run with its '
             'defaults', file=sys.stderr)
-    commands, seen = [], {}
+    runs, seen = [], {}
     for arg in variants:
       config_arg = f'{args.config}:{arg}' if arg else args.config
       config = config_lib.load(config_arg, tuple(args.set))  # validates the variant
       seen[config.name] = seen.get(config.name, 0) + 1  # same name twice: -2, -3, ...
       name = config.name + (f'-{seen[config.name]}' if seen[config.name] > 1 else '')
-      workdir = str(pathlib.Path(args.root) / name)
-      commands.append(command(args.launcher, config_arg, workdir, args.set, args))
+      workdir = pathlib.Path(args.root) / name
+      runs.append((config, workdir, command(args.launcher, config_arg, str(workdir), args.set,
+                                            args)))
   except (config_lib.ConfigError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
 
-  for cmd in commands:
-    print(shlex.join(cmd))
+  if args.launcher == 'slurm-array':
+    script = write_array_script(args, [cmd for _, _, cmd in runs])
+    print(f'{len(runs)} variants in {script}')
     if args.run:
+      return subprocess.call(['sbatch', *args.sbatch, str(script)], cwd=REPO)
+    return 0
+
+  if not args.run:
+    if not args.summary:
+      for _, _, cmd in runs:
+        print(shlex.join(cmd))
+    else:
+      print(studies.format_table(studies.summary_rows(runs)))
+    return 0
+  if args.launcher not in ('plain', 'local'):  # submitted, not run here
+    for _, _, cmd in runs:
+      print(shlex.join(cmd))
       rc = subprocess.call(cmd, cwd=REPO)
       if rc:
         print(f'error: exit status {rc}: {shlex.join(cmd)}', file=sys.stderr)
         return rc
-  return 0
+    return 0
+
+  failed = 0
+  for i, (config, workdir, cmd) in enumerate(runs, 1):
+    status = studies.run_status(config, workdir)
+    if status.state == 'finished' or (status.state == 'failed' and not args.retry_failed):
+      print(f'[{i}/{len(runs)}] {config.name}: {status.describe()}; skipped', flush=True)
+      continue
+    print(f'[{i}/{len(runs)}] {config.name}: {status.describe()}; {shlex.join(cmd)}', flush=True)
+    rc, wall = studies.run_logged(cmd, workdir, cwd=REPO)
+    status = studies.run_status(config, workdir)
+    failed += status.state != 'finished'
+    print(f'[{i}/{len(runs)}] {config.name}: {status.describe()} (exit {rc}, '
+          f'{studies.duration(wall)})', flush=True)
+  if args.summary:
+    print(studies.format_table(studies.summary_rows(runs)))
+  return 1 if failed else 0
+
+
+def write_array_script(args, commands: list[list[str]]) -> pathlib.Path:
+  """A SLURM array script whose task i runs commands[i] (one node each; #SBATCH lines editable)."""
+  root = pathlib.Path(args.root)
+  root.mkdir(parents=True, exist_ok=True)
+  script = root / f'{pathlib.Path(args.config).stem}.array.sbatch'
+  table = '\n'.join(f'  {shlex.quote(shlex.join(cmd))}' for cmd in commands)
+  script.write_text(f"""#!/usr/bin/env bash
+# {len(commands)} variants of {args.config}; task i trains variant i. Re-submit to resume: a run
+# that finished exits at once, an unfinished one resumes from its last checkpoint.
+#SBATCH --job-name={pathlib.Path(args.config).stem}
+#SBATCH --array=0-{len(commands) - 1}
+#SBATCH --nodes=1
+#SBATCH --gpus-per-node=1
+#SBATCH --time=24:00:00
+#SBATCH --signal=TERM@600
+#SBATCH --output=%x-%A_%a.out
+set -euo pipefail
+COMMANDS=(
+{table}
+)
+cd {shlex.quote(str(REPO))}
+source "${{VENV:-{REPO}/.venv}}/bin/activate"
+eval "${{COMMANDS[$SLURM_ARRAY_TASK_ID]}}"
+""")
+  return script
 
 
 if __name__ == '__main__':
