@@ -1,17 +1,18 @@
 """Every backend of kernels/api.py against the plain-einsum reference, forward and gradient.
 
-Backends: 'xla' (block-leading batched matmuls, BlockShuffle with a hand-written backward) and
-'pallas' (the GPU kernels, run here by the Pallas interpreter). Each case draws fresh random
-inputs and a random output cotangent and compares y and the gradients with respect to x and
-every factor. Shapes cover N < M, N > M, B in {1, 2, 4}, leading batch dimensions and, for the
-kernels, tile sizes shrunk so that every loop runs over several tiles and the weight gradients
-over several token splits. A last test lowers the kernels for a CUDA GPU (Triton IR, no GPU
-needed), at the paper's shapes, so that a kernel that would not build on GPU fails here.
+Backends: 'xla' (block-leading batched matmuls, BlockShuffle with a hand-written backward),
+'pallas' (the GPU kernels of pallas_triton.py, run here by the Pallas interpreter) and the TPU
+kernels of pallas_tpu.py (also interpreted). Each case draws fresh random inputs and a random
+output cotangent and compares y and the gradients with respect to x and every factor. Shapes
+cover N < M, N > M, B in {1, 2, 4}, leading batch dimensions, shapes drawn at random, and, for
+the kernels, tile sizes shrunk so that every loop runs over several tiles and the weight
+gradients over several token splits (or token tiles). The TPU kernels' outputs and input
+gradients are also checked against float64 numpy with the layer's explicit dense matrix.
+Lowering for CUDA and TPU (no device needed) is in test_lowering.py.
 
 Tolerance: float32, sums of at most a few hundred products: 2e-5 of the reference's scale.
 """
 
-import re
 import zlib
 
 import jax
@@ -22,7 +23,7 @@ from flax import nnx
 
 from structffn_jax import config as config_lib
 from structffn_jax import kernels, structured
-from structffn_jax.kernels import pallas_triton, reference
+from structffn_jax.kernels import api, pallas_tpu, pallas_triton, reference
 
 ATOL_REL = 2e-5
 
@@ -46,6 +47,12 @@ IDS = [f'{op}-x{"x".join(map(str, xs))}-' + '-'.join('x'.join(map(str, f)) for f
 def _arrays(shapes, seed, dtype=jnp.float32):
   rng = np.random.default_rng(seed)
   return [jnp.asarray(rng.standard_normal(s), dtype) for s in shapes]
+
+
+def _specs(shapes):
+  """float32 ShapeDtypeStructs: x and the list of factors."""
+  x, *factors = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+  return x, factors
 
 
 def _value_and_grads(fn, args, dy):
@@ -77,9 +84,10 @@ def test_backend_matches_reference(op, x_shape, factor_shapes, implementation, s
   seed = zlib.crc32(f'{op}{x_shape}{implementation}'.encode())
   args = _arrays([x_shape, *factor_shapes], seed)
   expected_impl = implementation
-  on_gpu = jax.default_backend() == 'gpu'  # there the tiny tiles are unsupported: 'xla' runs
-  if implementation == 'pallas' and not pallas_triton.supports(op, x_shape, *factor_shapes,
-                                                            gpu=on_gpu):
+  # On a GPU or TPU the tiny tiles are unsupported: 'xla' runs there.
+  x_spec, factor_specs = _specs([x_shape, *factor_shapes])
+  if implementation == 'pallas' and (
+      op == 'lowrank' or not api._pallas_supports(api.platform(), op, x_spec, factor_specs)):
     expected_impl = 'xla'  # lowrank, or a BlockShuffle whose shuffle is not whole runs
   assert kernels.resolve(op, implementation, *args) == expected_impl
   fn = lambda *a: getattr(kernels, op)(*a, implementation=implementation)
@@ -121,6 +129,23 @@ def test_compiled_kernels_on_gpu(op, x_shape, factor_shapes):
     _close(g, w, atol_rel=3e-2, what=f'{op} compiled')
 
 
+@pytest.mark.skipif(jax.default_backend() != 'tpu', reason='compiled kernels need a TPU')
+@pytest.mark.parametrize('op,x_shape,factor_shapes', [
+    ('blockshuffle', (512, 256), [(2, 128, 128), (2, 512, 128)]),
+    ('blockshuffle', (512, 1024), [(4, 64, 256), (4, 64, 64)]),
+    ('blockdense', (512, 256), [(2, 64, 128), (1024, 128)]),
+    ('blockdense', (512, 1024), [(4, 32, 256), (256, 128)]),
+])
+def test_compiled_kernels_on_tpu(op, x_shape, factor_shapes):
+  args = _arrays([x_shape, *factor_shapes], 13, jnp.bfloat16)
+  assert kernels.resolve(op, 'pallas', *args) == 'pallas'
+  (dy,) = _arrays([jax.eval_shape(getattr(reference, op), *args).shape], 14)
+  want = _value_and_grads(getattr(reference, op), [a.astype(jnp.float32) for a in args], dy)
+  got = _value_and_grads(lambda *a: getattr(kernels, op)(*a, implementation='pallas'), args, dy)
+  for g, w in zip(got, want):
+    _close(g, w, atol_rel=3e-2, what=f'{op} compiled on TPU')
+
+
 def test_auto_is_xla_off_gpu_and_names_are_checked():
   args = _arrays([(8, 16), (4, 4, 4), (4, 12, 4)], 0)
   if jax.default_backend() != 'gpu':
@@ -159,40 +184,85 @@ def test_config_field():
     config_lib.validate(c)
 
 
-# The paper's m size at 32% (design §6.3): fc1 and fc2 of BlockShuffle B=4 and BlockDense (4, 384),
-# and an s-size BlockShuffle whose run length q/B = 48 is tiled by 16.
-GPU_SHAPES = [
-    ('blockshuffle', (4096, 1024), [(4, 256, 256), (4, 1024, 256)]),
-    ('blockshuffle', (4096, 4096), [(4, 256, 1024), (4, 256, 256)]),
-    ('blockshuffle', (4096, 768), [(4, 192, 192), (4, 768, 192)]),
-    ('blockdense', (4096, 1024), [(4, 96, 256), (4096, 384)]),
-    ('blockdense', (4096, 4096), [(4, 96, 1024), (1024, 384)]),
-]
+# ----------------------------------------------------------------------------- TPU kernels
 
 
-@pytest.mark.parametrize('op,x_shape,factor_shapes', GPU_SHAPES,
-                         ids=[f'{op}-N{xs[1]}' for op, xs, _ in GPU_SHAPES])
-def test_kernels_lower_for_gpu(op, x_shape, factor_shapes):
-  """Forward and backward lower to Triton kernels for CUDA: no transpose pass between them."""
-  from jax import export  # pylint: disable=g-import-not-at-top
-  assert pallas_triton.supports(op, x_shape, *factor_shapes, gpu=True)
-  specs = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in [x_shape, *factor_shapes]]
-  fn = getattr(pallas_triton, op)
-  y = jax.eval_shape(fn, *specs)
+@pytest.fixture
+def small_tpu_tiles(monkeypatch):
+  """TPU kernel tiles of 4 tokens (8 in the forward) and 4 output columns: several of each."""
+  for name, value in (('TILE_T', 8), ('TILE_T_GRAD', 4), ('TILE_S', 4)):
+    monkeypatch.setattr(pallas_tpu, name, value)
 
-  def fwd_bwd(*args):
-    *inputs, dy = args
-    out, vjp = jax.vjp(fn, *inputs)
-    return out, vjp(dy)
 
-  triton = '__gpu$xla.gpu.triton'
-  exported = export.export(jax.jit(fwd_bwd), platforms=['cuda'],
-                           disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)])(
-                               *specs, jax.ShapeDtypeStruct(y.shape, jnp.bfloat16))
-  text = exported.mlir_module()
-  assert text.count(triton) == {'blockshuffle': 6, 'blockdense': 3}[op]
-  # The permutations live in the kernels' index maps: XLA transposes nothing activation-sized
-  # (only the small weights, whose transposes the backward kernels read).
-  largest_weight = max(np.prod(s) for s in factor_shapes)
-  for dims in re.findall(r'stablehlo\.transpose.*-> tensor<([0-9x]+)x(?:bf16|f32)>', text):
-    assert np.prod([int(d) for d in dims.split('x')]) <= largest_weight, dims
+def _random_case(op, seed):
+  """(x shape, factor shapes) drawn at random: B in {1, 2, 4}, N < M or N > M, 3..36 tokens."""
+  rng = np.random.default_rng(seed)
+  b = int(rng.choice([1, 2, 4]))
+  lead = (int(rng.integers(1, 4)), int(rng.integers(3, 13)))
+  if op == 'blockshuffle':  # q = min(N, M)/B, a multiple of B
+    small, large = b * int(rng.integers(1, 4)), b * int(rng.integers(4, 7))
+    p, s = (small, large) if rng.random() < 0.5 else (large, small)
+    q = min(p, s)
+    return (*lead, b * p), [(b, q, p), (b, s, q)]
+  r, p, m = (int(d) for d in rng.integers(1, 9, size=3))
+  return (*lead, b * p), [(b, r, p), (m + 4, b * r)]
+
+
+TPU_CASES = [c for c in CASES if c[0] != 'lowrank' and c is not CASES[3]] + [
+    (op, *_random_case(op, seed)) for op in ('blockshuffle', 'blockdense') for seed in (1, 2)]
+
+
+def _dense64(op, factors):
+  """The layer's (M, N) matrix in float64 numpy, from its factors (the identity's image)."""
+  n = factors[0].shape[0] * factors[0].shape[2]
+  eye = np.eye(n, dtype=np.float64)
+  if op == 'blockshuffle':
+    w1, w2 = (np.asarray(f, np.float64) for f in factors)
+    b, q, p = w1.shape
+    h = np.einsum('nbp,bqp->nbq', eye.reshape(n, b, p), w1).reshape(n, q, b)
+    y = np.einsum('ntj,jst->nsj', h, w2).reshape(n, -1)
+  else:
+    v, u = (np.asarray(f, np.float64) for f in factors)
+    b, r, p = v.shape
+    y = np.einsum('nbp,brp->nbr', eye.reshape(n, b, p), v).reshape(n, b * r) @ u.T
+  return y.T
+
+
+@pytest.mark.parametrize('op,x_shape,factor_shapes', TPU_CASES,
+                         ids=[f'{op}-x{"x".join(map(str, xs))}-' + '-'.join('x'.join(map(str, f))
+                                                                          for f in fs)
+                              for op, xs, fs in TPU_CASES])
+def test_tpu_kernels_match_reference(op, x_shape, factor_shapes, small_tpu_tiles):
+  seed = zlib.crc32(f'tpu{op}{x_shape}{factor_shapes}'.encode())
+  args = _arrays([x_shape, *factor_shapes], seed)
+  assert pallas_tpu.supports(op, x_shape, *factor_shapes, tpu=False)
+  fn = lambda *a: getattr(pallas_tpu, op)(*a, interpret=True)
+  ref = getattr(reference, op)
+  (dy,) = _arrays([jax.eval_shape(ref, *args).shape], seed + 1)
+  got, want = _value_and_grads(fn, args, dy), _value_and_grads(ref, args, dy)
+  for name, g, w in zip(['y', 'dx'] + [f'd{i}' for i in range(len(factor_shapes))], got, want):
+    _close(g, w, what=f'{op} tpu {name}')
+  # Independent of reference.py: y = x Wᵀ and dx = dy W with W the explicit dense matrix.
+  w64 = _dense64(op, args[1:])
+  x64 = np.asarray(args[0], np.float64).reshape(-1, w64.shape[1])
+  dy64 = np.asarray(dy, np.float64).reshape(-1, w64.shape[0])
+  _close(got[0].reshape(-1, w64.shape[0]), x64 @ w64.T, what=f'{op} tpu y vs dense')
+  _close(got[1].reshape(-1, w64.shape[1]), dy64 @ w64, what=f'{op} tpu dx vs dense')
+
+
+def test_tpu_supports_only_mosaic_aligned_shapes():
+  # The paper's m size at 32%: every block's last dimensions are whole or multiples of 128.
+  assert pallas_tpu.supports('blockshuffle', (4096, 1024), (4, 256, 256), (4, 1024, 256),
+                             tpu=True)
+  assert pallas_tpu.supports('blockdense', (4096, 1024), (4, 96, 256), (4096, 384), tpu=True)
+  # s size: input chunks of 768/4 = 192 columns are not lane-aligned, so 'xla' runs there.
+  assert not pallas_tpu.supports('blockshuffle', (4096, 768), (4, 192, 192), (4, 768, 192),
+                                 tpu=True)
+  assert not pallas_tpu.supports('blockshuffle', (4096, 1024), (4, 6, 256), (4, 1024, 6),
+                                 tpu=True)  # q % B != 0
+  with api.target_platform('tpu'):
+    x, factors = _specs([(4096, 768), (4, 192, 192), (4, 768, 192)])
+    assert kernels.resolve('blockshuffle', 'pallas', x, *factors) == 'xla'
+    x, factors = _specs([(4096, 1024), (4, 256, 256), (4, 1024, 256)])
+    assert kernels.resolve('blockshuffle', 'pallas', x, *factors) == 'pallas'
+    assert kernels.resolve('blockshuffle', 'auto', x, *factors) == 'xla'  # no TPU measurement
