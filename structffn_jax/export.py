@@ -1,0 +1,344 @@
+"""Export a trained run as a Hugging Face model directory, and read such a directory back.
+
+  pip install '.[export]'
+  python -m structffn_jax.export --workdir runs/quickstart --out hf/quickstart
+
+DIR gets:
+  config.json             a `transformers` config (below), plus "structffn": this project's model
+                          section, the run's name and step, and which FFN layers are structured
+  model.safetensors       every weight under the architecture's names, float32; a structured FFN
+                          layer as its merged dense matrix (its exact `to_dense()`)
+  structured.safetensors  the structured layers' own factors (u, v / w1, w2, bias), as trained
+                          (only when the model has structured layers)
+  tokenizer files         tokenizer.model (SentencePiece) or tokenizer.json, tokenizer_config.json
+                          and special_tokens_map.json
+
+The architecture is an existing `transformers` one whose forward is this model's:
+  - layernorm + GELU(tanh) + RoPE (the paper's model): Starcoder2. Pre-LN blocks with LayerNorm,
+    biases on every projection (`use_bias`), RoPE rotate-half over the whole head, grouped-query
+    attention with its own head_dim, an fc1 -> gelu_pytorch_tanh -> fc2 MLP and the head tied to
+    the embedding. GPT-NeoX would need its parallel residual off and unties the head; Phi and
+    StableLM apply RoPE to part of the head; Qwen2 and Llama use RMSNorm and a gated MLP.
+  - rmsnorm + SwiGLU + RoPE: Llama (attention_bias and mlp_bias = use_bias, tied head).
+Other combinations (learned absolute positions, layernorm with SwiGLU, rmsnorm with GELU) have no
+exact counterpart and are refused. Our fused QKV projection is split into q_proj, k_proj and
+v_proj, head-major as our reshape reads it.
+
+`load(DIR)` builds this project's GPT from such a directory: the structured layers from their
+factors (identical parameters, identical logits), or with structured=False every FFN dense from
+the merged matrices.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from structffn_jax import cli, structured
+from structffn_jax.model import GPT
+
+WEIGHTS = 'model.safetensors'
+FACTORS = 'structured.safetensors'
+# Our layer names -> the architecture's, per block: (ours, Starcoder2, Llama).
+_NORMS = (('norm1', 'input_layernorm'), ('norm2', 'post_attention_layernorm'))
+_FFN = {'starcoder2': {'fc1': 'mlp.c_fc', 'fc2': 'mlp.c_proj'},
+        'llama': {'fc1': ('mlp.gate_proj', 'mlp.up_proj'), 'fc2': 'mlp.down_proj'}}
+
+
+def _safetensors():
+  try:
+    from safetensors import numpy as st
+  except ImportError as e:
+    raise ImportError(f"export needs the safetensors package ({e}): pip install '.[export]'.")
+  return st
+
+
+def architecture(cfg) -> str:
+  """'starcoder2' or 'llama': the transformers architecture whose forward is this model's."""
+  key = (cfg.norm, cfg.activation, cfg.position)
+  if key == ('layernorm', 'gelu', 'rope'):
+    return 'starcoder2'
+  if key == ('rmsnorm', 'swiglu', 'rope'):
+    return 'llama'
+  raise ValueError(f'export: model.norm={cfg.norm!r}, model.activation={cfg.activation!r}, '
+                   f'model.position={cfg.position!r} has no transformers architecture with the '
+                   "same forward; export supports layernorm+gelu+rope (Starcoder2) and "
+                   'rmsnorm+swiglu+rope (Llama).')
+
+
+def hf_config(cfg, eos_id: int, bos_id: int) -> dict:
+  """The transformers config.json of a model section `cfg`."""
+  arch = architecture(cfg)
+  head_dim = cfg.attn_dim // cfg.num_heads
+  common = {
+      'vocab_size': cfg.vocab_size, 'hidden_size': cfg.hidden_dim,
+      'intermediate_size': cfg.ffn_dim, 'num_hidden_layers': cfg.num_layers,
+      'num_attention_heads': cfg.num_heads, 'num_key_value_heads': cfg.num_kv_heads,
+      'head_dim': head_dim, 'max_position_embeddings': cfg.seq_len,
+      'rope_theta': float(cfg.rope_base),
+      'rope_parameters': {'rope_type': 'default', 'rope_theta': float(cfg.rope_base)},
+      'initializer_range': cfg.init_std, 'tie_word_embeddings': True, 'attention_dropout': 0.0,
+      'eos_token_id': int(eos_id), 'bos_token_id': int(bos_id if bos_id >= 0 else eos_id),
+      'torch_dtype': 'float32', 'dtype': 'float32', 'use_cache': True,
+  }
+  if arch == 'starcoder2':
+    return {'architectures': ['Starcoder2ForCausalLM'], 'model_type': 'starcoder2', **common,
+            'hidden_act': 'gelu_pytorch_tanh', 'norm_epsilon': cfg.norm_eps,
+            'use_bias': bool(cfg.use_bias), 'sliding_window': None, 'residual_dropout': 0.0,
+            'embedding_dropout': 0.0}
+  return {'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', **common,
+          'hidden_act': 'silu', 'rms_norm_eps': cfg.norm_eps,
+          'attention_bias': bool(cfg.use_bias), 'mlp_bias': bool(cfg.use_bias),
+          'pretraining_tp': 1}
+
+
+def _blocks(model):
+  """Per layer: {our module path: its Param arrays (numpy)} and the FFN layer objects, the
+  stacked layers sliced out of the scan's leading axis."""
+  first = nnx.to_pure_dict(nnx.state(model.first, nnx.Param))
+  out = [(first, {n: getattr(model.first.ffn, n) for n in ('fc1', 'fc2')}, None)]
+  if model.stack is not None:
+    stack = nnx.to_pure_dict(nnx.state(model.stack, nnx.Param))
+    for i in range(model.num_stacked):
+      out.append((jax.tree.map(lambda a, i=i: a[i], stack),
+                  {n: getattr(model.stack.ffn, n) for n in ('fc1', 'fc2')}, i))
+  return out
+
+
+def _dense(layer, index):
+  """The (out, in) matrix a layer applies; of layer `index` of a stacked layer."""
+  if isinstance(layer, structured.Dense):
+    w = layer.kernel[...]
+    return np.asarray(w if index is None else w[index], np.float32)
+  if index is None:
+    return np.asarray(layer.to_dense(), np.float32)
+  graphdef, state = nnx.split(layer)
+  return np.asarray(nnx.merge(graphdef, jax.tree.map(lambda a: a[index], state)).to_dense(),
+                    np.float32)
+
+
+def tensors(model) -> tuple[dict, dict]:
+  """(architecture tensors, structured factors) of `model`, numpy float32, by HF name."""
+  cfg = model.cfg
+  if model.has_guide:
+    raise ValueError('export: the model still has self-guided guides; export after the '
+                     'hand-over (the guides are dropped once alpha reaches 0).')
+  arch = architecture(cfg)
+  f32 = lambda a: np.ascontiguousarray(np.asarray(a, np.float32))
+  weights = {'model.embed_tokens.weight': f32(model.embedding[...])}
+  factors = {}
+  n, k = cfg.num_heads, cfg.num_kv_heads
+  h = cfg.attn_dim // cfg.num_heads
+  for layer, (params, ffn, index) in enumerate(_blocks(model)):
+    p = f'model.layers.{layer}.'
+    for ours, theirs in _NORMS:
+      weights[p + theirs + '.weight'] = f32(params[ours]['scale'])
+      if arch == 'starcoder2':  # torch LayerNorm always has a bias
+        weights[p + theirs + '.bias'] = f32(params[ours].get('bias', np.zeros(cfg.hidden_dim)))
+    qkv = params['attn']['qkv']
+    cuts = {'q_proj': (0, n * h), 'k_proj': (n * h, (n + k) * h), 'v_proj': ((n + k) * h, None)}
+    for name, (lo, hi) in cuts.items():
+      weights[p + f'self_attn.{name}.weight'] = f32(qkv['kernel'][lo:hi])
+      if 'bias' in qkv:
+        weights[p + f'self_attn.{name}.bias'] = f32(qkv['bias'][lo:hi])
+    weights[p + 'self_attn.o_proj.weight'] = f32(params['attn']['out']['kernel'])
+    if 'bias' in params['attn']['out']:
+      weights[p + 'self_attn.o_proj.bias'] = f32(params['attn']['out']['bias'])
+    for fc in ('fc1', 'fc2'):
+      w, b = _dense(ffn[fc], index), params['ffn'][fc].get('bias')
+      names = _FFN[arch][fc]
+      if isinstance(names, tuple):  # Llama's gate and up: our fc1's two halves
+        parts = zip(names, np.split(w, 2), np.split(b, 2) if b is not None else (None, None))
+      else:
+        parts = [(names, w, b)]
+      for name, w_part, b_part in parts:
+        weights[p + name + '.weight'] = f32(w_part)
+        if b_part is not None:
+          weights[p + name + '.bias'] = f32(b_part)
+      if not isinstance(ffn[fc], structured.Dense):
+        for factor, value in params['ffn'][fc].items():
+          factors[p + f'ffn.{fc}.{factor}'] = f32(value)
+  weights['model.norm.weight'] = f32(model.final_norm.scale[...])
+  if arch == 'starcoder2':
+    bias = getattr(model.final_norm, 'bias', None)
+    weights['model.norm.bias'] = f32(bias[...] if bias is not None else np.zeros(cfg.hidden_dim))
+  return weights, factors
+
+
+def _structured_layers(model) -> dict:
+  """{'fc1': class name, 'fc2': ...} of the first block and of the stacked ones."""
+  kinds = {}
+  for where, block in (('first', model.first), ('stack', model.stack)):
+    if block is not None:
+      kinds[where] = {fc: type(getattr(block.ffn, fc)).__name__ for fc in ('fc1', 'fc2')}
+  return kinds
+
+
+def _write_tokenizer(tokenizer_path, out: pathlib.Path, eos_id: int, bos_id: int, seq_len: int):
+  """The run's tokenizer file with a tokenizer_config.json transformers can load."""
+  tokenizer_path = pathlib.Path(tokenizer_path)
+  if tokenizer_path.suffix == '.json':
+    import tokenizers
+    tok = tokenizers.Tokenizer.from_file(str(tokenizer_path))
+    shutil.copyfile(tokenizer_path, out / 'tokenizer.json')
+    piece = tok.id_to_token
+    tokenizer_class = 'PreTrainedTokenizerFast'
+  else:
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    shutil.copyfile(tokenizer_path, out / 'tokenizer.model')
+    piece = sp.id_to_piece
+    tokenizer_class = 'LlamaTokenizer'
+  special = {'eos_token': piece(eos_id)}
+  if bos_id >= 0:
+    special['bos_token'] = piece(bos_id)
+  config = {'tokenizer_class': tokenizer_class, 'add_bos_token': False, 'add_eos_token': False,
+            'add_prefix_space': False, 'legacy': False, 'clean_up_tokenization_spaces': False,
+            'model_max_length': seq_len, **special}
+  (out / 'tokenizer_config.json').write_text(json.dumps(config, indent=1) + '\n')
+  (out / 'special_tokens_map.json').write_text(json.dumps(special, indent=1) + '\n')
+
+
+def export_model(model, out, *, eos_id: int, bos_id: int = -1, tokenizer_path=None,
+                 info: dict | None = None) -> pathlib.Path:
+  """Write `model` (a GPT without guides) as a Hugging Face directory `out`; returns it."""
+  st = _safetensors()
+  out = pathlib.Path(out)
+  weights, factors = tensors(model)
+  out.mkdir(parents=True, exist_ok=True)
+  meta = {'format': 'pt'}  # what transformers expects of a safetensors file
+  st.save_file(weights, str(out / WEIGHTS), metadata=meta)
+  (out / FACTORS).unlink(missing_ok=True)
+  if factors:
+    st.save_file(factors, str(out / FACTORS), metadata=meta)
+  config = hf_config(model.cfg, eos_id, bos_id)
+  config['structffn'] = {**(info or {}), 'model': model.cfg.to_dict(),
+                         'layers': _structured_layers(model),
+                         'factors': FACTORS if factors else None}
+  (out / 'config.json').write_text(json.dumps(config, indent=1) + '\n')
+  if tokenizer_path is not None:
+    _write_tokenizer(tokenizer_path, out, eos_id, bos_id, model.cfg.seq_len)
+  return out
+
+
+def export_run(workdir, out, mesh: str | None = None) -> pathlib.Path:
+  """Export the newest checkpoint of a training workdir (see the module docstring)."""
+  from structffn_jax import generate as generate_lib
+
+  config, model, alpha, manifest = generate_lib.load(workdir, merge_threshold=0, mesh=mesh)
+  if alpha is not None:
+    raise ValueError(f'export: the run is still self-guided (alpha={float(alpha):.3f}); export '
+                     'a checkpoint from after the hand-over.')
+  model.drop_guides()
+  from structffn_jax import checkpoint
+  ckpt = checkpoint.Checkpointer(pathlib.Path(workdir), keep=config.train.keep_ckpts)
+  step = ckpt.latest_step()
+  ckpt.close()
+  info = {'name': config.name, 'step': int(step), 'workdir': str(pathlib.Path(workdir).resolve())}
+  return export_model(model, out, eos_id=manifest.eos_id, bos_id=manifest.bos_id,
+                      tokenizer_path=manifest.tokenizer_path, info=info)
+
+
+# ----------------------------------------------------------------------------- reading back
+
+
+def load(path, *, structured_layers: bool = True, dtype: str | None = None) -> GPT:
+  """This project's GPT from an exported directory.
+
+  structured_layers: the FFN layers as exported, from their factors (identical parameters); with
+  False every FFN is a dense layer holding the merged matrix (the transformers model's weights).
+  dtype: the compute dtype (default: the exported model section's).
+  """
+  st = _safetensors()
+  path = pathlib.Path(path)
+  if not (path / 'config.json').is_file() or not (path / WEIGHTS).is_file():
+    raise FileNotFoundError(f'{path}: no config.json and {WEIGHTS}; not an exported model '
+                            'directory (python -m structffn_jax.export --workdir RUN --out DIR).')
+  config = json.loads((path / 'config.json').read_text())
+  if 'structffn' not in config:
+    raise ValueError(f'{path / "config.json"} has no "structffn" section: it was not written by '
+                     'structffn_jax.export.')
+  cfg = ml_collections.ConfigDict(config['structffn']['model'])
+  if dtype:
+    cfg.dtype = dtype
+  if not structured_layers:
+    cfg.ffn.method = 'dense'
+  arch = architecture(cfg)
+  weights = st.load_file(str(path / WEIGHTS))
+  factors = {}
+  if structured_layers and config['structffn'].get('factors'):
+    factors = st.load_file(str(path / config['structffn']['factors']))
+  model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+  per_layer = []
+  for layer in range(cfg.num_layers):
+    p = f'model.layers.{layer}.'
+    ours = {}
+    for mine, theirs in _NORMS:
+      ours[(mine, 'scale')] = weights[p + theirs + '.weight']
+      ours[(mine, 'bias')] = weights.get(p + theirs + '.bias')
+    qkv = [weights[p + f'self_attn.{n}_proj.weight'] for n in 'qkv']
+    ours[('attn', 'qkv', 'kernel')] = np.concatenate(qkv)
+    if p + 'self_attn.q_proj.bias' in weights:
+      ours[('attn', 'qkv', 'bias')] = np.concatenate(
+          [weights[p + f'self_attn.{n}_proj.bias'] for n in 'qkv'])
+    ours[('attn', 'out', 'kernel')] = weights[p + 'self_attn.o_proj.weight']
+    ours[('attn', 'out', 'bias')] = weights.get(p + 'self_attn.o_proj.bias')
+    for fc in ('fc1', 'fc2'):
+      names = _FFN[arch][fc]
+      names = names if isinstance(names, tuple) else (names,)
+      ours[('ffn', fc, 'kernel')] = np.concatenate([weights[p + n + '.weight'] for n in names])
+      if p + names[0] + '.bias' in weights:
+        ours[('ffn', fc, 'bias')] = np.concatenate([weights[p + n + '.bias'] for n in names])
+      prefix = p + f'ffn.{fc}.'
+      for name, value in factors.items():
+        if name.startswith(prefix):
+          ours[('ffn', fc, name[len(prefix):])] = value
+    per_layer.append(ours)
+  found = {('embedding',): weights['model.embed_tokens.weight'],
+           ('final_norm', 'scale'): weights['model.norm.weight'],
+           ('final_norm', 'bias'): weights.get('model.norm.bias')}
+  for block_path, variable in nnx.iter_graph(model):
+    if not isinstance(variable, nnx.Param):
+      continue
+    block_path = tuple(str(x) for x in block_path)
+    if block_path[0] == 'first':
+      value = per_layer[0].get(block_path[1:])
+    elif block_path[0] == 'stack':
+      parts = [per_layer[i].get(block_path[1:]) for i in range(1, cfg.num_layers)]
+      value = None if any(v is None for v in parts) else np.stack(parts)
+    else:
+      value = found.get(block_path)
+    if value is None or tuple(value.shape) != tuple(variable.shape):
+      raise ValueError(f'{path}: no tensor of shape {tuple(variable.shape)} for '
+                       f'{"/".join(block_path)} in the exported files.')
+    variable.set_value(jnp.asarray(value, jnp.float32))
+  return model
+
+
+def main(argv=None):
+  parser = cli.parser(__doc__)
+  parser.add_argument('--workdir', required=True, help='a training workdir')
+  parser.add_argument('--out', required=True, help='the Hugging Face directory to write')
+  parser.add_argument('--mesh', default=None, metavar='D,F,T',
+                      help="mesh sizes (data, fsdp, tensor) to restore onto, e.g. 1,1,1")
+  args = parser.parse_args(argv)
+  try:
+    out = export_run(args.workdir, args.out, args.mesh)
+  except (FileNotFoundError, ValueError, ImportError) as e:
+    sys.exit(f'error: {e}')
+  config = json.loads((out / 'config.json').read_text())
+  files = sorted(p.name for p in out.iterdir())
+  print(f'{config["architectures"][0]} of {config["structffn"]["name"]} step '
+        f'{config["structffn"]["step"]} -> {out}: {", ".join(files)}')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,201 @@
+"""Hugging Face export: the directory's layout, a float64 numpy forward of the exported
+architecture (Starcoder2 / Llama, written from their definitions and reading only the exported
+tensors by their transformers names) against our logits, the round trip back into this project
+(identical logits from the factors; the merged dense form to float rounding), and the command.
+
+No torch here: the check against `transformers` itself is done once by hand (BENCHMARKS.md).
+"""
+
+import json
+import math
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+st = pytest.importorskip('safetensors.numpy', reason="safetensors is not installed "
+                         "(pip install '.[export]')")
+
+from structffn_jax import export, train  # noqa: E402
+from structffn_jax.data import prepare as prepare_lib  # noqa: E402
+from structffn_jax.model import GPT  # noqa: E402
+from tests import tiny_setup  # noqa: E402
+
+SEQ_LEN = 16
+
+
+def random_model(cfg, seed=0):
+  """A GPT whose parameters are random at a scale that gives peaked, distinct logits."""
+  model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(seed)))
+  rng = np.random.default_rng(seed + 100)
+  for path, v in nnx.iter_graph(model):
+    if isinstance(v, nnx.Param):
+      if path[-1] == 'scale':
+        new = 1 + 0.2 * rng.standard_normal(v.shape)
+      elif path[-1] == 'bias':
+        new = 0.1 * rng.standard_normal(v.shape)
+      else:
+        new = 1.5 * rng.standard_normal(v.shape) / math.sqrt(v.shape[-1])
+      v.set_value(jnp.asarray(new, jnp.float32))
+  return model
+
+
+_forward = nnx.jit(lambda model, tokens: model(tokens))
+
+
+def hf_forward(out_dir, tokens):
+  """Logits (B, T, V) of the exported directory's transformers architecture, float64 numpy,
+  from config.json and model.safetensors alone."""
+  c = json.loads((out_dir / 'config.json').read_text())
+  w = {k: v.astype(np.float64) for k, v in st.load_file(str(out_dir / 'model.safetensors')).items()}
+  llama = c['model_type'] == 'llama'
+  eps = c['rms_norm_eps'] if llama else c['norm_epsilon']
+
+  def norm(x, name):
+    if llama:
+      return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w[name + '.weight']
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * w[name + '.weight'] + w[name + '.bias']
+
+  def linear(x, name):
+    y = x @ w[name + '.weight'].T
+    return y + w[name + '.bias'] if name + '.bias' in w else y
+
+  b, t = tokens.shape
+  n, k, h = c['num_attention_heads'], c['num_key_value_heads'], c['head_dim']
+  inv_freq = 1.0 / c['rope_theta'] ** (np.arange(0, h, 2) / h)
+  angles = np.arange(t)[:, None] * inv_freq[None]
+  cos, sin = np.cos(np.concatenate([angles] * 2, -1)), np.sin(np.concatenate([angles] * 2, -1))
+  rotate_half = lambda x: np.concatenate([-x[..., h // 2:], x[..., :h // 2]], -1)
+  rope = lambda x: x * cos[:, None] + rotate_half(x) * sin[:, None]  # x: (B, T, heads, H)
+  x = w['model.embed_tokens.weight'][tokens]
+  causal = np.tril(np.ones((t, t), bool))
+  for i in range(c['num_hidden_layers']):
+    p = f'model.layers.{i}.'
+    a = norm(x, p + 'input_layernorm')
+    q = rope(linear(a, p + 'self_attn.q_proj').reshape(b, t, n, h))
+    kk = rope(linear(a, p + 'self_attn.k_proj').reshape(b, t, k, h))
+    v = linear(a, p + 'self_attn.v_proj').reshape(b, t, k, h)
+    kk, v = np.repeat(kk, n // k, axis=2), np.repeat(v, n // k, axis=2)  # repeat_kv
+    s = np.einsum('bqnh,bknh->bnqk', q, kk) / math.sqrt(h)
+    s = np.where(causal, s, -np.inf)
+    s = np.exp(s - s.max(-1, keepdims=True))
+    o = np.einsum('bnqk,bknh->bqnh', s / s.sum(-1, keepdims=True), v).reshape(b, t, n * h)
+    x = x + linear(o, p + 'self_attn.o_proj')
+    m = norm(x, p + 'post_attention_layernorm')
+    if llama:
+      g = linear(m, p + 'mlp.gate_proj')
+      f = linear(g / (1 + np.exp(-g)) * linear(m, p + 'mlp.up_proj'), p + 'mlp.down_proj')
+    else:
+      u = linear(m, p + 'mlp.c_fc')
+      gelu = 0.5 * u * (1 + np.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u ** 3)))
+      f = linear(gelu, p + 'mlp.c_proj')
+    x = x + f
+  return norm(x, 'model.norm') @ w['model.embed_tokens.weight'].T  # tied head
+
+
+CASES = {
+    'dense': dict(method='dense'),
+    'blockdense-mha': dict(method='blockdense', num_kv_heads=4, first_layer_dense=False),
+    'blockshuffle': dict(method='blockshuffle'),
+    'llama-lowrank': dict(method='lowrank', norm='rmsnorm', activation='swiglu'),
+}
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_export_layout_forward_and_round_trip(case, tmp_path):
+  cfg = tiny_setup.model_config(seq_len=SEQ_LEN, **CASES[case])
+  model = random_model(cfg, seed=1)
+  tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, SEQ_LEN)).astype(np.int32)
+  logits = np.asarray(_forward(model, jnp.asarray(tokens)))
+  out = export.export_model(model, tmp_path / 'hf', eos_id=2, info={'name': case, 'step': 7})
+
+  config = json.loads((out / 'config.json').read_text())
+  llama = case.startswith('llama')
+  assert config['architectures'] == ['LlamaForCausalLM' if llama else 'Starcoder2ForCausalLM']
+  assert config['head_dim'] == 12 and config['hidden_size'] == 32  # attn_dim 48 != hidden 32
+  assert config['tie_word_embeddings'] and config['structffn']['step'] == 7
+  weights = st.load_file(str(out / 'model.safetensors'))
+  assert 'lm_head.weight' not in weights and all(v.dtype == np.float32 for v in weights.values())
+  fc1 = 'mlp.gate_proj' if llama else 'mlp.c_fc'
+  assert weights[f'model.layers.2.{fc1}.weight'].shape == (cfg.ffn_dim, cfg.hidden_dim)
+  assert weights['model.layers.0.self_attn.k_proj.weight'].shape == (
+      cfg.num_kv_heads * 12, cfg.hidden_dim)
+  assert len([k for k in weights if k.startswith('model.layers.1.')]) == 16  # with biases
+  structured_model = cfg.ffn.method != 'dense'
+  assert (out / 'structured.safetensors').is_file() == structured_model
+  if structured_model:
+    factors = st.load_file(str(out / 'structured.safetensors'))
+    names = {'lowrank': {'u', 'v', 'bias'}, 'blockdense': {'u', 'v', 'bias'},
+             'blockshuffle': {'w1', 'w2', 'bias'}}[cfg.ffn.method]
+    assert {k.rsplit('.', 1)[1] for k in factors} == names
+    first = 'model.layers.0.ffn.fc1.bias' in factors
+    assert first == (not cfg.first_layer_dense)
+    np.testing.assert_array_equal(factors['model.layers.2.ffn.fc2.bias'],
+                                  np.asarray(model.stack.ffn.fc2.bias[...][1]))
+
+  # The transformers architecture's forward on the exported tensors is our forward.
+  reference = hf_forward(out, tokens)
+  np.testing.assert_allclose(logits, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+  # Back into this project: identical parameters, identical logits.
+  back = export.load(out)
+  assert type(back.stack.ffn.fc1) is type(model.stack.ffn.fc1)
+  np.testing.assert_array_equal(np.asarray(_forward(back, jnp.asarray(tokens))), logits)
+  dense = export.load(out, structured_layers=False)
+  np.testing.assert_allclose(np.asarray(_forward(dense, jnp.asarray(tokens))), logits,
+                             rtol=1e-5, atol=1e-5 * np.abs(logits).max())
+
+
+def test_refused_inputs(tmp_path):
+  cfg = tiny_setup.model_config('dense', seq_len=SEQ_LEN, position='absolute')
+  with pytest.raises(ValueError, match="model.position='absolute' has no transformers"):
+    export.export_model(random_model(cfg), tmp_path, eos_id=2)
+  model = random_model(tiny_setup.model_config('lowrank', seq_len=SEQ_LEN), seed=0)
+  guided = nnx.eval_shape(lambda: GPT(model.cfg, guide=True, rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match='still has self-guided guides'):
+    export.tensors(guided)
+  with pytest.raises(FileNotFoundError, match='not an exported model directory'):
+    export.load(tmp_path)
+
+
+@pytest.fixture(scope='module')
+def trained_workdir(tmp_path_factory, data_dir):
+  """A tiny BlockShuffle run, trained for 2 steps."""
+  root = tmp_path_factory.mktemp('run')
+  config = tiny_setup.run_config(
+      'train.tokens=1024', 'train.eval_every=0', 'train.log_every=1', 'train.eval_tokens=256',
+      'model.ffn.init=gaussian', f'data.data_dir={data_dir}', method='blockshuffle', sgt=0)
+  train.Trainer(config, root / 'w').run()
+  return root / 'w'
+
+
+def test_command(trained_workdir, data_dir, tmp_path, capsys):
+  out = tmp_path / 'hf'
+  export.main(['--workdir', str(trained_workdir), '--out', str(out)])
+  assert 'Starcoder2ForCausalLM of tiny-blockshuffle step 2' in capsys.readouterr().out
+  assert sorted(p.name for p in out.iterdir()) == [
+      'config.json', 'model.safetensors', 'special_tokens_map.json', 'structured.safetensors',
+      'tokenizer.model', 'tokenizer_config.json']
+  manifest = prepare_lib.Manifest.load(data_dir)
+  assert (out / 'tokenizer.model').read_bytes() == manifest.tokenizer_path.read_bytes()
+  config = json.loads((out / 'config.json').read_text())
+  assert config['eos_token_id'] == manifest.eos_id
+  assert config['structffn']['layers']['stack'] == {'fc1': 'BlockShuffle', 'fc2': 'BlockShuffle'}
+  assert json.loads((out / 'tokenizer_config.json').read_text())['eos_token'] == '</s>'
+  back = export.load(out, dtype='float32')
+  tokens = jnp.asarray(np.arange(12, dtype=np.int32)[None] % 50)
+  from structffn_jax import generate
+  _, model, _, _ = generate.load(trained_workdir, merge_threshold=0)
+  np.testing.assert_array_equal(np.asarray(_forward(back, tokens)),
+                                np.asarray(_forward(model, tokens)))
+  # Bad inputs: one-line errors.
+  with pytest.raises(SystemExit, match='config.json not found'):
+    export.main(['--workdir', str(tmp_path), '--out', str(tmp_path / 'x')])
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  shutil.copy(trained_workdir / 'config.json', empty / 'config.json')
+  with pytest.raises(SystemExit, match='holds no checkpoint yet'):
+    export.main(['--workdir', str(empty), '--out', str(tmp_path / 'y')])
