@@ -3,7 +3,7 @@
   pip install '.[eval]'
   python -m structffn_jax.lm_eval --workdir runs/quickstart --tasks arc_easy,hellaswag,piqa
 
-`StructFFNLM` is the harness's `LM` interface over a restored run (generate.load: the newest
+`StructFFNLM` is the harness's `LM` interface over a restored run (decoding.load: the newest
 checkpoint, its tokenizer, pre-merge where configured):
   - loglikelihood: log p(continuation | context), as batched jitted forwards. Requests are sorted
     by length and padded to (batch_size, L) with L a power of two up to model.seq_len, so a whole
@@ -11,7 +11,7 @@ checkpoint, its tokenizer, pre-merge where configured):
   - loglikelihood_rolling: the document's total log-likelihood over windows of model.seq_len
     tokens (the harness's rolling windows, the first one after an EOS), through the same forward.
   - generate_until: greedy (or sampled, with do_sample) decoding on the KV cache
-    (generate.generate), cut at the first `until` string.
+    (decoding.generate), cut at the first `until` string.
 Every text follows an EOS, as every document but the first does in training.
 
 Results go to <workdir>/lm_eval/step<N>_<tasks>.json (or --out) and a summary is printed. Tasks
@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from structffn_jax import checkpoint, cli
-from structffn_jax import generate as generate_lib
+from structffn_jax import decoding
 
 try:
   import lm_eval as harness  # the harness package, not this module
@@ -93,7 +93,7 @@ class StructFFNLM(_LM):
   """The harness's LM over a model of this project (see the module docstring).
 
   model: a GPT; tokenizer: a `Tokenizer`; eos_id: the EOS id every text follows; alpha: the
-  self-guided α when guides remain (generate.load gives all four for a run).
+  self-guided α when guides remain (decoding.load gives all four for a run).
   """
 
   def __init__(self, model, tokenizer: Tokenizer, eos_id: int, *, alpha=None,
@@ -204,9 +204,9 @@ class StructFFNLM(_LM):
         chunk = members[start:start + self.batch_size]
         prompts = [settings[i][0] for i in chunk]
         prompts += [[self.eos_id]] * (self.batch_size - len(chunk))  # one batch shape
-        new = generate_lib.generate(self.model, prompts, max_new, temperature=temperature,
-                                    eos_id=self.eos_id, seed=self.seed, alpha=self.alpha,
-                                    pad_multiple=32)
+        new = decoding.generate(self.model, prompts, max_new, temperature=temperature,
+                                eos_id=self.eos_id, seed=self.seed, alpha=self.alpha,
+                                pad_multiple=32)
         for i, ids in zip(chunk, new):
           text = self.tokenizer.decode(ids)
           for stop in settings[i][1]:
@@ -237,7 +237,7 @@ def check_tasks(tasks: Sequence[str], manager) -> None:
 
 
 def latest_step(workdir, config) -> int:
-  """The step of the newest checkpoint of `workdir` (the one generate.load restores)."""
+  """The step of the newest checkpoint of `workdir` (the one decoding.load restores)."""
   ckpt = checkpoint.Checkpointer(pathlib.Path(workdir), keep=config.train.keep_ckpts)
   try:
     return int(ckpt.latest_step())
@@ -257,15 +257,13 @@ def evaluate(workdir, tasks: Sequence[str], *, num_fewshot: int | None = None,
              include_defaults: bool = True, merge_threshold: int | None = None,
              mesh: str | None = None, bootstrap_iters: int = 100000, out=None, seed: int = 0):
   """Run the harness on the newest checkpoint of `workdir`; returns (results path, record)."""
-  from structffn_jax import evaluate as evaluate_lib
-
   tasks = [t.strip() for t in tasks if t.strip()]
   if not tasks:
     raise ValueError('--tasks: name at least one task, e.g. --tasks arc_easy,hellaswag')
-  evaluate_lib.load_config(workdir)  # a missing workdir fails here, before anything loads
+  require_harness()
+  config, model, alpha, manifest = decoding.load(workdir, merge_threshold, mesh)
   manager = task_manager(None if include_path is None else str(include_path), include_defaults)
   check_tasks(tasks, manager)
-  config, model, alpha, manifest = generate_lib.load(workdir, merge_threshold, mesh)
   step = latest_step(workdir, config)
   lm = StructFFNLM(model, Tokenizer(manifest.tokenizer_path), manifest.eos_id, alpha=alpha,
                    batch_size=batch_size, seed=seed)
