@@ -3,11 +3,18 @@ r"""Table 1 and its appendix grid: Transformer-s/m/l/xl with dense or structured
 Argument: `model=<s|m|l|xl>,method=<dense|lowrank|blockdense|blockshuffle>,fraction=<63|32>`
 and optionally `sgt=<none|fixedstep|fixedflop>` (self-guided training, docs/design.md §3) and
 `reduce_flop=<0|1>` (default: on for fixedflop, where it makes the ratios below match dense FLOPs to
-within 0.5%; off for fixedstep).
+within 0.5%; off for fixedstep), and `data=<refinedweb|local>`.
 
+Data (`data=refinedweb`, the default): the paper's recipe, RefinedWeb tokenized with the LLaMA
+SentencePiece model (set its path, or preparing stops with an error), 65B train tokens and 0.7B
+validation tokens carved from it by document hash, rows of 1025 tokens. `data=local` trains a
+tokenizer on the Python standard library instead, to try a config on this machine.
+
+  python -m structffn_jax.data.prepare --config configs/structured_ffn.py:model=xl \
+      --set data.tokenizer=/models/llama/tokenizer.model --out /data/refinedweb-llama
   python -m structffn_jax.info  --config configs/structured_ffn.py:model=xl,method=lowrank,fraction=32
   python -m structffn_jax.train --config configs/structured_ffn.py:model=xl,method=lowrank,fraction=32 \
-      --workdir runs/xl-lowrank32
+      --set data.data_dir=/data/refinedweb-llama --workdir runs/xl-lowrank32
 
 Table 1 (Transformer-xl, 25.5B tokens; paper numbers):
 
@@ -27,6 +34,7 @@ ratio·S steps (ratios below) that replay the guided phase's data and match dens
 """
 
 from structffn_jax import config as config_lib
+from structffn_jax.data import prepare as prepare_lib
 
 BLOCKDENSE = {  # (blocks, rank) at the 63% and 32% fractions
     's': {63: (2, 512), 32: (2, 256)},
@@ -67,7 +75,7 @@ def structure(method: str, size: str, fraction: int, hidden_dim: int) -> dict:
 
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, model='s', method='dense', fraction=32, sgt='none',
-                           reduce_flop='auto')
+                           reduce_flop='auto', data='refinedweb')
   size = config_lib.choose('model', a.model, config_lib.SIZES)
   c = config_lib.base_config()
   m = c.model
@@ -87,6 +95,9 @@ def get_config(arg=None):
     c.sgt.ratio = 0.5 if a.sgt == 'fixedstep' else FIXEDFLOP_RATIO[a.method][a.model]
     c.sgt.reduce_flop = (a.sgt == 'fixedflop' if a.reduce_flop == 'auto'
                          else config_lib.choose('reduce_flop', a.reduce_flop, {'0': False, '1': True}))
+  prepare_lib.apply_recipe(c.data, config_lib.choose('data', a.data, prepare_lib.DATA_RECIPES))
+  c.data.vocab_size = m.vocab_size  # what data=local trains; the LLaMA tokenizer has 32000
   suffix = '' if a.method == 'dense' else f'{a.fraction}'
-  c.name = f'{a.model}-{a.method}{suffix}' + ('' if a.sgt == 'none' else f'-sgt-{a.sgt}')
+  c.name = f'{a.model}-{a.method}{suffix}' + ('' if a.sgt == 'none' else f'-sgt-{a.sgt}') + \
+      ('' if a.data == 'refinedweb' else f'-{a.data}')
   return c

@@ -1,8 +1,13 @@
 r"""Table 2: wide and structured networks (LowRank FFN + grouped-query attention).
 
-Argument: `model=<m|l>,variant=<dense|gqa|ours|ours_sgt>`.
+Argument: `model=<m|l>,variant=<dense|gqa|ours|ours_sgt>` and optionally
+`data=<refinedweb|local>`: the paper's RefinedWeb recipe (LLaMA tokenizer, whose path must be set;
+65B train / 0.7B validation tokens; rows of 1025), or the Python standard library to try it here
+(see configs/structured_ffn.py and configs/README.md).
 
   python -m structffn_jax.info --config configs/wide_structured.py:model=m,variant=ours
+  python -m structffn_jax.train --config configs/wide_structured.py:model=m,variant=ours \
+      --set data.data_dir=/data/refinedweb-llama --workdir runs/wide-m-ours
 
 Paper numbers (#params / training FLOPs / tokens / PPL / decode throughput tok/s at length 256):
 
@@ -22,6 +27,7 @@ budget with fixed-FLOP self-guided training (ratio m 0.40, l 0.395).
 """
 
 from structffn_jax import config as config_lib
+from structffn_jax.data import prepare as prepare_lib
 
 OURS = {
     'm': dict(ffn_dim=4864, attn_dim=512, num_heads=8, num_kv_heads=4, rank=512, tokens=10.58e9,
@@ -37,7 +43,7 @@ VARIANTS = [f'model={m},variant={v}' for m in ('m', 'l') for v in ('dense', 'gqa
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, model='m', variant='ours')
+  a = config_lib.parse_arg(arg, model='m', variant='ours', data='refinedweb')
   config_lib.choose('model', a.model, OURS)
   config_lib.choose('variant', a.variant, dict.fromkeys(('dense', 'gqa', 'ours', 'ours_sgt')))
   size = config_lib.SIZES[a.model]
@@ -58,5 +64,7 @@ def get_config(arg=None):
       c.train.tokens = o['tokens']
     else:
       c.sgt.update(enabled=True, mode='fixedflop', ratio=o['sgt_ratio'], reduce_flop=True)
-  c.name = f'wide-{a.model}-{a.variant}'
+  prepare_lib.apply_recipe(c.data, config_lib.choose('data', a.data, prepare_lib.DATA_RECIPES))
+  c.data.vocab_size = m.vocab_size  # what data=local trains; the LLaMA tokenizer has 32000
+  c.name = f'wide-{a.model}-{a.variant}' + ('' if a.data == 'refinedweb' else f'-{a.data}')
   return c

@@ -1,4 +1,4 @@
-"""Tests of structffn_jax.data on real text: WikiText excerpts, the Python stdlib, saved HF data."""
+"""Tests of structffn_jax.data on generated WikiText-layout text, the Python stdlib, saved HF data."""
 
 from __future__ import annotations
 
@@ -14,25 +14,18 @@ import pytest
 from structffn_jax.data import pipeline, prepare as prep, sources
 from structffn_jax.data.prepare import Manifest, default_data_config, load_tokenizer, prepare
 from structffn_jax.data.prepare import token_dtype
+from tests import generated_text
 
-DATA = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
-WIKI103 = DATA / 'wikitext-103'
 SEQ_LEN = 64
 VOCAB = 512
-
-
-def _head(src: Path, dst: Path, n_bytes: int) -> Path:
-  """The first `n_bytes` of `src` (cut at a line end) written to `dst`."""
-  text = src.read_text(encoding='utf-8')
-  dst.write_text(text[: text.index('\n', n_bytes) + 1], encoding='utf-8')
-  return dst
 
 
 @pytest.fixture(scope='module')
 def wiki_files(tmp_path_factory):
   d = tmp_path_factory.mktemp('wiki')
-  train = _head(WIKI103 / 'wiki.valid.tokens', d / 'train.tokens', 300_000)
-  valid = _head(WIKI103 / 'wiki.test.tokens', d / 'valid.tokens', 60_000)
+  train, valid = d / 'train.tokens', d / 'valid.tokens'
+  train.write_text(generated_text.wikitext(100, seed=0), encoding='utf-8')
+  valid.write_text(generated_text.wikitext(20, seed=1), encoding='utf-8')
   return train, valid
 
 
@@ -53,28 +46,43 @@ def prepared(wiki_files, tmp_path_factory) -> Manifest:
   return prepare(_text_cfg(train, valid), tmp_path_factory.mktemp('prepared'), SEQ_LEN)
 
 
-def _reference_rows(sp, docs, seq_len: int) -> np.ndarray:
+def _reference_rows(tok, docs, seq_len: int) -> np.ndarray:
   """Direct tokenization: each document's ids then EOS, concatenated, cut into whole rows."""
-  ids = [i for doc in docs if doc for i in sp.encode(doc) + [sp.eos_id()]]
+  ids = [i for doc in docs if doc for i in tok.encode(doc) + [tok.eos_id]]
   n_rows = len(ids) // (seq_len + 1)
   return np.asarray(ids[: n_rows * (seq_len + 1)]).reshape(n_rows, seq_len + 1)
+
+
+def _stored_rows(manifest: Manifest, split: str) -> np.ndarray:
+  return np.concatenate([
+      np.fromfile(path, dtype=manifest.dtype).reshape(-1, manifest.seq_len + 1)
+      for path in manifest.split_files(split)
+  ])
+
+
+def _shas(manifest: Manifest) -> dict:
+  return {s: [shard['sha256'] for shard in i['shards']] for s, i in manifest.splits.items()}
 
 
 # ------------------------------------------------------------------------------------ sources
 
 
-def test_wikitext_split_per_article_and_joins_back():
-  path = WIKI103 / 'wiki.valid.tokens'
+def test_wikitext_split_per_article_and_joins_back(wiki_files):
+  path = wiki_files[0]
   docs = list(sources.text_documents([str(path)]))
   text = path.read_text(encoding='utf-8')
   assert ''.join(docs) == text
-  assert len(docs) == sum(1 for line in text.split('\n') if sources._WIKITEXT_TITLE.match(line))
-  assert docs[0].startswith(' \n = Homarus gammarus = \n')
-  assert all(' = = ' not in d.split('\n')[1] for d in docs[1:])  # Sections stay inside articles.
+  titles = [line for line in text.split('\n') if sources._WIKITEXT_TITLE.match(line)]
+  assert len(docs) == len(titles) == 100
+  assert docs[0].startswith(' \n' + titles[0] + '\n')
+  assert all(d.startswith(t + '\n') for d, t in zip(docs[1:], titles[1:]))
+  assert any(' = = ' in d for d in docs)  # Sections stay inside their articles.
+  assert all(' = = ' not in d.split('\n')[1] for d in docs[1:])
 
 
-def test_plain_file_is_one_document():
-  path = DATA / 'tiny-shakespeare' / 'input.txt'
+def test_plain_file_is_one_document(tmp_path):
+  path = tmp_path / 'input.txt'
+  path.write_text('First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak.\n')
   assert list(sources.text_documents([str(path)])) == [path.read_text(encoding='utf-8')]
 
 
@@ -133,38 +141,39 @@ def test_hf_without_datasets_says_how_to_install(monkeypatch):
 
 
 def test_tokenizer_round_trips_wikitext(prepared):
-  sp = load_tokenizer(prepared.tokenizer_path)
-  assert sp.get_piece_size() == VOCAB == prepared.vocab_size
-  # Text the tokenizer was not trained on, including non-Latin script from the test split.
-  for name in ('wiki.test.tokens', 'wiki.valid.tokens'):
-    text = (WIKI103 / name).read_text(encoding='utf-8')[-200_000:]
-    assert sp.decode(sp.encode(text)) == text
+  tok = load_tokenizer(prepared.tokenizer_path)
+  assert tok.vocab_size == VOCAB == prepared.vocab_size and tok.kind == 'sentencepiece'
+  # Text the tokenizer was not trained on: other articles, with accents, CJK and emoji.
+  text = generated_text.wikitext(30, seed=7)
+  assert any(ord(c) > 0x4E00 for c in text)
+  assert tok.decode(tok.encode(text)) == text
 
 
 def test_tokenizer_round_trips_python_source(prepared):
-  sp = load_tokenizer(prepared.tokenizer_path)
+  tok = load_tokenizer(prepared.tokenizer_path)
   odd = (
       'def f(x):\n\tif x:  \n\t\treturn  x\t# tab\n\n\n\n    pass   \r\n'
       's = \'  two  spaces  \', "\u00e9\u00e8 \u4e2d\u6587 \U0001f600"\n\x0b\x0c\x00end'
   )
   stdlib_file = Path(sources.stdlib_root()) / 'textwrap.py'
   for text in (odd, stdlib_file.read_text(encoding='utf-8'), '   leading', 'trailing   '):
-    assert sp.decode(sp.encode(text)) == text
+    assert tok.decode(tok.encode(text)) == text
 
 
 # ---------------------------------------------------------------------------------- prepared
 
 
 def test_rows_equal_direct_tokenization(prepared, wiki_files):
-  sp = load_tokenizer(prepared.tokenizer_path)
+  tok = load_tokenizer(prepared.tokenizer_path)
   for split, path in zip(('train', 'valid'), wiki_files):
-    expected = _reference_rows(sp, sources.text_documents([str(path)]), SEQ_LEN)
-    stored = np.memmap(prepared.split_path(split), dtype=prepared.dtype, mode='r').reshape(
-        -1, SEQ_LEN + 1
-    )
+    expected = _reference_rows(tok, sources.text_documents([str(path)]), SEQ_LEN)
+    stored = _stored_rows(prepared, split)
     assert stored.shape == expected.shape and expected.shape[0] > 100
     np.testing.assert_array_equal(stored, expected)
     assert prepared.rows(split) == expected.shape[0]
+    np.testing.assert_array_equal(
+        pipeline.open_split(prepared, split).read(np.arange(len(expected))), expected
+    )
 
 
 def test_manifest_checksums_and_layout(prepared):
@@ -173,51 +182,32 @@ def test_manifest_checksums_and_layout(prepared):
       on_disk['vocab_size'] == VOCAB
       and on_disk['seq_len'] == SEQ_LEN
       and on_disk['dtype'] == 'uint16'
+      and on_disk['tokenizer_kind'] == 'sentencepiece'
   )
   assert (
       prepared.tokenizer_sha256 == hashlib.sha256(prepared.tokenizer_path.read_bytes()).hexdigest()
   )
   for split, info in on_disk['splits'].items():
-    data = (prepared.dir / info['file']).read_bytes()
-    assert hashlib.sha256(data).hexdigest() == info['sha256']
+    assert len(info['shards']) == 1  # Less text than data.shard_tokens: one file.
+    shard = info['shards'][0]
+    data = (prepared.dir / shard['file']).read_bytes()
+    assert hashlib.sha256(data).hexdigest() == shard['sha256']
     assert len(data) == info['rows'] * (SEQ_LEN + 1) * 2 == info['tokens'] * 2
+    assert shard['rows'] == info['rows']
     assert 0 <= info['dropped_tokens'] <= SEQ_LEN
     assert info['source']['kind'] == 'text' and len(info['source']['files'][0]['sha256']) == 64
   assert sorted(p.name for p in prepared.dir.iterdir()) == [
+      'jobs',
       'manifest.json',
       'tokenizer.model',
-      'train.bin',
-      'valid.bin',
+      'train-00000-00000.bin',
+      'valid-00000-00000.bin',
   ]
 
 
-class _BigVocab:
-  """A stand-in tokenizer with 70,000 ids: character c maps to 65,000 + ord(c) % 5,000."""
-
-  def get_piece_size(self):
-    return 70_000
-
-  def eos_id(self):
-    return 2
-
-  def encode(self, docs, num_threads=1):
-    return [[65_000 + ord(c) % 5_000 for c in doc] for doc in docs]
-
-
-def test_token_dtype_uint16_vs_uint32(tmp_path):
+def test_token_dtype_uint16_vs_uint32():
   assert token_dtype(512) == np.uint16 and token_dtype(65535) == np.uint16
   assert token_dtype(65536) == np.uint32 and token_dtype(128_256) == np.uint32
-  info = prep.write_rows(_BigVocab(), ['hello world', 'abc'], tmp_path / 'x.bin', seq_len=4)
-  # 11 + 1 + 3 + 1 = 16 tokens -> 3 rows of 5, 1 dropped; 4 bytes per id.
-  assert (info['rows'], info['dropped_tokens']) == (3, 1)
-  assert (tmp_path / 'x.bin').stat().st_size == 3 * 5 * 4
-  rows = pipeline.TokenRows(tmp_path / 'x.bin', 4, 'uint32')
-  assert rows[0].dtype == np.int32
-  np.testing.assert_array_equal(rows[0], [65_000 + ord(c) for c in 'hello'])
-  # Row 2 is "d", EOS, "abc"; the final EOS is the dropped partial row.
-  np.testing.assert_array_equal(
-      rows.read([2, 0])[0], [65_000 + ord(c) for c in 'd'] + [2] + [65_000 + ord(c) for c in 'abc']
-  )
 
 
 def test_prepare_is_idempotent(prepared, wiki_files):
@@ -227,14 +217,25 @@ def test_prepare_is_idempotent(prepared, wiki_files):
   assert stamps == {p.name: p.stat().st_mtime_ns for p in prepared.dir.iterdir()}
 
 
-def test_prepare_refuses_other_settings(prepared, wiki_files):
+def test_reuse_needs_only_seq_len_and_tokenizer(prepared, wiki_files, tmp_path):
   before = (prepared.dir / 'manifest.json').read_bytes()
-  with pytest.raises(ValueError, match=r'seq_len: existing 64 vs requested 32'):
+  # Other inputs, caps, workers and shard sizes: the directory is used as it is, unread.
+  other = _text_cfg(
+      tmp_path / 'gone.txt', tmp_path / 'gone-too.txt', max_tokens=1000, num_workers=2,
+      shard_tokens=100,
+  )
+  assert prepare(other, prepared.dir, SEQ_LEN).splits == prepared.splits
+  assert prepare(
+      _text_cfg(*wiki_files, tokenizer=str(prepared.tokenizer_path)), prepared.dir, SEQ_LEN
+  ).splits == prepared.splits
+  with pytest.raises(ValueError, match=r'seq_len=64 \(65 tokens\), not model\.seq_len=32'):
     prepare(_text_cfg(*wiki_files), prepared.dir, 32)
-  with pytest.raises(ValueError, match=r'vocab_size: existing 512 vs requested 1024'):
+  with pytest.raises(ValueError, match=r'512-token tokenizer, not data\.vocab_size=1024'):
     prepare(_text_cfg(*wiki_files, vocab_size=1024), prepared.dir, SEQ_LEN)
-  with pytest.raises(ValueError, match=r'splits\.valid'):
-    prepare(_text_cfg(*wiki_files, valid_paths=[str(wiki_files[0])]), prepared.dir, SEQ_LEN)
+  other_tok = tmp_path / 'other.model'
+  other_tok.write_bytes(prep.train_tokenizer(generated_text.documents(200), 600))
+  with pytest.raises(ValueError, match=r'other\.model.*is not the tokenizer'):
+    prepare(_text_cfg(*wiki_files, tokenizer=str(other_tok)), prepared.dir, SEQ_LEN)
   assert (prepared.dir / 'manifest.json').read_bytes() == before
 
 
@@ -248,7 +249,7 @@ def test_tokenizer_larger_than_model_vocab(prepared, wiki_files, tmp_path):
         SEQ_LEN,
         model_vocab_size=500,
     )
-  assert not (tmp_path / 'x' / 'train.bin').exists()
+  assert not list((tmp_path / 'x').glob('*.bin'))
 
 
 def test_unusable_sizes_name_the_setting(prepared, wiki_files, tmp_path):
@@ -271,24 +272,22 @@ def test_existing_tokenizer_reproduces_rows(prepared, wiki_files, tmp_path):
   )
   assert m.tokenizer_sha256 == prepared.tokenizer_sha256
   assert m.tokenizer_source == str(prepared.tokenizer_path.resolve())
-  assert {s: i['sha256'] for s, i in m.splits.items()} == {
-      s: i['sha256'] for s, i in prepared.splits.items()
-  }
+  assert _shas(m) == _shas(prepared)
 
 
 def test_tokenizer_training_is_deterministic(prepared, wiki_files, tmp_path):
   m = prepare(_text_cfg(*wiki_files), tmp_path / 'again', SEQ_LEN)
   assert m.tokenizer_sha256 == prepared.tokenizer_sha256
-  assert m.splits['train']['sha256'] == prepared.splits['train']['sha256']
+  assert _shas(m) == _shas(prepared)
 
 
-def test_interrupted_prepare_leaves_no_complete_looking_files(
+def test_interrupted_prepare_resumes_with_the_same_rows(
     prepared, wiki_files, tmp_path, monkeypatch
 ):
   real_documents = sources.documents
 
-  def failing_documents(cfg, split):
-    for i, doc in enumerate(real_documents(cfg, split)):
+  def failing_documents(cfg, split, shard=(0, 1)):
+    for i, doc in enumerate(real_documents(cfg, split, shard)):
       if split == 'valid' and i == 3:
         raise KeyboardInterrupt
       yield doc
@@ -297,12 +296,15 @@ def test_interrupted_prepare_leaves_no_complete_looking_files(
   monkeypatch.setattr(sources, 'documents', failing_documents)
   with pytest.raises(KeyboardInterrupt):
     prepare(cfg, tmp_path, SEQ_LEN)
-  assert sorted(p.name for p in tmp_path.iterdir()) == ['tokenizer.model', 'train.bin']
+  # Train finished and recorded; nothing of valid, no manifest, no temporary file left.
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      'jobs', 'tokenizer.model', 'train-00000-00000.bin'
+  ]
+  stamp = (tmp_path / 'train-00000-00000.bin').stat().st_mtime_ns
   monkeypatch.setattr(sources, 'documents', real_documents)
   m = prepare(cfg, tmp_path, SEQ_LEN)
-  assert {s: i['sha256'] for s, i in m.splits.items()} == {
-      s: i['sha256'] for s, i in prepared.splits.items()
-  }
+  assert _shas(m) == _shas(prepared)
+  assert (tmp_path / 'train-00000-00000.bin').stat().st_mtime_ns == stamp
 
 
 def test_jsonl_and_hf_sources_match_text(prepared, wiki_files, tmp_path):
@@ -321,9 +323,7 @@ def test_jsonl_and_hf_sources_match_text(prepared, wiki_files, tmp_path):
   )
   assert list(sources.documents(cfg, 'train')) == train_docs
   m = prepare(cfg, tmp_path / 'jsonl', SEQ_LEN)
-  assert {s: i['sha256'] for s, i in m.splits.items()} == {
-      s: i['sha256'] for s, i in prepared.splits.items()
-  }
+  assert _shas(m) == _shas(prepared)
 
   datasets = pytest.importorskip('datasets')
   saved = tmp_path / 'hf_saved'
@@ -343,9 +343,7 @@ def test_jsonl_and_hf_sources_match_text(prepared, wiki_files, tmp_path):
   )
   assert list(sources.documents(cfg, 'valid')) == valid_docs
   m = prepare(cfg, tmp_path / 'hf', SEQ_LEN)
-  assert {s: i['sha256'] for s, i in m.splits.items()} == {
-      s: i['sha256'] for s, i in prepared.splits.items()
-  }
+  assert _shas(m) == _shas(prepared)
   assert m.splits['train']['source']['path'] == str(saved.resolve())
   with pytest.raises(FileNotFoundError, match=r'data\.hf_path.*missing'):
     prepare(
@@ -364,8 +362,8 @@ def test_stdlib_end_to_end_and_cli(tmp_path, capsys):
       set(m.splits) == {'train', 'valid', 'test'}
       and m.splits['train']['source']['kind'] == 'stdlib'
   )
-  sp = load_tokenizer(m.tokenizer_path)
-  expected = _reference_rows(sp, sources.stdlib_documents('valid', 300_000), SEQ_LEN)
+  tok = m.load_tokenizer()
+  expected = _reference_rows(tok, sources.documents(cfg, 'valid'), SEQ_LEN)
   np.testing.assert_array_equal(
       pipeline.open_split(m, 'valid').read(np.arange(len(expected))), expected
   )
@@ -384,9 +382,7 @@ def test_stdlib_end_to_end_and_cli(tmp_path, capsys):
   ]
   assert prep.main(argv) == 0
   summary = json.loads(capsys.readouterr().out)
-  assert {s: i['sha256'] for s, i in summary['splits'].items()} == {
-      s: i['sha256'] for s, i in m.splits.items()
-  }
+  assert {s: i['sha256'] for s, i in summary['splits'].items()} == _shas(m)
 
 
 # ---------------------------------------------------------------------------------- pipeline
@@ -395,11 +391,11 @@ def test_stdlib_end_to_end_and_cli(tmp_path, capsys):
 def test_pipeline_rejects_out_of_range_ids(prepared, tmp_path):
   bad = tmp_path / 'bad'
   shutil.copytree(prepared.dir, bad)
-  data = np.memmap(bad / 'valid.bin', dtype=np.uint16, mode='r+')
+  data = np.memmap(bad / 'valid-00000-00000.bin', dtype=np.uint16, mode='r+')
   data[17] = VOCAB + 3
   data.flush()
   del data
-  with pytest.raises(ValueError, match=r'valid\.bin contains token id 515.*512'):
+  with pytest.raises(ValueError, match=r'valid-00000-00000\.bin contains token id 515.*512'):
     pipeline.open_split(bad, 'valid')
   with pytest.raises(KeyError, match='test'):
     pipeline.open_split(bad, 'test')

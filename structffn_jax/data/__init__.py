@@ -1,8 +1,10 @@
-"""Data: text sources -> SentencePiece token rows on disk -> index-addressed batches.
+"""Data: text sources -> token rows on disk -> index-addressed batches.
 
-  sources   documents from plain text / JSON lines / Hugging Face datasets / the Python stdlib
-  prepare   tokenizer + `<split>.bin` rows of seq_len + 1 ids + manifest.json, written once
-  pipeline  grain pipeline: global batch d is a pure function of d (exact resume, replay)
+  sources    documents from plain text / JSON lines / Hugging Face datasets / the Python stdlib
+  tokenizer  SentencePiece `.model` and Hugging Face `tokenizer.json` behind one interface
+  prepare    tokenizer + sharded rows of seq_len + 1 ids + manifest.json, written once, by one
+             or many jobs, over parallel worker processes; resumable
+  pipeline   grain pipeline: global batch d is a pure function of d (exact resume, replay)
 
 Names are imported on first use, so `python -m structffn_jax.data.prepare` does not load the
 module twice and importing the package stays cheap.
@@ -19,6 +21,7 @@ _EXPORTS = {
     'num_eval_batches': 'pipeline',
     'open_split': 'pipeline',
     'Manifest': 'prepare',
+    'PendingJobs': 'prepare',
     'as_manifest': 'prepare',
     'default_data_config': 'prepare',
     'load_tokenizer': 'prepare',

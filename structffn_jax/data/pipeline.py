@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import grain
 import numpy as np
@@ -28,54 +28,86 @@ from structffn_jax.data.prepare import Manifest, as_manifest
 
 
 class TokenRows:
-  """Random access to a `<split>.bin` file: `rows[i]` is int32 [seq_len + 1].
+  """Random access to the rows of a split: `rows[i]` is int32 [seq_len + 1].
 
-  The memory map is opened on first access and dropped when pickled, so instances can be sent to
+  `paths` is one `.bin` file or a list of them (a split's shards, in order): their rows form one
+  index space, row i of the split being row i - offset[k] of the shard k that holds it. The
+  memory maps are opened on first access and dropped when pickled, so instances can be sent to
   worker processes.
   """
 
-  def __init__(self, path: str | os.PathLike, seq_len: int, dtype: Any):
-    self.path = Path(path)
+  def __init__(
+      self, paths: str | os.PathLike | Sequence[str | os.PathLike], seq_len: int, dtype: Any
+  ):
+    single = isinstance(paths, (str, os.PathLike))
+    self.paths = [Path(p) for p in ([paths] if single else paths)]
+    if not self.paths:
+      raise ValueError('TokenRows needs at least one .bin file')
+    self.path = self.paths[0]  # The file, for a single-file split (and messages).
     self.seq_len = int(seq_len)
     self.dtype = np.dtype(dtype)
     row_bytes = (self.seq_len + 1) * self.dtype.itemsize
-    if not self.path.is_file():
-      raise FileNotFoundError(
-          f'token file not found: {self.path} (prepare the data directory first)'
-      )
-    size = self.path.stat().st_size
-    if size == 0 or size % row_bytes:
-      raise ValueError(
-          f'{self.path} is {size} bytes, not a positive multiple of a row '
-          f'({self.seq_len + 1} x {self.dtype.name})'
-      )
-    self._len = size // row_bytes
-    self._array: np.memmap | None = None
+    counts = []
+    for path in self.paths:
+      if not path.is_file():
+        raise FileNotFoundError(
+            f'token file not found: {path} (prepare the data directory first)'
+        )
+      size = path.stat().st_size
+      if size == 0 or size % row_bytes:
+        raise ValueError(
+            f'{path} is {size} bytes, not a positive multiple of a row '
+            f'({self.seq_len + 1} x {self.dtype.name})'
+        )
+      counts.append(size // row_bytes)
+    self.shard_rows = counts
+    self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    self._len = int(self._offsets[-1])
+    self._arrays: list[np.memmap] | None = None
 
-  def _rows(self) -> np.memmap:
-    if self._array is None:
-      self._array = np.memmap(
-          self.path, dtype=self.dtype, mode='r', shape=(self._len, self.seq_len + 1)
-      )
-    return self._array
+  def _maps(self) -> list[np.memmap]:
+    if self._arrays is None:
+      self._arrays = [
+          np.memmap(path, dtype=self.dtype, mode='r', shape=(n, self.seq_len + 1))
+          for path, n in zip(self.paths, self.shard_rows)
+      ]
+    return self._arrays
 
   def __len__(self) -> int:
     return self._len
 
   def __getitem__(self, index: int) -> np.ndarray:
-    return np.asarray(self._rows()[index], dtype=np.int32)
+    return self.read(np.asarray([index]))[0]
 
   def read(self, indices: np.ndarray) -> np.ndarray:
     """Rows `indices` in that order: int32 [len(indices), seq_len + 1]."""
-    return self._rows()[np.asarray(indices, dtype=np.int64)].astype(np.int32)
+    indices = np.asarray(indices, dtype=np.int64)
+    if indices.size and (indices.min() < -self._len or indices.max() >= self._len):
+      raise IndexError(f'row index outside [0, {self._len}) of {self.path}')
+    indices = np.where(indices < 0, indices + self._len, indices)
+    maps = self._maps()
+    if len(maps) == 1:
+      return maps[0][indices].astype(np.int32)
+    out = np.empty((len(indices), self.seq_len + 1), np.int32)
+    shard = np.searchsorted(self._offsets, indices, side='right') - 1
+    for k in np.unique(shard):
+      take = shard == k
+      out[take] = maps[k][indices[take] - self._offsets[k]]
+    return out
 
   def max_id(self, chunk_rows: int = 1 << 16) -> int:
-    """Largest token id in the file, read in chunks to bound memory."""
-    rows = self._rows()
-    return max(int(rows[i : i + chunk_rows].max()) for i in range(0, self._len, chunk_rows))
+    """Largest token id in the split, read in chunks to bound memory."""
+    return max(self.shard_max_ids(chunk_rows))
+
+  def shard_max_ids(self, chunk_rows: int = 1 << 16) -> list[int]:
+    """Largest token id of each file."""
+    return [
+        max(int(rows[i : i + chunk_rows].max()) for i in range(0, len(rows), chunk_rows))
+        for rows in self._maps()
+    ]
 
   def __getstate__(self) -> dict[str, Any]:
-    return {**self.__dict__, '_array': None}
+    return {**self.__dict__, '_arrays': None}
 
 
 def open_split(
@@ -83,21 +115,22 @@ def open_split(
 ) -> TokenRows:
   """Opens `split` of a prepared directory, checking its size and (optionally) its token ids.
 
-  The id check scans the file once (fast: a max over a memory map) and raises naming the file if
-  an id does not fit the manifest's vocab, which would otherwise index past the embedding table.
+  The id check scans the files once (fast: a max over a memory map) and raises naming the file
+  if an id does not fit the manifest's vocab, which would otherwise index past the embedding
+  table.
   """
   m = as_manifest(manifest)
-  rows = TokenRows(m.split_path(split), m.seq_len, m.dtype)
+  rows = TokenRows(m.split_files(split), m.seq_len, m.dtype)
   if len(rows) != m.rows(split):
     raise ValueError(
         f'{rows.path} holds {len(rows)} rows but the manifest says {m.rows(split)}; prepare again'
     )
   if verify_ids:
-    top = rows.max_id()
-    if top >= m.vocab_size:
-      raise ValueError(
-          f"{rows.path} contains token id {top}, outside the tokenizer's vocab of {m.vocab_size}"
-      )
+    for path, top in zip(rows.paths, rows.shard_max_ids()):
+      if top >= m.vocab_size:
+        raise ValueError(
+            f"{path} contains token id {top}, outside the tokenizer's vocab of {m.vocab_size}"
+        )
   return rows
 
 

@@ -1,77 +1,153 @@
-"""Prepare a data directory: a SentencePiece tokenizer plus token rows for each split.
+"""Prepare a data directory: a tokenizer plus the token rows of every split, in shards.
 
     prepare(cfg.data, out_dir, seq_len) -> Manifest
 
 writes, once:
 
-    out_dir/tokenizer.model   trained on the train split (BPE, byte fallback, no normalization, so
-                              any text, source code included, decodes back exactly), or a copy of
-                              an existing `.model` given as `data.tokenizer` (e.g. LLaMA's)
-    out_dir/<split>.bin       raw token ids, shape (rows, seq_len + 1), uint16 if vocab <= 65535
-                              else uint32: the documents of the split joined with EOS after each
-                              and cut into consecutive rows; the last partial row is dropped
-    out_dir/manifest.json     settings, tokenizer sha256, per split rows/tokens/sha256/source
+    out_dir/tokenizer.model   SentencePiece, trained on the train split (BPE, byte fallback, no
+                              normalization, so any text, source code included, decodes back
+                              exactly), or a copy of `data.tokenizer` (a `.model`, e.g. LLaMA's)
+       or tokenizer.json      a copy of a Hugging Face `data.tokenizer` (GPT-2, LLaMA 3, ...)
+    out_dir/<split>-<job>-<piece>.bin
+                              token ids, shape (rows, seq_len + 1), uint16 if vocab <= 65535 else
+                              uint32: the documents joined with EOS after each, cut into rows
+    out_dir/jobs/job-<i>-of-<n>.json
+                              what job i of n has finished, piece by piece
+    out_dir/manifest.json     settings, tokenizer sha256, per split its shards in order (rows,
+                              sha256): written once every job has finished
 
-Every file is written under a temporary name and renamed into place, and the manifest goes last,
-so a directory with a manifest is complete. Calling `prepare` again with the same settings and
-unchanged inputs returns the existing manifest without tokenizing; with different settings it
-raises instead of overwriting.
+How the text is cut. Each input stream (the train split's, and the valid / test splits' own when
+they have inputs) is read as this job's share (`sources.documents(..., shard=(i, n))`) and cut at
+document boundaries into pieces: a piece closes once it holds `data.shard_tokens` of its
+stream's split. A piece is one file per split with its last partial row dropped, so it depends
+only on its own documents. When the source has no validation (or test) split, documents whose
+hash falls below `data.valid_fraction` (then `data.test_fraction`) go there instead of train:
+the same document always lands in the same split, whichever job reads it. A split stops at
+`data.max_tokens` (valid and test at `data.valid_tokens` / `data.test_tokens` when set), each of
+n jobs taking 1/n of the cap.
 
-Command line:
+Tokenization runs on `data.num_workers` processes (spawned, so it is safe after JAX has started)
+fed chunks of documents and read back in order, so the output does not depend on the worker
+count. A progress line every 10 s gives documents, tokens, tokens/s and, under a cap, the time
+left.
 
+Every file is written under a temporary name and renamed into place, and a job records a piece
+after its files: an interrupted job resumes after its last finished piece, skipping those
+documents without tokenizing them again. The last job to finish writes the manifest.
+
+Calling `prepare` on a finished directory returns its manifest without reading any input. Only
+the sequence length and the tokenizer must match (the tokenizer file's sha256 when
+`data.tokenizer` is set, else the vocabulary size); other settings and the inputs may differ,
+and the directory is used as it is.
+
+`data.format='rows_bin'` reads rows tokenized elsewhere, such as the paper authors' (one `.bin`
+of uint16 rows of seq_len + 1 tokens, no manifest): `data.*_paths` name the files, read in place,
+and `out_dir` gets a manifest that points at them.
+
+Command line, from a config's data section or from flags:
+
+    python -m structffn_jax.data.prepare --config configs/structured_ffn.py:model=xl \\
+        --set data.tokenizer=/models/llama/tokenizer.model --out /data/refinedweb-llama \\
+        --num-workers 32 [--shard 3 --num-shards 16]
     python -m structffn_jax.data.prepare --source text --train a.txt --valid b.txt \\
-        --out DIR --seq-len 1024 --vocab-size 8192 [--tokenizer existing.model]
+        --out DIR --seq-len 1024 --vocab-size 8192 [--tokenizer existing.model|tokenizer.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import logging
+import multiprocessing
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import ml_collections
 import numpy as np
 import sentencepiece as spm
 
 from structffn_jax.data import sources
+from structffn_jax.data import tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = 'manifest.json'
-TOKENIZER_NAME = 'tokenizer.model'
-FORMAT_VERSION = 1
+JOBS_DIR = 'jobs'
+TOKENIZER_NAME = tokenizer_lib.FILE_NAMES[tokenizer_lib.SENTENCEPIECE]
+# 2: splits in shards, jobs; 1 (read still): one <split>.bin per split.
+FORMAT_VERSION = 2
+FORMATS = ('tokens', 'rows_bin')
 # Bumped when the tokenizer training options below change, so old directories are not reused.
 TOKENIZER_RECIPE = 1
 DEFAULT_TOKENIZER_TRAIN_BYTES = 32_000_000
+DEFAULT_SHARD_TOKENS = 1 << 28  # 268M tokens: 512 MB of uint16 per file
+# A config's placeholder for a tokenizer the user must supply (`data.tokenizer`).
+REQUIRED = 'required'
 _PROGRESS_SECONDS = 10.0
+_MAX_CHUNK_CHARS = 1 << 20  # text per task sent to a worker
+_AUTO_FRACTION = 0.01  # held-out fraction when only a token count is given and no cap on train
+_FRACTION_MARGIN = 1.25  # held-out fraction = margin x its share of the caps
 
 
 def default_data_config() -> ml_collections.ConfigDict:
   """The `cfg.data` section with its defaults: the stdlib corpus and a freshly trained tokenizer."""
   c = ml_collections.ConfigDict()
   c.source = 'stdlib'  # 'stdlib' | 'text' | 'jsonl' | 'hf'.
-  c.train_paths = []  # Training files (text/jsonl) or split names (hf; default ['train']).
-  c.valid_paths = []  # Validation files or hf split names; empty = no validation split.
-  c.test_paths = []  # Test files or hf split names; empty = no test split.
+  c.train_paths = []  # Training files (text/jsonl/rows_bin) or split names (hf; default ['train']).
+  c.valid_paths = []  # Validation files or hf split names; empty = none, or carved from train.
+  c.test_paths = []  # Test files or hf split names; empty = none, or carved from train.
   c.text_field = 'text'  # Field holding the document in jsonl lines / hf examples.
-  c.hf_name = ''  # Hugging Face hub dataset name (source='hf'), streamed.
+  c.hf_name = ''  # Hugging Face hub dataset (streamed), or parquet|json|arrow|text|csv.
   c.hf_config = ''  # Hugging Face dataset config name, '' = none.
   c.hf_path = ''  # Directory written by `datasets.save_to_disk`; overrides hf_name.
-  c.tokenizer = ''  # Path of an existing SentencePiece .model; '' = train one on the train split.
+  c.hf_data_files = []  # Local files or globs read by hf_name=parquet|json|...: the train split.
+  c.tokenizer = ''  # Existing SentencePiece .model or HF tokenizer.json; '' = train one.
+  c.eos_token = ''  # Token ending each document (tokenizer.json); '' = the tokenizer's usual one.
   c.vocab_size = 8192  # Size of the SentencePiece vocabulary to train (ignored with `tokenizer`).
   c.data_dir = ''  # Where tokenizer, token rows and manifest go; '' = <workdir>/data.
   c.stdlib_max_bytes = sources.DEFAULT_STDLIB_MAX_BYTES  # Cap on stdlib text per split (0 = none).
   c.stdlib_tests = True  # Include the standard library's own test suites.
   c.stdlib_site_packages = False  # Add the installed site-packages sources (deduplicated).
+  c.max_tokens = 0  # Cap on the tokens of each split (0 = all of the input).
+  c.valid_tokens = 0  # Cap on validation tokens (0 = max_tokens); > 0 carves them if no input.
+  c.valid_fraction = 0.0  # Train documents held out (by hash) for validation; 0 = from the caps.
+  c.test_tokens = 0  # Cap on test tokens (0 = max_tokens); > 0 carves them if no input.
+  c.test_fraction = 0.0  # Train documents held out (by hash) for test; 0 = from the caps.
+  c.num_workers = 0  # Tokenizer processes: 0 = tokenize in this process, -1 = one per CPU.
+  c.shard_tokens = DEFAULT_SHARD_TOKENS  # Tokens per file of a split (a split spans many files).
+  c.shard = 0  # This job's index when preparing as data.num_shards jobs (one per host).
+  c.num_shards = 1  # Jobs sharing the input; the last to finish writes the manifest.
+  c.format = 'tokens'  # 'tokens': tokenize the source; 'rows_bin': data.*_paths are token rows.
+  c.rows_dtype = 'uint16'  # Token type of rows_bin files ('uint16' | 'uint32').
   return c
+
+
+# The paper's data: RefinedWeb (train only, so 0.7B validation tokens are carved from it by
+# document hash) tokenized with the LLaMA SentencePiece model, whose path the user supplies; 65B
+# train tokens in rows of seq_len + 1 = 1025. `local`: the stdlib, to try a config here.
+DATA_RECIPES = {
+    'refinedweb': dict(
+        source='hf', hf_name='tiiuae/falcon-refinedweb', text_field='content', tokenizer=REQUIRED,
+        max_tokens=65_000_000_000, valid_tokens=700_000_000, num_workers=-1,
+    ),
+    'local': dict(source='stdlib'),
+}
+
+
+def apply_recipe(cfg_data: ml_collections.ConfigDict, recipe: dict[str, Any]) -> None:
+  """Sets the fields of a `DATA_RECIPES` entry on a data section made by `default_data_config`."""
+  for name, value in recipe.items():
+    cfg_data[name] = value
 
 
 def resolve_data_dir(cfg_data: Any, workdir: str | os.PathLike) -> Path:
@@ -85,6 +161,18 @@ def token_dtype(vocab_size: int) -> np.dtype:
   return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
 
 
+def _value(cfg_data: Any, name: str) -> Any:
+  """`cfg_data.<name>`, or its default from `default_data_config()` when absent."""
+  return sources.config_value(cfg_data, name, _DEFAULTS[name])
+
+
+_DEFAULTS = default_data_config().to_dict()
+
+
+class PendingJobs(ValueError):
+  """Raised when this job has finished but others of `data.num_shards` have not."""
+
+
 # --------------------------------------------------------------------------------- manifest
 
 
@@ -92,9 +180,10 @@ def token_dtype(vocab_size: int) -> np.dtype:
 class Manifest:
   """What `prepare` wrote into `dir`; file names are relative so the directory can be moved.
 
-  `splits[name]` holds: file, rows, tokens (= rows * (seq_len + 1)), dropped_tokens (the final
-  partial row), docs, sha256 (of the .bin), source (the input's identity from `sources.describe`).
-  `settings` is what a later `prepare` call compares to decide whether to reuse the directory.
+  `splits[name]` holds: rows, tokens (= rows * (seq_len + 1)), dropped_tokens (the partial rows
+  left at the ends of pieces), docs, shards (a list of {file, rows, sha256}, in row order; a
+  `rows_bin` file is named by its absolute path and has no sha256) and source (the input's
+  identity from `sources.describe`). `settings` records how the directory was made.
   """
 
   dir: Path
@@ -108,13 +197,25 @@ class Manifest:
   bos_id: int
   splits: dict[str, dict[str, Any]]
   settings: dict[str, Any]
+  tokenizer_kind: str = tokenizer_lib.SENTENCEPIECE
 
   @property
   def tokenizer_path(self) -> Path:
+    if not self.tokenizer_file:
+      raise FileNotFoundError(
+          f'{self.dir / MANIFEST_NAME} names no tokenizer: prepare it again with data.tokenizer'
+      )
     return self.dir / self.tokenizer_file
 
-  def split_path(self, split: str) -> Path:
-    return self.dir / self.split_info(split)['file']
+  def load_tokenizer(self) -> tokenizer_lib.Tokenizer:
+    """The directory's tokenizer, with the EOS the rows were written with."""
+    tok = tokenizer_lib.load(self.tokenizer_path, field=f'{self.dir} tokenizer')
+    tok.eos_id = self.eos_id
+    return tok
+
+  def split_files(self, split: str) -> list[Path]:
+    """The shard files of `split`, in row order."""
+    return [self.dir / shard['file'] for shard in self.split_info(split)['shards']]
 
   def rows(self, split: str) -> int:
     return int(self.split_info(split)['rows'])
@@ -139,12 +240,18 @@ class Manifest:
           f'no {MANIFEST_NAME} in {data_dir}: run structffn_jax.data.prepare first'
       )
     d = json.loads(path.read_text())
-    if d.pop('format', None) != FORMAT_VERSION:
+    version = d.pop('format', None)
+    if version == 1:  # One file per split.
+      for info in d['splits'].values():
+        info['shards'] = [
+            {'file': info.pop('file'), 'rows': info['rows'], 'sha256': info.get('sha256')}
+        ]
+    elif version != FORMAT_VERSION:
       raise ValueError(f'{path} has an unknown format; delete the directory and prepare again')
     return cls(dir=Path(data_dir), **d)
 
   def save(self) -> None:
-    _atomic_write(self.dir / MANIFEST_NAME, (json.dumps(self.to_json(), indent=1) + '\n').encode())
+    _atomic_write(self.dir / MANIFEST_NAME, _json_bytes(self.to_json()))
 
 
 def as_manifest(manifest_or_dir: 'Manifest | str | os.PathLike') -> Manifest:
@@ -169,6 +276,10 @@ def _atomic_write(path: Path, data: bytes) -> None:
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)
+
+
+def _json_bytes(obj: Any) -> bytes:
+  return (json.dumps(obj, indent=1) + '\n').encode()
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -241,16 +352,10 @@ def train_tokenizer(
 
 
 def load_tokenizer(
-    path: str | os.PathLike, *, field: str = 'data.tokenizer'
-) -> spm.SentencePieceProcessor:
-  """Loads a SentencePiece `.model`, with an error naming `field` if it is missing or invalid."""
-  path = Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f'{field}: tokenizer file not found: {str(path)!r}')
-  try:
-    return spm.SentencePieceProcessor(model_file=str(path))
-  except (OSError, RuntimeError) as e:
-    raise ValueError(f'{field}: {str(path)!r} is not a SentencePiece model ({e})') from e
+    path: str | os.PathLike, *, field: str = 'data.tokenizer', eos_token: str = ''
+) -> tokenizer_lib.Tokenizer:
+  """Loads a SentencePiece `.model` or Hugging Face `tokenizer.json`, errors naming `field`."""
+  return tokenizer_lib.load(path, field=field, eos_token=eos_token)
 
 
 def _check_model_vocab(tokenizer_vocab: int, model_vocab_size: int | None, what: str) -> None:
@@ -261,22 +366,186 @@ def _check_model_vocab(tokenizer_vocab: int, model_vocab_size: int | None, what:
     )
 
 
+def _tokenizer_settings(cfg_data: Any, tokenizer_train_bytes: int) -> dict[str, Any]:
+  """What identifies the tokenizer: the file's sha256, or the training recipe."""
+  src = _value(cfg_data, 'tokenizer')
+  if src == REQUIRED:
+    raise ValueError(
+        'data.tokenizer is required by this config (the paper tokenizes with the LLaMA '
+        'SentencePiece model): add --set data.tokenizer=/path/to/tokenizer.model, or use the '
+        "config's data=local variant"
+    )
+  if src:
+    path = Path(src).expanduser()
+    if not path.is_file():
+      raise FileNotFoundError(f'data.tokenizer: tokenizer file not found: {src!r}')
+    return {
+        'file_sha256': sha256_file(path),
+        'kind': tokenizer_lib.kind_of(path),
+        'eos_token': _value(cfg_data, 'eos_token'),
+    }
+  return {
+      'trained': {
+          'vocab_size': int(_value(cfg_data, 'vocab_size')),
+          'max_train_bytes': int(tokenizer_train_bytes),
+          'recipe': TOKENIZER_RECIPE,
+      }
+  }
+
+
+# ------------------------------------------------------------------------------ the plan
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stream:
+  """One input read once: its documents go to `split`, or by hash to a split in `carve`."""
+
+  split: str
+  carve: tuple[tuple[str, float], ...] = ()
+
+  @property
+  def outputs(self) -> tuple[str, ...]:
+    return (self.split,) + tuple(s for s, _ in self.carve)
+
+
+def _route(doc: str, stream: _Stream) -> str:
+  """The split of a document of `stream`: a fixed function of its text."""
+  if not stream.carve:
+    return stream.split
+  digest = hashlib.blake2b(doc.encode('utf-8', 'surrogatepass'), digest_size=8).digest()
+  u, bound = int.from_bytes(digest, 'big') / 2**64, 0.0
+  for split, fraction in stream.carve:
+    bound += fraction
+    if u < bound:
+      return split
+  return stream.split
+
+
+def _cap_tokens(cfg_data: Any, split: str) -> int:
+  own = int(_value(cfg_data, f'{split}_tokens')) if split != 'train' else 0
+  return own or int(_value(cfg_data, 'max_tokens'))
+
+
+def _plan(cfg_data: Any, seq_len: int) -> tuple[list[_Stream], dict[str, int | None]]:
+  """The input streams and each split's cap in rows (None = no cap)."""
+  row_len = seq_len + 1
+  available = sources.available_splits(cfg_data)
+  if 'train' not in available:
+    raise ValueError('data.train_paths is empty: the train split needs at least one input')
+  carve = []
+  for split in ('valid', 'test'):
+    fraction = float(_value(cfg_data, f'{split}_fraction'))
+    tokens = int(_value(cfg_data, f'{split}_tokens'))
+    if split in available:
+      if fraction:
+        raise ValueError(
+            f'data.{split}_fraction={fraction} carves {split} from train, but '
+            f'{sources.paths_field(split)} already gives it inputs: set one of them'
+        )
+      continue
+    if not fraction and tokens:
+      train_cap = int(_value(cfg_data, 'max_tokens'))
+      others = tokens + int(_value(cfg_data, 'valid_tokens' if split == 'test' else 'test_tokens'))
+      fraction = (
+          min(0.5, _FRACTION_MARGIN * tokens / (train_cap + others)) if train_cap
+          else _AUTO_FRACTION
+      )
+    if fraction:
+      if not 0 < fraction < 1:
+        raise ValueError(f'data.{split}_fraction={fraction} must lie in (0, 1)')
+      carve.append((split, fraction))
+  if sum(f for _, f in carve) >= 1:
+    raise ValueError('data.valid_fraction + data.test_fraction must stay below 1')
+  streams = [_Stream('train', tuple(carve))]
+  streams += [_Stream(s) for s in ('valid', 'test') if s in available]
+  caps: dict[str, int | None] = {}
+  for stream in streams:
+    for split in stream.outputs:
+      tokens = _cap_tokens(cfg_data, split)
+      if tokens and tokens < row_len:
+        field = 'data.max_tokens' if split == 'train' else f'data.{split}_tokens'
+        raise ValueError(f'{field}={tokens} is less than one row of seq_len+1={row_len} tokens')
+      caps[split] = tokens // row_len if tokens else None
+  return streams, caps
+
+
+def _settings(
+    cfg_data: Any, seq_len: int, tokenizer_train_bytes: int, num_jobs: int
+) -> tuple[list[_Stream], dict[str, Any]]:
+  """The plan and everything the contents of a job's files depend on, as JSON-normal data."""
+  streams, caps = _plan(cfg_data, seq_len)
+  shard_tokens = int(_value(cfg_data, 'shard_tokens'))
+  if shard_tokens < 1:
+    raise ValueError(f'data.shard_tokens={shard_tokens} must be positive')
+  settings = {
+      'format': FORMAT_VERSION,
+      'seq_len': int(seq_len),
+      'source': _value(cfg_data, 'source'),
+      'tokenizer': _tokenizer_settings(cfg_data, tokenizer_train_bytes),
+      'streams': {
+          st.split: {'input': sources.describe(cfg_data, st.split), 'carve': dict(st.carve)}
+          for st in streams
+      },
+      'max_rows': caps,
+      'shard_rows': max(1, shard_tokens // (seq_len + 1)),
+      'chunk_chars': int(min(_MAX_CHUNK_CHARS, max(1 << 12, shard_tokens // 4))),
+      'num_jobs': int(num_jobs),
+  }
+  return streams, json.loads(json.dumps(settings))
+
+
+def _diff(old: Any, new: Any, prefix: str = '') -> list[str]:
+  if isinstance(old, dict) and isinstance(new, dict):
+    out = []
+    for k in sorted(set(old) | set(new)):
+      out += _diff(old.get(k), new.get(k), f'{prefix}.{k}' if prefix else k)
+    return out
+  return [] if old == new else [f'{prefix}: existing {old!r} vs requested {new!r}']
+
+
+def _short_diff(old: Any, new: Any) -> str:
+  lines = _diff(old, new)
+  return '; '.join(lines[:3]) + (f'; and {len(lines) - 3} more' if len(lines) > 3 else '')
+
+
 # ------------------------------------------------------------------------------ token rows
 
 
 class _RowWriter:
-  """Appends token ids and writes them out in whole rows of `row_len`, hashing what it writes."""
+  """Appends token ids and writes them out in whole rows of `row_len`, hashing what it writes.
 
-  def __init__(self, path: Path, row_len: int, dtype: np.dtype, vocab_size: int):
+  With `max_rows` it keeps only the first max_rows rows and drops the rest.
+  """
+
+  def __init__(
+      self, path: Path, row_len: int, dtype: np.dtype, vocab_size: int,
+      max_rows: int | None = None,
+  ):
     self.path, self.row_len, self.dtype, self.vocab_size = path, row_len, dtype, vocab_size
+    self.max_rows = max_rows
     self.tmp = _tmp_name(path)
     self.file = open(self.tmp, 'wb')
     self.digest = hashlib.sha256()
     self.pending: list[np.ndarray] = []
     self.pending_len = 0
     self.rows = 0
+    self.docs = 0
 
-  def add(self, ids: np.ndarray) -> None:
+  @property
+  def tokens(self) -> int:
+    """Tokens taken so far, whole rows and the pending partial one."""
+    return self.rows * self.row_len + self.pending_len
+
+  @property
+  def full(self) -> bool:
+    return self.max_rows is not None and self.tokens >= self.max_rows * self.row_len
+
+  def add(self, ids: np.ndarray, docs: int = 1) -> None:
+    if self.max_rows is not None:
+      ids = ids[: max(0, self.max_rows * self.row_len - self.tokens)]
+    if not len(ids):
+      return
+    self.docs += docs
     self.pending.append(ids)
     self.pending_len += len(ids)
     if self.pending_len >= 64 * self.row_len:
@@ -295,147 +564,517 @@ class _RowWriter:
       self.rows += n_rows
     self.pending, self.pending_len = [rest], len(rest)
 
-  def finish(self) -> tuple[int, int, str]:
-    """Closes and renames into place; returns (rows, dropped tail tokens, sha256)."""
+  def finish(self) -> dict[str, Any]:
+    """Closes and renames into place (a file without rows is not kept); its piece entry."""
     self._flush()
     self.file.flush()
     os.fsync(self.file.fileno())
     self.file.close()
-    os.replace(self.tmp, self.path)
-    return self.rows, self.pending_len, self.digest.hexdigest()
+    if self.rows:
+      os.replace(self.tmp, self.path)
+    else:
+      self.tmp.unlink()
+    return {
+        'file': self.path.name if self.rows else None,
+        'rows': self.rows,
+        'sha256': self.digest.hexdigest() if self.rows else None,
+        'docs': self.docs,
+        'dropped_tokens': self.pending_len,
+    }
 
   def abort(self) -> None:
     self.file.close()
     self.tmp.unlink(missing_ok=True)
 
 
-def _doc_batches(docs: Iterable[str], max_chars: int = 4_000_000) -> Iterator[list[str]]:
-  batch, size = [], 0
+def _chunks(docs: Iterable[str], max_chars: int) -> Iterator[tuple[int, list[str]]]:
+  """(documents read, the non-empty ones) in chunks of about `max_chars` characters."""
+  batch, size, count = [], 0, 0
   for doc in docs:
-    if not doc:
-      continue
-    batch.append(doc)
-    size += len(doc)
+    count += 1
+    if doc:
+      batch.append(doc)
+      size += len(doc)
     if size >= max_chars:
-      yield batch
-      batch, size = [], 0
-  if batch:
-    yield batch
+      yield count, batch
+      batch, size, count = [], 0, 0
+  if count:
+    yield count, batch
 
 
-def write_rows(
-    sp: spm.SentencePieceProcessor,
-    docs: Iterable[str],
-    path: Path,
-    seq_len: int,
-    *,
-    num_threads: int = 2,
-    name: str = '',
-) -> dict[str, Any]:
-  """Tokenizes `docs` into rows of `seq_len + 1` ids at `path`; returns the split's manifest entry.
+class _Encoder:
+  """Tokenizes a chunk of a stream's documents: per split, the ids with EOS after each document."""
 
-  Each non-empty document contributes its ids followed by EOS; the stream is cut into
-  consecutive rows and the final partial row dropped.
+  def __init__(self, tok: tokenizer_lib.Tokenizer):
+    self.tok = tok
+
+  def __call__(self, task: tuple[_Stream, int, list[str]]):
+    stream, count, docs = task
+    routed: dict[str, list[str]] = {split: [] for split in stream.outputs}
+    for doc in docs:
+      routed[_route(doc, stream)].append(doc)
+    eos, out = self.tok.eos_id, {}
+    for split, split_docs in routed.items():
+      encoded = self.tok.encode_batch(split_docs) if split_docs else []
+      flat = np.fromiter(
+          itertools.chain.from_iterable(itertools.chain(ids, (eos,)) for ids in encoded),
+          dtype=np.uint32,
+          count=sum(len(ids) for ids in encoded) + len(encoded),
+      )
+      out[split] = (flat, len(split_docs))
+    return count, out
+
+
+_WORKER_ENCODER: _Encoder | None = None
+
+
+def _init_worker(data: bytes, kind: str, eos_token: str, eos_id: int) -> None:
+  # One thread per process: the processes are the parallelism.
+  os.environ['TOKENIZERS_PARALLELISM'] = 'false'
+  global _WORKER_ENCODER
+  tok = tokenizer_lib.from_bytes(data, kind, eos_token=eos_token)
+  tok.num_threads, tok.eos_id = 1, eos_id
+  _WORKER_ENCODER = _Encoder(tok)
+
+
+def _encode_in_worker(task):
+  return _WORKER_ENCODER(task)
+
+
+def resolve_num_workers(num_workers: int) -> int:
+  """`data.num_workers`, with -1 meaning one per CPU core."""
+  num_workers = int(num_workers)
+  if num_workers == -1:
+    return os.cpu_count() or 1
+  if num_workers < 0:
+    raise ValueError(f'data.num_workers={num_workers}: expected 0, a positive count or -1')
+  return num_workers
+
+
+@contextlib.contextmanager
+def _encoding(tok: tokenizer_lib.Tokenizer, num_workers: int, num_threads: int):
+  """A function mapping an iterable of tasks to their results, in order, lazily.
+
+  With workers, at most 2 tasks per worker are in flight, so a stream of any length is read
+  only as fast as it is tokenized.
   """
-  vocab_size, eos = sp.get_piece_size(), sp.eos_id()
-  writer = _RowWriter(path, seq_len + 1, token_dtype(vocab_size), vocab_size)
-  n_docs = n_tokens = 0
-  start = last_report = time.monotonic()
-  try:
-    for batch in _doc_batches(docs):
-      for ids in sp.encode(batch, num_threads=num_threads):
-        writer.add(np.asarray(ids + [eos], dtype=np.int64))
-        n_tokens += len(ids) + 1
-      n_docs += len(batch)
-      if time.monotonic() - last_report > _PROGRESS_SECONDS:
-        last_report = time.monotonic()
-        log.info(
-            '%s: %d docs, %d tokens, %.0f s',
-            name or path.name,
-            n_docs,
-            n_tokens,
-            last_report - start,
-        )
-    rows, dropped, sha = writer.finish()
-  except BaseException:
-    writer.abort()
-    raise
-  log.info(
-      '%s: %d docs, %d tokens -> %d rows of %d (%.1f s)',
-      name or path.name,
-      n_docs,
-      n_tokens,
-      rows,
-      seq_len + 1,
-      time.monotonic() - start,
+  if num_workers == 0:
+    tok.num_threads = num_threads
+    encoder = _Encoder(tok)
+    yield lambda tasks: map(encoder, tasks)
+    return
+  executor = concurrent.futures.ProcessPoolExecutor(
+      num_workers,
+      mp_context=multiprocessing.get_context('spawn'),
+      initializer=_init_worker,
+      initargs=(tok.data, tok.kind, tok.eos_token, tok.eos_id),
   )
-  return {
-      'file': path.name,
-      'rows': rows,
-      'tokens': rows * (seq_len + 1),
-      'dropped_tokens': dropped,
-      'docs': n_docs,
-      'sha256': sha,
-  }
+
+  def run(tasks):
+    window: collections.deque = collections.deque()
+    for task in tasks:
+      window.append(executor.submit(_encode_in_worker, task))
+      if len(window) > 2 * num_workers:
+        yield window.popleft().result()
+    while window:
+      yield window.popleft().result()
+
+  try:
+    yield run
+  finally:
+    executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _human(x: float) -> str:
+  for unit, scale in (('G', 1e9), ('M', 1e6), ('k', 1e3)):
+    if abs(x) >= scale:
+      return f'{x / scale:.2f}{unit}'
+  return f'{x:.0f}'
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(seconds)
+  return f'{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s'
+
+
+class _Progress:
+  """The progress line of one stream: documents, tokens, tokens/s and the time left."""
+
+  def __init__(self, name: str, cap_tokens: int | None, done_tokens: int):
+    self.name, self.cap, self.done = name, cap_tokens, done_tokens
+    self.start = self.last = time.monotonic()
+    self.docs = self.tokens = 0
+
+  def update(self, docs: int, tokens: int, *, final: bool = False) -> None:
+    self.docs += docs
+    self.tokens += tokens
+    now = time.monotonic()
+    if not final and now - self.last < _PROGRESS_SECONDS:
+      return
+    self.last = now
+    rate = self.tokens / max(now - self.start, 1e-9)
+    line = (
+        f'{self.name}: {_human(self.docs)} docs, {_human(self.tokens)} tokens, '
+        f'{_human(rate)} tokens/s'
+    )
+    if self.cap and not final:
+      left = max(0, self.cap - self.done - self.tokens)
+      line += f', {_human(self.done + self.tokens)}/{_human(self.cap)}, ETA {_duration(left / max(rate, 1e-9))}'
+    if final:
+      line += f' in {_duration(now - self.start)}'
+    log.info(line)
+
+
+# ---------------------------------------------------------------------------------- jobs
+
+
+def _job_path(out_dir: Path, job: int, num_jobs: int) -> Path:
+  return out_dir / JOBS_DIR / f'job-{job:05d}-of-{num_jobs:05d}.json'
+
+
+def _job_of(cfg_data: Any) -> tuple[int, int]:
+  job, num_jobs = int(_value(cfg_data, 'shard')), int(_value(cfg_data, 'num_shards'))
+  if num_jobs < 1:
+    raise ValueError(f'data.num_shards={num_jobs} must be at least 1')
+  if not 0 <= job < num_jobs:
+    raise ValueError(f'data.shard={job} outside [0, data.num_shards={num_jobs})')
+  return job, num_jobs
+
+
+def _share(total: int | None, job: int, num_jobs: int) -> int | None:
+  """Job `job`'s part of a cap of `total` rows shared by `num_jobs` jobs."""
+  if total is None:
+    return None
+  return total // num_jobs + (1 if job < total % num_jobs else 0)
+
+
+def _run_stream(
+    stream: _Stream,
+    cfg_data: Any,
+    out_dir: Path,
+    record: dict[str, Any],
+    encode: Callable,
+    tok: tokenizer_lib.Tokenizer,
+) -> None:
+  """Tokenizes this job's share of `stream` piece by piece, recording each finished piece."""
+  settings, job = record['settings'], record['job']
+  num_jobs, row_len = settings['num_jobs'], settings['seq_len'] + 1
+  state = record['streams'].setdefault(stream.split, {'pieces': [], 'doc_end': 0, 'done': False})
+  if state['done']:
+    return
+  caps = {s: _share(settings['max_rows'][s], job, num_jobs) for s in stream.outputs}
+  taken = {s: sum(p['splits'][s]['rows'] for p in state['pieces']) for s in stream.outputs}
+  docs = sources.documents(cfg_data, stream.split, shard=(job, num_jobs))
+  if state['doc_end']:
+    log.info(
+        '%s: resuming after %d finished pieces (%d documents, skipped without tokenizing)',
+        stream.split, len(state['pieces']), state['doc_end'],
+    )
+    docs = itertools.islice(docs, state['doc_end'], None)
+  cap = caps[stream.split]
+  progress = _Progress(
+      f'{stream.split}' + (f' (job {job}/{num_jobs})' if num_jobs > 1 else ''),
+      cap * row_len if cap is not None else None,
+      taken[stream.split] * row_len,
+  )
+  dtype, vocab = token_dtype(tok.vocab_size), tok.vocab_size
+  writers: dict[str, _RowWriter] = {}
+
+  def open_piece():
+    index = len(state['pieces'])
+    return {
+        s: _RowWriter(
+            out_dir / f'{s}-{job:05d}-{index:05d}.bin', row_len, dtype, vocab,
+            None if caps[s] is None else caps[s] - taken[s],
+        )
+        for s in stream.outputs
+    }
+
+  def close_piece(doc_end: int):
+    entries = {s: w.finish() for s, w in writers.items()}
+    writers.clear()
+    state['pieces'].append({'doc_end': doc_end, 'splits': entries})
+    for s, entry in entries.items():
+      taken[s] += entry['rows']
+    _atomic_write(_job_path(out_dir, job, num_jobs), _json_bytes(record))
+
+  doc_end = state['doc_end']
+  chunks = _chunks(docs, settings['chunk_chars'])
+  try:
+    for count, out in encode((stream, count, batch) for count, batch in chunks):
+      if not writers:
+        writers.update(open_piece())
+      for split, (ids, n_docs) in out.items():
+        writers[split].add(ids, n_docs)
+      doc_end += count
+      primary = writers[stream.split]
+      progress.update(count, sum(len(ids) for ids, _ in out.values()))
+      if primary.full or primary.tokens >= settings['shard_rows'] * row_len:
+        close_piece(doc_end)
+        if cap is not None and taken[stream.split] >= cap:
+          break
+    if writers:
+      close_piece(doc_end)
+  except BaseException:
+    for writer in writers.values():
+      writer.abort()
+    raise
+  progress.update(0, 0, final=True)
+  for split in stream.outputs[1:]:
+    if caps[split] is not None and taken[split] < caps[split]:
+      log.warning(
+          '%s carved from train ended at %d of its %d rows: raise data.%s_fraction for more',
+          split, taken[split], caps[split], split,
+      )
+  state['done'] = True
+  _atomic_write(_job_path(out_dir, job, num_jobs), _json_bytes(record))
+
+
+def _setup_tokenizer(
+    cfg_data: Any,
+    out_dir: Path,
+    settings: dict[str, Any],
+    streams: list[_Stream],
+    model_vocab_size: int | None,
+    tokenizer_train_bytes: int,
+    num_threads: int,
+) -> tuple[tokenizer_lib.Tokenizer, Path]:
+  """Copies `data.tokenizer` into `out_dir`, or trains one there (once, whichever job is first)."""
+  src, spec = _value(cfg_data, 'tokenizer'), settings['tokenizer']
+  if src:
+    tok = load_tokenizer(src, eos_token=spec['eos_token'])
+    _check_model_vocab(tok.vocab_size, model_vocab_size, f'data.tokenizer={src!r}')
+    dst = out_dir / tok.file_name
+    if not (dst.is_file() and sha256_file(dst) == spec['file_sha256']):
+      _atomic_write(dst, tok.data)
+  else:
+    vocab_size = spec['trained']['vocab_size']
+    _check_model_vocab(vocab_size, model_vocab_size, f'data.vocab_size={vocab_size}')
+    dst, marker = out_dir / TOKENIZER_NAME, out_dir / JOBS_DIR / 'tokenizer.json'
+    done = {'settings': spec, 'sha256': sha256_file(dst) if dst.is_file() else None}
+    if marker.is_file() and json.loads(marker.read_text()) == done:
+      model = dst.read_bytes()
+    else:
+      log.info('training a %d-token SentencePiece model on the train split', vocab_size)
+      t0 = time.monotonic()
+      train_docs = (d for d in sources.documents(cfg_data, 'train') if _route(d, streams[0]) == 'train')
+      model = train_tokenizer(
+          train_docs,
+          vocab_size,
+          max_train_bytes=spec['trained']['max_train_bytes'],
+          num_threads=num_threads,
+      )
+      _atomic_write(dst, model)
+      _atomic_write(marker, _json_bytes({'settings': spec, 'sha256': sha256_file(dst)}))
+      log.info('tokenizer trained in %.1f s', time.monotonic() - t0)
+    tok = tokenizer_lib.SentencePieceTokenizer(model, name=str(dst))
+  if tok.eos_id < 0:
+    raise ValueError(
+        f'tokenizer {src or dst} defines no EOS id; documents need one as separator (set '
+        'data.eos_token)'
+    )
+  return tok, dst
+
+
+def _merge(
+    out_dir: Path, settings: dict[str, Any], streams: list[_Stream],
+    tok: tokenizer_lib.Tokenizer, tok_path: Path, tokenizer_source: str,
+) -> Manifest:
+  """Writes the manifest once every job has finished; raises PendingJobs before that."""
+  num_jobs, records, pending = settings['num_jobs'], [], []
+  for job in range(num_jobs):
+    path = _job_path(out_dir, job, num_jobs)
+    record = json.loads(path.read_text()) if path.is_file() else None
+    if not record or not record.get('complete'):
+      pending.append(job)
+      continue
+    if record['settings'] != settings:
+      raise ValueError(
+          f'{path} was prepared with other settings than this job '
+          f'({_short_diff(record["settings"], settings)}): run every job with the same settings'
+      )
+    records.append(record)
+  if pending:
+    raise PendingJobs(
+        f'{out_dir}: jobs {pending} of data.num_shards={num_jobs} have not finished; run them '
+        f'(prepare --shard i --num-shards {num_jobs}): the last one to finish writes the manifest'
+    )
+  if len({r['tokenizer_sha256'] for r in records}) > 1:
+    raise ValueError(f'the jobs in {out_dir / JOBS_DIR} used different tokenizers; prepare again')
+  row_len = settings['seq_len'] + 1
+  splits = {}
+  for stream in streams:
+    for split in stream.outputs:
+      entries = [
+          piece['splits'][split]
+          for record in records
+          for piece in record['streams'][stream.split]['pieces']
+      ]
+      rows = sum(e['rows'] for e in entries)
+      dropped = sum(e['dropped_tokens'] for e in entries)
+      if rows == 0:
+        field = (
+            sources.paths_field(split) if split == stream.split else f'data.{split}_fraction'
+        )
+        raise ValueError(
+            f'split {split!r} has {dropped} tokens, fewer than one row of seq_len+1={row_len}; '
+            f'add text to {field} or lower the sequence length'
+        )
+      source = settings['streams'][stream.split]['input']
+      if split != stream.split:
+        source = {'carved_from': source, 'fraction': dict(stream.carve)[split]}
+      splits[split] = {
+          'rows': rows,
+          'tokens': rows * row_len,
+          'dropped_tokens': dropped,
+          'docs': sum(e['docs'] for e in entries),
+          'shards': [
+              {'file': e['file'], 'rows': e['rows'], 'sha256': e['sha256']}
+              for e in entries if e['rows']
+          ],
+          'source': source,
+      }
+  manifest = Manifest(
+      dir=out_dir,
+      seq_len=settings['seq_len'],
+      vocab_size=int(tok.vocab_size),
+      dtype=token_dtype(tok.vocab_size).name,
+      tokenizer_file=tok_path.name,
+      tokenizer_sha256=sha256_file(tok_path),
+      tokenizer_source=tokenizer_source,
+      eos_id=int(tok.eos_id),
+      bos_id=int(tok.bos_id),
+      splits=splits,
+      settings=settings,
+      tokenizer_kind=tok.kind,
+  )
+  manifest.save()
+  return manifest
 
 
 # --------------------------------------------------------------------------------- prepare
 
 
-def _settings(cfg_data: Any, seq_len: int, tokenizer_train_bytes: int) -> dict[str, Any]:
-  """Everything the contents of a data directory depend on, as JSON-normal data."""
-  tokenizer_path = sources.config_value(cfg_data, 'tokenizer', '')
-  if tokenizer_path:
-    if not Path(tokenizer_path).is_file():
-      raise FileNotFoundError(f'data.tokenizer: tokenizer file not found: {tokenizer_path!r}')
-    tokenizer = {'file_sha256': sha256_file(tokenizer_path)}
-  else:
-    tokenizer = {
-        'trained': {
-            'vocab_size': int(sources.config_value(cfg_data, 'vocab_size', 8192)),
-            'max_train_bytes': int(tokenizer_train_bytes),
-            'recipe': TOKENIZER_RECIPE,
-        }
-    }
-  splits = sources.available_splits(cfg_data)
-  if 'train' not in splits:
-    raise ValueError('data.train_paths is empty: the train split needs at least one input')
-  settings = {
-      'format': FORMAT_VERSION,
-      'seq_len': int(seq_len),
-      'source': sources.config_value(cfg_data, 'source', 'stdlib'),
-      'tokenizer': tokenizer,
-      'splits': {split: sources.describe(cfg_data, split) for split in splits},
-  }
-  return json.loads(json.dumps(settings))
-
-
-def _diff(old: Any, new: Any, prefix: str = '') -> list[str]:
-  if isinstance(old, dict) and isinstance(new, dict):
-    out = []
-    for k in sorted(set(old) | set(new)):
-      out += _diff(old.get(k), new.get(k), f'{prefix}.{k}' if prefix else k)
-    return out
-  return [] if old == new else [f'{prefix}: existing {old!r} vs requested {new!r}']
-
-
-def _reuse(manifest: Manifest, model_vocab_size: int | None) -> Manifest:
-  """Checks that an existing directory is intact before handing it back."""
-  if sha256_file(manifest.tokenizer_path) != manifest.tokenizer_sha256:
+def _reuse(
+    manifest: Manifest, cfg_data: Any, seq_len: int, model_vocab_size: int | None
+) -> Manifest:
+  """Checks that a finished directory fits this run (seq_len, tokenizer) and is intact."""
+  m = manifest
+  if m.seq_len != seq_len:
     raise ValueError(
-        f'{manifest.tokenizer_path} does not match its sha256 in the manifest; delete '
-        f'{manifest.dir} and prepare again'
+        f'{m.dir} holds rows for seq_len={m.seq_len} ({m.seq_len + 1} tokens), not '
+        f'model.seq_len={seq_len}: set data.data_dir to a directory prepared for {seq_len}, or '
+        f'delete {m.dir}'
     )
-  itemsize = np.dtype(manifest.dtype).itemsize
-  for split, info in manifest.splits.items():
-    path = manifest.dir / info['file']
-    expected = int(info['rows']) * (manifest.seq_len + 1) * itemsize
-    if not path.is_file() or path.stat().st_size != expected:
+  src = _value(cfg_data, 'tokenizer')
+  if src and src != REQUIRED:
+    path = Path(src).expanduser()
+    if not path.is_file():
+      raise FileNotFoundError(f'data.tokenizer: tokenizer file not found: {src!r}')
+    if sha256_file(path) != m.tokenizer_sha256:
       raise ValueError(
-          f'{path} is missing or not {expected} bytes as the manifest says; delete '
-          f'{manifest.dir} and prepare again'
+          f'data.tokenizer={src!r} is not the tokenizer {m.dir} was prepared with '
+          f'({m.tokenizer_source}): use that one, or another data.data_dir'
       )
-  _check_model_vocab(manifest.vocab_size, model_vocab_size, f'tokenizer {manifest.tokenizer_path}')
+  elif not src and m.tokenizer_file and _value(cfg_data, 'format') == 'tokens':
+    vocab_size = int(_value(cfg_data, 'vocab_size'))
+    if m.vocab_size != vocab_size:
+      raise ValueError(
+          f'{m.dir} was prepared with a {m.vocab_size}-token tokenizer, not '
+          f'data.vocab_size={vocab_size}: set data.vocab_size={m.vocab_size} to use it, or '
+          'another data.data_dir'
+      )
+  if m.tokenizer_file and sha256_file(m.tokenizer_path) != m.tokenizer_sha256:
+    raise ValueError(
+        f'{m.tokenizer_path} does not match its sha256 in the manifest; delete '
+        f'{m.dir} and prepare again'
+    )
+  row_bytes = (m.seq_len + 1) * np.dtype(m.dtype).itemsize
+  for split in m.splits:
+    for shard, path in zip(m.split_info(split)['shards'], m.split_files(split)):
+      expected = int(shard['rows']) * row_bytes
+      if not path.is_file() or path.stat().st_size != expected:
+        raise ValueError(
+            f'{path} is missing or not {expected} bytes as the manifest says; delete '
+            f'{m.dir} and prepare again'
+        )
+  _check_model_vocab(m.vocab_size, model_vocab_size, f'tokenizer of {m.dir}')
+  log.info('reusing prepared data in %s', m.dir)
+  return m
+
+
+def _prepare_rows_bin(
+    cfg_data: Any, out_dir: Path, seq_len: int, model_vocab_size: int | None
+) -> Manifest:
+  """A manifest for token rows written elsewhere (`data.*_paths`), read where they are."""
+  dtype_name = _value(cfg_data, 'rows_dtype')
+  if dtype_name not in ('uint16', 'uint32'):
+    raise ValueError(f"data.rows_dtype={dtype_name!r}: expected 'uint16' or 'uint32'")
+  dtype, row_len = np.dtype(dtype_name), seq_len + 1
+  row_bytes = row_len * dtype.itemsize
+  splits = {}
+  for split in sources.SPLITS:
+    field = sources.paths_field(split)
+    paths = _value(cfg_data, f'{split}_paths') or []
+    shards = []
+    for p in [paths] if isinstance(paths, (str, Path)) else paths:
+      path = Path(p).expanduser().resolve()
+      if not path.is_file():
+        raise FileNotFoundError(f'{field}: file not found: {str(p)!r} (resolved to {path})')
+      size = path.stat().st_size
+      if size == 0 or size % row_bytes:
+        raise ValueError(
+            f'{field}: {str(p)!r} is {size} bytes, not whole rows of seq_len+1={row_len} '
+            f'{dtype.name} tokens ({row_bytes} bytes each): set model.seq_len (and '
+            'data.rows_dtype) to what the rows were written with'
+        )
+      shards.append({'file': str(path), 'rows': size // row_bytes, 'sha256': None})
+    if shards:
+      rows = sum(s['rows'] for s in shards)
+      splits[split] = {
+          'rows': rows, 'tokens': rows * row_len, 'dropped_tokens': 0, 'docs': None,
+          'shards': shards,
+          'source': {'kind': 'rows_bin', 'files': [{'path': s['file']} for s in shards]},
+      }
+  if 'train' not in splits:
+    raise ValueError("data.format='rows_bin' needs data.train_paths: the .bin file(s) of train")
+  src = _value(cfg_data, 'tokenizer')
+  if src == REQUIRED:
+    _tokenizer_settings(cfg_data, 0)  # Raises, saying what to set.
+  out_dir.mkdir(parents=True, exist_ok=True)
+  tok = None
+  if src:
+    tok = load_tokenizer(src, eos_token=_value(cfg_data, 'eos_token'))
+    _check_model_vocab(tok.vocab_size, model_vocab_size, f'data.tokenizer={src!r}')
+    _atomic_write(out_dir / tok.file_name, tok.data)
+    vocab_size = tok.vocab_size
+  elif model_vocab_size is None:
+    raise ValueError(
+        "data.format='rows_bin' without data.tokenizer needs the model's vocabulary size "
+        '(model.vocab_size, or --model-vocab-size) to check the token ids'
+    )
+  else:
+    vocab_size = model_vocab_size
+  if dtype == np.uint16 and vocab_size > 65536:
+    raise ValueError(
+        f'a {vocab_size}-token vocabulary does not fit uint16 rows: set data.rows_dtype=uint32'
+    )
+  manifest = Manifest(
+      dir=out_dir,
+      seq_len=int(seq_len),
+      vocab_size=int(vocab_size),
+      dtype=dtype.name,
+      tokenizer_file=tok.file_name if tok else '',
+      tokenizer_sha256=hashlib.sha256(tok.data).hexdigest() if tok else '',
+      tokenizer_source=str(Path(src).expanduser().resolve()) if tok else '',
+      eos_id=int(tok.eos_id) if tok else -1,
+      bos_id=int(tok.bos_id) if tok else -1,
+      splits=splits,
+      settings={'format': FORMAT_VERSION, 'seq_len': int(seq_len), 'data_format': 'rows_bin',
+                'rows_dtype': dtype.name},
+      tokenizer_kind=tok.kind if tok else '',
+  )
+  manifest.save()
   return manifest
 
 
@@ -450,87 +1089,59 @@ def prepare(
 ) -> Manifest:
   """Tokenizes every split of `cfg_data` into `out_dir`, or returns the manifest already there.
 
+  Runs job `data.shard` of `data.num_shards` and, when that was the last job to finish, writes
+  the manifest; raises `PendingJobs` (a ValueError) when other jobs have yet to finish.
+
   Args:
     cfg_data: the `cfg.data` ConfigDict (or a dict); absent fields take `default_data_config()`.
     out_dir: the data directory, created if needed.
     seq_len: model context length; rows hold seq_len + 1 ids (inputs and shifted targets).
     model_vocab_size: if given, a tokenizer with more tokens than this is an error.
     tokenizer_train_bytes: how much training text the tokenizer sees (when one is trained).
-    num_threads: threads for SentencePiece training and encoding.
+    num_threads: threads for SentencePiece training, and for encoding without workers.
   """
   if seq_len < 1:
     raise ValueError(f'seq_len must be positive, got {seq_len}')
   out_dir = Path(out_dir)
-  settings = _settings(cfg_data, seq_len, tokenizer_train_bytes)
   if (out_dir / MANIFEST_NAME).is_file():
-    existing = Manifest.load(out_dir)
-    if existing.settings == settings:
-      log.info('reusing prepared data in %s', out_dir)
-      return _reuse(existing, model_vocab_size)
+    return _reuse(Manifest.load(out_dir), cfg_data, seq_len, model_vocab_size)
+  data_format = _value(cfg_data, 'format')
+  if data_format not in FORMATS:
+    raise ValueError(f'data.format={data_format!r} is not one of {FORMATS}')
+  if data_format == 'rows_bin':
+    return _prepare_rows_bin(cfg_data, out_dir, seq_len, model_vocab_size)
+  job, num_jobs = _job_of(cfg_data)
+  num_workers = resolve_num_workers(_value(cfg_data, 'num_workers'))
+  streams, settings = _settings(cfg_data, seq_len, tokenizer_train_bytes, num_jobs)
+  record_path = _job_path(out_dir, job, num_jobs)
+  record = json.loads(record_path.read_text()) if record_path.is_file() else None
+  if record is not None and record['settings'] != settings:
     raise ValueError(
-        f'{out_dir} already holds data prepared with other settings; use another data.data_dir '
-        'or delete it. Differences:\n  ' + '\n  '.join(_diff(existing.settings, settings))
+        f'{out_dir} holds an unfinished preparation with other settings '
+        f'({_short_diff(record["settings"], settings)}): finish it with the same settings, or '
+        f'delete {out_dir}'
     )
-
-  out_dir.mkdir(parents=True, exist_ok=True)
-  tokenizer_dst = out_dir / TOKENIZER_NAME
-  tokenizer_src = sources.config_value(cfg_data, 'tokenizer', '')
-  if tokenizer_src:
-    sp = load_tokenizer(tokenizer_src)
-    _check_model_vocab(sp.get_piece_size(), model_vocab_size, f'data.tokenizer={tokenizer_src!r}')
-    _atomic_write(tokenizer_dst, Path(tokenizer_src).read_bytes())
-  else:
-    vocab_size = settings['tokenizer']['trained']['vocab_size']
-    _check_model_vocab(vocab_size, model_vocab_size, f'data.vocab_size={vocab_size}')
-    log.info('training a %d-token SentencePiece model on the train split', vocab_size)
-    t0 = time.monotonic()
-    model = train_tokenizer(
-        sources.documents(cfg_data, 'train'),
-        vocab_size,
-        max_train_bytes=tokenizer_train_bytes,
-        num_threads=num_threads,
-    )
-    _atomic_write(tokenizer_dst, model)
-    sp = spm.SentencePieceProcessor(model_proto=model)
-    log.info('tokenizer trained in %.1f s', time.monotonic() - t0)
-  if sp.eos_id() < 0:
-    raise ValueError(
-        f'tokenizer {tokenizer_src or tokenizer_dst} defines no EOS id; documents need one as '
-        'separator'
-    )
-
-  splits = {}
-  for split, source in settings['splits'].items():
-    info = write_rows(
-        sp,
-        sources.documents(cfg_data, split),
-        out_dir / f'{split}.bin',
-        seq_len,
-        num_threads=num_threads,
-        name=split,
-    )
-    if info['rows'] == 0:
-      raise ValueError(
-          f"split {split!r} has {info['dropped_tokens']} tokens, fewer than one row of seq_len+1="
-          f'{seq_len + 1}; add text to {sources.paths_field(split)} or lower the sequence length'
-      )
-    splits[split] = {**info, 'source': source}
-
-  manifest = Manifest(
-      dir=out_dir,
-      seq_len=int(seq_len),
-      vocab_size=int(sp.get_piece_size()),
-      dtype=token_dtype(sp.get_piece_size()).name,
-      tokenizer_file=TOKENIZER_NAME,
-      tokenizer_sha256=sha256_file(tokenizer_dst),
-      tokenizer_source=str(Path(tokenizer_src).resolve()) if tokenizer_src else 'trained',
-      eos_id=int(sp.eos_id()),
-      bos_id=int(sp.bos_id()),
-      splits=splits,
-      settings=settings,
+  (out_dir / JOBS_DIR).mkdir(parents=True, exist_ok=True)
+  tok, tok_path = _setup_tokenizer(
+      cfg_data, out_dir, settings, streams, model_vocab_size, tokenizer_train_bytes, num_threads
   )
-  manifest.save()
-  return manifest
+  tok_sha = sha256_file(tok_path)
+  if record is None:
+    record = {'job': job, 'settings': settings, 'tokenizer_sha256': tok_sha, 'streams': {},
+              'complete': False}
+  elif record['tokenizer_sha256'] != tok_sha:
+    raise ValueError(f'{tok_path} changed since {record_path} was started; delete {out_dir}')
+  if not record['complete']:
+    with _encoding(tok, num_workers, num_threads) as encode:
+      for stream in streams:
+        _run_stream(stream, cfg_data, out_dir, record, encode, tok)
+    record['complete'] = True
+    _atomic_write(record_path, _json_bytes(record))
+  src = _value(cfg_data, 'tokenizer')
+  return _merge(
+      out_dir, settings, streams, tok, tok_path,
+      str(Path(src).expanduser().resolve()) if src else 'trained',
+  )
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -538,24 +1149,41 @@ def prepare(
 
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(
-      prog='python -m structffn_jax.data.prepare', description=__doc__.split('\n\n')[0]
+      prog='python -m structffn_jax.data.prepare', description=__doc__.split('\n\n')[0],
+      epilog='Flags given override the config; --set data.<field>=value reaches any field.',
   )
-  p.add_argument('--source', choices=sources.SOURCES, default='stdlib')
-  p.add_argument('--train', nargs='*', default=[], help='train files (hf: split names)')
-  p.add_argument('--valid', nargs='*', default=[], help='validation files (hf: split names)')
-  p.add_argument('--test', nargs='*', default=[], help='test files (hf: split names)')
-  p.add_argument('--out', required=True, help='data directory to write')
-  p.add_argument('--seq-len', type=int, required=True)
-  p.add_argument('--vocab-size', type=int, default=8192, help='size of the tokenizer to train')
-  p.add_argument(
-      '--tokenizer', default='', help='existing SentencePiece .model instead of training'
-  )
-  p.add_argument('--text-field', default='text')
-  p.add_argument('--hf-name', default='')
-  p.add_argument('--hf-config', default='')
-  p.add_argument('--hf-path', default='')
-  p.add_argument('--stdlib-max-bytes', type=int, default=sources.DEFAULT_STDLIB_MAX_BYTES)
+  p.add_argument('--config', default='', help="a config file 'path.py:arg': its data section, "
+                 'model.seq_len and model.vocab_size')
+  p.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
+                 help='config override (with --config), repeatable')
+  p.add_argument('--out', default='', help='data directory to write (default: data.data_dir)')
+  p.add_argument('--seq-len', type=int, default=None, help='default: model.seq_len of --config')
   p.add_argument('--model-vocab-size', type=int, default=None)
+  p.add_argument('--source', choices=sources.SOURCES, default=None)
+  p.add_argument('--train', nargs='*', default=None, help='train files (hf: split names)')
+  p.add_argument('--valid', nargs='*', default=None, help='validation files (hf: split names)')
+  p.add_argument('--test', nargs='*', default=None, help='test files (hf: split names)')
+  p.add_argument('--vocab-size', type=int, default=None, help='size of the tokenizer to train')
+  p.add_argument('--tokenizer', default=None,
+                 help='existing SentencePiece .model or Hugging Face tokenizer.json')
+  p.add_argument('--eos-token', default=None)
+  p.add_argument('--text-field', default=None)
+  p.add_argument('--hf-name', default=None)
+  p.add_argument('--hf-config', default=None)
+  p.add_argument('--hf-path', default=None)
+  p.add_argument('--hf-data-files', nargs='*', default=None)
+  p.add_argument('--stdlib-max-bytes', type=int, default=None)
+  p.add_argument('--max-tokens', type=float, default=None, help='cap per split, e.g. 65e9')
+  p.add_argument('--valid-tokens', type=float, default=None)
+  p.add_argument('--valid-fraction', type=float, default=None)
+  p.add_argument('--test-tokens', type=float, default=None)
+  p.add_argument('--test-fraction', type=float, default=None)
+  p.add_argument('--num-workers', type=int, default=None, help='tokenizer processes (-1 = CPUs)')
+  p.add_argument('--shard-tokens', type=float, default=None, help='tokens per output file')
+  p.add_argument('--shard', type=int, default=None, help='this job (with --num-shards)')
+  p.add_argument('--num-shards', type=int, default=None)
+  p.add_argument('--format', choices=FORMATS, default=None)
+  p.add_argument('--rows-dtype', default=None)
   p.add_argument('--tokenizer-train-bytes', type=int, default=DEFAULT_TOKENIZER_TRAIN_BYTES)
   p.add_argument('--num-threads', type=int, default=2)
   args = p.parse_args(argv)
@@ -564,24 +1192,64 @@ def main(argv: list[str] | None = None) -> int:
   log.addHandler(handler)
   log.setLevel(logging.INFO)
   log.propagate = False
+  try:
+    return _main(args)
+  except PendingJobs as e:
+    log.info('%s', e)
+    return 0
+  except (ValueError, FileNotFoundError, ImportError, KeyError) as e:
+    sys.exit(f'error: {e}')
 
-  cfg = default_data_config()
-  cfg.source = args.source
-  cfg.train_paths, cfg.valid_paths, cfg.test_paths = args.train, args.valid, args.test
-  cfg.text_field, cfg.tokenizer, cfg.vocab_size = args.text_field, args.tokenizer, args.vocab_size
-  cfg.hf_name, cfg.hf_config, cfg.hf_path = args.hf_name, args.hf_config, args.hf_path
-  cfg.stdlib_max_bytes = args.stdlib_max_bytes
-  cfg.data_dir = args.out
+
+def _main(args) -> int:
+  seq_len, model_vocab_size = args.seq_len, args.model_vocab_size
+  if args.config:
+    from structffn_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+    try:
+      config = config_lib.load(args.config, tuple(args.set))
+    except config_lib.ConfigError as e:
+      raise ValueError(str(e)) from e
+    cfg = config.data
+    seq_len = seq_len or config.model.seq_len
+    model_vocab_size = model_vocab_size or config.model.vocab_size
+  else:
+    if args.set:
+      raise ValueError('--set needs --config (without one, use the flags)')
+    cfg = default_data_config()
+  flags = {
+      'source': args.source, 'train_paths': args.train, 'valid_paths': args.valid,
+      'test_paths': args.test, 'vocab_size': args.vocab_size, 'tokenizer': args.tokenizer,
+      'eos_token': args.eos_token, 'text_field': args.text_field, 'hf_name': args.hf_name,
+      'hf_config': args.hf_config, 'hf_path': args.hf_path, 'hf_data_files': args.hf_data_files,
+      'stdlib_max_bytes': args.stdlib_max_bytes, 'max_tokens': args.max_tokens,
+      'valid_tokens': args.valid_tokens, 'valid_fraction': args.valid_fraction,
+      'test_tokens': args.test_tokens, 'test_fraction': args.test_fraction,
+      'num_workers': args.num_workers, 'shard_tokens': args.shard_tokens, 'shard': args.shard,
+      'num_shards': args.num_shards, 'format': args.format, 'rows_dtype': args.rows_dtype,
+  }
+  for name, value in flags.items():
+    if value is not None:
+      cfg[name] = int(value) if isinstance(_DEFAULTS[name], int) else value
+  out = args.out or _value(cfg, 'data_dir')
+  if not out:
+    raise ValueError('--out: where to write the data directory (or set data.data_dir)')
+  if seq_len is None:
+    raise ValueError('--seq-len is required without --config')
+  cfg.data_dir = out
   manifest = prepare(
       cfg,
-      args.out,
-      args.seq_len,
-      model_vocab_size=args.model_vocab_size,
+      out,
+      seq_len,
+      model_vocab_size=model_vocab_size,
       tokenizer_train_bytes=args.tokenizer_train_bytes,
       num_threads=args.num_threads,
   )
   summary = {
-      s: {k: v for k, v in info.items() if k != 'source'} for s, info in manifest.splits.items()
+      s: {k: v for k, v in info.items() if k not in ('source', 'shards')} | {
+          'files': len(info['shards']),
+          'sha256': [shard['sha256'] for shard in info['shards']],
+      }
+      for s, info in manifest.splits.items()
   }
   print(
       json.dumps(

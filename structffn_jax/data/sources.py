@@ -7,9 +7,11 @@ Four kinds, selected by `cfg.data.source`:
           is one document. Joining a file's documents gives back the file exactly.
   jsonl   JSON-lines files (`data.*_paths`); each non-blank line is an object whose
           `data.text_field` holds the document.
-  hf      Hugging Face `datasets`: either a directory written by `save_to_disk` (`data.hf_path`)
-          or a hub dataset (`data.hf_name`, `data.hf_config`, streamed). For this kind the
-          `data.*_paths` lists hold split *names* (train defaults to "train").
+  hf      Hugging Face `datasets`: a directory written by `save_to_disk` (`data.hf_path`), a hub
+          dataset (`data.hf_name`, `data.hf_config`, streamed), or local files read by one of
+          datasets' file builders (`data.hf_name` = parquet | json | arrow | text | csv, with
+          `data.hf_data_files` listing files or globs; they form the "train" split). For this
+          kind the `data.*_paths` lists hold split *names* (train defaults to "train").
   stdlib  the running interpreter's standard-library `.py` files (about 31 MB with its test
           suites; `data.stdlib_tests=False` leaves those out), plus the installed site-packages
           sources with `data.stdlib_site_packages=True` (about 140 MB more in this project's
@@ -18,13 +20,17 @@ Four kinds, selected by `cfg.data.source`:
 
 Every kind offers two functions of (cfg_data, split): `documents` yields the text, `describe`
 returns a JSON-able identity of the input (paths, sizes, sha256) that `prepare` stores in the
-manifest and compares to decide whether existing token files can be reused.
+manifest and compares before resuming an interrupted run. `documents(..., shard=(i, n))` yields
+the share of job i of n: a Hugging Face stream's files i, i + n, ... (so a job reads only its
+files), else every n-th document.
 """
 
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -47,6 +53,9 @@ _STDLIB_SKIP_DIRS = frozenset({'site-packages', 'dist-packages', '__pycache__'})
 _STDLIB_TEST_DIRS = frozenset({'test', 'tests', 'idle_test'})
 # The root label of the installed packages' sources (`data.stdlib_site_packages=True`).
 SITE_PACKAGES = 'site-packages'
+
+# datasets' builders for local files, usable as data.hf_name with data.hf_data_files.
+HF_FILE_BUILDERS = ('parquet', 'json', 'arrow', 'text', 'csv')
 
 # A WikiText top-level heading: " = Title = " (sub-headings look like " = = Section = = ").
 _WIKITEXT_TITLE = re.compile(r'^ = [^=].* = $')
@@ -92,9 +101,33 @@ def _source(cfg_data: Any) -> str:
   return source
 
 
-def documents(cfg_data: Any, split: str) -> Iterator[str]:
-  """Yields the documents of `split` ('train' | 'valid' | 'test') for the configured source."""
+def documents(cfg_data: Any, split: str, shard: tuple[int, int] = (0, 1)) -> Iterator[str]:
+  """Yields the documents of `split` ('train' | 'valid' | 'test') for the configured source.
+
+  `shard=(i, n)`: only job i's share of n (see the module docstring); (0, 1) is everything.
+  """
+  index, count = int(shard[0]), int(shard[1])
+  if not 0 <= index < count:
+    raise ValueError(f'data.shard={index} outside [0, data.num_shards={count})')
   source = _source(cfg_data)
+  if source == 'hf':
+    inputs = split_inputs(cfg_data, split)
+    if not inputs:
+      raise ValueError(f'split {split!r} has no inputs: set {paths_field(split)}')
+    return hf_documents(
+        name=config_value(cfg_data, 'hf_name', ''),
+        config=config_value(cfg_data, 'hf_config', ''),
+        path=config_value(cfg_data, 'hf_path', ''),
+        data_files=config_value(cfg_data, 'hf_data_files', []),
+        splits=inputs,
+        text_field=config_value(cfg_data, 'text_field', 'text') or 'text',
+        shard=(index, count),
+    )
+  docs = _local_documents(cfg_data, split, source)
+  return docs if count == 1 else itertools.islice(docs, index, None, count)
+
+
+def _local_documents(cfg_data: Any, split: str, source: str) -> Iterator[str]:
   if source == 'stdlib':
     return stdlib_documents(split, **_stdlib_options(cfg_data))
   inputs = split_inputs(cfg_data, split)
@@ -103,16 +136,8 @@ def documents(cfg_data: Any, split: str) -> Iterator[str]:
   field = paths_field(split)
   if source == 'text':
     return text_documents(inputs, field=field)
-  if source == 'jsonl':
-    return jsonl_documents(
-        inputs, config_value(cfg_data, 'text_field', 'text') or 'text', field=field
-    )
-  return hf_documents(
-      name=config_value(cfg_data, 'hf_name', ''),
-      config=config_value(cfg_data, 'hf_config', ''),
-      path=config_value(cfg_data, 'hf_path', ''),
-      splits=inputs,
-      text_field=config_value(cfg_data, 'text_field', 'text') or 'text',
+  return jsonl_documents(
+      inputs, config_value(cfg_data, 'text_field', 'text') or 'text', field=field
   )
 
 
@@ -153,6 +178,7 @@ def describe(cfg_data: Any, split: str) -> dict[str, Any]:
       'splits': inputs,
       'text_field': config_value(cfg_data, 'text_field', 'text') or 'text',
   }
+  data_files = config_value(cfg_data, 'hf_data_files', [])
   if hf_path:
     root = Path(hf_path).expanduser().resolve()
     if not root.is_dir():
@@ -161,6 +187,17 @@ def describe(cfg_data: Any, split: str) -> dict[str, Any]:
     for meta in sorted(root.rglob('*.json')):
       digest.update(str(meta.relative_to(root)).encode() + b'\0' + meta.read_bytes())
     desc.update(path=str(root), metadata_sha256=digest.hexdigest())
+  elif data_files:
+    # Paths, sizes and modification times: hashing hundreds of GB of shards would take longer
+    # than a resume saves.
+    files = [Path(f) for f in hf_data_file_list(data_files)]
+    desc.update(
+        builder=config_value(cfg_data, 'hf_name', ''),
+        files=[
+            {'path': str(f), 'bytes': f.stat().st_size, 'mtime_ns': f.stat().st_mtime_ns}
+            for f in files
+        ],
+    )
   else:
     desc.update(
         name=config_value(cfg_data, 'hf_name', ''),
@@ -256,21 +293,47 @@ def _import_datasets():
   return datasets
 
 
+def hf_data_file_list(data_files: Any) -> list[str]:
+  """`data.hf_data_files` (a path, glob, or list of them) as a sorted list of existing files."""
+  patterns = [data_files] if isinstance(data_files, (str, Path)) else list(data_files)
+  files = []
+  for pattern in patterns:
+    found = sorted(glob.glob(os.path.expanduser(str(pattern)), recursive=True))
+    found = [f for f in found if Path(f).is_file()]
+    if not found:
+      raise FileNotFoundError(f'data.hf_data_files: no file matches {str(pattern)!r}')
+    files += [str(Path(f).resolve()) for f in found]
+  return files
+
+
+def _hf_error(name: str, e: Exception) -> ValueError:
+  first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+  return ValueError(
+      f'data.hf_name={name!r}: cannot open the dataset ({type(e).__name__}: {first}); check the '
+      'name, data.hf_config and network access, or use data.hf_path / data.hf_data_files'
+  )
+
+
 def hf_documents(
     *,
     name: str = '',
     config: str = '',
     path: str = '',
+    data_files: Any = (),
     splits: Iterable[str],
     text_field: str = 'text',
+    shard: tuple[int, int] = (0, 1),
 ) -> Iterator[str]:
   """Documents of Hugging Face dataset splits, concatenated in the order of `splits`.
 
-  `path` (a `save_to_disk` directory) wins over `name` (a hub dataset, streamed so nothing is
-  downloaded in full). A saved single `Dataset` (not a `DatasetDict`) serves only split "train".
+  `path` (a `save_to_disk` directory) wins over `name` (a hub dataset, or with `data_files` one
+  of `HF_FILE_BUILDERS`; streamed, so nothing is downloaded or converted in full). A saved single
+  `Dataset` (not a `DatasetDict`) serves only split "train". `shard=(i, n)`: job i's share, by
+  files where the stream has at least n of them (`datasets.distributed.split_dataset_by_node`).
   """
   datasets = _import_datasets()
   splits = list(splits)
+  index, count = shard
   if path:
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -288,10 +351,34 @@ def hf_documents(
         raise ValueError(
             f'data.hf_path={path!r} holds a single Dataset; split {split!r} needs a DatasetDict'
         )
+    if count > 1:
+      parts = [p.shard(num_shards=count, index=index, contiguous=True) for p in parts]
   else:
     if not name:
       raise ValueError("data.source='hf' needs data.hf_name (a hub dataset) or data.hf_path")
-    parts = [datasets.load_dataset(name, config or None, split=s, streaming=True) for s in splits]
+    kwargs: dict[str, Any] = {}
+    if data_files:
+      if name not in HF_FILE_BUILDERS:
+        raise ValueError(
+            f'data.hf_data_files needs data.hf_name to be one of {HF_FILE_BUILDERS}, not {name!r}'
+        )
+      kwargs['data_files'] = {'train': hf_data_file_list(data_files)}
+    parts = []
+    for s in splits:
+      try:
+        parts.append(
+            datasets.load_dataset(name, config or None, split=s, streaming=True, **kwargs)
+        )
+      except (ImportError, KeyboardInterrupt):
+        raise
+      except Exception as e:  # pylint: disable=broad-except  # hub, network and builder errors
+        raise _hf_error(name, e) from e
+    if count > 1:
+      import datasets.distributed  # pylint: disable=import-outside-toplevel
+      parts = [
+          datasets.distributed.split_dataset_by_node(p, rank=index, world_size=count)
+          for p in parts
+      ]
   for split, part in zip(splits, parts):
     for example in part:
       if text_field not in example:
