@@ -794,6 +794,7 @@ def _run_stream(
     entries = {s: w.finish() for s, w in writers.items()}
     writers.clear()
     state['pieces'].append({'doc_end': doc_end, 'splits': entries})
+    state['doc_end'] = doc_end
     for s, entry in entries.items():
       taken[s] += entry['rows']
     _atomic_write(_job_path(out_dir, job, num_jobs), _json_bytes(record))
@@ -1158,35 +1159,51 @@ def main(argv: list[str] | None = None) -> int:
                  help='config override (with --config), repeatable')
   p.add_argument('--out', default='', help='data directory to write (default: data.data_dir)')
   p.add_argument('--seq-len', type=int, default=None, help='default: model.seq_len of --config')
-  p.add_argument('--model-vocab-size', type=int, default=None)
-  p.add_argument('--source', choices=sources.SOURCES, default=None)
+  p.add_argument('--model-vocab-size', type=int, default=None,
+                 help='the model vocabulary the tokenizer must fit in (default: model.vocab_size)')
+  p.add_argument('--source', choices=sources.SOURCES, default=None,
+                 help='where the text comes from')
   p.add_argument('--train', nargs='*', default=None, help='train files (hf: split names)')
   p.add_argument('--valid', nargs='*', default=None, help='validation files (hf: split names)')
   p.add_argument('--test', nargs='*', default=None, help='test files (hf: split names)')
   p.add_argument('--vocab-size', type=int, default=None, help='size of the tokenizer to train')
   p.add_argument('--tokenizer', default=None,
                  help='existing SentencePiece .model or Hugging Face tokenizer.json')
-  p.add_argument('--eos-token', default=None)
-  p.add_argument('--text-field', default=None)
-  p.add_argument('--hf-name', default=None)
-  p.add_argument('--hf-config', default=None)
-  p.add_argument('--hf-path', default=None)
-  p.add_argument('--hf-data-files', nargs='*', default=None)
-  p.add_argument('--stdlib-max-bytes', type=int, default=None)
+  p.add_argument('--eos-token', default=None,
+                 help="token ending each document (tokenizer.json; default: the tokenizer's own)")
+  p.add_argument('--text-field', default=None, help='field holding the text (jsonl, hf)')
+  p.add_argument('--hf-name', default=None,
+                 help='Hugging Face hub dataset, or parquet|json|arrow|text|csv read from '
+                 '--hf-data-files')
+  p.add_argument('--hf-config', default=None, help='Hugging Face dataset config name')
+  p.add_argument('--hf-path', default=None, help='a directory written by datasets.save_to_disk')
+  p.add_argument('--hf-data-files', nargs='*', default=None,
+                 help='local files or globs read by --hf-name parquet|json|...')
+  p.add_argument('--stdlib-max-bytes', type=int, default=None,
+                 help='cap on standard-library text per split in bytes (0 = none)')
   p.add_argument('--max-tokens', type=float, default=None, help='cap per split, e.g. 65e9')
-  p.add_argument('--valid-tokens', type=float, default=None)
-  p.add_argument('--valid-fraction', type=float, default=None)
-  p.add_argument('--test-tokens', type=float, default=None)
-  p.add_argument('--test-fraction', type=float, default=None)
+  p.add_argument('--valid-tokens', type=float, default=None,
+                 help='cap on validation tokens; carved from train when there is no valid input')
+  p.add_argument('--valid-fraction', type=float, default=None,
+                 help='fraction of the train documents held out for validation')
+  p.add_argument('--test-tokens', type=float, default=None,
+                 help='cap on test tokens; carved from train when there is no test input')
+  p.add_argument('--test-fraction', type=float, default=None,
+                 help='fraction of the train documents held out for test')
   p.add_argument('--num-workers', type=int, default=None, help='tokenizer processes (-1 = CPUs)')
   p.add_argument('--shard-tokens', type=float, default=None, help='tokens per output file')
   p.add_argument('--shard', type=int, default=None, help='this job (with --num-shards)')
-  p.add_argument('--num-shards', type=int, default=None)
-  p.add_argument('--format', choices=FORMATS, default=None)
-  p.add_argument('--rows-dtype', default=None)
-  p.add_argument('--tokenizer-train-bytes', type=int, default=DEFAULT_TOKENIZER_TRAIN_BYTES)
-  p.add_argument('--num-threads', type=int, default=2)
-  args = p.parse_args(argv)
+  p.add_argument('--num-shards', type=int, default=None,
+                 help='jobs sharing the input (one per host); the last one writes the manifest')
+  p.add_argument('--format', choices=FORMATS, default=None,
+                 help='tokens: tokenize the text; rows_bin: the inputs are token rows already')
+  p.add_argument('--rows-dtype', default=None, choices=('uint16', 'uint32'),
+                 help='token type of rows_bin inputs')
+  p.add_argument('--tokenizer-train-bytes', type=int, default=DEFAULT_TOKENIZER_TRAIN_BYTES,
+                 help='text the tokenizer is trained on, in bytes')
+  p.add_argument('--num-threads', type=int, default=2, help='threads of the tokenizer training')
+  from structffn_jax import cli  # pylint: disable=g-import-not-at-top
+  args = cli.parse(p, argv)
   handler = logging.StreamHandler(sys.stderr)
   handler.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
   log.addHandler(handler)
