@@ -26,7 +26,6 @@ status and final validation loss (alone, without --run, it only reads the workdi
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import pathlib
 import shlex
@@ -36,6 +35,7 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from structffn_jax import cli  # noqa: E402
 from structffn_jax import config as config_lib  # noqa: E402
 from structffn_jax import studies  # noqa: E402
 
@@ -85,13 +85,13 @@ def command(launcher: str, config_arg: str, workdir: str, sets: list[str], args)
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog='\n'.join(__doc__.splitlines()[1:]))
-  parser.add_argument('config', help='configs/<file>.py')
-  parser.add_argument('--grid', action='append', default=[], metavar='KEY=V1,V2')
+  parser = cli.parser(__doc__, 'launch/sweep.py')
+  parser.add_argument('config', help='configs/<file>.py, whose VARIANTS list the runs')
+  parser.add_argument('--grid', action='append', default=[], metavar='KEY=V1,V2',
+                      help='cross the variants with these values of a config argument key; '
+                           'repeatable')
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
-                      help='config override for every variant')
+                      help='config override for every variant (or --config.FIELD=VALUE)')
   parser.add_argument('--root', default='runs', help='workdirs are <root>/<run name>')
   parser.add_argument('--launcher', default='plain',
                       choices=('plain', 'local', 'slurm', 'slurm-array', 'tpu'),
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
                       help='print a table of every variant: status, steps, final losses')
   parser.add_argument('--match', default='', metavar='TEXT',
                       help='only the variants whose config argument contains TEXT')
-  args = parser.parse_args(argv)
+  args = cli.parse(parser, argv)
 
   try:
     variants = expand(module_variants(args.config), args.grid)

@@ -1,0 +1,74 @@
+"""launch/sweep.py on one machine: finished runs are skipped, an interrupted run resumes from its
+checkpoint, a diverging run is recorded and the sweep goes on; the summary reads the workdirs."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+CONFIG = '''
+from structffn_jax import config as config_lib
+
+VARIANTS = ['method=dense', 'method=lowrank', 'method=dense,lr=1e9']
+
+
+def get_config(arg=None):
+  a = config_lib.parse_arg(arg, method='dense', lr=3e-3)
+  c = config_lib.base_config()
+  c.name = f'sweep-{a.method}' + ('-diverge' if a.lr > 1 else '')
+  c.model.update(vocab_size=512, seq_len=32, hidden_dim=32, ffn_dim=64, attn_dim=32,
+                 num_layers=2, num_heads=2, num_kv_heads=2, dtype='float32')
+  c.model.ffn.update(config_lib.ffn_structures(rank=8, blockdense=(2, 8),
+                                               blockshuffle_blocks=2)[a.method])
+  c.train.update(tokens=12 * 4 * 32, global_batch=4, peak_lr=a.lr, warmup_frac=0.0,
+                 eval_every=0, eval_tokens=8 * 32, log_every=2, ckpt_every=4)
+  c.data.update(source='stdlib', stdlib_max_bytes=150_000, stdlib_tests=False, vocab_size=512,
+                data_dir=DATA_DIR)
+  return c
+'''
+
+
+def _sweep(config, root, *extra):
+  return subprocess.run([sys.executable, str(REPO / 'launch' / 'sweep.py'), str(config),
+                         '--root', str(root), *extra], capture_output=True, text=True,
+                        cwd=REPO, timeout=600)
+
+
+def test_sweep_skips_finished_resumes_interrupted_and_records_divergence(tmp_path):
+  from structffn_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from structffn_jax import train  # pylint: disable=import-outside-toplevel
+
+  config = tmp_path / 'sweep_config.py'
+  config.write_text(f'DATA_DIR = {str(tmp_path / "data")!r}\n' + CONFIG)
+  root = tmp_path / 'runs'
+  # The lowrank run is interrupted after 4 of its 12 steps (as by a kill after a checkpoint).
+  lowrank = config_lib.load(f'{config}:method=lowrank')
+  result = train.Trainer(lowrank, root / 'sweep-lowrank').run(stop_at=4)
+  assert result['step'] == 4 and 'stopped' in result
+
+  first = _sweep(config, root, '--run', '--summary')
+  out = first.stdout
+  assert first.returncode == 1, out + first.stderr  # one run diverged
+  assert 'sweep-dense: new (0/12 steps)' in out and 'sweep-dense: finished (12/12 steps)' in out
+  assert 'sweep-lowrank: partial (4/12 steps)' in out
+  assert 'resumed from' in (root / 'sweep-lowrank' / 'train.log').read_text()
+  steps = [json.loads(line)['step'] for line in
+           (root / 'sweep-lowrank' / 'metrics.jsonl').read_text().splitlines()]
+  assert steps[:4] == [1, 2, 3, 4] and steps[-1] == 12
+  diverged = json.loads((root / 'sweep-dense-diverge' / 'sweep.json').read_text())
+  assert diverged['exit'] != 0 and 'non-finite' in diverged['error']
+  assert 'sweep-dense-diverge: diverged at step' in out
+
+  second = _sweep(config, root, '--run', '--summary')
+  assert second.returncode == 0, second.stdout + second.stderr
+  for name in ('sweep-dense', 'sweep-lowrank'):
+    assert f'{name}: finished (12/12 steps); skipped' in second.stdout
+  assert 'sweep-dense-diverge: diverged at step' in second.stdout and 'skipped' in second.stdout
+  table = second.stdout.splitlines()[-4:]
+  assert table[0].split()[:3] == ['run', 'status', 'steps']
+  assert [row.split()[1] for row in table[1:]] == ['finished', 'finished', 'diverged']
+
+  listing = _sweep(config, root)  # without --run: the commands, one per line
+  assert listing.returncode == 0 and listing.stdout.count('structffn_jax.train') == 3
