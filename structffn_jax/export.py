@@ -231,9 +231,9 @@ def export_model(model, out, *, eos_id: int, bos_id: int = -1, tokenizer_path=No
 
 def export_run(workdir, out, mesh: str | None = None) -> pathlib.Path:
   """Export the newest checkpoint of a training workdir (see the module docstring)."""
-  from structffn_jax import generate as generate_lib
+  from structffn_jax import generate as decoding
 
-  config, model, alpha, manifest = generate_lib.load(workdir, merge_threshold=0, mesh=mesh)
+  config, model, alpha, manifest = decoding.load(workdir, merge_threshold=0, mesh=mesh)
   if alpha is not None:
     raise ValueError(f'export: the run is still self-guided (alpha={float(alpha):.3f}); export '
                      'a checkpoint from after the hand-over.')
@@ -323,21 +323,59 @@ def load(path, *, structured_layers: bool = True, dtype: str | None = None) -> G
   return model
 
 
+def verify(out, *, seq: int = 64, batch: int = 2, seed: int = 0) -> dict:
+  """Load the exported directory `out` with transformers (torch, float32) and compare its logits
+  with this project's model read back from `out` (float32 compute) on random tokens; also its
+  tokenizer's encoding of a sample text with ours. Needs torch and transformers, which this
+  project does not install: a check to run by hand."""
+  try:
+    import torch
+    import transformers
+  except ImportError as e:
+    raise ImportError(f'--verify needs torch and transformers ({e}); install them in a separate '
+                      'environment (CPU torch is enough).') from None
+  model = load(out, dtype='float32')
+  seq = min(seq, model.cfg.seq_len)
+  tokens = np.random.default_rng(seed).integers(0, model.cfg.vocab_size, (batch, seq))
+  ours = np.asarray(nnx.jit(lambda m, t: m(t))(model, jnp.asarray(tokens, jnp.int32)),
+                    np.float64)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  with torch.no_grad():
+    theirs = hf(torch.tensor(tokens, dtype=torch.long)).logits.double().numpy()
+  result = {'architecture': type(hf).__name__, 'tokens': list(tokens.shape),
+            'max_abs_logit': float(np.abs(ours).max()),
+            'max_abs_diff': float(np.abs(ours - theirs).max()),
+            'transformers': transformers.__version__, 'torch': torch.__version__}
+  if any((pathlib.Path(out) / f).is_file() for f in ('tokenizer.model', 'tokenizer.json')):
+    from structffn_jax import lm_eval as lm_eval_lib
+    text = 'The game was released in 1996 , and it sold  well .\n= = Reception = =\n'
+    mine = [p for p in pathlib.Path(out).iterdir() if p.name in ('tokenizer.model',
+                                                                 'tokenizer.json')][0]
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    result['tokenizer_equal'] = (tok.encode(text, add_special_tokens=False)
+                                 == lm_eval_lib.Tokenizer(mine).encode(text))
+  return result
+
+
 def main(argv=None):
   parser = cli.parser(__doc__)
   parser.add_argument('--workdir', required=True, help='a training workdir')
   parser.add_argument('--out', required=True, help='the Hugging Face directory to write')
   parser.add_argument('--mesh', default=None, metavar='D,F,T',
                       help="mesh sizes (data, fsdp, tensor) to restore onto, e.g. 1,1,1")
+  parser.add_argument('--verify', action='store_true',
+                      help='then compare logits with transformers (needs torch; by hand)')
   args = parser.parse_args(argv)
   try:
     out = export_run(args.workdir, args.out, args.mesh)
+    config = json.loads((out / 'config.json').read_text())
+    files = sorted(p.name for p in out.iterdir())
+    print(f'{config["architectures"][0]} of {config["structffn"]["name"]} step '
+          f'{config["structffn"]["step"]} -> {out}: {", ".join(files)}')
+    if args.verify:
+      print(json.dumps(verify(out)))
   except (FileNotFoundError, ValueError, ImportError) as e:
     sys.exit(f'error: {e}')
-  config = json.loads((out / 'config.json').read_text())
-  files = sorted(p.name for p in out.iterdir())
-  print(f'{config["architectures"][0]} of {config["structffn"]["name"]} step '
-        f'{config["structffn"]["step"]} -> {out}: {", ".join(files)}')
 
 
 if __name__ == '__main__':
