@@ -21,8 +21,10 @@ per-row length mask) always uses 'xla': fused kernels pay off on long query bloc
 masked cache shape is not one the kernels take.
 
 Under a multi-device jit a pallas_call is not split by XLA's automatic sharding (it sees whole,
-gathered operands); 'cudnn' is partitioned by jax. On a mesh (`jax.set_mesh`) the Pallas kernels
-therefore run inside a `shard_map` over the batch and head axes (`sharding.constrain`'s rules).
+gathered operands), and jax partitions its cuDNN call through a Python callback that an exported
+program cannot carry. On a mesh (`jax.set_mesh`) both fused paths therefore run inside a
+`shard_map` over the batch and head axes (the rules `sharding.constrain` reads): attention is
+independent per sequence and per kv-head group, so each device attends its own share.
 
 The target platform is the default backend, or the one set by `kernels.api.target_platform`
 (for `jax.export` to another platform).
@@ -32,7 +34,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from structffn_jax.kernels import api as kernels_api
 
@@ -110,19 +111,8 @@ def _pallas_tpu(q, k, v, scale):
 
 def _on_mesh(fn, q, k, v):
   """fn on each device's batch rows and heads when a mesh is set, else on the whole arrays."""
-  from structffn_jax import config as config_lib, sharding  # pylint: disable=g-import-not-at-top
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(sharding.MESH_AXES) <= set(mesh.axis_names):
-    return fn(q, k, v)
-  rules = sharding._ACTIVE_RULES.get() or sharding.rules_of(config_lib.base_config())  # pylint: disable=protected-access
-  batch, heads = (sharding.logical_to_spec((name,), rules)[0] for name in ('batch', 'heads'))
-  size = lambda entry: sharding._axis_size(mesh, entry)  # pylint: disable=protected-access
-  if q.shape[0] % size(batch):
-    batch = None
-  if q.shape[2] % size(heads):
-    heads = None
-  spec = P(batch, None, heads, None)
-  return jax.shard_map(fn, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+  axes = ('batch', None, 'heads', None)
+  return kernels_api.on_mesh(fn, (q, k, v), [axes] * 3, axes)
 
 
 def attend(q_BTNH, k_BTKH, v_BTKH, *, scale: float, implementation: str = 'auto'):
@@ -133,8 +123,9 @@ def attend(q_BTNH, k_BTKH, v_BTKH, *, scale: float, implementation: str = 'auto'
     return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True, scale=scale,
                                         implementation='xla')
   if impl == 'cudnn':
-    return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True, scale=scale,
-                                        implementation='cudnn')
+    cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                         implementation='cudnn')
+    return _on_mesh(cudnn, q_BTNH, k_BTKH, v_BTKH)
   n = q_BTNH.shape[2]
   k_BTNH, v_BTNH = _repeat_kv(k_BTKH, n), _repeat_kv(v_BTKH, n)
   if platform == 'tpu':

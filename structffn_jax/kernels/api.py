@@ -19,14 +19,17 @@ x (..., N) to (..., M) without bias, factors stored exactly as in `structured.py
 The platform is the default backend's, or the one `target_platform` sets while tracing for
 `jax.export` to another platform (the lowering tests).
 
-A pallas_call is not split by XLA's automatic sharding: under a multi-device jit, 'pallas' sees
-whole (gathered) operands, so keep 'xla' there unless the call sits inside a shard_map.
+A pallas_call is not split by XLA's automatic sharding (Mosaic does not lower at all under a
+multi-device jit): on a mesh, 'pallas' runs the kernels inside a shard_map over the batch axes
+(`on_mesh`), each device on its own rows with the whole factors (gathered, as FSDP does anyway;
+a tensor-parallel split of the factors is undone for the call).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 
 import jax
 
@@ -59,7 +62,9 @@ def platform() -> str:
 def target_platform(name: str):
   """Trace for platform `name` ('cuda', 'rocm', 'gpu', 'tpu' or 'cpu') instead of the default
   backend: the kernels and attention pick that platform's lowering, compiled rather than
-  interpreted. For `jax.export(..., platforms=[name])` from another machine."""
+  interpreted. For `jax.export(..., platforms=[name])` from another machine. The choice is made
+  while tracing, and a jitted function's trace cache does not know of it: trace a fresh function
+  for each platform."""
   if name not in _PLATFORM_NAMES:
     raise ValueError(f'target_platform: {name!r} is unknown; use one of {tuple(_PLATFORM_NAMES)}.')
   token = _TARGET.set(_PLATFORM_NAMES[name])
@@ -100,14 +105,45 @@ def resolve(op: str, implementation: str, x, *factors) -> str:
   return 'pallas' if _pallas_supports(target, op, x, factors) else 'xla'
 
 
+def on_mesh(fn, args, axes, out_axes):
+  """fn(*args) run per device inside a `shard_map` when a (data, fsdp, tensor) mesh is set
+  (`jax.set_mesh`), else fn(*args) as it is.
+
+  A pallas_call cannot be split by XLA's automatic partitioning (Mosaic refuses to lower under
+  a multi-device jit; Triton sees whole, gathered operands). axes: for each argument, the
+  logical name of each dimension (None: whole on every device), mapped to mesh axes by the
+  rules `sharding.constrain` reads; out_axes likewise for the result. A logical name whose mesh
+  axes do not divide every dimension that carries it stays whole.
+  """
+  from structffn_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from structffn_jax import sharding  # pylint: disable=g-import-not-at-top
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(sharding.MESH_AXES) <= set(mesh.axis_names):
+    return fn(*args)
+  rules = sharding._ACTIVE_RULES.get() or sharding.rules_of(config_lib.base_config())  # pylint: disable=protected-access
+  names = {n for a in (*axes, out_axes) for n in a if n is not None}
+  target = {n: sharding.logical_to_spec((n,), rules)[0] for n in names}
+  for arg, arg_axes in zip(args, axes):
+    for size, name in zip(arg.shape, arg_axes):
+      if name is not None and size % sharding._axis_size(mesh, target[name]):  # pylint: disable=protected-access
+        target[name] = None
+  spec = lambda a: jax.sharding.PartitionSpec(*(None if n is None else target[n] for n in a))
+  return jax.shard_map(fn, in_specs=tuple(spec(a) for a in axes), out_specs=spec(out_axes),
+                       check_vma=False)(*args)
+
+
 def _dispatch(op, x, factors, implementation):
   impl = resolve(op, implementation, x, *factors)
   if impl == 'reference':
     return getattr(reference, op)(x, *factors)
   if impl == 'pallas':
     target = platform()
-    return getattr(_pallas_module(target), op)(x, *factors,
-                                               interpret=target not in ('gpu', 'tpu'))
+    kernel = functools.partial(getattr(_pallas_module(target), op),
+                               interpret=target not in ('gpu', 'tpu'))
+    # Each device runs the kernels on its own rows (batch axes), with the whole factors.
+    lead = ('batch',) + (None,) * (x.ndim - 2)
+    return on_mesh(kernel, (x, *factors), [lead + (None,)] + [(None,) * f.ndim for f in factors],
+                   lead + (None,))
   return getattr(xla, op)(x, *factors)
 
 
