@@ -7,6 +7,8 @@ before anything is built or compiled.
 
 from __future__ import annotations
 
+import ast
+
 import ml_collections
 
 from structffn_jax import attention, structured
@@ -183,15 +185,23 @@ def _validate_ffn(m):
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-  """Parse a config argument 'k1=v1,k2=v2' against `defaults` (unknown keys are an error)."""
+  """Parse a config argument 'k1=v1,k2=v2' against `defaults` (unknown keys are an error).
+
+  Each value is typed like its default (see `load`). A bare key is a switch turned on, as in
+  big_vision's parse_arg: 'sgt' means sgt=True for a bool default and sgt=1 for a 0/1 one.
+  """
   out = dict(defaults)
+  switches = [k for k, v in defaults.items() if isinstance(v, int) and v in (0, 1)]
   for item in filter(None, (arg or '').split(',')):
     key, sep, value = item.partition('=')
-    if not sep:
-      raise ConfigError(f'config argument {item!r} is not key=value; '
-                        f'keys: {", ".join(defaults)}.')
     if key not in defaults:
       raise ConfigError(f'config argument {key!r} is unknown; keys: {", ".join(defaults)}.')
+    if not sep:
+      if key not in switches:
+        raise ConfigError(f'config argument {item!r} is not key=value; only an on/off key may '
+                          f'stand alone ({", ".join(switches) or "none here"}); '
+                          f'keys: {", ".join(defaults)}.')
+      value = 'true' if isinstance(defaults[key], bool) else '1'
     out[key] = _coerce(value, defaults[key], f'config argument {key}')
   return ml_collections.ConfigDict(out)
 
@@ -231,41 +241,88 @@ def config_module(path):
 
 
 def load(spec: str, overrides: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
-  """Load 'path/to/config.py:arg', apply 'a.b=value' overrides, validate."""
+  """Load 'path/to/config.py:arg', apply the overrides in order, validate.
+
+  An override is 'a.b=value' (`--set a.b=value` or `--config.a.b=value` on a command line) or a
+  bare 'a.b', which sets a bool field to true. The value is typed like the field's current value,
+  as ml_collections' config_flags types it: a bool from true/false (t/f, 1/0), an int or
+  a float from a number, a tuple or list from comma-separated items or a Python literal
+  ("('a', 'b')"), a section from a dict literal ("{'rank': 128}"), a string as it is. A value of
+  the wrong type is a ConfigError that names the field.
+  """
   path, _, arg = spec.partition(':')
   config = config_module(path).get_config(arg or None)
   for item in overrides:
     key, sep, value = item.partition('=')
-    if not sep:
-      raise ConfigError(f'override {item!r} is not field=value.')
-    try:
-      current = _get(config, key)
-    except (KeyError, AttributeError):
-      raise ConfigError(f'override {key!r}: no such config field.') from None
-    parent, _, leaf = key.rpartition('.')
-    node = _get(config, parent) if parent else config
-    node[leaf] = _coerce(value, current, f'override {key}')
+    _override(config, key, value if sep else None, item)
   return validate(config)
 
 
-def _coerce(text, current, what):
-  """text as the type of `current` (bool: true/false/1/0); errors name `what`."""
-  if current is None:
+def _override(config, key: str, text: str | None, item: str):
+  """Set field `key` of `config` from `text` (None: given bare), typed like its value."""
+  try:
+    current = _get(config, key)
+  except (KeyError, AttributeError, TypeError):
+    raise ConfigError(f'override {key!r}: no such config field.') from None
+  if text is None:
+    if not isinstance(current, bool):
+      raise ConfigError(f'override {item!r} is not field=value (only a bool field may be '
+                        'given bare, meaning true).')
+    text = 'true'
+  if isinstance(current, ml_collections.ConfigDict):
+    fields = ', '.join(current.keys())
+    hint = (f'a section (fields: {fields}); set one field, e.g. --config.{key}.'
+            f'{next(iter(current.keys()), "x")}=..., or give a dict literal')
+    value = _literal(text)
+    if not isinstance(value, dict):
+      raise ConfigError(f'override {key}={text!r}: {key} is {hint}.')
+    for sub, v in value.items():
+      _override(config, f'{key}.{sub}', v if isinstance(v, str) else repr(v), item)
+    return
+  parent, _, leaf = key.rpartition('.')
+  node = _get(config, parent) if parent else config
+  try:
+    node[leaf] = _coerce(text, current, f'override {key}')
+  except TypeError as e:  # the ConfigDict refused the type
+    raise ConfigError(f'override {key}={text!r}: {e}'.split('\n')[0]) from None
+
+
+def _literal(text):
+  """A Python literal in `text`, or the text itself when it is none."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError, MemoryError, RecursionError):
     return text
+
+
+_TRUE, _FALSE = ('true', 't', '1'), ('false', 'f', '0')
+
+
+def _coerce(text, current, what):
+  """text as the type of `current`; errors name `what` and the type expected."""
+  if current is None:
+    return _literal(text)
   if isinstance(current, bool):
-    if text.lower() not in ('true', 'false', '1', '0'):
+    if text.lower() not in _TRUE + _FALSE:
       raise ConfigError(f'{what}={text!r}: expected true or false.')
-    return text.lower() in ('true', '1')
+    return text.lower() in _TRUE
   if isinstance(current, (int, float)):
+    try:
+      return int(text) if isinstance(current, int) else float(text)
+    except ValueError:
+      pass
     try:
       value = float(text)
     except ValueError:
-      raise ConfigError(f'{what}={text!r}: expected a number.') from None
-    if isinstance(current, int):
-      if not value.is_integer():
-        raise ConfigError(f'{what}={text!r}: expected an integer.')
-      return int(value)
-    return value
+      kind = 'an integer' if isinstance(current, int) else 'a float'
+      raise ConfigError(f'{what}={text!r}: expected a number ({kind}, like {current!r}).') \
+          from None
+    if not value.is_integer():  # an int field given a fraction
+      raise ConfigError(f'{what}={text!r}: expected an integer, like {current!r}.')
+    return int(value)
   if isinstance(current, (list, tuple)):
-    return [s for s in text.split(';') if s]
+    value = _literal(text)
+    if not isinstance(value, (list, tuple)):
+      value = [part.strip() for part in text.split(',') if part.strip()]
+    return type(current)(value)
   return text

@@ -14,85 +14,14 @@ import json
 import math
 import pathlib
 import sys
-from typing import Any, NamedTuple
 
 import jax
-import ml_collections
 from flax import nnx
 
-from structffn_jax import accounting, checkpoint, cli, distributed, optim, sharding, steps
-from structffn_jax.data import pipeline
+from structffn_jax import cli, distributed, evaluation, optim, sharding, steps
 from structffn_jax.data import prepare as prepare_lib
-from structffn_jax.model import GPT
-
-
-def load_config(workdir, mesh: str | None = None) -> ml_collections.ConfigDict:
-  """The config.json of a training workdir; `mesh` 'D,F,T' overrides its mesh sizes."""
-  cfg_path = pathlib.Path(workdir) / 'config.json'
-  if not cfg_path.is_file():
-    raise FileNotFoundError(f'{cfg_path} not found: --workdir must be a training workdir.')
-  config = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
-  if config.get('mesh') is None:  # a run from before the mesh section
-    config.mesh = sharding.mesh_config(config)
-  if mesh:
-    try:
-      config.mesh.data, config.mesh.fsdp, config.mesh.tensor = (int(x) for x in mesh.split(','))
-    except ValueError:
-      raise ValueError(f'--mesh {mesh!r}: expected three sizes D,F,T, e.g. --mesh 1,1,1') from None
-  return config
-
-
-class Run(NamedTuple):
-  """A trained run restored from its newest checkpoint (`load_run`)."""
-  config: ml_collections.ConfigDict
-  model: GPT
-  opt_state: Any             # carries the self-guided α (optim.alpha_of)
-  meta: dict                 # the checkpoint's metadata: step, guides_dropped, ...
-  mesh: jax.sharding.Mesh    # the mesh the arrays were restored onto
-
-
-def load_run(workdir, mesh: str | None = None) -> Run:
-  """The newest checkpoint in `workdir`, restored onto the run's mesh (or `mesh` 'D,F,T')."""
-  workdir = pathlib.Path(workdir)
-  config = load_config(workdir, mesh)
-  device_mesh = sharding.make_mesh(config)
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_ckpts)
-  step = ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'{workdir / "checkpoints"} holds no checkpoint yet.')
-  meta = ckpt.meta(step)
-  total, guided = accounting.schedule_steps(config)
-  tx = optim.make_optimizer(config, total, guided)
-
-  def init():
-    model = GPT(config.model, guide=config.sgt.enabled, reduce_flop=config.sgt.reduce_flop,
-                rngs=nnx.Rngs(0))
-    if meta.get('guides_dropped'):
-      model.drop_guides()
-    return model
-
-  graphdef = nnx.split(nnx.eval_shape(init), nnx.Param)[0]
-  abstract = jax.eval_shape(lambda: steps.init_state(init(), tx)[1])
-  shardings = sharding.param_shardings(abstract, device_mesh, sharding.rules_of(config))
-  state, meta = ckpt.restore(step, sharding.with_shardings(abstract, shardings))
-  ckpt.close()
-  return Run(config, nnx.merge(graphdef, state['params']), state['opt_state'], meta, device_mesh)
-
-
-def mean_loss(eval_step, params, alpha, manifest, split: str, batch_size: int,
-              max_rows: int | None, batch_sh, mask_sh) -> tuple[float, float]:
-  """(mean loss per token, tokens) of `eval_step` over the first `max_rows` rows of `split` (all
-  when None), each process reading its share of every global batch. Call it under the mesh."""
-  index, share_count = sharding.process_share(batch_sh, (batch_size, 1))
-  total = count = 0.0
-  for tokens, mask in pipeline.eval_batches(manifest, split, batch_size, max_rows,
-                                            process_index=index, process_count=share_count):
-    s, n = eval_step(
-        params, alpha,
-        jax.make_array_from_process_local_data(batch_sh, tokens, (batch_size, tokens.shape[1])),
-        jax.make_array_from_process_local_data(mask_sh, mask, (batch_size,)))
-    total, count = total + float(s), count + float(n)
-  return total / max(count, 1.0), count
+from structffn_jax.data.sources import SPLITS
+from structffn_jax.run import load_config, load_run
 
 
 def evaluate(workdir, split='valid', max_tokens=None, batch_size=None, mesh=None) -> dict:
@@ -116,8 +45,8 @@ def evaluate(workdir, split='valid', max_tokens=None, batch_size=None, mesh=None
   alpha = optim.alpha_of(opt_state) if not meta.get('guides_dropped') else None
   max_rows = None if max_tokens is None else max(1, int(max_tokens // config.model.seq_len))
   with sharding.use_mesh(device_mesh, rules):
-    loss, count = mean_loss(eval_step, params, alpha, manifest, split, batch_size, max_rows,
-                            batch_sh, mask_sh)
+    loss, count = evaluation.mean_loss(eval_step, params, alpha, manifest, split, batch_size,
+                                       max_rows, batch_sh, mask_sh)
   result = {'step': meta['step'], 'split': split, 'loss': loss, 'ppl': math.exp(min(loss, 50)),
             'tokens': count}
   if jax.process_index() == 0:
@@ -127,14 +56,19 @@ def evaluate(workdir, split='valid', max_tokens=None, batch_size=None, mesh=None
 
 
 def main(argv=None):
-  parser = cli.parser(__doc__)
-  parser.add_argument('--workdir', required=True)
-  parser.add_argument('--split', default='valid', help='valid or test')
-  parser.add_argument('--max-tokens', type=float, default=None, help='evaluate only this many')
-  parser.add_argument('--batch-size', type=int, default=None)
+  parser = cli.parser(__doc__, 'structffn_jax.evaluate')
+  parser.add_argument('--workdir', required=True, help='a training workdir (its config.json and '
+                      'newest checkpoint)')
+  parser.add_argument('--split', default='valid', choices=SPLITS,
+                      help='which prepared split to evaluate on (default: valid)')
+  parser.add_argument('--max-tokens', type=float, default=None,
+                      help='evaluate on the first this many tokens of the split (default: all)')
+  parser.add_argument('--batch-size', type=int, default=None,
+                      help="sequences per forward pass (default: the run's eval_batch, "
+                           'micro_batch or global_batch)')
   parser.add_argument('--mesh', default=None, metavar='D,F,T',
                       help="mesh sizes (data, fsdp, tensor) instead of the run's, e.g. 1,1,1")
-  args = parser.parse_args(argv)
+  args = cli.parse(parser, argv)
   try:
     distributed.initialize(sharding.mesh_config(load_config(args.workdir)).distributed)
     r = evaluate(args.workdir, args.split, args.max_tokens, args.batch_size, args.mesh)

@@ -231,7 +231,7 @@ def export_model(model, out, *, eos_id: int, bos_id: int = -1, tokenizer_path=No
 
 def export_run(workdir, out, mesh: str | None = None) -> pathlib.Path:
   """Export the newest checkpoint of a training workdir (see the module docstring)."""
-  from structffn_jax import generate as decoding
+  from structffn_jax import decoding
 
   config, model, alpha, manifest = decoding.load(workdir, merge_threshold=0, mesh=mesh)
   if alpha is not None:

@@ -8,11 +8,10 @@ The model is built abstractly (`nnx.eval_shape`), so even xl costs no memory.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-from structffn_jax import accounting
+from structffn_jax import accounting, cli
 from structffn_jax import config as config_lib
 
 
@@ -42,12 +41,11 @@ def table(config, acc: accounting.Accounting) -> str:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--config', required=True, help='configs/<file>.py:<arg>')
-  parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
-                      help='override a config field, e.g. --set model.ffn.rank=256')
-  parser.add_argument('--json', action='store_true', help='print one JSON object')
-  args = parser.parse_args(argv)
+  parser = cli.parser(__doc__, 'structffn_jax.info')
+  cli.add_config_flags(parser)
+  parser.add_argument('--json', action='store_true',
+                      help='print one JSON object instead of a table')
+  args = cli.parse(parser, argv)
   try:
     config = config_lib.load(args.config, tuple(args.set))
   except config_lib.ConfigError as e:

@@ -304,7 +304,8 @@ def main(argv=None):
   parser.add_argument('--num-fewshot', type=int, default=None, help='default: each task\'s own')
   parser.add_argument('--limit', type=float, default=None,
                       help='documents per task (a fraction when < 1), for a quick look')
-  parser.add_argument('--batch-size', type=int, default=16)
+  parser.add_argument('--batch-size', type=int, default=16,
+                      help='requests per forward pass (default: 16)')
   parser.add_argument('--include-path', default=None, help='a folder of extra task YAMLs')
   parser.add_argument('--bootstrap-iters', type=int, default=100000,
                       help='for the stderr of non-mean metrics; 0 = none')
@@ -313,7 +314,7 @@ def main(argv=None):
   parser.add_argument('--mesh', default=None, metavar='D,F,T',
                       help="mesh sizes (data, fsdp, tensor) instead of the run's, e.g. 1,1,1")
   parser.add_argument('--out', default=None, help='results JSON (default: <workdir>/lm_eval/)')
-  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--seed', type=int, default=0, help='seed of sampled generations')
   args = parser.parse_args(argv)
   try:
     path, record = evaluate(

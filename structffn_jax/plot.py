@@ -6,12 +6,11 @@ against steps, tokens or training FLOPs (the paper's scaling plots use FLOPs).
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
 
-from structffn_jax import metrics
+from structffn_jax import cli, metrics
 
 X_AXES = {'steps': ('step', 'optimizer step'), 'tokens': ('tokens', 'training tokens'),
           'flops': ('train_flops', 'training FLOPs (paper accounting)')}
@@ -77,13 +76,15 @@ def plot(workdirs, out, x='steps', title=None, smooth=1):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('workdirs', nargs='+', help='training workdirs')
-  parser.add_argument('--x', choices=sorted(X_AXES), default='steps')
-  parser.add_argument('--out', default='loss.png')
-  parser.add_argument('--title', default=None)
-  parser.add_argument('--smooth', type=int, default=1, help='moving average of train loss')
-  args = parser.parse_args(argv)
+  parser = cli.parser(__doc__, 'structffn_jax.plot')
+  parser.add_argument('workdirs', nargs='+', help='training workdirs, one curve each')
+  parser.add_argument('--x', choices=sorted(X_AXES), default='steps',
+                      help='the horizontal axis (default: steps)')
+  parser.add_argument('--out', default='loss.png', help='the PNG to write (default: loss.png)')
+  parser.add_argument('--title', default=None, help='a title above the plot')
+  parser.add_argument('--smooth', type=int, default=1,
+                      help='moving average of the training loss over this many records')
+  args = cli.parse(parser, argv)
   try:
     out = plot(args.workdirs, args.out, args.x, args.title, args.smooth)
   except FileNotFoundError as e:

@@ -10,7 +10,7 @@ stores them (docs/design.md §2):
 
 Every layer offers `to_dense()`, the exact (M, N) matrix it applies, permutations included.
 
-Self-guided training (design §3) lives here too: a structured layer built with `guide=True` owns a
+Self-guided training (design §3) lives here too: a layer built with `guide=True` owns a
 dense guide `W` initialised to its own `to_dense()` and outputs `α·Wx + (1−α)·structured(x) + b`.
 With `reduce_flop=True` each call draws u ~ U[0, 1) and, when u ≥ α, takes a `lax.cond` branch
 that never computes the guide matmul and returns `structured(x) + b`.

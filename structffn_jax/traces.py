@@ -9,11 +9,12 @@ Reads the `.xplane.pb` that `train --profile K:N` writes. On GPUs/TPUs it sums t
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import pathlib
 import sys
+
+from structffn_jax import cli
 
 
 def find_trace(path) -> pathlib.Path:
@@ -71,11 +72,11 @@ def format_table(rows) -> str:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.parser(__doc__, 'structffn_jax.traces')
   parser.add_argument('path', help='workdir, profile directory or .xplane.pb file')
-  parser.add_argument('--top', type=int, default=15)
-  parser.add_argument('--json', action='store_true')
-  args = parser.parse_args(argv)
+  parser.add_argument('--top', type=int, default=15, help='how many ops to list (default: 15)')
+  parser.add_argument('--json', action='store_true', help='print JSON rows instead of a table')
+  args = cli.parse(parser, argv)
   try:
     rows = top_ops(args.path, args.top)
   except FileNotFoundError as e:

@@ -14,12 +14,11 @@ shardings, and each process reads only the rows of a batch its devices hold. Wit
 processes (`mesh.distributed`, launch/README.md) every one runs this same command.
 
   --profile K:N   XLA trace of steps K..K+N-1 under <workdir>/profile (TensorBoard / Perfetto)
-  --set F=V       override any config field, e.g. --set train.tokens=1e6
+  --config.F=V    override any config field, e.g. --config.train.tokens=1e6 (or --set F=V)
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import pathlib
@@ -34,39 +33,15 @@ from flax import nnx
 from structffn_jax import accounting, checkpoint, cli, distributed, hostmem, metrics, optim
 from structffn_jax import sharding, steps
 from structffn_jax import config as config_lib
-from structffn_jax import evaluate as evaluate_lib
+from structffn_jax import evaluation
 from structffn_jax.data import pipeline
 from structffn_jax.data import prepare as prepare_lib
 from structffn_jax.model import GPT
+from structffn_jax.plan import make_plan
 
 
 class NonFiniteLoss(RuntimeError):
   """Training produced a NaN or Inf loss."""
-
-
-@dataclasses.dataclass
-class Plan:
-  """The step schedule of a run, from its config."""
-  total_steps: int  # S, or S + G with fixedflop
-  base_steps: int  # S
-  guided_steps: int  # G (0 without SGT)
-  micro_batches: int  # gradient-accumulation slices per step
-  data_start: int = 0  # the global batch step 0 reads (train.data_start)
-
-  def data_index(self, step: int) -> int:
-    """Which global batch optimizer step `step` reads (fixedflop replays [0, G) at the end)."""
-    return self.data_start + (step - self.base_steps if step >= self.base_steps else step)
-
-
-def make_plan(config) -> Plan:
-  total, guided = accounting.schedule_steps(config)
-  base = accounting.schedule_steps(config, base_only=True)[0]
-  t = config.train
-  micro = t.micro_batch or t.global_batch
-  if t.global_batch % micro:
-    raise config_lib.ConfigError(f'train.micro_batch={micro} must divide train.global_batch='
-                                 f'{t.global_batch}.')
-  return Plan(total, base, guided, t.global_batch // micro, int(t.data_start))
 
 
 def prepare_data(config, workdir: pathlib.Path, log=print):
@@ -208,9 +183,9 @@ class Trainer:
     max_rows = max(1, int(t.eval_tokens // self.config.model.seq_len))
     alpha = optim.alpha_of(self.state['opt_state']) if self.guides else None
     with sharding.use_mesh(self.mesh, self.rules):
-      loss, count = evaluate_lib.mean_loss(self.eval_step, self.state['params'], alpha,
-                                           self.manifest, split, batch, max_rows,
-                                           self.batch_sharding, self.mask_sharding)
+      loss, count = evaluation.mean_loss(self.eval_step, self.state['params'], alpha,
+                                         self.manifest, split, batch, max_rows,
+                                         self.batch_sharding, self.mask_sharding)
     return {f'{split}_loss': loss, f'{split}_ppl': math.exp(min(loss, 50)),
             f'{split}_tokens': count}
 
@@ -354,13 +329,13 @@ class Trainer:
 
 
 def main(argv=None):
-  parser = cli.parser(__doc__)
-  parser.add_argument('--config', required=True, help='configs/<file>.py:<arg>')
-  parser.add_argument('--workdir', required=True, help='directory of the run (resumed if present)')
-  parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE')
+  parser = cli.parser(__doc__, 'structffn_jax.train')
+  cli.add_config_flags(parser)
+  parser.add_argument('--workdir', required=True,
+                      help='directory of the run: created, or resumed from its newest checkpoint')
   parser.add_argument('--profile', default='', metavar='K:N',
                       help='XLA profiler trace of steps K..K+N-1 under <workdir>/profile')
-  args = parser.parse_args(argv)
+  args = cli.parse(parser, argv)
   logging.basicConfig(level=logging.INFO, format='%(message)s')
   for noisy in ('absl', 'orbax', 'jax'):
     logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -31,12 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from structffn_jax import cli, generate, premerge
+from structffn_jax import calibration, cli, decoding, timing
 from structffn_jax import config as config_lib
-from structffn_jax.bench import common
 from structffn_jax.model import DTYPES, GPT
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+TABLE2_VARIANTS = ('dense', 'gqa', 'ours', 'ours+premerge')
 PAPER_TABLE2 = {'m': {'dense': 30229, 'gqa': 84202, 'ours': 91147},
                 'l': {'dense': 23351, 'gqa': 64737, 'ours': 75930}}
 
@@ -63,22 +63,22 @@ def bench_ffn(widths, tokens, dtype, iters):
     variants = ffn_variants(width)
     fns, merged_fns = {}, {}
     for name, structure in variants.items():
-      ffn = common.ffn_module(width, structure, dtype)
-      fns[name] = common.jitted_forward(ffn)
+      ffn = timing.ffn_module(width, structure, dtype)
+      fns[name] = timing.jitted_forward(ffn)
       if structure['method'] != 'dense':
         merged = nnx.clone(ffn)
         merged.fc1.merge(max(tokens))
         merged.fc2.merge(max(tokens))
-        merged_fns[name] = common.jitted_forward(merged)
+        merged_fns[name] = timing.jitted_forward(merged)
     cells = {}
     for t in tokens:
       x = jax.random.normal(jax.random.key(t), (t, 1, width), DTYPES[dtype])
       todo = {name: (fn, (state, x)) for name, (fn, state) in fns.items()}
       todo.update({f'{name}/merged': (fn, (state, x)) for name, (fn, state) in merged_fns.items()})
-      cells[t] = common.time_interleaved(todo, iters=iters)
+      cells[t] = timing.time_interleaved(todo, iters=iters)
     for name in variants:
       merged = [cells[t].get(f'{name}/merged', cells[t][name]) for t in tokens]
-      threshold = premerge.crossover(tokens, merged, [cells[t][name] for t in tokens])
+      threshold = calibration.crossover(tokens, merged, [cells[t][name] for t in tokens])
       for t, m in zip(tokens, merged):
         dense, own = cells[t]['dense'], cells[t][name]
         pre = m if t <= threshold else own
@@ -127,7 +127,7 @@ def bench_table2(model_size, variants, batches, gen_len, prompt_len, scale, dtyp
     model = GPT(cfg, rngs=nnx.Rngs(0))
     notes[variant] = ''
     if premerged:
-      cal = premerge.calibrate(cfg, tokens=batches, iters=max(3, iters))
+      cal = calibration.calibrate(cfg, tokens=batches, iters=max(3, iters))
       if any(cal['thresholds'].values()):
         model.premerge(cal['thresholds'])
       notes[variant] = f'thresholds {cal["thresholds"]}'
@@ -136,10 +136,10 @@ def bench_table2(model_size, variants, batches, gen_len, prompt_len, scale, dtyp
   for batch in batches:
     prompts = np.random.default_rng(batch).integers(
         3, 1000, (batch, prompt_len)).tolist()
-    fns = {v: (lambda m=m: generate.generate(m, prompts, gen_len, eos_id=None), ())
+    fns = {v: (lambda m=m: decoding.generate(m, prompts, gen_len, eos_id=None), ())
            for v, m in models.items()}
     try:
-      times = common.time_interleaved(fns, warmup=1, iters=iters)
+      times = timing.time_interleaved(fns, warmup=1, iters=iters)
     except jax.errors.JaxRuntimeError as e:  # out of memory: larger batches will not fit
       print(f'batch {batch}: {str(e).splitlines()[0][:160]}', file=sys.stderr)
       break
@@ -197,30 +197,41 @@ def _ints(text):
 
 def main(argv=None):
   gpu = jax.default_backend() != 'cpu'
-  parser = cli.parser(__doc__)
-  parser.add_argument('--part', choices=('ffn', 'table2', 'all'), default='all')
-  parser.add_argument('--dtype', default='bfloat16' if gpu else 'float32')
-  parser.add_argument('--iters', type=int, default=20 if gpu else 5)
-  parser.add_argument('--widths', default='1536,2048,3072,4096,5120,6144' if gpu else '512,1024')
+  parser = cli.parser(__doc__, 'structffn_jax.bench.decode')
+  parser.add_argument('--part', choices=('ffn', 'table2', 'all'), default='all',
+                      help='what to measure (see above; default: all)')
+  parser.add_argument('--dtype', default='bfloat16' if gpu else 'float32', choices=sorted(DTYPES),
+                      help='compute dtype (default: bfloat16 on a GPU, else float32)')
+  parser.add_argument('--iters', type=int, default=20 if gpu else 5,
+                      help='timed calls per variant (median)')
+  parser.add_argument('--widths', default='1536,2048,3072,4096,5120,6144' if gpu else '512,1024',
+                      help='ffn: comma-separated model widths')
   parser.add_argument('--tokens', default=','.join(str(2 ** i) for i in range(13)) if gpu
-                      else '1,4,16,64,256,1024')
-  parser.add_argument('--model', default='m', help='Table 2 model size: m or l')
-  parser.add_argument('--variants', default='dense,gqa,ours,ours+premerge')
-  parser.add_argument('--batches', default='32,64,128,256,512' if gpu else '1,8,32')
-  parser.add_argument('--gen-len', type=int, default=256)
-  parser.add_argument('--prompt-len', type=int, default=1)
+                      else '1,4,16,64,256,1024', help='ffn: comma-separated tokens per call')
+  parser.add_argument('--model', default='m', choices=sorted(PAPER_TABLE2),
+                      help='table2: model size')
+  parser.add_argument('--variants', default=','.join(TABLE2_VARIANTS),
+                      help=f'table2: comma-separated variants among {", ".join(TABLE2_VARIANTS)}')
+  parser.add_argument('--batches', default='32,64,128,256,512' if gpu else '1,8,32',
+                      help='table2: comma-separated batch sizes; the best one counts')
+  parser.add_argument('--gen-len', type=int, default=256, help='table2: tokens generated per row')
+  parser.add_argument('--prompt-len', type=int, default=1, help='table2: prompt tokens per row')
   parser.add_argument('--scale', type=float, default=1.0 if gpu else 0.25,
-                      help='shrink Table 2 widths and depth by this factor (CPU)')
-  parser.add_argument('--out', default=common.default_out('decode'))
+                      help="table2: shrink widths and depth by this factor (default: 0.25 on a "
+                           "CPU, where the models are then smaller than the paper's)")
+  parser.add_argument('--out', default=timing.default_out('decode'), help='JSON path')
   parser.add_argument('--plot', nargs='?', const='', default=None, metavar='PNG',
                       help='also draw the results (default: the JSON path with .png)')
-  args = parser.parse_args(argv)
+  args = cli.parse(parser, argv)
+  unknown = sorted(set(args.variants.split(',')) - set(TABLE2_VARIANTS))
+  if unknown:
+    parser.error(f'--variants: unknown {", ".join(unknown)}; use {", ".join(TABLE2_VARIANTS)}')
   ffn_rows, table2_rows = [], []
   if args.part in ('ffn', 'all'):
     ffn_rows = bench_ffn(_ints(args.widths), _ints(args.tokens), args.dtype, args.iters)
     print(f'\nFFN forward latency at sequence length 1 ({args.dtype}, '
           f'{jax.devices()[0].device_kind}):')
-    common.print_table(ffn_rows, ['width', 'ffn', 'tokens', 'dense_us', 'structured_us',
+    timing.print_table(ffn_rows, ['width', 'ffn', 'tokens', 'dense_us', 'structured_us',
                                   'merged_us', 'premerged_us', 'speedup', 'premerged_speedup',
                                   'crossover'])
   if args.part in ('table2', 'all'):
@@ -231,9 +242,9 @@ def main(argv=None):
                                args.gen_len, args.prompt_len, args.scale, args.dtype, args.iters)
     print(f'\nTable 2 decode throughput, generation length {args.gen_len}, model {args.model}'
           f' (scale {args.scale}, {args.dtype}, {jax.devices()[0].device_kind}):')
-    common.print_table(table2_rows, ['model', 'variant', 'batch', 'tokens_per_s', 'seconds',
+    timing.print_table(table2_rows, ['model', 'variant', 'batch', 'tokens_per_s', 'seconds',
                                      'paper_tokens_per_s', 'note'])
-  common.write_json(args.out, {'args': vars(args), 'ffn': ffn_rows, 'table2': table2_rows})
+  timing.write_json(args.out, {'args': vars(args), 'ffn': ffn_rows, 'table2': table2_rows})
   if args.plot is not None:
     plot(ffn_rows, table2_rows, args.plot or str(pathlib.Path(args.out).with_suffix('.png')))
 

@@ -34,9 +34,8 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from structffn_jax import cli, hostmem, kernels, structured
+from structffn_jax import cli, hostmem, kernels, structured, timing
 from structffn_jax import model as model_lib
-from structffn_jax.bench import common
 
 PRESETS = {
     'cpu': dict(widths=(256, 512, 768, 1024), tokens=8192, dtype='float32', passes=('fwd',
@@ -46,20 +45,6 @@ PRESETS = {
     'cpu-issue': dict(widths=(1024,), tokens=8192, dtype='float32', passes=('grad', 'fwdbwd')),
 }
 FRACTIONS = ('63', '32')
-
-
-def settings(method: str, width: int, fraction: str) -> dict:
-  """rank / blocks of `method` at this width for the 63% or 32% parameter fraction (design §6.3)."""
-  small = fraction == '32'
-  if method == 'lowrank':
-    return dict(rank=width // 4 if small else width // 2, blocks=1)
-  if method == 'blockshuffle':
-    return dict(rank=0, blocks=4 if small else 2)
-  if method == 'blockdense':
-    if width % 8 == 0 and width % 3:
-      return dict(rank=3 * width // 8 if small else 3 * width // 4, blocks=4)
-    return dict(rank=width // 3 if small else 2 * width // 3, blocks=2)
-  return dict(rank=0, blocks=1)
 
 
 def variants(preset: str, with_einsum: bool) -> list[tuple[str, str, str, str]]:
@@ -80,8 +65,8 @@ def build_ffn(width: int, method: str, fraction: str, dtype: str, implementation
               override: str = '', seed: int = 0):
   """The model's FeedForward at this width; `override` forces a kernels implementation, or
   'layers': BlockShuffle's fc1 and fc2 one by one instead of the fused FFN op."""
-  s = settings(method, width, fraction)
-  ffn = common.ffn_module(width, dict(method=method, **s), dtype, implementation=implementation,
+  s = timing.ffn_settings(method, width, fraction)
+  ffn = timing.ffn_module(width, dict(method=method, **s), dtype, implementation=implementation,
                           seed=seed)
   if override == 'layers':
     ffn.fuse = False
@@ -95,7 +80,7 @@ def build_ffn(width: int, method: str, fraction: str, dtype: str, implementation
 
 def timed_functions(ffn, x, dy):
   """Jitted forward and forward+backward of the FFN (grads w.r.t. parameters and input)."""
-  forward, params = common.jitted_forward(ffn)
+  forward, params = timing.jitted_forward(ffn)
 
   def loss(params, x):
     return jnp.vdot(forward(params, x).astype(jnp.float32), dy)
@@ -127,8 +112,8 @@ def run(widths, tokens, dtype, passes, implementation, preset, warmup, iters, wi
       elif method == 'dense':
         impl = 'xla'
       meta[name] = dict(method=method, fraction=fraction, weights=weights,
-                        implementation=impl, **settings(method, width, fraction))
-    samples = common.time_interleaved_samples(fns, warmup=warmup, iters=iters)
+                        implementation=impl, **timing.ffn_settings(method, width, fraction))
+    samples = timing.time_interleaved_samples(fns, warmup=warmup, iters=iters)
     times = {k: statistics.median(v) for k, v in samples.items()}
     dense_weights = meta['dense']['weights']
     for name, m in meta.items():
@@ -175,23 +160,28 @@ def plot(rows, passes, path):
 
 
 def main(argv=None):
-  parser = cli.parser(__doc__)
+  parser = cli.parser(__doc__, 'structffn_jax.bench.ffn')
   parser.add_argument('--preset', choices=sorted(PRESETS),
-                      default='gpu' if jax.default_backend() == 'gpu' else 'cpu')
-  parser.add_argument('--widths', type=lambda s: tuple(int(w) for w in s.split(',')))
-  parser.add_argument('--tokens', type=int)
-  parser.add_argument('--dtype', choices=sorted(model_lib.DTYPES))
-  parser.add_argument('--implementation', default='auto', choices=('auto', 'xla', 'pallas'),
-                      help="kernels for the structured layers (kernels/api.py)")
+                      default='gpu' if jax.default_backend() == 'gpu' else 'cpu',
+                      help='widths, tokens, dtype and passes to measure (see above; default: '
+                           'gpu on a GPU, else cpu)')
+  parser.add_argument('--widths', type=lambda s: tuple(int(w) for w in s.split(',')),
+                      help="comma-separated model widths instead of the preset's")
+  parser.add_argument('--tokens', type=int, help="tokens per call instead of the preset's")
+  parser.add_argument('--dtype', choices=sorted(model_lib.DTYPES),
+                      help="compute dtype instead of the preset's")
+  parser.add_argument('--implementation', default='auto', choices=kernels.IMPLEMENTATIONS,
+                      help='kernels for the structured layers (default: auto, the fastest '
+                           'known for the device)')
   parser.add_argument('--einsum', action='store_true',
                       help='also time the plain einsums differentiated by JAX '
                            '(always on for --preset cpu-issue)')
-  parser.add_argument('--warmup', type=int, default=2)
-  parser.add_argument('--iters', type=int, default=7)
+  parser.add_argument('--warmup', type=int, default=2, help='untimed calls per variant first')
+  parser.add_argument('--iters', type=int, default=7, help='timed calls per variant (median)')
   parser.add_argument('--out', help='JSON path (default bench_results/ffn_<backend>.json)')
   parser.add_argument('--plot', nargs='?', const='', help='also draw a PNG (default: next to '
                       'the JSON)')
-  args = parser.parse_args(argv)
+  args = cli.parse(parser, argv)
   preset = PRESETS[args.preset]
   widths = args.widths or preset['widths']
   tokens = args.tokens or preset['tokens']
@@ -205,13 +195,13 @@ def main(argv=None):
     columns += [f'{p}_ms', f'{p}_speedup']
   columns.append('flop_bound')
   if jax.default_backend() == 'cpu':
-    info = common.device_info()
+    info = timing.device_info()
     print(f'# CPU ({info["cpu_count"]} cores, load average {info["loadavg"]}): interleaved '
           f'medians of {args.iters}; compare ratios, not absolute times, across machines.\n'
           f'# host allocator: {hostmem.status()}')
-  common.print_table(rows, columns)
-  out = args.out or common.default_out('ffn' if args.preset != 'cpu-issue' else 'ffn_cpu_issue')
-  common.write_json(out, dict(preset=args.preset, widths=list(widths), tokens=tokens,
+  timing.print_table(rows, columns)
+  out = args.out or timing.default_out('ffn' if args.preset != 'cpu-issue' else 'ffn_cpu_issue')
+  timing.write_json(out, dict(preset=args.preset, widths=list(widths), tokens=tokens,
                               dtype=dtype, passes=list(passes), warmup=args.warmup,
                               iters=args.iters, rows=rows))
   if args.plot is not None:

@@ -23,9 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from structffn_jax import cli, kernels
-from structffn_jax.bench import common
-from structffn_jax.bench.ffn import settings
+from structffn_jax import cli, kernels, timing
 
 OPS = ('blockshuffle', 'blockdense')
 IMPLS = ('pallas', 'xla', 'reference')
@@ -42,7 +40,7 @@ def cases(widths, fractions):
   for width in widths:
     for op in OPS:
       for fraction in fractions:
-        s = settings(op, width, fraction)
+        s = timing.ffn_settings(op, width, fraction)
         for layer, (n, m) in (('fc1', (width, 4 * width)), ('fc2', (4 * width, width))):
           yield dict(op=op, width=width, fraction=fraction, layer=layer, n=n, m=m,
                      shapes=factor_shapes(op, n, m, s['rank'], s['blocks']), **s)
@@ -64,17 +62,21 @@ def max_rel_err(got, want):
 
 def main(argv=None):
   on_gpu = kernels.api.platform() in ('gpu', 'tpu')  # an accelerator: the kernels compiled
-  parser = cli.parser(__doc__)
+  parser = cli.parser(__doc__, 'structffn_jax.bench.kernels')
   parser.add_argument('--widths', type=lambda s: tuple(int(w) for w in s.split(',')),
-                      default=(1024, 2048, 4096, 6144) if on_gpu else (64,))
-  parser.add_argument('--tokens', type=int, default=30720 if on_gpu else 256)
+                      default=(1024, 2048, 4096, 6144) if on_gpu else (64,),
+                      help='comma-separated model widths (ffn = 4 x width)')
+  parser.add_argument('--tokens', type=int, default=30720 if on_gpu else 256,
+                      help='tokens per call')
   parser.add_argument('--dtype', default='bfloat16' if on_gpu else 'float32',
-                      choices=('float32', 'bfloat16'))
-  parser.add_argument('--fractions', default='63,32')
-  parser.add_argument('--warmup', type=int, default=2)
-  parser.add_argument('--iters', type=int, default=10 if on_gpu else 3)
+                      choices=('float32', 'bfloat16'), help='compute dtype')
+  parser.add_argument('--fractions', default='63,32',
+                      help='parameter fractions of the dense FFN to measure: 63, 32 or both')
+  parser.add_argument('--warmup', type=int, default=2, help='untimed calls per variant first')
+  parser.add_argument('--iters', type=int, default=10 if on_gpu else 3,
+                      help='timed calls per variant (median)')
   parser.add_argument('--out', help='JSON path (default bench_results/kernels_<backend>.json)')
-  args = parser.parse_args(argv)
+  args = cli.parse(parser, argv)
   dtype = jnp.dtype(args.dtype)
   rows = []
   for case in cases(args.widths, args.fractions.split(',')):
@@ -90,7 +92,7 @@ def main(argv=None):
       for p, fn in functions(op, impl, x, factors, dy).items():
         fns[(impl, p)] = fn
     results = {k: fn(*a) for k, (fn, a) in fns.items()}
-    times = common.time_interleaved(fns, warmup=args.warmup, iters=args.iters)
+    times = timing.time_interleaved(fns, warmup=args.warmup, iters=args.iters)
     row = dict(case, shapes=[list(s) for s in shapes], tokens=args.tokens, dtype=args.dtype,
                pallas_runs=runs['pallas'])
     for p in ('fwd', 'fwdbwd'):
@@ -110,16 +112,16 @@ def main(argv=None):
   for p in ('fwd', 'fwdbwd'):
     columns += [f'{p}_pallas_ms', f'{p}_xla_ms', f'{p}_reference_ms', f'{p}_pallas_vs_xla',
                 f'{p}_pallas_err']
-  common.print_table(rows, columns)
+  timing.print_table(rows, columns)
   wins = [op for op in OPS
           if all(r['pallas_runs'] == 'pallas' and r['fwd_pallas_vs_xla'] > 1 and
                  r['fwdbwd_pallas_vs_xla'] > 1 for r in rows if r['op'] == op)]
-  kind = common.device_info()['device']
+  kind = timing.device_info()['device']
   if on_gpu:
     print(f'kernels.api.PALLAS_WINS entry for this device: {{{kind!r}: {tuple(wins)!r}}}')
   worst = max(max(r['fwd_pallas_err'], r['fwdbwd_pallas_err']) for r in rows)
   print(f'largest Pallas error relative to the reference: {worst:.2e}')
-  common.write_json(args.out or common.default_out('kernels'),
+  timing.write_json(args.out or timing.default_out('kernels'),
                     dict(tokens=args.tokens, dtype=args.dtype, widths=list(args.widths),
                          iters=args.iters, interpret=not on_gpu, pallas_wins=wins, rows=rows))
   if np.isnan(worst) or worst > (2e-2 if dtype == jnp.bfloat16 else 1e-4):

@@ -25,11 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from structffn_jax import accounting, cli, metrics, optim, steps
+from structffn_jax import accounting, cli, metrics, optim, steps, timing
 from structffn_jax import config as config_lib
-from structffn_jax import train as train_lib
-from structffn_jax.bench import common
 from structffn_jax.model import GPT
+from structffn_jax.plan import make_plan
 
 _METHODS = ('dense', 'lowrank', 'blockdense', 'blockshuffle')
 
@@ -50,7 +49,7 @@ def prepare(spec, overrides, global_batch, micro_batch):
     t.micro_batch = 0
   if micro_batch:
     t.micro_batch = micro_batch
-  plan = train_lib.make_plan(config)  # checks that the micro batch divides the global one
+  plan = make_plan(config)  # checks that the micro batch divides the global one
   micro = t.global_batch // plan.micro_batches
   acc = accounting.account(config)
   tx = optim.make_optimizer(config, plan.total_steps, plan.guided_steps)
@@ -87,7 +86,7 @@ def bench(specs, overrides, global_batch, micro_batch, num_steps, peak):
     prepared[spec] = prepare(spec, overrides, global_batch, micro_batch)
     print(f'{spec}: compiled in {prepared[spec][0]["compile_s"]:.1f}s', file=sys.stderr,
           flush=True)
-  times = common.time_interleaved({s: (fn, ()) for s, (_, fn) in prepared.items()},
+  times = timing.time_interleaved({s: (fn, ()) for s, (_, fn) in prepared.items()},
                                   warmup=1, iters=num_steps)
   rows = []
   for spec, (row, _) in prepared.items():
@@ -118,18 +117,17 @@ def plot(rows, path):
 
 def main(argv=None):
   gpu = jax.default_backend() != 'cpu'
-  parser = cli.parser(__doc__)
-  parser.add_argument('--config', action='append', default=[],
-                      help='configs/<file>.py:<arg>, repeatable (default: see above)')
-  parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
-                      help='override for every config, e.g. model.remat=dots')
+  parser = cli.parser(__doc__, 'structffn_jax.bench.train')
+  cli.add_config_flags(parser, repeat=True)
   parser.add_argument('--global-batch', type=int, default=0, help='sequences per step (0: config)')
   parser.add_argument('--micro-batch', type=int, default=0, help='sequences per micro-batch')
   parser.add_argument('--steps', type=int, default=10 if gpu else 5, help='timed steps')
-  parser.add_argument('--peak-flops', type=float, default=0.0, help='FLOP/s per device (MFU)')
-  parser.add_argument('--out', default=common.default_out('train'))
-  parser.add_argument('--plot', nargs='?', const='', default=None, metavar='PNG')
-  args = parser.parse_args(argv)
+  parser.add_argument('--peak-flops', type=float, default=0.0,
+                      help='peak FLOP/s of one device for the MFU column (0: look it up)')
+  parser.add_argument('--out', default=timing.default_out('train'), help='JSON path')
+  parser.add_argument('--plot', nargs='?', const='', default=None, metavar='PNG',
+                      help='also draw a bar chart (default: the JSON path with .png)')
+  args = cli.parse(parser, argv)
   peak = metrics.peak_flops_per_device(args.peak_flops)
   try:
     rows = bench(args.config or default_configs(gpu), args.set, args.global_batch, args.micro_batch,
@@ -138,9 +136,9 @@ def main(argv=None):
     sys.exit(f'error: {e}')
   print(f'\nTraining step on {jax.devices()[0].device_kind} (peak '
         f'{f"{peak:.3g} FLOP/s" if peak else "unknown: MFU n/a"}; FLOPs: paper accounting):')
-  common.print_table(rows, ['name', 'params', 'batch', 'dtype', 'remat', 'step_s',
+  timing.print_table(rows, ['name', 'params', 'batch', 'dtype', 'remat', 'step_s',
                             'tokens_per_s', 'tflops_per_s', 'mfu', 'compile_s'])
-  common.write_json(args.out, {'args': vars(args), 'peak_flops': peak, 'rows': rows})
+  timing.write_json(args.out, {'args': vars(args), 'peak_flops': peak, 'rows': rows})
   if args.plot is not None:
     plot(rows, args.plot or args.out.rsplit('.', 1)[0] + '.png')
 

@@ -1,4 +1,5 @@
-"""Shared benchmark helpers: a median timer, a plain-text table and a self-describing JSON file.
+"""What the benchmarks and the pre-merge calibration measure with: the FFN under test at a width,
+a median timer, a plain-text table and a self-describing JSON file.
 
 Every benchmark prints a table and writes JSON that records where and how it ran (device, jax
 version, date, command line), so a number in BENCHMARKS.md can always be traced to its command.
@@ -36,6 +37,22 @@ def ffn_module(width: int, structure: Mapping[str, Any], dtype: str, *,
   cfg.ffn.init, cfg.ffn.implementation = 'gaussian', implementation
   return model_lib.FeedForward(cfg, structure['method'], model_lib.DTYPES[dtype], guide=False,
                                reduce_flop=False, rngs=nnx.Rngs(seed))
+
+
+def ffn_settings(method: str, width: int, fraction: str) -> dict:
+  """rank / blocks of `method` at this width for the 63% or 32% parameter fraction, ffn = 4 ×
+  width (docs/design.md §6.3): LowRank R = d/2, d/4; BlockShuffle B = 2, 4; BlockDense (B, R) =
+  (4, 3d/4), (4, 3d/8) for widths divisible by 8 (m, xl), (2, 2d/3), (2, d/3) otherwise."""
+  small = fraction == '32'
+  if method == 'lowrank':
+    return dict(rank=width // 4 if small else width // 2, blocks=1)
+  if method == 'blockshuffle':
+    return dict(rank=0, blocks=4 if small else 2)
+  if method == 'blockdense':
+    if width % 8 == 0 and width % 3:
+      return dict(rank=3 * width // 8 if small else 3 * width // 4, blocks=4)
+    return dict(rank=width // 3 if small else 2 * width // 3, blocks=2)
+  return dict(rank=0, blocks=1)
 
 
 def jitted_forward(module) -> tuple[Callable, Any]:

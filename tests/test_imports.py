@@ -1,0 +1,74 @@
+"""Commands stand on the library, never the other way round: no module imports a command.
+
+A command is a module run as `python -m structffn_jax.X` (it has a `__main__` guard), and the
+benchmark package `structffn_jax.bench`. What commands share lives in library modules (run.py,
+decoding.py, calibration.py, evaluation.py, plan.py, timing.py), so a command can change or go
+without breaking another. The test reads every module's imports, those inside functions too.
+"""
+
+import ast
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE = REPO / 'structffn_jax'
+# Library modules that also have a command line of their own: others may import them.
+LIBRARY_WITH_MAIN = {'structffn_jax.data.prepare'}
+
+
+def module_name(path: pathlib.Path) -> str:
+  parts = path.relative_to(REPO).with_suffix('').parts
+  return '.'.join(parts[:-1] if parts[-1] == '__init__' else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob('*.py'))}
+
+
+def has_main_guard(tree) -> bool:
+  return any(isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+             and isinstance(node.test.left, ast.Name) and node.test.left.id == '__name__'
+             for node in tree.body)
+
+
+def is_command(name: str) -> bool:
+  if name == 'structffn_jax.bench' or name.startswith('structffn_jax.bench.'):
+    return True
+  return name not in LIBRARY_WITH_MAIN and has_main_guard(ast.parse(MODULES[name].read_text()))
+
+
+def imported_modules(name: str) -> set[str]:
+  """Every structffn_jax module that module `name` imports (`from pkg import mod` as pkg.mod)."""
+  path = MODULES[name]
+  package = name if path.name == '__init__.py' else name.rpartition('.')[0]
+  out = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      out.update(a.name for a in node.names)
+    elif isinstance(node, ast.ImportFrom):
+      base = node.module or ''
+      if node.level:  # relative import
+        anchor = package.split('.')[:len(package.split('.')) - node.level + 1]
+        base = '.'.join(anchor + ([base] if base else []))
+      out.add(base)
+      out.update(f'{base}.{a.name}' for a in node.names if f'{base}.{a.name}' in MODULES)
+  return {m for m in out if m in MODULES}
+
+
+COMMANDS = sorted(n for n in MODULES if is_command(n))
+
+
+def test_the_commands_are_found():
+  for name in ('train', 'evaluate', 'generate', 'premerge', 'info', 'plot', 'traces',
+               'bench.ffn', 'bench.decode', 'bench.train', 'bench.kernels'):
+    assert f'structffn_jax.{name}' in COMMANDS
+  for name in ('structured', 'model', 'config', 'run', 'decoding', 'calibration', 'timing',
+               'plan', 'evaluation', 'data.prepare'):
+    assert f'structffn_jax.{name}' not in COMMANDS
+
+
+@pytest.mark.parametrize('name', sorted(MODULES))
+def test_no_module_imports_a_command(name):
+  bad = sorted(m for m in imported_modules(name) if m in COMMANDS and m != name)
+  assert not bad, (f'{name} imports the command module(s) {bad}; move what it needs into a '
+                   'library module and import that instead.')
