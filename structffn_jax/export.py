@@ -347,13 +347,13 @@ def verify(out, *, seq: int = 64, batch: int = 2, seed: int = 0) -> dict:
             'max_abs_diff': float(np.abs(ours - theirs).max()),
             'transformers': transformers.__version__, 'torch': torch.__version__}
   if any((pathlib.Path(out) / f).is_file() for f in ('tokenizer.model', 'tokenizer.json')):
-    from structffn_jax import lm_eval as lm_eval_lib
+    from structffn_jax.data import tokenizer as tokenizer_lib
     text = 'The game was released in 1996 , and it sold  well .\n= = Reception = =\n'
     mine = [p for p in pathlib.Path(out).iterdir() if p.name in ('tokenizer.model',
                                                                  'tokenizer.json')][0]
     tok = transformers.AutoTokenizer.from_pretrained(out)
     result['tokenizer_equal'] = (tok.encode(text, add_special_tokens=False)
-                                 == lm_eval_lib.Tokenizer(mine).encode(text))
+                                 == tokenizer_lib.load(mine).encode(text))
   return result
 
 

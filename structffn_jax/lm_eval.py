@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from structffn_jax import checkpoint, cli
-from structffn_jax import generate as decoding
+from structffn_jax import decoding
 
 try:
   import lm_eval as harness  # the harness package, not this module

@@ -20,7 +20,6 @@ rates but not this), and the load average.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -29,6 +28,7 @@ import shutil
 import tempfile
 import time
 
+from structffn_jax import cli
 from structffn_jax.data import prepare as prep
 from structffn_jax.data import sources
 
@@ -63,16 +63,18 @@ def _cpu_seconds() -> float:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p = cli.parser(__doc__, 'structffn_jax.bench.tokenize')
   p.add_argument('--workers', default='1,2', help='worker counts, comma-separated (0 = in process)')
-  p.add_argument('--kinds', default='sentencepiece,huggingface')
+  p.add_argument('--kinds', default='sentencepiece,huggingface',
+                 help='tokenizers to time, comma-separated: sentencepiece, huggingface')
   p.add_argument('--text', nargs='*', default=None, help='text files instead of the stdlib')
-  p.add_argument('--stdlib-max-bytes', type=int, default=16_000_000)
-  p.add_argument('--vocab-size', type=int, default=32000)
-  p.add_argument('--seq-len', type=int, default=1024)
+  p.add_argument('--stdlib-max-bytes', type=int, default=16_000_000,
+                 help='standard-library text per split, in bytes')
+  p.add_argument('--vocab-size', type=int, default=32000, help='vocabulary of both tokenizers')
+  p.add_argument('--seq-len', type=int, default=1024, help='tokens per row written')
   p.add_argument('--repeats', type=int, default=1, help='runs per cell; the fastest is kept')
   p.add_argument('--json', default='', help='also write the rows to this file')
-  args = p.parse_args(argv)
+  args = cli.parse(p, argv)
   workers = [int(w) for w in args.workers.split(',')]
   kinds = args.kinds.split(',')
 
