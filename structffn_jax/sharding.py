@@ -51,7 +51,7 @@ def parse_rules(rules: Iterable) -> tuple[tuple[str, Any], ...]:
   """Normalise a rules table to ((logical, None | mesh axis | (mesh axes...)), ...).
 
   Entries are pairs `(logical, target)` (as in `base_config()`, or lists from config.json), or
-  strings 'logical=target' (from `--set mesh.rules='embed=fsdp;mlp=tensor;batch=data+fsdp'`),
+  strings 'logical=target' (from `--set mesh.rules=embed=fsdp,mlp=tensor,batch=data+fsdp`),
   where target is a mesh axis, axes joined by '+', or 'none' / '' for replicated.
   """
   out = []
