@@ -1,7 +1,7 @@
 """Layout helpers shared by the kernel backends (xla.py, pallas_triton.py, pallas_tpu.py).
 
 Activations are flattened to tokens, (T, N); the block-leading layout is (B, T, N/B). W1 of a
-BlockShuffle layer is (B, q, N/B) with q = min(N, M)/B (SPEC §1).
+BlockShuffle layer is (B, q, N/B) with q = min(N, M)/B (docs/design.md §2.4).
 """
 
 from __future__ import annotations
