@@ -340,3 +340,27 @@ def test_cli_errors_are_one_line(tmp_path):
     assert proc.returncode != 0 and proc.stdout == '', proc.stderr
     assert lines[-1].startswith('error: ') and words in lines[-1], proc.stderr
     assert 'Traceback' not in proc.stderr
+
+
+def test_progress_line(corpus, tmp_path, monkeypatch, caplog):
+  monkeypatch.setattr(prep, '_PROGRESS_SECONDS', 0.0)
+  with caplog.at_level('INFO', logger=prep.log.name):
+    prep.prepare(_cfg(corpus, max_tokens=300 * ROW, shard_tokens=2000), tmp_path, SEQ_LEN)
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('train: ')]
+  assert len(lines) > 3
+  assert all(' docs, ' in line and ' tokens/s' in line for line in lines)
+  assert 'ETA ' in lines[0] and '/9.90k' in lines[0] and ' in 0h' in lines[-1]
+
+
+def test_tokenize_benchmark(tmp_path):
+  from structffn_jax.bench import tokenize  # pylint: disable=import-outside-toplevel
+  text = tmp_path / 'corpus.txt'
+  text.write_text(generated_text.wikitext(12, seed=5), encoding='utf-8')
+  out = tmp_path / 'bench.json'
+  assert tokenize.main(['--text', str(text), '--vocab-size', '600', '--seq-len', '32',
+                        '--workers', '0,1', '--json', str(out)]) == 0
+  rows = json.loads(out.read_text())['rows']
+  assert [(r['tokenizer'], r['workers']) for r in rows] == [
+      ('sentencepiece', 0), ('sentencepiece', 1), ('huggingface', 0), ('huggingface', 1)]
+  assert rows[0]['tokens'] == rows[1]['tokens'] > 5_000
+  assert all(r['tokens_per_s'] > 0 and r['tokens_per_cpu_s'] > 0 for r in rows)

@@ -15,7 +15,9 @@ process (SentencePiece with 2 threads, `tokenizers` with its own thread pool).
 Prints one row per (tokenizer, workers): tokens, seconds, tokens/s, tokens/s per worker, the
 speed-up over the first worker count, tokens per CPU-second of this process and its workers
 (what one worker does on an idle core; other processes on the same cores lower the wall-clock
-rates but not this), and the load average.
+rates but not this), the CPU seconds of the calling process (reading, chunking, writing) and of
+the workers (encoding), whose ratio bounds the speed-up more workers can give, and the load
+average.
 """
 
 from __future__ import annotations
@@ -55,11 +57,11 @@ def _train_tokenizers(cfg, kinds, vocab_size: int, out: pathlib.Path) -> dict[st
   return paths
 
 
-def _cpu_seconds() -> float:
-  """CPU time of this process and its finished children (the workers, once shut down)."""
+def _cpu_seconds() -> tuple[float, float]:
+  """CPU time of this process, and of its finished children (the workers, once shut down)."""
   own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
       resource.RUSAGE_CHILDREN)
-  return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+  return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
 def main(argv=None) -> int:
@@ -95,8 +97,8 @@ def main(argv=None) -> int:
     tokenizer_paths = _train_tokenizers(cfg, kinds, args.vocab_size, tmp)
     print(f'tokenizers trained in {time.perf_counter() - t0:.0f} s')
     print('| tokenizer | workers | tokens | s | tokens/s | tokens/s per worker | speed-up '
-          '| MB/s | tokens per CPU-s | load avg |')
-    print('|---|---|---|---|---|---|---|---|---|---|')
+          '| MB/s | tokens per CPU-s | CPU-s main / workers | load avg |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|')
     for kind in kinds:
       base = None
       for w in workers:
@@ -107,22 +109,23 @@ def main(argv=None) -> int:
           cfg.tokenizer, cfg.num_workers = str(tokenizer_paths[kind]), w
           cpu0, start = _cpu_seconds(), time.perf_counter()
           m = prep.prepare(cfg, out, args.seq_len)
-          seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu0
+          seconds, cpu1 = time.perf_counter() - start, _cpu_seconds()
           if best is None or seconds < best:
-            best, best_cpu = seconds, cpu
+            best, main_cpu, worker_cpu = seconds, cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
         tokens = sum(i['tokens'] + i['dropped_tokens'] for i in m.splits.values())
         rate = tokens / best
         base = base or rate
         row = {'tokenizer': kind, 'workers': w, 'tokens': tokens, 'seconds': best,
                'tokens_per_s': rate, 'tokens_per_s_per_worker': rate / max(w, 1),
                'speedup': rate / base, 'mb_per_s': n_bytes / best / 1e6,
-               'cpu_seconds': best_cpu, 'tokens_per_cpu_s': tokens / best_cpu,
+               'main_cpu_s': main_cpu, 'worker_cpu_s': worker_cpu,
+               'tokens_per_cpu_s': tokens / (main_cpu + worker_cpu),
                'load_avg': os.getloadavg()[0]}
         rows.append(row)
         print(f"| {kind} | {w} | {tokens / 1e6:.2f}M | {best:.1f} | {rate / 1e6:.3f}M "
               f"| {row['tokens_per_s_per_worker'] / 1e6:.3f}M | {row['speedup']:.2f}x "
               f"| {row['mb_per_s']:.2f} | {row['tokens_per_cpu_s'] / 1e6:.3f}M "
-              f"| {row['load_avg']:.1f} |", flush=True)
+              f"| {main_cpu:.1f} / {worker_cpu:.1f} | {row['load_avg']:.1f} |", flush=True)
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps({'corpus': corpus, 'bytes': n_bytes,
                                                    'rows': rows}, indent=1) + '\n')

@@ -126,12 +126,27 @@ def open_split(
         f'{rows.path} holds {len(rows)} rows but the manifest says {m.rows(split)}; prepare again'
     )
   if verify_ids:
-    for path, top in zip(rows.paths, rows.shard_max_ids()):
+    for path, top in zip(rows.paths, _max_ids(rows)):
       if top >= m.vocab_size:
         raise ValueError(
             f"{path} contains token id {top}, outside the tokenizer's vocab of {m.vocab_size}"
         )
   return rows
+
+
+# Largest id per file already scanned by this process, keyed by the file's identity, so that
+# evaluating every few hundred steps does not read the validation split again each time.
+_SCANNED: dict[tuple[str, int, int], int] = {}
+
+
+def _max_ids(rows: TokenRows) -> list[int]:
+  keys = []
+  for path in rows.paths:
+    stat = path.stat()
+    keys.append((str(path.resolve()), stat.st_size, stat.st_mtime_ns))
+  if any(key not in _SCANNED for key in keys):
+    _SCANNED.update(zip(keys, rows.shard_max_ids()))
+  return [_SCANNED[key] for key in keys]
 
 
 def _shuffle_seed(seed: int) -> int:

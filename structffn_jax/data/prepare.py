@@ -67,6 +67,7 @@ import json
 import logging
 import multiprocessing
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -265,7 +266,8 @@ def as_manifest(manifest_or_dir: 'Manifest | str | os.PathLike') -> Manifest:
 
 
 def _tmp_name(path: Path) -> Path:
-  return path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+  # Host and pid: jobs on several hosts may write the same file of a shared directory at once.
+  return path.with_name(f'.{path.name}.tmp-{socket.gethostname()}-{os.getpid()}')
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
