@@ -4,9 +4,9 @@
       [--stdlib-max-bytes 16000000 | --text FILE ...] [--vocab-size 32000] [--repeats 1]
 
 Tokenizes one corpus (the Python standard library's train, valid and test splits by default, or
-the given text files) into a fresh data directory per run with `prepare` and an existing tokenizer, so the
-timing holds what a full-scale run spends per token: reading the documents, sending chunks to
-the spawned workers (their start included), encoding, and writing the rows. The tokenizers are
+the given text files) into a fresh data directory per run with `prepare` and an existing
+tokenizer, so the timing holds what a full-scale run spends per token: reading the documents,
+sending chunks to the spawned workers (their start included), encoding, and writing the rows. The tokenizers are
 trained once, beforehand, on the first 8 MB of the corpus with the project's SentencePiece
 recipe and, for a `tokenizer.json`, a byte-level BPE from the `tokenizers` package (GPT-2's
 kind), both of `--vocab-size` (32000, LLaMA's). 0 workers means tokenizing in the calling
@@ -45,7 +45,8 @@ def _train_tokenizers(cfg, kinds, vocab_size: int, out: pathlib.Path) -> dict[st
     paths['sentencepiece'].write_bytes(prep.train_tokenizer(docs, vocab_size))
   if 'huggingface' in kinds:
     import tokenizers  # pylint: disable=import-outside-toplevel
-    from tokenizers import decoders, models, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
+    from tokenizers import (  # pylint: disable=import-outside-toplevel
+        decoders, models, pre_tokenizers, trainers)
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

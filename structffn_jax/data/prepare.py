@@ -423,9 +423,12 @@ def _route(doc: str, stream: _Stream) -> str:
   return stream.split
 
 
-def _cap_tokens(cfg_data: Any, split: str) -> int:
+def _cap_tokens(cfg_data: Any, split: str) -> tuple[int, str]:
+  """A split's cap in tokens (0 = none) and the field it comes from."""
   own = int(_value(cfg_data, f'{split}_tokens')) if split != 'train' else 0
-  return own or int(_value(cfg_data, 'max_tokens'))
+  if own:
+    return own, f'data.{split}_tokens'
+  return int(_value(cfg_data, 'max_tokens')), 'data.max_tokens'
 
 
 def _plan(cfg_data: Any, seq_len: int) -> tuple[list[_Stream], dict[str, int | None]]:
@@ -463,9 +466,8 @@ def _plan(cfg_data: Any, seq_len: int) -> tuple[list[_Stream], dict[str, int | N
   caps: dict[str, int | None] = {}
   for stream in streams:
     for split in stream.outputs:
-      tokens = _cap_tokens(cfg_data, split)
+      tokens, field = _cap_tokens(cfg_data, split)
       if tokens and tokens < row_len:
-        field = 'data.max_tokens' if split == 'train' else f'data.{split}_tokens'
         raise ValueError(f'{field}={tokens} is less than one row of seq_len+1={row_len} tokens')
       caps[split] = tokens // row_len if tokens else None
   return streams, caps
@@ -721,7 +723,8 @@ class _Progress:
     )
     if self.cap and not final:
       left = max(0, self.cap - self.done - self.tokens)
-      line += f', {_human(self.done + self.tokens)}/{_human(self.cap)}, ETA {_duration(left / max(rate, 1e-9))}'
+      eta = _duration(left / max(rate, 1e-9))
+      line += f', {_human(self.done + self.tokens)}/{_human(self.cap)}, ETA {eta}'
     if final:
       line += f' in {_duration(now - self.start)}'
     log.info(line)
@@ -860,7 +863,9 @@ def _setup_tokenizer(
     else:
       log.info('training a %d-token SentencePiece model on the train split', vocab_size)
       t0 = time.monotonic()
-      train_docs = (d for d in sources.documents(cfg_data, 'train') if _route(d, streams[0]) == 'train')
+      train_docs = (
+          d for d in sources.documents(cfg_data, 'train') if _route(d, streams[0]) == 'train'
+      )
       model = train_tokenizer(
           train_docs,
           vocab_size,
