@@ -94,6 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = prepare_lib.default_data_config()
   c.data.vocab_size = 32000  # SentencePiece vocabulary trained when data.tokenizer is empty.
 
+  c.log = ml_collections.ConfigDict()  # Where metrics go besides metrics.jsonl and TensorBoard.
+  c.log.wandb = ''  # Weights & Biases project ('' = off; pip install '.[wandb]').
+
   h = c.mesh = ml_collections.ConfigDict()  # Device mesh and sharding (structffn_jax/sharding.py).
   h.data = -1  # Data-parallel mesh axis size (-1 = the devices left over).
   h.fsdp = 1  # Fully-sharded data-parallel axis: batch and parameters' embed dim split over it.

@@ -1,4 +1,5 @@
-"""Where a run reports: a progress line, metrics.jsonl, TensorBoard events, and MFU estimates."""
+"""Where a run reports: a progress line, metrics.jsonl, TensorBoard events, Weights & Biases
+(optional), and MFU estimates."""
 
 from __future__ import annotations
 
@@ -40,11 +41,13 @@ def _duration(seconds: float) -> str:
 class Reporter:
   """Writes metrics from process 0 only; the others stay silent."""
 
-  def __init__(self, workdir: pathlib.Path, total_steps: int, enabled: bool = True):
+  def __init__(self, workdir: pathlib.Path, total_steps: int, enabled: bool = True,
+               config=None):
     self.enabled = enabled
     self.total_steps = total_steps
     self.jsonl = None
     self.tb = None
+    self.wandb = None  # WandbWriter when config.log.wandb is set
     if enabled:
       self.jsonl = open(workdir / 'metrics.jsonl', 'a', buffering=1)
       try:
@@ -52,6 +55,7 @@ class Reporter:
         self.tb = SummaryWriter(str(workdir / 'tb'))
       except ImportError:
         self.tb = None
+      self.wandb = WandbWriter.from_config(config, workdir)
 
   def log(self, msg: str) -> None:
     if self.enabled:
@@ -67,6 +71,8 @@ class Reporter:
       for k, v in record.items():
         if k not in ('step', 'time') and isinstance(v, (int, float)):
           self.tb.add_scalar(k, v, step)
+    if self.wandb is not None:
+      self.wandb.write(step, record)
 
   def progress(self, step: int, m: dict, steps_per_s: float) -> None:
     eta = (self.total_steps - step) / steps_per_s if steps_per_s > 0 else float('nan')
@@ -81,6 +87,49 @@ class Reporter:
       self.jsonl.close()
     if self.tb is not None:
       self.tb.close()
+    if self.wandb is not None:
+      self.wandb.close()
+
+
+class WandbWriter:
+  """The Weights & Biases run of a workdir: the records of metrics.jsonl, each at its step.
+
+  On when the config's `log.wandb` names a project ('' = off). The run id is kept in
+  <workdir>/wandb_run_id, so that a resumed training continues the same W&B run; W&B's own files
+  go under <workdir>/wandb. With WANDB_MODE=offline it needs no network (`wandb sync` uploads
+  the run later).
+  """
+
+  ID_FILE = 'wandb_run_id'
+
+  def __init__(self, project: str, workdir: pathlib.Path, config=None):
+    try:
+      import wandb  # pylint: disable=import-outside-toplevel
+      import secrets  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      raise ValueError(f"log.wandb={project!r}: the wandb package is not installed; pip install "
+                       "'.[wandb]', or set log.wandb='' to log without it.") from None
+    id_path = pathlib.Path(workdir) / self.ID_FILE
+    run_id = id_path.read_text().strip() if id_path.is_file() else secrets.token_hex(4)
+    id_path.write_text(run_id + '\n')
+    self.run = wandb.init(project=project, id=run_id, resume='allow', dir=str(workdir),
+                          name=config.get('name') if config is not None else None,
+                          config=config.to_dict() if config is not None else None)
+
+  @classmethod
+  def from_config(cls, config, workdir) -> 'WandbWriter | None':
+    """A writer when `config.log.wandb` names a project, else None."""
+    project = (config.get('log') or {}).get('wandb', '') if config is not None else ''
+    return cls(project, workdir, config) if project else None
+
+  def write(self, step: int, record: dict) -> None:
+    scalars = {k: v for k, v in record.items() if k not in ('step', 'time')
+               and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if scalars:
+      self.run.log(scalars, step=step)
+
+  def close(self) -> None:
+    self.run.finish()
 
 
 def _scalar(v):

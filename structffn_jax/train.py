@@ -76,7 +76,8 @@ class Trainer:
     self._abstract_state(guides=config.sgt.enabled)  # raises on a dimension the mesh can't split
     checkpoint.check_workdir_config(self.workdir, config, write=self.is_main)
     distributed.barrier('workdir checked')
-    self.report = metrics.Reporter(self.workdir, self.plan.total_steps, enabled=self.is_main)
+    self.report = metrics.Reporter(self.workdir, self.plan.total_steps, enabled=self.is_main,
+                                   config=config)
     self.report.log(sharding.describe(self.mesh))
     if hostmem.status() != 'not requested':  # the CLI tuned (or left) the CPU allocator
       self.report.log(f'host allocator: {hostmem.status()}')
