@@ -33,7 +33,8 @@ left.
 
 Every file is written under a temporary name and renamed into place, and a job records a piece
 after its files: an interrupted job resumes after its last finished piece, skipping those
-documents without tokenizing them again. The last job to finish writes the manifest.
+documents without tokenizing them again (a streamed hub dataset is read again up to there, a
+local file only scanned). The last job to finish writes the manifest.
 
 Calling `prepare` on a finished directory returns its manifest without reading any input. Only
 the sequence length and the tokenizer must match (the tokenizer file's sha256 when
