@@ -364,3 +364,24 @@ def test_tokenize_benchmark(tmp_path):
       ('sentencepiece', 0), ('sentencepiece', 1), ('huggingface', 0), ('huggingface', 1)]
   assert rows[0]['tokens'] == rows[1]['tokens'] > 5_000
   assert all(r['tokens_per_s'] > 0 and r['tokens_per_cpu_s'] > 0 for r in rows)
+
+
+def test_cli_from_a_config_data_local(tmp_path, capsys):
+  """The paper config's data=local variant, prepared from its own data section by the CLI."""
+  out = tmp_path / 'local'
+  assert prep.main([
+      '--config', os.path.join(REPO, 'configs/structured_ffn.py:model=s,data=local'),
+      '--set', 'data.stdlib_max_bytes=150000', '--set', 'data.vocab_size=600',
+      '--set', 'data.stdlib_tests=false', '--out', str(out), '--num-workers', '2',
+  ]) == 0
+  summary = json.loads(capsys.readouterr().out)
+  m = prep.Manifest.load(out)
+  assert m.seq_len == 1024 and m.vocab_size == 600 and set(summary['splits']) == set(m.splits)
+  assert m.splits['train']['source']['kind'] == 'stdlib' and m.rows('valid') > 0
+  cfg = config_lib.load(os.path.join(REPO, 'configs/structured_ffn.py:model=s,data=local'),
+                        ('data.stdlib_max_bytes=150000', 'data.stdlib_tests=false'))
+  tok = m.load_tokenizer()
+  ids = [i for doc in sources.documents(cfg.data, 'valid') if doc
+         for i in tok.encode(doc) + [tok.eos_id]]
+  n = len(ids) // 1025
+  np.testing.assert_array_equal(_all_rows(m, 'valid'), np.reshape(ids[: n * 1025], (n, 1025)))
