@@ -1215,6 +1215,7 @@ def main(argv: list[str] | None = None) -> int:
   handler = logging.StreamHandler(sys.stderr)
   handler.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
   log.addHandler(handler)
+  level, propagate = log.level, log.propagate
   log.setLevel(logging.INFO)
   log.propagate = False
   try:
@@ -1224,6 +1225,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
   except (ValueError, FileNotFoundError, ImportError, KeyError) as e:
     sys.exit(f'error: {e}')
+  finally:
+    log.removeHandler(handler)
+    log.setLevel(level)
+    log.propagate = propagate
 
 
 def _main(args) -> int:
