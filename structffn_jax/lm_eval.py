@@ -60,23 +60,6 @@ def require_harness():
                       "pip install '.[eval]' (or pip install lm_eval).")
 
 
-class Tokenizer:
-  """encode/decode of a run's tokenizer: a SentencePiece .model or a Hugging Face tokenizer.json."""
-
-  def __init__(self, path):
-    path = pathlib.Path(path)
-    if path.suffix == '.json':
-      import tokenizers
-      self._hf = tokenizers.Tokenizer.from_file(str(path))
-      self.encode = lambda text: self._hf.encode(text, add_special_tokens=False).ids
-      self.decode = lambda ids: self._hf.decode(list(ids), skip_special_tokens=False)
-    else:
-      from structffn_jax.data import prepare as prepare_lib
-      self._sp = prepare_lib.load_tokenizer(path, field='tokenizer')
-      self.encode = lambda text: self._sp.encode(text)
-      self.decode = lambda ids: self._sp.decode(list(ids))
-
-
 @nnx.jit
 def _score(model, tokens_BL, targets_BL, mask_BL, alpha):
   """Per row: sum of log p(target) over the masked positions, and whether each masked target is
@@ -92,11 +75,12 @@ def _score(model, tokens_BL, targets_BL, mask_BL, alpha):
 class StructFFNLM(_LM):
   """The harness's LM over a model of this project (see the module docstring).
 
-  model: a GPT; tokenizer: a `Tokenizer`; eos_id: the EOS id every text follows; alpha: the
-  self-guided α when guides remain (decoding.load gives all four for a run).
+  model: a GPT; tokenizer: a structffn_jax.data.tokenizer.Tokenizer (encode, decode; the run's
+  is `manifest.load_tokenizer()`); eos_id: the EOS id every text follows; alpha: the self-guided
+  α when guides remain (decoding.load gives the model, α and the manifest of a run).
   """
 
-  def __init__(self, model, tokenizer: Tokenizer, eos_id: int, *, alpha=None,
+  def __init__(self, model, tokenizer, eos_id: int, *, alpha=None,
                batch_size: int = 16, seed: int = 0):
     require_harness()
     super().__init__()
@@ -265,7 +249,7 @@ def evaluate(workdir, tasks: Sequence[str], *, num_fewshot: int | None = None,
   manager = task_manager(None if include_path is None else str(include_path), include_defaults)
   check_tasks(tasks, manager)
   step = latest_step(workdir, config)
-  lm = StructFFNLM(model, Tokenizer(manifest.tokenizer_path), manifest.eos_id, alpha=alpha,
+  lm = StructFFNLM(model, manifest.load_tokenizer(), manifest.eos_id, alpha=alpha,
                    batch_size=batch_size, seed=seed)
   results = harness.simple_evaluate(
       model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,

@@ -99,7 +99,7 @@ class Reference:
 @pytest.fixture(scope='module')
 def setup(data_dir):
   manifest = prepare_lib.Manifest.load(data_dir)
-  tok = adapter.Tokenizer(manifest.tokenizer_path)
+  tok = manifest.load_tokenizer()
   cfg = tiny_setup.run_config(f'model.seq_len={SEQ_LEN}', method='blockshuffle', sgt=0).model
   assert cfg.vocab_size >= manifest.vocab_size
   model = random_model(cfg, seed=3)
