@@ -10,11 +10,11 @@ cosine to 0.1 x peak, weight decay 0.1, clip 1.0); nothing was tuned to agree wi
 Argument: `study=<scaling|lr|sgt|wide>` plus the study's own keys:
 
   scaling  Table 1 / Figure 1a: `width=<64|96|128>,method=<dense|lowrank|blockdense|
-           blockshuffle>,fraction=<63|32>,seed=N`. Tokens grow with width (TOKENS).
+           blockshuffle>,fraction=<63|32>,seed=N`, 128 steps (0.5M tokens) at every width.
   lr       Figure 3: `variant=<dense|lowrank|lowrank_sgt>,lr=X` at width 64, 32% LowRank,
            SGT fixedstep over the first half.
   sgt      Tables 3, 4, 10: `method=<lowrank|blockshuffle>,variant=<plain|fixedstep|fixedflop|
-           more_tokens>` at width 128, 32%. `fixedflop` uses reduce_flop and the ratio that
+           more_tokens>` at width 96, 32%. `fixedflop` uses reduce_flop and the ratio that
            matches dense training FLOPs (`sgt_ratio_matching_dense`); `more_tokens` is plain
            structured training with the extra tokens that reach the same FLOPs; `variant=dense`
            is the reference.
@@ -34,9 +34,9 @@ DATA_DIR = 'runs/cpu_repro/data'  # shared by every run of every study (tokenize
 SEQ_LEN = 128
 BATCH = 32
 # Tokens of one scaling run per width (every method of a width sees the same rows).
-TOKENS = {64: 524_288, 96: 786_432, 128: 1_048_576}
+TOKENS = {64: 524_288, 96: 524_288, 128: 524_288}
 # The width of the lr, sgt and wide studies, and their token budgets.
-STUDY_WIDTH = {'lr': 64, 'sgt': 128, 'wide': 128}
+STUDY_WIDTH = {'lr': 64, 'sgt': 96, 'wide': 128}
 STUDY_TOKENS = {'lr': 524_288, 'sgt': 524_288, 'wide': 524_288}
 # Rows are read in one fixed shuffled order; each study owns a window of it (in batches of
 # BATCH x SEQ_LEN tokens), so the studies' rows never overlap. tests/test_cpu_reproduction.py
@@ -45,7 +45,7 @@ _BATCH_TOKENS = BATCH * SEQ_LEN
 WINDOWS = {'scaling': 256, 'scaling_reseed': 128, 'lr': 128, 'sgt': 256, 'wide': 256}
 DATA_START = {study: sum(list(WINDOWS.values())[:i]) for i, study in enumerate(WINDOWS)}
 PEAK_LR = 2e-3
-LRS = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2)
+LRS = (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2)
 
 
 def structures(width: int) -> dict:
@@ -60,22 +60,25 @@ def structures(width: int) -> dict:
   return out
 
 
-def _scaling(width: int, seed: int = 1005) -> list[str]:
+def _scaling(width: int, seed: int = 1005, fractions=(63, 32)) -> list[str]:
   tail = '' if seed == 1005 else f',seed={seed}'
   return [f'study=scaling,width={width},method=dense{tail}'] + [
       f'study=scaling,width={width},method={m},fraction={f}{tail}'
-      for f in (63, 32) for m in ('lowrank', 'blockdense', 'blockshuffle')]
+      for f in fractions for m in ('lowrank', 'blockdense', 'blockshuffle')]
 
 
-# In the order a sweep runs them: the smallest width with its second seed first, then the
-# larger widths, then the lr, sgt and wide studies.
+# In the order a sweep runs them, cheapest evidence first: the smallest width (a second seed for
+# dense and the 32% models), the lr study, the middle width, the sgt and wide studies, and the
+# largest width last.
 VARIANTS = (
-    _scaling(64) + _scaling(64, seed=2) + _scaling(96) + _scaling(128)
+    _scaling(64) + _scaling(64, seed=2, fractions=(32,))
     + [f'study=lr,variant={v},lr={lr:g}' for lr in LRS for v in ('dense', 'lowrank', 'lowrank_sgt')]
+    + _scaling(96)
     + ['study=sgt,method=dense,variant=plain']
     + [f'study=sgt,method={m},variant={v}' for m in ('lowrank', 'blockshuffle')
        for v in ('plain', 'fixedstep', 'fixedflop', 'more_tokens')]
     + [f'study=wide,variant={v}' for v in ('dense', 'gqa', 'ours')]
+    + _scaling(128)
 )
 
 
