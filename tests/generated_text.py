@@ -68,3 +68,23 @@ def documents(n: int, seed: int = 0) -> list[str]:
       '\n'.join(_sentence(rng, words, weights) for _ in range(rng.randint(1, 12)))
       for _ in range(n)
   ]
+
+
+class Interrupted:
+  """Documents that stop with KeyboardInterrupt (as Ctrl-C would) before document `at`; passes
+  `state()` through, like the `sources.Documents` it wraps."""
+
+  def __init__(self, docs, at: int):
+    self.docs, self.at, self.count = docs, at, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self.count == self.at:
+      raise KeyboardInterrupt
+    self.count += 1
+    return next(self.docs)
+
+  def state(self):
+    return self.docs.state()

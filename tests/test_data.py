@@ -15,6 +15,7 @@ from structffn_jax.data import pipeline, prepare as prep, sources
 from structffn_jax.data.prepare import Manifest, default_data_config, load_tokenizer, prepare
 from structffn_jax.data.prepare import token_dtype
 from tests import generated_text
+from tests.generated_text import Interrupted
 
 SEQ_LEN = 64
 VOCAB = 512
@@ -286,11 +287,9 @@ def test_interrupted_prepare_resumes_with_the_same_rows(
 ):
   real_documents = sources.documents
 
-  def failing_documents(cfg, split, shard=(0, 1)):
-    for i, doc in enumerate(real_documents(cfg, split, shard)):
-      if split == 'valid' and i == 3:
-        raise KeyboardInterrupt
-      yield doc
+  def failing_documents(cfg, split, shard=(0, 1), resume=None):
+    docs = real_documents(cfg, split, shard, resume)
+    return Interrupted(docs, 3) if split == 'valid' else docs
 
   cfg = _text_cfg(*wiki_files, tokenizer=str(prepared.tokenizer_path))
   monkeypatch.setattr(sources, 'documents', failing_documents)

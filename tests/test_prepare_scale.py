@@ -17,6 +17,7 @@ import sentencepiece as spm
 from structffn_jax import config as config_lib
 from structffn_jax.data import pipeline, prepare as prep, sources
 from tests import generated_text
+from tests.generated_text import Interrupted
 
 SEQ_LEN = 32
 ROW = SEQ_LEN + 1
@@ -190,11 +191,9 @@ def test_resume_skips_finished_pieces(corpus, tmp_path, monkeypatch):
 
   real_documents = sources.documents
 
-  def interrupted(cfg_data, split, shard=(0, 1)):
-    for i, doc in enumerate(real_documents(cfg_data, split, shard)):
-      if split == 'train' and i == 400:
-        raise KeyboardInterrupt
-      yield doc
+  def interrupted(cfg_data, split, shard=(0, 1), resume=None):
+    docs = real_documents(cfg_data, split, shard, resume)
+    return Interrupted(docs, 400) if split == 'train' else docs
 
   monkeypatch.setattr(prep._Encoder, '__call__', counting_call)
   monkeypatch.setattr(sources, 'documents', interrupted)
@@ -243,6 +242,39 @@ def test_local_parquet_shards(corpus, tmp_path):
   cfg.hf_data_files = [str(tmp_path / 'nothing-*.parquet')]
   with pytest.raises(FileNotFoundError, match=r'data\.hf_data_files: no file matches'):
     prep.prepare(cfg, tmp_path / 'three', SEQ_LEN)
+
+
+def test_streamed_dataset_resumes_from_its_saved_state(corpus, tmp_path, monkeypatch):
+  pq = pytest.importorskip('pyarrow.parquet')
+  pa = pytest.importorskip('pyarrow')
+  docs = corpus['docs']
+  for i in range(3):
+    pq.write_table(pa.table({'content': docs[200 * i: 200 * (i + 1)]}), tmp_path / f'p{i}.parquet')
+  cfg = _cfg(corpus, False, source='hf', hf_name='parquet', text_field='content', train_paths=[],
+             hf_data_files=[str(tmp_path / 'p*.parquet')], shard_tokens=5000)
+  whole = prep.prepare(cfg, tmp_path / 'whole', SEQ_LEN)
+  pulled = []  # Examples the dataset yields.
+  real_examples, real_documents = sources._HFDocuments._examples, sources.documents
+
+  def counting(self):
+    for doc in real_examples(self):
+      pulled.append(doc)
+      yield doc
+
+  monkeypatch.setattr(sources._HFDocuments, '_examples', counting)
+  monkeypatch.setattr(sources, 'documents', lambda c, s, shard=(0, 1), resume=None: Interrupted(
+      real_documents(c, s, shard, resume), 450))
+  with pytest.raises(KeyboardInterrupt):
+    prep.prepare(cfg, tmp_path / 'part', SEQ_LEN)
+  last = json.loads((tmp_path / 'part/jobs/job-00000-of-00001.json').read_text())[
+      'streams']['train']['pieces'][-1]
+  assert 200 < last['doc_end'] < 450 and last['resume']['part'] == 0
+  assert last['resume']['dataset']['examples_iterable']  # The dataset's own state_dict.
+  monkeypatch.setattr(sources, 'documents', real_documents)
+  pulled.clear()
+  m = prep.prepare(cfg, tmp_path / 'part', SEQ_LEN)
+  assert _shas(m) == _shas(whole)
+  assert pulled == docs[last['doc_end']:]  # Nothing before the last finished piece read again.
 
 
 def test_rows_bin_format_read_in_place(corpus, tmp_path):

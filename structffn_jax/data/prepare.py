@@ -32,9 +32,10 @@ count. A progress line every 10 s gives documents, tokens, tokens/s and, under a
 left.
 
 Every file is written under a temporary name and renamed into place, and a job records a piece
-after its files: an interrupted job resumes after its last finished piece, skipping those
-documents without tokenizing them again (a streamed hub dataset is read again up to there, a
-local file only scanned). The last job to finish writes the manifest.
+after its files and its position in the input: an interrupted job resumes after its last
+finished piece without tokenizing those documents again (a streamed Hugging Face dataset
+continues from its saved `state_dict`, without reading them again; local files are scanned up to
+there). The last job to finish writes the manifest.
 
 Calling `prepare` on a finished directory returns its manifest without reading any input. Only
 the sequence length and the tokenizer must match (the tokenizer file's sha256 when
@@ -592,8 +593,11 @@ class _RowWriter:
     self.tmp.unlink(missing_ok=True)
 
 
-def _chunks(docs: Iterable[str], max_chars: int) -> Iterator[tuple[int, list[str]]]:
-  """(documents read, the non-empty ones) in chunks of about `max_chars` characters."""
+def _chunks(
+    docs: sources.Documents, max_chars: int
+) -> Iterator[tuple[int, list[str], dict[str, Any]]]:
+  """(documents read, the non-empty ones, `docs.state()` after them) in chunks of about
+  `max_chars` characters."""
   batch, size, count = [], 0, 0
   for doc in docs:
     count += 1
@@ -601,10 +605,10 @@ def _chunks(docs: Iterable[str], max_chars: int) -> Iterator[tuple[int, list[str
       batch.append(doc)
       size += len(doc)
     if size >= max_chars:
-      yield count, batch
+      yield count, batch, docs.state()
       batch, size, count = [], 0, 0
   if count:
-    yield count, batch
+    yield count, batch, docs.state()
 
 
 class _Encoder:
@@ -770,13 +774,13 @@ def _run_stream(
     return
   caps = {s: _share(settings['max_rows'][s], job, num_jobs) for s in stream.outputs}
   taken = {s: sum(p['splits'][s]['rows'] for p in state['pieces']) for s in stream.outputs}
-  docs = sources.documents(cfg_data, stream.split, shard=(job, num_jobs))
-  if state['doc_end']:
+  resume = state['pieces'][-1]['resume'] if state['pieces'] else None
+  if resume:
     log.info(
-        '%s: resuming after %d finished pieces (%d documents, skipped without tokenizing)',
+        '%s: resuming after %d finished pieces (%d documents, not tokenized again)',
         stream.split, len(state['pieces']), state['doc_end'],
     )
-    docs = itertools.islice(docs, state['doc_end'], None)
+  docs = sources.documents(cfg_data, stream.split, shard=(job, num_jobs), resume=resume)
   cap = caps[stream.split]
   progress = _Progress(
       f'{stream.split}' + (f' (job {job}/{num_jobs})' if num_jobs > 1 else ''),
@@ -796,32 +800,38 @@ def _run_stream(
         for s in stream.outputs
     }
 
-  def close_piece(doc_end: int):
+  def close_piece(doc_end: int, position: dict[str, Any]):
     entries = {s: w.finish() for s, w in writers.items()}
     writers.clear()
-    state['pieces'].append({'doc_end': doc_end, 'splits': entries})
+    state['pieces'].append({'doc_end': doc_end, 'resume': position, 'splits': entries})
     state['doc_end'] = doc_end
     for s, entry in entries.items():
       taken[s] += entry['rows']
     _atomic_write(_job_path(out_dir, job, num_jobs), _json_bytes(record))
 
-  doc_end = state['doc_end']
-  chunks = _chunks(docs, settings['chunk_chars'])
+  doc_end, position = state['doc_end'], resume
+  positions: collections.deque = collections.deque()  # Of the chunks sent, in order.
+
+  def tasks():
+    for count, batch, after in _chunks(docs, settings['chunk_chars']):
+      positions.append(after)
+      yield stream, count, batch
+
   try:
-    for count, out in encode((stream, count, batch) for count, batch in chunks):
+    for count, out in encode(tasks()):
       if not writers:
         writers.update(open_piece())
       for split, (ids, n_docs) in out.items():
         writers[split].add(ids, n_docs)
-      doc_end += count
+      doc_end, position = doc_end + count, positions.popleft()
       primary = writers[stream.split]
       progress.update(count, sum(len(ids) for ids, _ in out.values()))
       if primary.full or primary.tokens >= settings['shard_rows'] * row_len:
-        close_piece(doc_end)
+        close_piece(doc_end, position)
         if cap is not None and taken[stream.split] >= cap:
           break
     if writers:
-      close_piece(doc_end)
+      close_piece(doc_end, position)
   except BaseException:
     for writer in writers.values():
       writer.abort()

@@ -22,7 +22,10 @@ Every kind offers two functions of (cfg_data, split): `documents` yields the tex
 returns a JSON-able identity of the input (paths, sizes, sha256) that `prepare` stores in the
 manifest and compares before resuming an interrupted run. `documents(..., shard=(i, n))` yields
 the share of job i of n: a Hugging Face stream's files i, i + n, ... (so a job reads only its
-files), else every n-th document.
+files), else every n-th document. The iterator `documents` returns has `state()`, a JSON-able
+position that `documents(..., resume=state)` continues from: a streamed Hugging Face dataset's
+own `state_dict` (so a resumed job does not download what it has already read), else a count of
+documents to skip.
 """
 
 from __future__ import annotations
@@ -101,10 +104,13 @@ def _source(cfg_data: Any) -> str:
   return source
 
 
-def documents(cfg_data: Any, split: str, shard: tuple[int, int] = (0, 1)) -> Iterator[str]:
-  """Yields the documents of `split` ('train' | 'valid' | 'test') for the configured source.
+def documents(
+    cfg_data: Any, split: str, shard: tuple[int, int] = (0, 1), resume: dict | None = None
+) -> 'Documents':
+  """The documents of `split` ('train' | 'valid' | 'test') for the configured source.
 
   `shard=(i, n)`: only job i's share of n (see the module docstring); (0, 1) is everything.
+  `resume`: a `state()` of an earlier iterator over the same documents, to continue after it.
   """
   index, count = int(shard[0]), int(shard[1])
   if not 0 <= index < count:
@@ -122,9 +128,30 @@ def documents(cfg_data: Any, split: str, shard: tuple[int, int] = (0, 1)) -> Ite
         splits=inputs,
         text_field=config_value(cfg_data, 'text_field', 'text') or 'text',
         shard=(index, count),
+        resume=resume,
     )
   docs = _local_documents(cfg_data, split, source)
-  return docs if count == 1 else itertools.islice(docs, index, None, count)
+  return Documents(docs if count == 1 else itertools.islice(docs, index, None, count), resume)
+
+
+class Documents:
+  """An iterator of documents that knows its position: `state()` (see the module docstring)."""
+
+  def __init__(self, docs: Iterable[str], resume: dict | None = None):
+    self.read = int(resume['docs']) if resume else 0
+    self._it = itertools.islice(docs, self.read, None) if self.read else iter(docs)
+
+  def __iter__(self) -> 'Documents':
+    return self
+
+  def __next__(self) -> str:
+    doc = next(self._it)
+    self.read += 1
+    return doc
+
+  def state(self) -> dict[str, Any]:
+    """Where the iteration stands: after the first `docs` documents."""
+    return {'docs': self.read}
 
 
 def _local_documents(cfg_data: Any, split: str, source: str) -> Iterator[str]:
@@ -323,13 +350,15 @@ def hf_documents(
     splits: Iterable[str],
     text_field: str = 'text',
     shard: tuple[int, int] = (0, 1),
-) -> Iterator[str]:
+    resume: dict | None = None,
+) -> Documents:
   """Documents of Hugging Face dataset splits, concatenated in the order of `splits`.
 
   `path` (a `save_to_disk` directory) wins over `name` (a hub dataset, or with `data_files` one
   of `HF_FILE_BUILDERS`; streamed, so nothing is downloaded or converted in full). A saved single
   `Dataset` (not a `DatasetDict`) serves only split "train". `shard=(i, n)`: job i's share, by
   files where the stream has at least n of them (`datasets.distributed.split_dataset_by_node`).
+  `resume`: a `state()` of an earlier iterator; a stream continues from its dataset's state.
   """
   datasets = _import_datasets()
   splits = list(splits)
@@ -379,14 +408,39 @@ def hf_documents(
           datasets.distributed.split_dataset_by_node(p, rank=index, world_size=count)
           for p in parts
       ]
-  for split, part in zip(splits, parts):
-    for example in part:
-      if text_field not in example:
-        raise ValueError(
-            f'hf split {split!r} has no field {text_field!r} (set data.text_field; fields: '
-            f'{sorted(example)})'
-        )
-      yield example[text_field]
+  return _HFDocuments(splits, parts, text_field, streaming=not path, resume=resume)
+
+
+class _HFDocuments(Documents):
+  """Documents of Hugging Face splits; a streamed one resumes from the dataset's `state_dict`."""
+
+  def __init__(self, splits, parts, text_field: str, *, streaming: bool, resume: dict | None):
+    self.splits, self.parts, self.text_field = list(splits), list(parts), text_field
+    self.streaming, self.part, skip = streaming, 0, 0
+    self.read = int(resume['docs']) if resume else 0
+    if resume and streaming and 'dataset' in resume:
+      self.part = int(resume['part'])
+      self.parts[self.part].load_state_dict(resume['dataset'])
+    else:
+      skip = self.read
+    self._it = itertools.islice(self._examples(), skip, None) if skip else self._examples()
+
+  def _examples(self) -> Iterator[str]:
+    for k in range(self.part, len(self.parts)):
+      self.part = k
+      for example in self.parts[k]:
+        if self.text_field not in example:
+          raise ValueError(
+              f'hf split {self.splits[k]!r} has no field {self.text_field!r} (set '
+              f'data.text_field; fields: {sorted(example)})'
+          )
+        yield example[self.text_field]
+
+  def state(self) -> dict[str, Any]:
+    out = {'docs': self.read}
+    if self.streaming:
+      out.update(part=self.part, dataset=self.parts[self.part].state_dict())
+    return out
 
 
 # ------------------------------------------------------------------------------------- stdlib
