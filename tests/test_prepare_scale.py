@@ -417,3 +417,23 @@ def test_cli_from_a_config_data_local(tmp_path, capsys):
          for i in tok.encode(doc) + [tok.eos_id]]
   n = len(ids) // 1025
   np.testing.assert_array_equal(_all_rows(m, 'valid'), np.reshape(ids[: n * 1025], (n, 1025)))
+
+
+def test_large_splits_check_the_recorded_largest_ids(corpus, tmp_path, monkeypatch):
+  m = prep.prepare(_cfg(corpus, shard_tokens=3000), tmp_path, SEQ_LEN)
+  shards = m.splits['train']['shards']
+  assert [s['max_id'] for s in shards] == [
+      int(np.fromfile(f, np.uint16).max()) for f in m.split_files('train')]
+  bad = np.memmap(m.split_files('train')[1], dtype=np.uint16, mode='r+')
+  bad[5] = 703
+  bad.flush()
+  del bad
+  with pytest.raises(ValueError, match=r'train-00000-00001\.bin contains token id 703.*700'):
+    pipeline.open_split(m, 'train')  # Small: every file is scanned.
+  monkeypatch.setattr(pipeline, 'SCAN_BYTES', 0)  # As if the split were 65B tokens.
+  assert len(pipeline.open_split(m, 'train')) == m.rows('train')  # The record is trusted ...
+  record = json.loads((tmp_path / 'manifest.json').read_text())
+  record['splits']['train']['shards'][2]['max_id'] = 700
+  (tmp_path / 'manifest.json').write_text(json.dumps(record))
+  with pytest.raises(ValueError, match=r'train-00000-00002\.bin contains token id 700'):
+    pipeline.open_split(tmp_path, 'train')  # ... and checked.

@@ -97,14 +97,12 @@ class TokenRows:
 
   def max_id(self, chunk_rows: int = 1 << 16) -> int:
     """Largest token id in the split, read in chunks to bound memory."""
-    return max(self.shard_max_ids(chunk_rows))
+    return max(self.file_max_id(k, chunk_rows) for k in range(len(self.paths)))
 
-  def shard_max_ids(self, chunk_rows: int = 1 << 16) -> list[int]:
-    """Largest token id of each file."""
-    return [
-        max(int(rows[i : i + chunk_rows].max()) for i in range(0, len(rows), chunk_rows))
-        for rows in self._maps()
-    ]
+  def file_max_id(self, k: int, chunk_rows: int = 1 << 16) -> int:
+    """Largest token id of file k."""
+    rows = self._maps()[k]
+    return max(int(rows[i : i + chunk_rows].max()) for i in range(0, len(rows), chunk_rows))
 
   def __getstate__(self) -> dict[str, Any]:
     return {**self.__dict__, '_arrays': None}
@@ -115,9 +113,11 @@ def open_split(
 ) -> TokenRows:
   """Opens `split` of a prepared directory, checking its size and (optionally) its token ids.
 
-  The id check scans the files once (fast: a max over a memory map) and raises naming the file
-  if an id does not fit the manifest's vocab, which would otherwise index past the embedding
-  table.
+  The id check raises naming the file if an id does not fit the manifest's vocab, which would
+  otherwise index past the embedding table. It scans each file once per process (a max over a
+  memory map), except in a split above `SCAN_BYTES` whose files have their largest id in the
+  manifest (`prepare` checked every id when writing them): there it checks that record, so a
+  65B-token split is not read at every start of every host.
   """
   m = as_manifest(manifest)
   rows = TokenRows(m.split_files(split), m.seq_len, m.dtype)
@@ -126,7 +126,11 @@ def open_split(
         f'{rows.path} holds {len(rows)} rows but the manifest says {m.rows(split)}; prepare again'
     )
   if verify_ids:
-    for path, top in zip(rows.paths, _max_ids(rows)):
+    shards = m.split_info(split)['shards']
+    recorded = [shard.get('max_id') for shard in shards]
+    if sum(p.stat().st_size for p in rows.paths) <= SCAN_BYTES:
+      recorded = [None] * len(shards)
+    for path, top in zip(rows.paths, _max_ids(rows, recorded)):
       if top >= m.vocab_size:
         raise ValueError(
             f"{path} contains token id {top}, outside the tokenizer's vocab of {m.vocab_size}"
@@ -134,19 +138,27 @@ def open_split(
   return rows
 
 
+# Splits up to this size have their token ids scanned by `open_split`; larger ones with a
+# recorded largest id per file are checked against that record.
+SCAN_BYTES = 4 << 30
 # Largest id per file already scanned by this process, keyed by the file's identity, so that
 # evaluating every few hundred steps does not read the validation split again each time.
 _SCANNED: dict[tuple[str, int, int], int] = {}
 
 
-def _max_ids(rows: TokenRows) -> list[int]:
-  keys = []
-  for path in rows.paths:
+def _max_ids(rows: TokenRows, recorded: list[int | None]) -> list[int]:
+  """The largest id of each file of `rows`: `recorded[k]` where given, else scanned (once)."""
+  out = []
+  for k, (path, known) in enumerate(zip(rows.paths, recorded)):
+    if known is not None:
+      out.append(int(known))
+      continue
     stat = path.stat()
-    keys.append((str(path.resolve()), stat.st_size, stat.st_mtime_ns))
-  if any(key not in _SCANNED for key in keys):
-    _SCANNED.update(zip(keys, rows.shard_max_ids()))
-  return [_SCANNED[key] for key in keys]
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SCANNED:
+      _SCANNED[key] = rows.file_max_id(k)
+    out.append(_SCANNED[key])
+  return out
 
 
 def _shuffle_seed(seed: int) -> int:

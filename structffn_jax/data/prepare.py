@@ -184,9 +184,10 @@ class Manifest:
   """What `prepare` wrote into `dir`; file names are relative so the directory can be moved.
 
   `splits[name]` holds: rows, tokens (= rows * (seq_len + 1)), dropped_tokens (the partial rows
-  left at the ends of pieces), docs, shards (a list of {file, rows, sha256}, in row order; a
-  `rows_bin` file is named by its absolute path and has no sha256) and source (the input's
-  identity from `sources.describe`). `settings` records how the directory was made.
+  left at the ends of pieces), docs, shards (a list of {file, rows, sha256, max_id: the largest
+  token id}, in row order; a `rows_bin` file is named by its absolute path and has neither) and
+  source (the input's identity from `sources.describe`). `settings` records how the directory
+  was made.
   """
 
   dir: Path
@@ -536,6 +537,7 @@ class _RowWriter:
     self.pending_len = 0
     self.rows = 0
     self.docs = 0
+    self.max_id = -1
 
   @property
   def tokens(self) -> int:
@@ -562,8 +564,10 @@ class _RowWriter:
     n_rows = len(flat) // self.row_len
     full, rest = flat[: n_rows * self.row_len], flat[n_rows * self.row_len :]
     if len(full):
-      if full.min() < 0 or full.max() >= self.vocab_size:
+      top = int(full.max())
+      if full.min() < 0 or top >= self.vocab_size:
         raise ValueError(f'token id outside [0, {self.vocab_size}) while writing {self.path}')
+      self.max_id = max(self.max_id, top)
       data = full.astype(self.dtype).tobytes()
       self.file.write(data)
       self.digest.update(data)
@@ -584,6 +588,7 @@ class _RowWriter:
         'file': self.path.name if self.rows else None,
         'rows': self.rows,
         'sha256': self.digest.hexdigest() if self.rows else None,
+        'max_id': self.max_id,
         'docs': self.docs,
         'dropped_tokens': self.pending_len,
     }
@@ -948,7 +953,7 @@ def _merge(
           'dropped_tokens': dropped,
           'docs': sum(e['docs'] for e in entries),
           'shards': [
-              {'file': e['file'], 'rows': e['rows'], 'sha256': e['sha256']}
+              {'file': e['file'], 'rows': e['rows'], 'sha256': e['sha256'], 'max_id': e['max_id']}
               for e in entries if e['rows']
           ],
           'source': source,
