@@ -185,6 +185,8 @@ def _structured_layers(model) -> dict:
 def _write_tokenizer(tokenizer_path, out: pathlib.Path, eos_id: int, bos_id: int, seq_len: int):
   """The run's tokenizer file with a tokenizer_config.json transformers can load."""
   tokenizer_path = pathlib.Path(tokenizer_path)
+  for stale in ('tokenizer.json', 'tokenizer.model'):  # of an earlier export into `out`
+    (out / stale).unlink(missing_ok=True)
   if tokenizer_path.suffix == '.json':
     import tokenizers
     tok = tokenizers.Tokenizer.from_file(str(tokenizer_path))

@@ -161,6 +161,28 @@ def test_refused_inputs(tmp_path):
     export.load(tmp_path)
 
 
+def test_tokenizer_json_is_exported_for_the_fast_tokenizer_class(tmp_path):
+  """A run on a Hugging Face tokenizer.json exports that file as it is."""
+  tokenizers = pytest.importorskip('tokenizers')
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(['the game was released in 1996 , and it sold well .'] * 20,
+                          trainers.BpeTrainer(vocab_size=300, special_tokens=['<|endoftext|>'],
+                                              show_progress=False,
+                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.save(str(tmp_path / 'tokenizer.json'))
+  cfg = tiny_setup.model_config('dense', seq_len=SEQ_LEN)
+  out = export.export_model(random_model(cfg), tmp_path / 'hf', eos_id=0,
+                            tokenizer_path=tmp_path / 'tokenizer.json')
+  assert (out / 'tokenizer.json').read_bytes() == (tmp_path / 'tokenizer.json').read_bytes()
+  assert not (out / 'tokenizer.model').exists()
+  config = json.loads((out / 'tokenizer_config.json').read_text())
+  assert config['tokenizer_class'] == 'PreTrainedTokenizerFast'
+  assert config['eos_token'] == '<|endoftext|>' and 'bos_token' not in config
+
+
 @pytest.fixture(scope='module')
 def trained_workdir(tmp_path_factory, data_dir):
   """A tiny BlockShuffle run, trained for 2 steps."""
