@@ -36,12 +36,14 @@ def factor_shapes(op: str, n: int, m: int, rank: int, blocks: int):
   return [(blocks, rank // blocks, n // blocks), (m, rank)]
 
 
-def cases(widths, fractions):
+def cases(widths, fractions, ops=OPS, layers=('fc1', 'fc2')):
   for width in widths:
-    for op in OPS:
+    for op in ops:
       for fraction in fractions:
         s = timing.ffn_settings(op, width, fraction)
         for layer, (n, m) in (('fc1', (width, 4 * width)), ('fc2', (4 * width, width))):
+          if layer not in layers:
+            continue
           yield dict(op=op, width=width, fraction=fraction, layer=layer, n=n, m=m,
                      shapes=factor_shapes(op, n, m, s['rank'], s['blocks']), **s)
 
@@ -72,6 +74,9 @@ def main(argv=None):
                       choices=('float32', 'bfloat16'), help='compute dtype')
   parser.add_argument('--fractions', default='63,32',
                       help='parameter fractions of the dense FFN to measure: 63, 32 or both')
+  parser.add_argument('--ops', default=','.join(OPS), help='ops to measure: a subset of '
+                      + ','.join(OPS))
+  parser.add_argument('--layers', default='fc1,fc2', help='layers to measure: fc1, fc2 or both')
   parser.add_argument('--warmup', type=int, default=2, help='untimed calls per variant first')
   parser.add_argument('--iters', type=int, default=10 if on_gpu else 3,
                       help='timed calls per variant (median)')
@@ -79,7 +84,8 @@ def main(argv=None):
   args = cli.parse(parser, argv)
   dtype = jnp.dtype(args.dtype)
   rows = []
-  for case in cases(args.widths, args.fractions.split(',')):
+  for case in cases(args.widths, args.fractions.split(','), tuple(args.ops.split(',')),
+                    tuple(args.layers.split(','))):
     op, shapes = case['op'], case['shapes']
     keys = jax.random.split(jax.random.key(case['n'] * 7 + case['m']), 2 + len(shapes))
     x = jax.random.normal(keys[0], (args.tokens, case['n']), jnp.float32).astype(dtype)
@@ -113,7 +119,7 @@ def main(argv=None):
     columns += [f'{p}_pallas_ms', f'{p}_xla_ms', f'{p}_reference_ms', f'{p}_pallas_vs_xla',
                 f'{p}_pallas_err']
   timing.print_table(rows, columns)
-  wins = [op for op in OPS
+  wins = [op for op in args.ops.split(',')
           if all(r['pallas_runs'] == 'pallas' and r['fwd_pallas_vs_xla'] > 1 and
                  r['fwdbwd_pallas_vs_xla'] > 1 for r in rows if r['op'] == op)]
   kind = timing.device_info()['device']
