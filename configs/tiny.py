@@ -5,11 +5,7 @@ Argument: `method=<dense|lowrank|blockdense|blockshuffle>` and optionally `sgt=<
   python -m structffn_jax.info --config configs/tiny.py:method=blockshuffle
 """
 
-import pathlib
-
 from structffn_jax import config as config_lib
-
-DATA = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
 
 STRUCTURES = config_lib.ffn_structures(rank=16, blockdense=(2, 32), blockshuffle_blocks=2)
 
@@ -34,7 +30,7 @@ def get_config(arg=None):
   c.train.log_every = 10
   c.train.ckpt_every = 20
   c.data.vocab_size = m.vocab_size
-  c.data.source = 'text'  # WikiText-103 validation text trains, its test split evaluates
-  c.data.train_paths = [str(DATA / 'wikitext-103' / 'wiki.valid.tokens')]
-  c.data.valid_paths = [str(DATA / 'wikitext-103' / 'wiki.test.tokens')]
+  c.data.source = 'stdlib'  # the embedded default corpus: on every machine, no download
+  c.data.stdlib_max_bytes = 1_000_000  # about 1 MB of source per split
+  c.data.stdlib_tests = False  # the library proper, without its test suites
   return c

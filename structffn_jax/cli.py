@@ -30,9 +30,8 @@ from structffn_jax import hostmem
 _OVERRIDE = re.compile(r'^--(no)?config\.([A-Za-z_][\w.]*)(=(.*))?$', re.S)
 _NUMBER = re.compile(r'^-?[\d.]')
 
-CONFIG_HELP = ('config file and its argument, configs/<file>.py:<arg>; the argument is '
-               'key=value pairs joined by commas, a bare key meaning key=1 '
-               '(e.g. configs/tiny.py:method=blockshuffle,sgt)')
+CONFIG_HELP = ('config file and its argument: key=value pairs joined by commas, where a bare '
+               'key turns a switch on (e.g. configs/tiny.py:method=blockshuffle,sgt)')
 SET_HELP = ('override a config field, typed like its default; repeatable. Same as '
             '--config.FIELD=VALUE (e.g. --config.train.peak_lr=3e-4); a bare FIELD sets a bool '
             'field to true, --noconfig.FIELD to false; lists are comma-separated or a Python '
@@ -57,10 +56,10 @@ def parser(doc: str, module: str | None = None) -> argparse.ArgumentParser:
 def add_config_flags(p: argparse.ArgumentParser, *, repeat: bool = False):
   """`--config` (required, or repeatable with `repeat`) and `--set`; parse with `parse`."""
   if repeat:
-    p.add_argument('--config', action='append', default=[],
+    p.add_argument('--config', action='append', default=[], metavar='FILE.py:ARG',
                    help=CONFIG_HELP + "; repeatable (without one: the command's defaults)")
   else:
-    p.add_argument('--config', required=True, help=CONFIG_HELP)
+    p.add_argument('--config', required=True, metavar='FILE.py:ARG', help=CONFIG_HELP)
   p.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE', help=SET_HELP)
 
 

@@ -291,7 +291,7 @@ def test_crossover_is_the_last_count_where_merged_always_won():
 
 @pytest.fixture(scope='module')
 def trained_workdir(tmp_path_factory):
-  """A tiny LowRank run (configs/tiny.py on WikiText-103 text), trained for 2 steps."""
+  """A tiny LowRank run (configs/tiny.py on generated WikiText-style text), trained for 2 steps."""
   root = tmp_path_factory.mktemp('run')
   config = tiny_setup.run_config(
       'train.tokens=1024', 'train.eval_every=0', 'train.log_every=1', 'train.eval_tokens=256',

@@ -2,16 +2,21 @@
 
 `model_config`: a validated model section for layer, model and decoding tests: 3 layers,
 grouped-query attention (4 query / 2 kv heads), attn_dim 48 != hidden_dim 32, float32.
-`run_config`: configs/tiny.py with overrides, for the training, sharding and multi-process tests.
+`run_config`: configs/tiny.py with overrides, for the training, sharding and multi-process tests,
+trained on generated WikiText-format text (`text_files`) rather than a downloaded corpus.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import pathlib
+import tempfile
 
 import ml_collections
 
 from structffn_jax import config as config_lib
+from tests import generated_text
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STRUCTURES = config_lib.ffn_structures(rank=8, blockdense=(2, 16), blockshuffle_blocks=4)
@@ -35,6 +40,28 @@ def model_config(method: str = 'lowrank', init: str = 'gaussian', seq_len: int =
   return m
 
 
+def text_files() -> tuple[str, str]:
+  """(train, valid) text files of generated WikiText-format articles, about 1 MB each: written
+  once into the temporary directory (atomically, so that concurrent test processes agree)."""
+  texts = {'train': generated_text.wikitext(400, seed=0),
+           'valid': generated_text.wikitext(40, seed=1)}
+  tag = hashlib.sha256(''.join(texts.values()).encode()).hexdigest()[:12]
+  folder = pathlib.Path(tempfile.gettempdir()) / f'structffn_tiny_text_{tag}'
+  folder.mkdir(exist_ok=True)
+  paths = []
+  for split, text in texts.items():
+    path = folder / f'{split}.tokens'
+    if not path.is_file():
+      part = path.with_suffix(f'.{os.getpid()}.part')
+      part.write_text(text, encoding='utf-8')
+      os.replace(part, path)
+    paths.append(str(path))
+  return paths[0], paths[1]
+
+
 def run_config(*overrides: str, method: str = 'lowrank', sgt: int = 1):
-  """configs/tiny.py:method=<method>,sgt=<sgt> with 'a.b=value' overrides, validated."""
-  return config_lib.load(f'{REPO}/configs/tiny.py:method={method},sgt={sgt}', overrides)
+  """configs/tiny.py:method=<method>,sgt=<sgt> on the generated text (`text_files`), with
+  'a.b=value' overrides, validated."""
+  train, valid = text_files()
+  data = ('data.source=text', f'data.train_paths={train}', f'data.valid_paths={valid}')
+  return config_lib.load(f'{REPO}/configs/tiny.py:method={method},sgt={sgt}', data + overrides)
