@@ -22,15 +22,17 @@ def test_dry_run(tmp_path, capsys):
   assert 'jax[cuda12]' in printed  # what the GPU run needs beyond requirements.txt
   summary = json.loads((out / 'summary.json').read_text())
   steps = [s['step'] for s in summary['steps']]
-  assert steps == ['env', 'tests', 'kernels', 'ffn', 'decode', 'train-s', 'train-m', 'mfu']
+  assert steps == ['env', 'tests', 'kernels', 'ffn', 'decode', 'train-s-dense',
+                   'train-m-blockshuffle', 'mfu']
   assert all(s['status'] == 'ok' for s in summary['steps']), summary['steps']
-  for name in ('env', 'kernels', 'ffn', 'decode', 'train-s', 'train-m', 'mfu'):
+  for name in ('env', 'kernels', 'ffn', 'decode', 'train-s-dense', 'train-m-blockshuffle', 'mfu'):
     assert (out / f'{name}.json').exists(), name
     assert (out / 'logs' / f'{name}.log').exists(), name
   assert (out / 'tests.xml').exists()
   assert '| step ' in printed and '| target ' in printed
   by_step = {r['step'] for r in summary['table'] if r['what'] != 'ran'}
-  assert by_step >= {'tests', 'kernels', 'ffn', 'decode', 'train-s', 'train-m', 'mfu'}
+  assert by_step >= {'tests', 'kernels', 'ffn', 'decode', 'train-s-dense', 'train-m-blockshuffle',
+                     'mfu'}
   mfu = json.loads((out / 'mfu.json').read_text())['rows']
   assert {r['name'] for r in mfu} == {'tiny-dense', 'tiny-blockshuffle'}
   for r in mfu:  # the accounting's forward FLOPs are the model's matmuls, training is 3x

@@ -8,11 +8,13 @@ shared out in order and a step that overruns is stopped and reported, never wait
 
   env      the device, jax and what the GPU run needs beyond requirements.txt (below)
   tests    the kernel and attention tests compiled on the device (`-k compiled`)
-  kernels  `bench.kernels`: each Pallas kernel against the XLA path; prints PALLAS_WINS
+  kernels  `bench.kernels` at widths 1024 and 4096, 32%: each Pallas kernel against the XLA
+           path, and the PALLAS_WINS entry they imply
   ffn      `bench.ffn --preset gpu` at widths 1536 and 5120 (Figure 4, fwd and fwd+bwd)
   decode   `bench.decode --part ffn`, width 2048, 1..4096 tokens (Figure 5, pre-merge crossover)
-  train-s, train-m
-           `bench.train` for Transformer-s and -m, dense and the three 32% structures
+  train-<size>-<method>
+           `bench.train` for Transformer-s and -m, dense and the three 32% structures, one
+           config per step (5 timed steps after the compile)
   mfu      the MFU cross-check: the matmul FLOPs of each trained step counted from its jaxpr
            (every dot_general, times the scan lengths around it; the XLA attention path) against
            the paper's accounting (`accounting.flops_per_token`, training = 3 x forward), and
@@ -71,8 +73,8 @@ def plan(out: pathlib.Path, dry: bool) -> list[tuple[str, list[str], int]]:
                  train=['--steps', '1', '--set', 'model.ffn.init=gaussian',
                         '--set', 'model.num_layers=2', '--set', 'model.seq_len=32'])
   else:
-    sizes = dict(kernels=['--widths', '1024,4096', '--tokens', '8192', '--iters', '5',
-                          '--warmup', '1'],
+    sizes = dict(kernels=['--widths', '1024,4096', '--fractions', '32', '--tokens', '8192',
+                          '--iters', '5', '--warmup', '1'],
                  ffn=['--widths', '1536,5120', '--iters', '5', '--warmup', '1'],
                  decode=['--widths', '2048', '--tokens', '1,4,16,64,256,1024,4096',
                          '--iters', '10'],
@@ -89,14 +91,16 @@ def plan(out: pathlib.Path, dry: bool) -> list[tuple[str, list[str], int]]:
       ('decode', py + ['structffn_jax.bench.decode', '--part', 'ffn', *sizes['decode'],
                        '--out', str(out / 'decode.json')], 50),
   ]
-  for size, batch, share in (('s', 32, 90), ('m', 16, 120)):
-    configs = [a for c in _train_configs(size, dry) for a in ('--config', c)]
-    steps.append((f'train-{size}', py + ['structffn_jax.bench.train', *configs,
-                                         '--global-batch', str(8 if dry else batch),
-                                         *sizes['train'], '--out', str(out / f'train-{size}.json')],
-                  share))
-  steps.append(('mfu', py + ['structffn_jax.bench.device_suite', '--mfu',
-                             str(out / 'train-s.json'), str(out / 'train-m.json'),
+  # One step per config: a config that runs out of time costs only its own row.
+  train_jsons = []
+  for size, batch, share in (('s', 32, 22), ('m', 16, 30)):
+    for config in _train_configs(size, dry):
+      name = f'train-{size}-{config.split("method=")[1].split(",")[0]}'
+      train_jsons.append(str(out / f'{name}.json'))
+      steps.append((name, py + ['structffn_jax.bench.train', '--config', config,
+                                '--global-batch', str(8 if dry else batch), *sizes['train'],
+                                '--out', train_jsons[-1]], share))
+  steps.append(('mfu', py + ['structffn_jax.bench.device_suite', '--mfu', *train_jsons,
                              '--mfu-out', str(out / 'mfu.json')], 25))
   return steps
 
@@ -323,12 +327,14 @@ def summarize(out: pathlib.Path, results: list[dict], dry: bool) -> list[dict]:
     for name, c in sorted(crossover.items()):
       add('decode', f'{name} pre-merge crossover (tokens)', str(c), f'> {CROSSOVER_TARGET} '
           '(paper ~16)', _verdict(c, CROSSOVER_TARGET + 1e-9))
-  for size in ('s', 'm'):
-    train = _load(out / f'train-{size}.json')
+  for result in results:
+    if not result['step'].startswith('train-'):
+      continue
+    train = _load(out / f'{result["step"]}.json')
     for r in (train or {}).get('rows', []):
       mfu = r['mfu']
-      dense_m = size == 'm' and 'dense' in r['name']
-      add(f'train-{size}', f'{r["name"]} tokens/s, MFU',
+      dense_m = result['step'] == 'train-m-dense'
+      add(result['step'], f'{r["name"]} tokens/s, MFU',
           f'{r["tokens_per_s"]:.0f}, ' + (f'{100 * mfu:.1f}%' if isinstance(mfu, float)
                                           else 'n/a'),
           f'MFU >= {100 * MFU_TARGET:.0f}%' if dense_m else '',
