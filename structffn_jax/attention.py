@@ -12,6 +12,8 @@
             CPU  the GPU kernel in the Pallas interpreter (slow: for tests).
             Both kernels want as many key/value heads as query heads: K is repeated to N
             (its gradient sums back over the group). Shapes a kernel cannot tile take 'xla'.
+            (jax's Mosaic GPU attention for Hopper needs the CUDA plugin even to trace, so it
+            can be neither lowered nor interpreted without a GPU; it is not wired in.)
   'auto'    'cudnn' on GPUs where it applies (bfloat16/float16, head width a multiple of 8 up
             to 128), 'xla' everywhere else. On TPU it stays 'xla' until a TPU measurement says
             the Pallas kernel is faster.
@@ -36,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from structffn_jax.kernels import api as kernels_api
+from structffn_jax.kernels.layout import pow2_tile
 
 IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'pallas')
 
@@ -43,19 +46,11 @@ IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'pallas')
 GPU_BLOCK, GPU_BLOCK_BWD, TPU_BLOCK = 128, 64, 128
 
 
-def _pow2_tile(n: int, pref: int) -> int:
-  """The largest power of two <= pref that divides n."""
-  t = 1 << (min(n, pref).bit_length() - 1)
-  while n % t:
-    t //= 2
-  return t
-
-
 def _pallas_supports(platform: str, t: int, h: int) -> bool:
   if platform == 'tpu':  # the kernel's tiles are multiples of 128 (its MIN_BLOCK_SIZE)
     return t % TPU_BLOCK == 0
   if platform == 'gpu':  # Triton dots: tiles of at least 16, head width padded to a power of 2
-    return _pow2_tile(t, GPU_BLOCK_BWD) >= 16 and h <= 256
+    return pow2_tile(t, GPU_BLOCK_BWD) >= 16 and h <= 256
   return t > 0  # the interpreter takes any shape
 
 
@@ -88,7 +83,7 @@ def _pallas_gpu(q, k, v, scale, interpret):
   """Triton flash attention (B, T, N, H) layout; the interpreter on CPU."""
   from jax.experimental.pallas.ops.gpu import attention as gpu_attention  # pylint: disable=g-import-not-at-top
   t = q.shape[1]
-  fwd, bwd = _pow2_tile(t, GPU_BLOCK), _pow2_tile(t, GPU_BLOCK_BWD)
+  fwd, bwd = pow2_tile(t, GPU_BLOCK), pow2_tile(t, GPU_BLOCK_BWD)
   blocks = gpu_attention.BlockSizes(block_q=fwd, block_k=fwd, block_q_dkv=bwd, block_kv_dkv=bwd,
                                     block_q_dq=bwd, block_kv_dq=bwd)
   return gpu_attention.mha(q, k, v, None, sm_scale=scale, causal=True, block_sizes=blocks,
