@@ -8,7 +8,8 @@ hardware, with `kernels.api.target_platform(p)` so that the kernels and attentio
     parameters, batch over the batch axes), bfloat16, on a (data, fsdp, tensor) = (2, 2, 2) mesh
     of 8 simulated CPU devices, for dense and each structure with SGT off and on (reduce_flop),
     and once with the Pallas FFN kernels and Pallas attention at shapes they tile;
-  - the KV-cache decode step (GPT.decode, as generation calls it);
+  - the KV-cache decode step (GPT.decode: prefill and one token), and the whole generation loop
+    as decoding.generate jits it (while loop, top-k sampling);
   - every Pallas kernel with its backward (Triton for CUDA, Mosaic for TPU), and each attention
     implementation with its backward.
 
@@ -310,6 +311,29 @@ def test_decode_step_lowers(platform):
     bad = [f'{a}, {b} -> {r}' for a, b, r, _ in _dots(text)
            if 'f32' in (_dims(a)[1], _dims(b)[1])]
     assert bad == []  # not even the head: no loss, so no float32 cotangent
+
+
+@pytest.mark.parametrize('platform', PLATFORMS)
+def test_generation_loop_lowers(platform):
+  """The whole generation (prefill, the while loop of decode steps, top-k sampling) as
+  decoding.generate jits it."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  from structffn_jax import decoding  # pylint: disable=g-import-not-at-top
+  from structffn_jax.model import GPT  # pylint: disable=g-import-not-at-top
+  from tests import tiny_setup  # pylint: disable=g-import-not-at-top
+  config = tiny_setup.run_config('model.dtype=bfloat16', f'model.seq_len={SEQ}',
+                                 method='lowrank', sgt=0)
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: GPT(config.model, rngs=nnx.Rngs(0))),
+                               nnx.Param)
+
+  def generate(params, tokens_BP, lengths_B, key):
+    return decoding._generate(nnx.merge(graphdef, params), tokens_BP, lengths_B, key, None,  # pylint: disable=protected-access
+                              max_new_tokens=8, max_len=16, temperature=0.8, top_k=5, eos_id=2)
+
+  text = _export(jax.jit(generate), platform, params, jax.ShapeDtypeStruct((2, 8), jnp.int32),
+                 jax.ShapeDtypeStruct((2,), jnp.int32), jax.eval_shape(lambda: jax.random.key(0)))
+  assert 'stablehlo.while' in text
 
 
 # ----------------------------------------------------------------------------- kernels
