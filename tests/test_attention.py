@@ -68,11 +68,12 @@ def _close(got, want, what, atol_rel=ATOL_REL):
 
 
 def _target(platform):
-  """The target platform, with jax's TPU interpret mode for the Mosaic kernels on CPU."""
+  """The target platform, with jax's TPU interpret mode for the Mosaic kernels; 'cpu' runs the
+  Triton kernel interpreted on any device."""
   stack = contextlib.ExitStack()
+  stack.enter_context(api.target_platform(platform))
   if platform == 'tpu':
     from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
-    stack.enter_context(api.target_platform('tpu'))
     stack.enter_context(pltpu.force_tpu_interpret_mode())
   return stack
 
@@ -142,13 +143,14 @@ def test_model_logits_do_not_depend_on_the_choice():
                                  method='blockshuffle', sgt=0)
   tokens = jnp.asarray(np.random.default_rng(3).integers(0, 512, (2, 16)), jnp.int32)
   logits, decoded = {}, {}
-  for impl in ('xla', 'pallas'):
+  for impl in ('xla', 'pallas'):  # the Triton kernel interpreted, on any device
     config.model.attention.implementation = impl
     model = GPT(config.model, rngs=nnx.Rngs(params=0))
     assert model.first.attn.implementation == impl
-    logits[impl] = np.asarray(jax.jit(lambda m, t: m(t))(model, tokens))
-    decoded[impl] = np.asarray(jax.jit(lambda m, t: m.decode(t, m.init_cache(2, 16))[0])(
-        model, tokens[:, :8]))
+    with api.target_platform('cpu'):
+      logits[impl] = np.asarray(jax.jit(lambda m, t: m(t))(model, tokens))
+      decoded[impl] = np.asarray(jax.jit(lambda m, t: m.decode(t, m.init_cache(2, 16))[0])(
+          model, tokens[:, :8]))
   _close(logits['pallas'], logits['xla'], 'model logits')
   np.testing.assert_array_equal(decoded['pallas'], decoded['xla'])  # the same XLA path
   _close(decoded['xla'], logits['xla'][:, :8], 'decode vs forward')
