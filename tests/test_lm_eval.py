@@ -24,7 +24,7 @@ from structffn_jax.data import prepare as prepare_lib  # noqa: E402
 from structffn_jax.model import GPT  # noqa: E402
 from tests import tiny_setup  # noqa: E402
 
-SEQ_LEN = 32
+SEQ_LEN = 48
 WORDS = ('the game was released in 1996 , and it sold well . the album reached number one on '
          'the chart after its first week , and the band toured europe with it .').split()
 
@@ -86,6 +86,7 @@ class Reference:
 
   def greedy(self, prompt, new):
     seq = [self.eos] + self.tok.encode(prompt)
+    assert len(seq) + new - 1 <= SEQ_LEN  # no truncation of the prompt
     out = []
     for _ in range(new):
       token = int(np.argmax(self.logprobs(seq)[-1]))
@@ -126,7 +127,7 @@ def test_scores_match_the_models_own_logits(setup, tmp_path):
   # Multiple choice: 4 choices of different lengths; acc and acc_norm from reference scores.
   choice_docs, expect_acc, expect_norm = [], [], []
   for i in range(6):
-    doc = {'question': phrase(rng, 4 + i % 3), 'choices': [phrase(rng, n) for n in (1, 2, 3, 1)],
+    doc = {'question': phrase(rng, 2 + i % 3), 'choices': [phrase(rng, n) for n in (1, 2, 3, 1)],
            'label': int(rng.integers(4))}
     lls = np.array([ref.continuation(doc['question'], ' ' + c) for c in doc['choices']])
     chars = np.array([len(c) for c in doc['choices']], float)
@@ -139,7 +140,7 @@ def test_scores_match_the_models_own_logits(setup, tmp_path):
       'doc_to_target: "{{label}}"', 'doc_to_choice: "{{choices}}"', 'metric_list:',
       '  - metric: acc', '  - metric: acc_norm'])
   # Rolling log-likelihood: documents of 1 to 4 windows of seq_len tokens.
-  texts = [phrase(rng, n) for n in (3, 20, 45)]
+  texts = [phrase(rng, n) for n in (3, 20, 60)]
   assert max(len(tok.encode(t)) for t in texts) > 2 * SEQ_LEN
   ll = np.array([ref.document(t) for t in texts])
   words = sum(len(re.split(r'\s+', t)) for t in texts)
@@ -148,7 +149,7 @@ def test_scores_match_the_models_own_logits(setup, tmp_path):
       'output_type: loglikelihood_rolling', 'doc_to_text: ""', 'doc_to_target: "{{text}}"',
       'metric_list:', '  - metric: word_perplexity', '  - metric: bits_per_byte'])
   # Greedy generation until a newline: half the answers are the reference's greedy text.
-  prompts = [phrase(rng, n) for n in (2, 5, 9, 3)]
+  prompts = [phrase(rng, n) for n in (2, 4, 7, 3)]
   greedy = [ref.greedy(p, 6).split('\n')[0] for p in prompts]
   answers = [g if i % 2 == 0 else g + ' extra' for i, g in enumerate(greedy)]
   write_task(tmp_path, 'tiny_gen', [{'prompt': p, 'answer': a} for p, a in zip(prompts, answers)], [
