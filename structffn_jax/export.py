@@ -22,7 +22,9 @@ The architecture is an existing `transformers` one whose forward is this model's
   - rmsnorm + SwiGLU + RoPE: Llama (attention_bias and mlp_bias = use_bias, tied head).
 Other combinations (learned absolute positions, layernorm with SwiGLU, rmsnorm with GELU) have no
 exact counterpart and are refused. Our fused QKV projection is split into q_proj, k_proj and
-v_proj, head-major as our reshape reads it.
+v_proj, head-major as our reshape reads it. config.json gives `head_dim` (attn_dim / num_heads),
+which transformers reads for both architectures (checked with 5.24; a version that ignores it
+loads only models with attn_dim == hidden_dim).
 
 `load(DIR)` builds this project's GPT from such a directory: the structured layers from their
 factors (identical parameters, identical logits), or with structured=False every FFN dense from
