@@ -13,6 +13,7 @@ import ml_collections
 
 from structffn_jax import attention, structured
 from structffn_jax.data import prepare as prepare_lib
+from structffn_jax.data import sources as sources_lib
 from structffn_jax.kernels import api as kernels_api
 
 SIZES = {  # docs/design.md §6.2: hidden, ffn, heads, layers, tokens, peak lr
@@ -121,6 +122,65 @@ _CHOICES = {
     'model.attention.implementation': attention.IMPLEMENTATIONS,
     'sgt.mode': ('fixedstep', 'fixedflop'),
     'sgt.schedule': ('cosine', 'linear'),
+    'data.source': sources_lib.SOURCES,
+    'data.format': prepare_lib.FORMATS,
+    'data.rows_dtype': ('uint16', 'uint32'),
+    'mesh.distributed': ('auto', 'on', 'off'),
+}
+
+# Ranges of the numeric fields: field -> (holds(value), what it must be; how to fix it).
+_RANGES = {
+    'model.norm_eps': (lambda v: v > 0, 'must be > 0; e.g. 1e-5'),
+    'model.rope_base': (lambda v: v > 0, 'must be > 0; e.g. 10000'),
+    'model.init_std': (lambda v: v > 0, 'must be > 0; e.g. 0.02'),
+    'model.ffn.rank': (lambda v: v >= 0, 'must be >= 0 (0 for dense and blockshuffle)'),
+    'model.ffn.blocks': (lambda v: v >= 1, 'must be >= 1 (1 for dense and lowrank)'),
+    'model.ffn.merge_threshold': (lambda v: v >= -1,
+                                  'must be -1 (premerge.json), 0 (off) or a token count'),
+    'sgt.ratio': (lambda v: 0 < v <= 1, 'must be in (0, 1]: G as a fraction of S'),
+    'train.tokens': (lambda v: v > 0, 'must be > 0; the token budget, e.g. 2.2e9'),
+    'train.global_batch': (lambda v: v >= 1, 'must be >= 1 sequence per step'),
+    'train.micro_batch': (lambda v: v >= 0, 'must be >= 0 (0 = global_batch)'),
+    'train.peak_lr': (lambda v: v > 0, 'must be > 0; e.g. 6e-4'),
+    'train.warmup_frac': (lambda v: 0 <= v < 1, 'must be in [0, 1): a fraction of the steps'),
+    'train.min_lr_ratio': (lambda v: 0 <= v <= 1, 'must be in [0, 1]: a fraction of peak_lr'),
+    'train.b1': (lambda v: 0 <= v < 1, 'must be in [0, 1); e.g. 0.9'),
+    'train.b2': (lambda v: 0 <= v < 1, 'must be in [0, 1); e.g. 0.999'),
+    'train.weight_decay': (lambda v: v >= 0, 'must be >= 0; e.g. 0.1'),
+    'train.grad_clip': (lambda v: v > 0, 'must be > 0 (a global-norm bound); e.g. 1.0'),
+    'train.seed': (lambda v: v >= 0, 'must be >= 0'),
+    'train.data_start': (lambda v: v >= 0, 'must be >= 0: a global batch index'),
+    'train.data_seed': (lambda v: v >= -1, 'must be >= 0, or -1 for train.seed'),
+    'train.eval_tokens': (lambda v: v >= 0, 'must be >= 0 tokens'),
+    'train.eval_every': (lambda v: v >= 0, 'must be >= 0 steps (0 = only at the end)'),
+    'train.eval_batch': (lambda v: v >= 0, 'must be >= 0 (0 = micro_batch or global_batch)'),
+    'train.log_every': (lambda v: v >= 1, 'must be >= 1 step'),
+    'train.ckpt_every': (lambda v: v >= 1, 'must be >= 1 step'),
+    'train.keep_ckpts': (lambda v: v >= 1, 'must be >= 1; keep 2 or more so that a damaged '
+                         'newest checkpoint can fall back to the one before'),
+    'train.profile_start': (lambda v: v >= -1, 'must be >= 0, or -1 for no trace'),
+    'train.profile_steps': (lambda v: v >= 1, 'must be >= 1 step'),
+    'train.peak_flops': (lambda v: v >= 0, 'must be >= 0 FLOP/s (0 = look up the device)'),
+    'data.vocab_size': (lambda v: v >= 2, 'must be >= 2 tokens'),
+    'data.stdlib_max_bytes': (lambda v: v >= 0, 'must be >= 0 bytes (0 = no cap)'),
+    'data.max_tokens': (lambda v: v >= 0, 'must be >= 0 tokens (0 = all of the input)'),
+    'data.valid_tokens': (lambda v: v >= 0, 'must be >= 0 tokens (0 = data.max_tokens)'),
+    'data.test_tokens': (lambda v: v >= 0, 'must be >= 0 tokens (0 = data.max_tokens)'),
+    'data.valid_fraction': (lambda v: 0 <= v < 1, 'must be in [0, 1): a fraction of the train '
+                            'documents'),
+    'data.test_fraction': (lambda v: 0 <= v < 1, 'must be in [0, 1): a fraction of the train '
+                           'documents'),
+    'data.num_workers': (lambda v: v >= -1, 'must be 0 (this process), a count, or -1 (one per '
+                         'CPU)'),
+    'data.shard_tokens': (lambda v: v >= 1, 'must be >= 1 token per file'),
+    'data.shard': (lambda v: v >= 0, 'must be >= 0: this job\'s index'),
+    'data.num_shards': (lambda v: v >= 1, 'must be >= 1 job'),
+    'mesh.data': (lambda v: v >= 1 or v == -1, 'must be a positive size, or -1 for the devices '
+                  'left over'),
+    'mesh.fsdp': (lambda v: v >= 1 or v == -1, 'must be a positive size, or -1 for the devices '
+                  'left over'),
+    'mesh.tensor': (lambda v: v >= 1 or v == -1, 'must be a positive size, or -1 for the '
+                    'devices left over'),
 }
 
 
@@ -135,15 +195,118 @@ def _get(config, dotted):
   return node
 
 
-def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Check every field a model or run depends on; raise ConfigError naming the field."""
-  for field, allowed in _CHOICES.items():
+def _leaves(d, prefix=''):
+  """(dotted field, value) of every leaf of a config (a ConfigDict or a plain dict)."""
+  for key, value in d.items():
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      yield from _leaves(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}', value
+
+
+def _type_error(field, value, default):
+  """Why `value` does not have the type of the schema's `default` (None when it does)."""
+  if isinstance(default, bool):
+    ok, kind = isinstance(value, bool), 'true or false'
+  elif isinstance(default, int):
+    ok, kind = isinstance(value, int) and not isinstance(value, bool), 'an integer'
+  elif isinstance(default, float):
+    ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), 'a number'
+  elif isinstance(default, str):
+    ok, kind = isinstance(value, str), 'a string'
+  elif isinstance(default, (list, tuple)):
+    ok, kind = isinstance(value, (list, tuple)), 'a list'
+  else:
+    return None
+  if ok:
+    return None
+  return (f'{field}={value!r}: expected {kind}, got {type(value).__name__}; set it like the '
+          f'default {default!r}.')
+
+
+def _validate_fields(config):
+  """The type of every field of the schema (`base_config()`), then the choices; returns
+  {field: value} of the fields the config has."""
+  schema = dict(_leaves(base_config()))
+  values = {}
+  for field, default in schema.items():
     try:
       value = _get(config, field)
     except (KeyError, AttributeError):
-      continue
-    if value not in allowed:
-      raise ConfigError(f'{field}={value!r} is not allowed; use one of: {", ".join(allowed)}.')
+      continue  # a config from before the field existed: its default applies
+    error = _type_error(field, value, default)
+    if error:
+      raise ConfigError(error)
+    values[field] = value
+  for field, allowed in _CHOICES.items():
+    if field in values and values[field] not in allowed:
+      raise ConfigError(f'{field}={values[field]!r} is not allowed; use one of: '
+                        f'{", ".join(allowed)}.')
+  return values
+
+
+def _validate_ranges(values):
+  """The range of every numeric field, and the entries of the path lists."""
+  for field, (holds, why) in _RANGES.items():
+    if field in values and not holds(values[field]):
+      raise ConfigError(f'{field}={values[field]!r}: {why}.')
+  if 'name' in values and not values['name'].strip():
+    raise ConfigError("name='': the run needs a name (logs and plots show it); set name=...")
+  for field in ('data.train_paths', 'data.valid_paths', 'data.test_paths', 'data.hf_data_files'):
+    bad = [p for p in values.get(field, ()) if not isinstance(p, str) or not p]
+    if bad:
+      raise ConfigError(f'{field}={list(values[field])!r}: entries must be non-empty strings '
+                        f'(file paths, or split names for source=hf).')
+  return values
+
+
+def _validate_relations(config, values):
+  """Fields that must agree with each other (train, sgt, data and mesh sections)."""
+  t = config.train
+  if t.micro_batch and t.global_batch % t.micro_batch:
+    raise ConfigError(f'train.micro_batch={t.micro_batch}: must divide train.global_batch='
+                      f'{t.global_batch}; pick a divisor such as {t.global_batch // 2 or 1}.')
+  if config.get('data') is not None:
+    d = config.data
+    source = d.get('source', 'stdlib')
+    if source in ('text', 'jsonl') and not d.get('train_paths'):
+      raise ConfigError(f'data.train_paths=[]: source={source!r} needs at least one training '
+                        f'file; set data.train_paths=/path/to/train.{source}.')
+    if source == 'jsonl' and not d.get('text_field', 'text'):
+      raise ConfigError("data.text_field='': source='jsonl' reads the document from this field "
+                        "of each line; set data.text_field=text.")
+    if source == 'hf' and not (d.get('hf_name') or d.get('hf_path')):
+      raise ConfigError("data.hf_name='': source='hf' needs a hub dataset name or a "
+                        'save_to_disk directory; set data.hf_name=... or data.hf_path=....')
+    if d.get('valid_fraction', 0) + d.get('test_fraction', 0) >= 1:
+      raise ConfigError(f'data.test_fraction={d.test_fraction}: with data.valid_fraction='
+                        f'{d.valid_fraction} nothing is left to train on; keep their sum below 1.')
+    if d.get('shard', 0) >= d.get('num_shards', 1):
+      raise ConfigError(f'data.shard={d.shard}: must be below data.num_shards={d.num_shards} '
+                        f'(jobs are numbered from 0).')
+    if not d.get('tokenizer') and d.get('format', 'tokens') == 'tokens' and \
+        'data.vocab_size' in values and d.vocab_size > config.model.vocab_size:
+      raise ConfigError(f'data.vocab_size={d.vocab_size}: the trained tokenizer would have more '
+                        f'tokens than model.vocab_size={config.model.vocab_size}; set '
+                        f'data.vocab_size <= model.vocab_size.')
+  if config.get('mesh') is not None:
+    from structffn_jax import sharding  # sharding imports this module
+    free = [a for a in ('data', 'fsdp', 'tensor') if config.mesh.get(a, 1) == -1]
+    if len(free) > 1:
+      raise ConfigError(f'mesh.{free[1]}=-1: mesh.{free[0]} is -1 too; at most one mesh size '
+                        f'may be -1 (the devices left over).')
+    for entry in config.mesh.rules:
+      if not isinstance(entry, str) and not (isinstance(entry, (list, tuple)) and len(entry) == 2):
+        raise ConfigError(f'mesh.rules={list(config.mesh.rules)!r}: entry {entry!r} is neither a '
+                          f"(logical, mesh axis) pair nor a 'logical=axis' string; e.g. "
+                          f"('embed', 'fsdp') or 'embed=fsdp'.")
+    sharding.parse_rules(config.mesh.rules)
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Check every field of every section (type, range, relation); raise ConfigError naming the
+  field, before anything is built or compiled."""
+  values = _validate_fields(config)  # types and choices
   m = config.model
   for field in ('vocab_size', 'seq_len', 'hidden_dim', 'ffn_dim', 'num_layers', 'num_heads',
                 'num_kv_heads', 'attn_dim'):
@@ -159,6 +322,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f'RoPE needs an even head width; model.attn_dim/model.num_heads = '
                       f'{m.attn_dim // m.num_heads}.')
   _validate_ffn(m)
+  _validate_ranges(values)
+  _validate_relations(config, values)
   return config
 
 

@@ -4,6 +4,7 @@ Every error must name the field and say what is allowed, before anything is buil
 turns it into `error: ...` on stderr with a non-zero exit status and no traceback.
 """
 
+import re
 import subprocess
 import sys
 
@@ -183,6 +184,18 @@ BAD = [
     (S, ('model.num_layers=abc',), ['model.num_layers', 'number']),
     (S, ('model.num_heads=5.5',), ['model.num_heads', 'integer']),
     (S, ('model.use_bias=maybe',), ['model.use_bias', 'true or false']),
+    (S, ('train.peak_lr=-1',), ['train.peak_lr=-1.0', 'must be > 0']),
+    (S, ('train.warmup_frac=-0.5',), ['train.warmup_frac=-0.5', '[0, 1)']),
+    (S, ('train.ckpt_every=0',), ['train.ckpt_every=0', '>= 1']),
+    (S, ('train.log_every=0',), ['train.log_every=0', '>= 1']),
+    (S, ('train.global_batch=0',), ['train.global_batch=0', '>= 1']),
+    (S, ('train.keep_ckpts=0',), ['train.keep_ckpts=0', 'fall back']),
+    (S, ('train.micro_batch=3',), ['train.micro_batch=3', 'divide train.global_batch=512']),
+    (S, ('sgt.ratio=0',), ['sgt.ratio=0.0', '(0, 1]']),
+    (S, ('mesh.data=-1', 'mesh.fsdp=-1'), ['mesh.fsdp=-1', 'at most one']),
+    (S, ('mesh.distributed=maybe',), ["mesh.distributed='maybe'", 'auto, on, off']),
+    (S, ('data.source=web',), ["data.source='web'", 'stdlib, text, jsonl, hf']),
+    (S, ('data.source=text',), ['data.train_paths=[]', 'at least one training file']),
 ]
 
 
@@ -203,6 +216,90 @@ def test_missing_config_file(repo_root):
 
 def test_config_error_is_a_value_error():
   assert issubclass(config_lib.ConfigError, ValueError)
+
+
+# An invalid value of the right type for each field that has one; every field also gets a value
+# of the wrong type. A field of the schema missing here fails the walk below until it is added.
+INVALID = {
+    'name': '',
+    'model.vocab_size': 0, 'model.seq_len': 0, 'model.hidden_dim': 0, 'model.ffn_dim': -1,
+    'model.num_layers': 0, 'model.num_heads': 0, 'model.num_kv_heads': 0, 'model.attn_dim': 0,
+    'model.norm': 'batchnorm', 'model.norm_eps': 0.0, 'model.activation': 'relu',
+    'model.use_bias': None, 'model.position': 'alibi', 'model.rope_base': -1.0,
+    'model.init_std': 0.0, 'model.first_layer_dense': None, 'model.dtype': 'float64',
+    'model.remat': 'some', 'model.ffn.method': 'butterfly', 'model.ffn.rank': -1,
+    'model.ffn.blocks': 0, 'model.ffn.init': 'ortho', 'model.ffn.implementation': 'cuda',
+    'model.ffn.merge_threshold': -2, 'model.attention.implementation': 'flash9',
+    'sgt.enabled': None, 'sgt.mode': 'fixed', 'sgt.ratio': 1.5, 'sgt.schedule': 'step',
+    'sgt.reduce_flop': None,
+    'train.tokens': 0.0, 'train.global_batch': 0, 'train.micro_batch': -1, 'train.peak_lr': -1.0,
+    'train.warmup_frac': 1.0, 'train.min_lr_ratio': 1.5, 'train.b1': 1.0, 'train.b2': -0.1,
+    'train.weight_decay': -0.1, 'train.grad_clip': 0.0, 'train.seed': -1, 'train.data_start': -1,
+    'train.data_seed': -2,
+    'train.eval_tokens': -1.0, 'train.eval_every': -1, 'train.eval_batch': -1,
+    'train.log_every': 0, 'train.ckpt_every': 0, 'train.keep_ckpts': 0,
+    'train.profile_start': -2, 'train.profile_steps': 0, 'train.peak_flops': -1.0,
+    'data.source': 'web', 'data.train_paths': [''], 'data.valid_paths': [''],
+    'data.test_paths': [''], 'data.vocab_size': 1, 'data.stdlib_max_bytes': -1,
+    'data.hf_data_files': [''], 'data.max_tokens': -1, 'data.valid_tokens': -1,
+    'data.test_tokens': -1, 'data.valid_fraction': 1.0, 'data.test_fraction': -0.5,
+    'data.num_workers': -2, 'data.shard_tokens': 0, 'data.shard': 1, 'data.num_shards': 0,
+    'data.format': 'csv', 'data.rows_dtype': 'int8',
+    'mesh.data': 0, 'mesh.fsdp': -2, 'mesh.tensor': 0, 'mesh.rules': [('embed', 'gpu')],
+    'mesh.distributed': 'maybe',
+}
+
+
+def _wrong_type(value):
+  """A value of another type than `value` (the field's default)."""
+  if isinstance(value, bool):
+    return 'yes'
+  if isinstance(value, (int, float)):
+    return 'many'
+  if isinstance(value, str):
+    return 7
+  return 7  # a list or tuple
+
+
+def _schema_fields():
+  return [f for f, _ in config_lib._leaves(config_lib.base_config())]
+
+
+def _with(field, value):
+  """base_config() with `field` set to `value`, built from a plain dict (so a value of another
+  type is not refused by ConfigDict itself, as in a config.json read back)."""
+  import ml_collections
+  d = config_lib.base_config().to_dict()
+  node = d
+  *parents, leaf = field.split('.')
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  return ml_collections.ConfigDict(d)
+
+
+@pytest.mark.parametrize('field', _schema_fields())
+def test_every_field_of_the_schema_is_validated(field):
+  """Walk the whole schema: a value of the wrong type, and (where a field has one) an invalid
+  value of the right type, each a one-line ConfigError that names the field."""
+  default = config_lib._get(config_lib.base_config(), field)
+  cases = [_wrong_type(default)]
+  if field in INVALID:
+    cases.append(INVALID[field])
+  elif isinstance(default, (int, float)) and not isinstance(default, bool):
+    pytest.fail(f'{field}: a number without a range; add its range to config._RANGES and an '
+                f'invalid value to INVALID')
+  for value in cases:
+    with pytest.raises(config_lib.ConfigError) as info:
+      config_lib.validate(_with(field, value))
+    message = str(info.value)
+    assert '\n' not in message
+    assert re.search(rf'(?<![\w.]){re.escape(field)}(?!\w)', message), (field, value, message)
+
+
+def test_the_default_of_every_field_is_valid():
+  for field in _schema_fields():
+    config_lib.validate(_with(field, config_lib._get(config_lib.base_config(), field)))
 
 
 def test_validate_catches_direct_edits():
