@@ -49,7 +49,11 @@ class Reporter:
     self.tb = None
     self.wandb = None  # WandbWriter when config.log.wandb is set
     if enabled:
-      self.jsonl = open(workdir / 'metrics.jsonl', 'a', buffering=1)
+      path = workdir / 'metrics.jsonl'
+      torn = path.exists() and path.stat().st_size and not _ends_with_newline(path)
+      self.jsonl = open(path, 'a', buffering=1)
+      if torn:  # a kill cut the last record short: end it, so that the next one starts a line
+        self.jsonl.write('\n')
       try:
         from tensorboardX import SummaryWriter
         self.tb = SummaryWriter(str(workdir / 'tb'))
@@ -139,9 +143,39 @@ def _scalar(v):
     return v
 
 
+def _ends_with_newline(path: pathlib.Path) -> bool:
+  with open(path, 'rb') as f:
+    f.seek(-1, 2)
+    return f.read(1) == b'\n'
+
+
+def read_jsonl(path, what: str = 'record') -> list[dict]:
+  """The JSON objects of a JSON-lines file, one a line. A line that is not one (the partial
+  record a kill leaves at the end, or in the middle once a resumed run appended after it) is
+  skipped with a warning on stderr naming the file and line."""
+  path = pathlib.Path(path)
+  records, torn = [], []
+  for number, line in enumerate(path.read_text(errors='replace').splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except ValueError:
+      record = None
+    if isinstance(record, dict):
+      records.append(record)
+    else:
+      torn.append(number)
+  if torn:
+    shown = ', '.join(map(str, torn[:5])) + (', ...' if len(torn) > 5 else '')
+    print(f'warning: {path}: skipped {len(torn)} incomplete {what} line(s) (line {shown}; a '
+          f'write cut short, e.g. by a kill)', file=sys.stderr)
+  return records
+
+
 def read_metrics(workdir) -> list[dict]:
   """All records of <workdir>/metrics.jsonl (the last record of a step wins on resume)."""
   path = pathlib.Path(workdir) / 'metrics.jsonl'
   if not path.exists():
     raise FileNotFoundError(f'{path}: no metrics; is {workdir} a training workdir?')
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return read_jsonl(path, 'metrics')

@@ -24,9 +24,12 @@ def load_curves(workdir) -> dict:
   for r in records:  # a resumed run may repeat steps: the latest record wins
     by_step.setdefault(r['step'], {}).update(r)
   rows = [by_step[s] for s in sorted(by_step)]
+  name = workdir.name
   config = workdir / 'config.json'
-  name = json.loads(config.read_text()).get('name', workdir.name) if config.exists() else \
-      workdir.name
+  try:
+    name = json.loads(config.read_text()).get('name', name)
+  except (OSError, ValueError, AttributeError):
+    pass  # no (readable) config.json: the directory names the run
   per_step = {r['step']: r for r in rows if 'loss' in r}
 
   def x_values(r):
@@ -44,9 +47,15 @@ def plot(workdirs, out, x='steps', title=None, smooth=1):
   import matplotlib.pyplot as plt
 
   key, label = X_AXES[x]
-  fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-  for i, w in enumerate(workdirs):
+  runs = []
+  for w in workdirs:  # every run must have a curve before anything is drawn
     curves = load_curves(w)
+    if not any(p[key] is not None for p in curves['train'] + curves['valid']):
+      raise ValueError(f'{w}: no training records with {key!r} in metrics.jsonl yet; nothing '
+                       f'to plot (train first, or leave this workdir out).')
+    runs.append(curves)
+  fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+  for i, curves in enumerate(runs):
     color = f'C{i}'
     tr = [p for p in curves['train'] if p[key] is not None]
     ys = [p['loss'] for p in tr]
@@ -87,7 +96,7 @@ def main(argv=None):
   args = cli.parse(parser, argv)
   try:
     out = plot(args.workdirs, args.out, args.x, args.title, args.smooth)
-  except FileNotFoundError as e:
+  except (FileNotFoundError, ValueError) as e:
     sys.exit(f'error: {e}')
   print(f'wrote {out}')
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import sys
 from typing import Any, NamedTuple
 
 import jax
@@ -28,7 +29,11 @@ def load_config(workdir, mesh: str | None = None) -> ml_collections.ConfigDict:
   cfg_path = pathlib.Path(workdir) / 'config.json'
   if not cfg_path.is_file():
     raise FileNotFoundError(f'{cfg_path} not found: --workdir must be a training workdir.')
-  config = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
+  try:
+    config = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
+  except ValueError as e:
+    raise ValueError(f'{cfg_path} cannot be read ({e}); --workdir must be a training workdir.') \
+        from None
   if config.get('mesh') is None:  # a run from before the mesh section
     config.mesh = sharding.mesh_config(config)
   if mesh:
@@ -49,28 +54,38 @@ class Run(NamedTuple):
 
 
 def load_run(workdir, mesh: str | None = None) -> Run:
-  """The newest checkpoint in `workdir`, restored onto the run's mesh (or `mesh` 'D,F,T')."""
+  """The newest readable checkpoint in `workdir`, restored onto the run's mesh (or `mesh`
+  'D,F,T'). One that cannot be read is skipped with a note on stderr (and left in place: the
+  trainer, not a reader, moves it aside)."""
   workdir = pathlib.Path(workdir)
   config = load_config(workdir, mesh)
   device_mesh = sharding.make_mesh(config)
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_ckpts)
-  step = ckpt.latest_step()
-  if step is None:
+  if not checkpoint.saved_steps(workdir):
     raise FileNotFoundError(f'{workdir / "checkpoints"} holds no checkpoint yet.')
-  meta = ckpt.meta(step)
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_ckpts, read_only=True,
+                                 log=lambda line: print(line, file=sys.stderr))
   total, guided = accounting.schedule_steps(config)
   tx = optim.make_optimizer(config, total, guided)
+  built = {}
 
-  def init():
-    model = GPT(config.model, guide=config.sgt.enabled, reduce_flop=config.sgt.reduce_flop,
-                rngs=nnx.Rngs(0))
-    if meta.get('guides_dropped'):
-      model.drop_guides()
-    return model
+  def target(meta):
+    def init():
+      model = GPT(config.model, guide=config.sgt.enabled, reduce_flop=config.sgt.reduce_flop,
+                  rngs=nnx.Rngs(0))
+      if meta.get('guides_dropped'):
+        model.drop_guides()
+      return model
 
-  graphdef = nnx.split(nnx.eval_shape(init), nnx.Param)[0]
-  abstract = jax.eval_shape(lambda: steps.init_state(init(), tx)[1])
-  shardings = sharding.param_shardings(abstract, device_mesh, sharding.rules_of(config))
-  state, meta = ckpt.restore(step, sharding.with_shardings(abstract, shardings))
-  ckpt.close()
-  return Run(config, nnx.merge(graphdef, state['params']), state['opt_state'], meta, device_mesh)
+    built['graphdef'] = nnx.split(nnx.eval_shape(init), nnx.Param)[0]
+    abstract = jax.eval_shape(lambda: steps.init_state(init(), tx)[1])
+    shardings = sharding.param_shardings(abstract, device_mesh, sharding.rules_of(config))
+    return sharding.with_shardings(abstract, shardings)
+
+  try:
+    _, state, meta = ckpt.restore_newest(target)
+  except checkpoint.CheckpointError as e:  # the commands report a ValueError as `error: ...`
+    raise ValueError(str(e)) from None
+  finally:
+    ckpt.close(quiet=True)
+  return Run(config, nnx.merge(built['graphdef'], state['params']), state['opt_state'], meta,
+             device_mesh)

@@ -15,10 +15,16 @@ processes (`mesh.distributed`, launch/README.md) every one runs this same comman
 
   --profile K:N   XLA trace of steps K..K+N-1 under <workdir>/profile (TensorBoard / Perfetto)
   --config.F=V    override any config field, e.g. --config.train.tokens=1e6 (or --set F=V)
+  --allow-change F  resume with a changed train.* / data.* field, e.g. after a non-finite loss:
+                  --set train.peak_lr=3e-4 --allow-change train.peak_lr
+
+Exit status: 0 finished; 75 (EX_TEMPFAIL) stopped by SIGTERM/SIGINT after saving a checkpoint,
+so requeue the same command to resume; 1 an error (one `error: ...` line on stderr).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import pathlib
@@ -38,6 +44,12 @@ from structffn_jax.data import pipeline
 from structffn_jax.data import prepare as prepare_lib
 from structffn_jax.model import GPT
 from structffn_jax.plan import make_plan
+
+
+# The exit status of a run stopped by SIGTERM or SIGINT after saving a checkpoint (EX_TEMPFAIL):
+# a scheduler that sees it requeues the same command, which resumes. A finished run exits 0, a
+# failed one 1 with an `error: ...` line.
+EXIT_PREEMPTED = 75
 
 
 class NonFiniteLoss(RuntimeError):
@@ -62,11 +74,17 @@ def prepare_data(config, workdir: pathlib.Path, log=print):
 class Trainer:
   """Owns the state of one run; `run()` trains to the end or to a stop request."""
 
-  def __init__(self, config, workdir, *, profile: tuple[int, int] | None = None):
+  def __init__(self, config, workdir, *, profile: tuple[int, int] | None = None,
+               allow_change: tuple[str, ...] = ()):
+    """`allow_change`: config fields (train.*, data.*) that may differ from the run already in
+    `workdir`, e.g. a lower train.peak_lr after a non-finite loss; recorded in its history."""
     self.config = config
     self.workdir = pathlib.Path(workdir)
     self.is_main = jax.process_index() == 0
-    # Every check on the mesh, the batches and the parameter shapes comes before any compile.
+    # Every check on the config, the mesh, the batches and the parameter shapes comes before any
+    # compile, and before anything is written.
+    config_lib.validate(config)
+    allow_change = checkpoint.check_allow_change(allow_change)
     self.mesh = sharding.make_mesh(config)
     self.rules = sharding.rules_of(config)
     self.plan = make_plan(config)
@@ -74,10 +92,23 @@ class Trainer:
     self.tx = optim.make_optimizer(config, self.plan.total_steps, self.plan.guided_steps)
     self.lr = optim.lr_schedule(config.train, self.plan.total_steps)
     self._abstract_state(guides=config.sgt.enabled)  # raises on a dimension the mesh can't split
-    checkpoint.check_workdir_config(self.workdir, config, write=self.is_main)
+    self.lock = checkpoint.lock_workdir(self.workdir)
+    self.ckpt = self.report = None
+    try:
+      self._start(profile, allow_change)
+    except BaseException:
+      self.close(quiet=True)
+      raise
+
+  def _start(self, profile, allow_change):
+    """Everything after the lock: the workdir's config, data, checkpoints, state, compiles."""
+    config = self.config
+    changes = checkpoint.check_workdir_config(self.workdir, config, allow_change=allow_change)
     distributed.barrier('workdir checked')
     self.report = metrics.Reporter(self.workdir, self.plan.total_steps, enabled=self.is_main,
                                    config=config)
+    if self.lock is not None and self.lock.took_over:
+      self.report.log(self.lock.took_over)
     self.report.log(sharding.describe(self.mesh))
     if hostmem.status() != 'not requested':  # the CLI tuned (or left) the CPU allocator
       self.report.log(f'host allocator: {hostmem.status()}')
@@ -85,8 +116,34 @@ class Trainer:
     self.manifest = prepare_data(config, self.workdir, self.report.log)
     self.profile = profile or (config.train.profile_start, config.train.profile_steps)
     self.stop_signal = None
-    self.ckpt = checkpoint.Checkpointer(self.workdir, config.train.keep_ckpts)
+    self.ckpt = checkpoint.Checkpointer(self.workdir, config.train.keep_ckpts, cleanup=True,
+                                        log=self.report.log)
     self._build_state()
+    # The run has started: now its identity (config.json) and any accepted change are written.
+    if changes:
+      reason = ('allowed by --allow-change' if self.step else
+                'no checkpoint yet: the run starts from step 0 with the new config')
+      shown = ', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changes.items())
+      self.report.log(f'config changed ({shown}): {reason}')
+    else:
+      reason = ''
+    if self.is_main:
+      checkpoint.write_workdir_config(self.workdir, config, changes, self.step, reason)
+    distributed.barrier('workdir config written')
+
+  def close(self, quiet: bool = False) -> None:
+    """Finish the save in flight, close the reports and release the workdir. Called by `run()`;
+    call it for a Trainer that is never run. `quiet`: another error is on its way."""
+    try:
+      if self.ckpt is not None:
+        self.ckpt.close(quiet=quiet)
+        self.ckpt = None
+    finally:
+      if self.report is not None:
+        self.report.close()
+      if self.lock is not None:
+        self.lock.release()
+        self.lock = None
 
   # --------------------------------------------------------------------------- state
 
@@ -114,19 +171,24 @@ class Trainer:
     return abstract
 
   def _build_state(self):
-    latest = self.ckpt.latest_step()
-    meta = self.ckpt.meta(latest) if latest is not None else {}
-    self.guides = self.config.sgt.enabled and not meta.get('guides_dropped', False)
-    abstract = self._abstract_state(self.guides)
+    """Restore the newest checkpoint that can be read (see `Checkpointer.restore_newest`), or
+    initialise. Whether the guides were dropped comes from the metadata of the checkpoint tried,
+    and the data position from its step."""
+    def target(meta):
+      self.guides = self.config.sgt.enabled and not meta.get('guides_dropped', False)
+      return sharding.with_shardings(self._abstract_state(self.guides), self.state_shardings)
+
+    restored = self.ckpt.restore_newest(target)
     self.step = 0
-    if latest is None:  # initialised in place: a large model never sits on one device
+    if restored is None:  # initialised in place: a large model never sits on one device
+      self.guides = self.config.sgt.enabled
+      self._abstract_state(self.guides)
       self.state = jax.jit(lambda: self._init_state(self.guides),
                            out_shardings=self.state_shardings)()
     else:
-      self.state, meta = self.ckpt.restore(
-          latest, sharding.with_shardings(abstract, self.state_shardings))
+      step, self.state, meta = restored
       self.step = int(meta['step'])
-      self.report.log(f'resumed from {self.workdir / "checkpoints"} at step {self.step}')
+      self.report.log(f'resumed from {self.ckpt.path(step)} at step {self.step}')
     self._compile()
 
   def _compile(self):
@@ -167,6 +229,7 @@ class Trainer:
   def save(self):
     meta = {'step': self.step, 'guides_dropped': self.config.sgt.enabled and not self.guides,
             'data_next_index': self.plan.data_index(self.step), 'config': self.config.name}
+    self._check_save(block=True)  # the previous one first: its time, or its failure
     self.ckpt.save(self.step, self.state, meta)
 
   def _on_signal(self, signum, frame):
@@ -194,8 +257,20 @@ class Trainer:
 
   def run(self, stop_at: int | None = None) -> dict:
     """Train to the end. `stop_at`: behave as if interrupted once that step is done."""
-    with sharding.use_mesh(self.mesh, self.rules):
-      return self._run(stop_at)
+    failed = False
+    try:
+      with sharding.use_mesh(self.mesh, self.rules):
+        return self._run(stop_at)
+    except OSError as e:
+      failed = True
+      if checkpoint.is_disk_full(e):  # metrics, TensorBoard or a checkpoint
+        raise checkpoint.CheckpointError(self.ckpt.disk_full(e)) from None
+      raise
+    except BaseException:
+      failed = True
+      raise
+    finally:
+      self.close(quiet=failed)
 
   def _run(self, stop_at: int | None) -> dict:
     c, plan = self.config, self.plan
@@ -242,6 +317,8 @@ class Trainer:
         if pending is not None:
           self._flush(pending)
         pending = (self.step, m, flops_done)
+        if jax.process_count() == 1 or self.step % t.log_every == 0:
+          self._check_save()  # a failed save stops the run at the next step
         if profiling and self.step >= self.profile[0] + self.profile[1]:
           jax.block_until_ready(self.state)
           jax.profiler.stop_trace()
@@ -278,14 +355,15 @@ class Trainer:
           self._flush(pending)
           pending = None
           self.save()
-          self.ckpt.wait()
-          self.report.log(f'{stop}: checkpoint saved at step {self.step}; '
-                          f'run the same command to resume')
+          self._check_save(block=True)
+          self.report.log(f'{stop}: checkpoint saved at step {self.step}; run the same command '
+                          f'to resume (exit status {EXIT_PREEMPTED})')
           return {'step': self.step, 'stopped': stop}
       self._flush(pending)
       last_eval = self.evaluate()
       self._write_eval(last_eval)
       self.save()
+      self._check_save(block=True)
       return {'step': self.step, **(last_eval or {})}
     finally:
       if profiling:
@@ -293,8 +371,27 @@ class Trainer:
       for s, h in old_handlers.items():
         signal.signal(s, h)
       batches.close()
-      self.ckpt.close()
-      self.report.close()
+
+  def _check_save(self, block: bool = False):
+    """Report the checkpoint in flight once it is final (a log line and a metrics record with
+    how long it took); raise CheckpointError if its save failed (on any process)."""
+    error = done = None
+    try:
+      done = self.ckpt.poll(block)
+    except checkpoint.CheckpointError as e:
+      error = e
+    if jax.process_count() > 1 and distributed.agree(error is not None) and error is None:
+      error = checkpoint.CheckpointError(
+          f'a checkpoint save failed on another process (see its log); '
+          f'{checkpoint.free_space(self.workdir)} in {self.workdir}.')
+    if error is not None:
+      raise error
+    if done:
+      lag = self.step - done['step']
+      self.report.log(f'checkpoint step {done["step"]} final after {done["seconds"]:.2f}s'
+                      + (f' ({lag} steps later)' if lag else ''))
+      self.report.write(self.step, {'ckpt_step': done['step'], 'ckpt_final_s': done['seconds'],
+                                    'ckpt_lag_steps': lag})
 
   def _step_flops(self, m) -> float:
     """Training FLOPs of one step in the paper's accounting, the guide at its expected cost."""
@@ -311,16 +408,38 @@ class Trainer:
     step, m, flops_done = pending
     host = {k: float(v) for k, v in jax.device_get(m).items()}
     if not np.isfinite(host['loss']):
-      last = self.ckpt.latest_step()
-      raise NonFiniteLoss(
-          f'non-finite loss ({host["loss"]}) at step {step}; training stopped. The last good '
-          f'checkpoint (step {last}) is kept in {self.workdir / "checkpoints"}: lower '
-          f'train.peak_lr or raise train.warmup_frac and resume.')
+      raise NonFiniteLoss(self._non_finite(step, host['loss']))
     record = {**host, 'tokens': step * self.config.train.global_batch * self.config.model.seq_len,
               'train_flops': flops_done, **(extra or {})}
     self.report.write(step, {k: v for k, v in record.items() if v is not None})
     if progress is not None:
       self.report.progress(step, record, progress)
+
+  def _non_finite(self, step: int, loss: float) -> str:
+    """Set aside the checkpoints that cannot lead anywhere and say how to resume.
+
+    The loss of step s is computed from the parameters after step s - 1, so a checkpoint of step
+    s - 1 (or later) reproduces it whatever the learning rate: it is moved aside (kept, not
+    restored). The one before gave a finite loss; a resume from it with a lower peak_lr (allowed
+    by --allow-change) takes another path.
+    """
+    with contextlib.suppress(checkpoint.CheckpointError):
+      self.ckpt.wait()
+    moved = [(s, self.ckpt.move_aside(s, 'nonfinite')) for s in self.ckpt.steps() if s >= step - 1]
+    good = self.ckpt.steps()
+    parts = [f'non-finite loss ({loss}) at step {step}; training stopped.']
+    for s, path in moved:
+      parts.append(f'Checkpoint step {s}, whose parameters gave that loss, was moved aside to '
+                   f'{path}.')
+    if good:
+      parts.append(f'The last good checkpoint is step {good[-1]} in {self.ckpt.directory}; to '
+                   f'resume from it with a lower learning rate, run')
+    else:
+      parts.append('No good checkpoint was saved, so the run starts again from step 0; run')
+    lr = self.config.train.peak_lr
+    parts.append(f'the same command with --set train.peak_lr={lr / 10:.3g} --allow-change '
+                 f'train.peak_lr (or raise train.warmup_frac the same way).')
+    return ' '.join(parts)
 
   def _write_eval(self, result):
     if result:
@@ -336,6 +455,9 @@ def main(argv=None):
                       help='directory of the run: created, or resumed from its newest checkpoint')
   parser.add_argument('--profile', default='', metavar='K:N',
                       help='XLA profiler trace of steps K..K+N-1 under <workdir>/profile')
+  parser.add_argument('--allow-change', action='append', default=[], metavar='FIELD',
+                      help='let a resumed run change this train.* or data.* field (repeatable); '
+                           'recorded in <workdir>/config_history.jsonl')
   args = cli.parse(parser, argv)
   logging.basicConfig(level=logging.INFO, format='%(message)s')
   for noisy in ('absl', 'orbax', 'jax'):
@@ -350,10 +472,22 @@ def main(argv=None):
   try:
     config = config_lib.load(args.config, tuple(args.set))
     distributed.initialize(sharding.mesh_config(config).distributed)
-    trainer = Trainer(config, args.workdir, profile=profile)
-    trainer.run()
-  except (config_lib.ConfigError, FileNotFoundError, ValueError, NonFiniteLoss) as e:
+    trainer = Trainer(config, args.workdir, profile=profile,
+                      allow_change=tuple(args.allow_change))
+    result = trainer.run()
+  except (config_lib.ConfigError, FileNotFoundError, ValueError, NonFiniteLoss,
+          checkpoint.CheckpointError, checkpoint.WorkdirLocked) as e:
     sys.exit(f'error: {e}')
+  except OSError as e:
+    extra = f'; {checkpoint.free_space(args.workdir)} in {args.workdir}' \
+        if checkpoint.is_disk_full(e) else ''
+    sys.exit(f'error: {e}{extra}')
+  except KeyboardInterrupt:
+    print(f'error: interrupted before training started; nothing was saved. Run the same command '
+          f'to start again.', file=sys.stderr)
+    sys.exit(130)
+  if result.get('stopped'):
+    sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == '__main__':
