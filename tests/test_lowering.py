@@ -265,6 +265,9 @@ def test_train_step_lowers(lowered_steps, name, platform):
     assert (TRITON if platform == 'cuda' else 'tpu_custom_call') in calls
   elif platform == 'tpu':
     assert 'tpu_custom_call' not in calls  # 'auto' stays on XLA on TPU: no measurement yet
+  # The fused kernels (cuDNN, Pallas) run per device inside a shard_map, the rest is XLA's.
+  fused = name.endswith('pallas') or platform == 'cuda'
+  assert ('sdy.manual_computation' in text) == fused
 
 
 @pytest.mark.parametrize('platform', PLATFORMS)
