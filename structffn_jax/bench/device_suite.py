@@ -41,6 +41,8 @@ import subprocess
 import sys
 import time
 
+from structffn_jax import cli
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 NEEDS = ('jax[cuda12]  (pip install -U "jax[cuda12]": CUDA plugin, cuDNN, Triton lowering)',)
 STRUCTURES = ('dense', 'lowrank', 'blockdense', 'blockshuffle')
@@ -375,8 +377,7 @@ def print_table(table: list[dict]):
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.parser(__doc__, 'structffn_jax.bench.device_suite')
   parser.add_argument('--out', help='folder for every JSON, the logs and summary.json')
   parser.add_argument('--dry-run', action='store_true',
                       help='every step on the CPU at toy sizes (plumbing check)')
