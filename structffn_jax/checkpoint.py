@@ -34,6 +34,7 @@ import pathlib
 import shutil
 import socket
 import sys
+import threading
 import time
 
 import jax
@@ -89,11 +90,13 @@ def free_space(path) -> str:
 
 
 def _size(n: float) -> str:
-  for unit in ('B', 'KiB', 'MiB', 'GiB', 'TiB'):
-    if n < 1024 or unit == 'TiB':
-      return f'{n:.1f} {unit}' if unit != 'B' else f'{int(n)} B'
+  if n < 1024:
+    return f'{int(n)} B'
+  for unit in ('KiB', 'MiB', 'GiB', 'TiB'):
     n /= 1024
-  return f'{n} B'
+    if n < 1024 or unit == 'TiB':
+      break
+  return f'{n:.1f} {unit}'
 
 
 def is_disk_full(e: BaseException) -> bool:
@@ -234,16 +237,36 @@ def _alive(holder: dict) -> bool:
 class WorkdirLock:
   """<workdir>/lock: which trainer (pid, host) runs in a workdir; one trainer at a time.
 
-  The file is created atomically and holds the holder's pid, host and start time. A second
-  trainer refuses with WorkdirLocked naming them. A lock left by a process that is no longer
-  running on this host (killed, crashed) is stale and taken over; one from another host can't be
-  checked from here and is refused with a hint.
+  The file is created atomically and holds the holder's pid, host and start time; the holder
+  touches it every HEARTBEAT_S seconds. A second trainer refuses with WorkdirLocked naming them.
+  A lock is stale, and taken over, when its process is no longer running on this host (killed,
+  crashed), or when it comes from another host (a job requeued elsewhere after a kill -9 or a
+  node failure) and has not been touched for STALE_AFTER_S seconds.
   """
+
+  HEARTBEAT_S = 60
+  STALE_AFTER_S = 600
 
   def __init__(self, path: pathlib.Path):
     self.path = path
     self.held = False
     self.took_over = None  # what was taken over: a line for the log
+    self._stop = threading.Event()
+
+  def _heartbeat(self):
+    while not self._stop.wait(self.HEARTBEAT_S):
+      with contextlib.suppress(OSError):
+        os.utime(self.path)
+
+  def _start_heartbeat(self):
+    self.held = True
+    threading.Thread(target=self._heartbeat, name='workdir-lock', daemon=True).start()
+
+  def _age(self) -> float:
+    try:
+      return time.time() - self.path.stat().st_mtime
+    except OSError:
+      return 0.0
 
   @classmethod
   def acquire(cls, workdir: pathlib.Path) -> 'WorkdirLock':
@@ -257,7 +280,7 @@ class WorkdirLock:
       for _ in range(3):
         try:
           os.link(tmp, lock.path)  # fails if a lock exists: create-if-absent, complete contents
-          lock.held = True
+          lock._start_heartbeat()
           return lock
         except FileExistsError:
           pass
@@ -265,21 +288,32 @@ class WorkdirLock:
         if holder is None:
           continue  # released meanwhile
         who = f'pid {holder.get("pid")} on host {holder.get("host")}'
-        if holder.get('host') != me['host']:
+        age = lock._age()
+        if not holder:
+          who, why_stale = 'an unreadable lock file', 'no holder to check'
+        elif holder.get('host') != me['host']:
+          if age < lock.STALE_AFTER_S:
+            raise WorkdirLocked(
+                f'workdir {workdir} is locked by a trainer ({who}, since {holder.get("since")}, '
+                f'alive {age:.0f}s ago); stop it first, or use another --workdir. If that '
+                f'process is gone, remove {lock.path} (or wait {lock.STALE_AFTER_S}s).')
+          why_stale = f'not touched for {age:.0f}s'
+        elif holder.get('pid') == me['pid']:
           raise WorkdirLocked(
-              f'workdir {workdir} is locked by a trainer ({who}, since {holder.get("since")}); '
-              f'stop it first, or use another --workdir. If that process is gone, remove '
-              f'{lock.path}.')
-        if _alive(holder):
+              f'workdir {workdir} is in use by another Trainer of this process ({who}); call its '
+              f'close() first.')
+        elif _alive(holder):
           raise WorkdirLocked(
               f'workdir {workdir} is in use by another trainer ({who}, since '
               f'{holder.get("since")}); stop it first, or use another --workdir.')
+        else:
+          why_stale = 'no longer running'
         stale = lock.path.with_name(f'.{LOCK}.stale-{holder.get("pid")}')
         try:
           os.replace(lock.path, stale)
         except FileNotFoundError:
           continue
-        lock.took_over = f'workdir lock: took over the stale lock of {who} (no longer running)'
+        lock.took_over = f'workdir lock: took over the stale lock of {who} ({why_stale})'
         stale.unlink(missing_ok=True)
       raise WorkdirLocked(f'workdir {workdir}: could not take {lock.path}; another trainer is '
                           f'starting there.')
@@ -302,6 +336,7 @@ class WorkdirLock:
     if not self.held:
       return
     self.held = False
+    self._stop.set()
     holder = self.holder()
     if holder and holder.get('pid') == os.getpid():
       self.path.unlink(missing_ok=True)

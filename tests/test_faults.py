@@ -217,12 +217,22 @@ def test_a_stale_lock_is_taken_over(tmp_path, data_dir, capsys):
   assert f'took over the stale lock of pid {dead.pid}' in capsys.readouterr().out
   holder = json.loads((workdir / 'lock').read_text())
   assert holder['pid'] == os.getpid()
+  with pytest.raises(checkpoint.WorkdirLocked, match='another Trainer of this process'):
+    train.Trainer(tiny(data_dir, 'train.tokens=1024'), workdir)
   trainer.close()  # what run() does at its end
   assert not (workdir / 'lock').exists(), 'released'
-  # A lock from another host cannot be checked from here: refused, with the way out.
-  (workdir / 'lock').write_text(json.dumps({'pid': 1, 'host': 'elsewhere'}))
+  # A lock from another host: its pid cannot be checked from here. Refused while its holder
+  # touches it, taken over once it has not for STALE_AFTER_S (a job requeued after a node died).
+  lock = workdir / 'lock'
+  lock.write_text(json.dumps({'pid': 1, 'host': 'elsewhere'}))
   with pytest.raises(checkpoint.WorkdirLocked, match='pid 1 on host elsewhere.*remove'):
     train.Trainer(tiny(data_dir, 'train.tokens=1024'), workdir)
+  old = time.time() - checkpoint.WorkdirLock.STALE_AFTER_S - 5
+  os.utime(lock, (old, old))
+  trainer = train.Trainer(tiny(data_dir, 'train.tokens=1024'), workdir)
+  assert 'took over the stale lock of pid 1 on host elsewhere (not touched for' in \
+      capsys.readouterr().out
+  trainer.close()
 
 
 # ----------------------------------------------------------------------------- config and workdir
