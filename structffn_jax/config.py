@@ -82,6 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.grad_clip = 1.0  # Global gradient-norm clip.
   t.seed = 1005  # Seed for init, data order and reduce_flop draws.
   t.data_start = 0  # First global batch of the shuffled row order this run reads.
+  t.data_seed = -1  # Seed of the row order (-1 = train.seed).
   t.eval_tokens = 0.5e9  # Held-out tokens for validation (capped by the split's size).
   t.eval_every = 1000  # Evaluate every this many steps (and at the end); 0 = only at the end.
   t.eval_batch = 0  # Sequences per evaluation forward pass (0 = micro_batch or global_batch).

@@ -282,7 +282,8 @@ class Trainer:
         + (f', self-guided for {plan.guided_steps} steps ({c.sgt.mode}, {c.sgt.schedule}'
            f'{", reduce_flop" if c.sgt.reduce_flop else ""})' if c.sgt.enabled else ''))
     index, count = sharding.process_share(self.batch_sharding, (t.global_batch, 1))
-    stream = pipeline.BatchStream(self.manifest, 'train', global_batch=t.global_batch, seed=t.seed,
+    stream = pipeline.BatchStream(self.manifest, 'train', global_batch=t.global_batch,
+                                  seed=t.seed if t.data_seed < 0 else t.data_seed,
                                   process_index=index, process_count=count)
     batches = stream.iterate(self.step, plan.data_index)
     old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}

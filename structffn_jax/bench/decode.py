@@ -15,7 +15,8 @@ structured models (configs/wide_structured.py: dense, GQA, ours = LowRank FFN + 
 pre-merged with a threshold calibrated on this device), random weights, parameters in the
 compute dtype, one prompt token, no EOS stop; at each batch size the variants run interleaved.
 --scale s shrinks widths and depth by s so the CPU finishes in minutes; the output says so, and
-its numbers are then not the paper's models.
+its numbers are then not the paper's models. `--config FILE:ARG` (repeatable) times those configs'
+models instead, each named by its run name (e.g. the CPU study of configs/cpu_reproduction.py).
 
 Paper (A100, bf16): Figure 5 below ~16 tokens structured loses to dense; Table 2 decode
 throughput m: dense 30229, GQA 84202, ours 91147; l: dense 23351, GQA 64737, ours 75930.
@@ -118,12 +119,15 @@ def cast_params(model):
   return model
 
 
-def bench_table2(model_size, variants, batches, gen_len, prompt_len, scale, dtype, iters):
-  """Every variant built first, then each batch size timed with the variants interleaved."""
+def bench_table2(model_size, variants, batches, gen_len, prompt_len, scale, dtype, iters,
+                 configs=None):
+  """Every variant built first, then each batch size timed with the variants interleaved.
+  `configs`: {variant: model section} to time instead of Table 2's models."""
   models, notes = {}, {}
   for variant in variants:
     premerged = variant == 'ours+premerge'
-    cfg = table2_config(model_size, 'ours' if premerged else variant, scale, dtype)
+    cfg = configs[variant] if configs else \
+        table2_config(model_size, 'ours' if premerged else variant, scale, dtype)
     model = GPT(cfg, rngs=nnx.Rngs(0))
     notes[variant] = ''
     if premerged:
@@ -152,7 +156,7 @@ def bench_table2(model_size, variants, batches, gen_len, prompt_len, scale, dtyp
                                          for v, t in times.items()), file=sys.stderr, flush=True)
   for variant in variants:
     paper = PAPER_TABLE2.get(model_size, {}).get(variant.split('+')[0], '') if scale == 1 \
-        else 'n/a (scaled)'
+        and not configs else 'n/a (scaled)'
     rows.append({'model': model_size, 'variant': variant, 'batch': 'best',
                  'tokens_per_s': best[variant], 'paper_tokens_per_s': paper,
                  'note': notes[variant]})
@@ -219,6 +223,8 @@ def main(argv=None):
   parser.add_argument('--scale', type=float, default=1.0 if gpu else 0.25,
                       help="table2: shrink widths and depth by this factor (default: 0.25 on a "
                            "CPU, where the models are then smaller than the paper's)")
+  parser.add_argument('--config', action='append', default=[], metavar='FILE:ARG',
+                      help="table2: time this config's model instead of Table 2's (repeatable)")
   parser.add_argument('--out', default=timing.default_out('decode'), help='JSON path')
   parser.add_argument('--plot', nargs='?', const='', default=None, metavar='PNG',
                       help='also draw the results (default: the JSON path with .png)')
@@ -238,8 +244,17 @@ def main(argv=None):
     if args.scale != 1:
       print(f'\nNOTE: --scale {args.scale}: widths and depth shrunk; these are NOT the paper\'s '
             'Table 2 models and the numbers are not comparable to its throughput.')
-    table2_rows = bench_table2(args.model, args.variants.split(','), _ints(args.batches),
-                               args.gen_len, args.prompt_len, args.scale, args.dtype, args.iters)
+    configs = None
+    if args.config:
+      configs = {}
+      for spec in args.config:
+        c = config_lib.load(spec)
+        c.model.dtype = args.dtype
+        configs[c.name] = c.model
+    table2_rows = bench_table2('config' if configs else args.model,
+                               list(configs) if configs else args.variants.split(','),
+                               _ints(args.batches), args.gen_len, args.prompt_len, args.scale,
+                               args.dtype, args.iters, configs)
     print(f'\nTable 2 decode throughput, generation length {args.gen_len}, model {args.model}'
           f' (scale {args.scale}, {args.dtype}, {jax.devices()[0].device_kind}):')
     timing.print_table(table2_rows, ['model', 'variant', 'batch', 'tokens_per_s', 'seconds',
