@@ -58,14 +58,12 @@ def main(argv=None):
                       help="mesh sizes (data, fsdp, tensor) instead of the run's, e.g. 1,1,1 to "
                            'generate on one device from a run trained on many')
   args = cli.parse(parser, argv)
-  import sentencepiece as spm
-
   try:
     prompts = _read_prompts(args)
     if not prompts:
       raise ValueError('no prompt: pass --prompt TEXT (repeatable) or --prompt-file FILE.')
     config, model, alpha, manifest = load(args.workdir, args.merge_threshold, args.mesh)
-    sp = spm.SentencePieceProcessor(model_file=str(manifest.tokenizer_path))
+    sp = manifest.load_tokenizer()  # SentencePiece or tokenizer.json, as the data was made
     ids = [[manifest.eos_id] + sp.encode(p) for p in prompts]
     start = time.perf_counter()
     completions = generate(model, ids, args.max_new_tokens, temperature=args.temperature,
