@@ -367,7 +367,7 @@ class _OrbaxFailureFilter(logging.Filter):
 
   def filter(self, record):
     if record.levelno < logging.ERROR:
-      return True
+      return not record.getMessage().startswith('Given directory is read only')
     if '/orbax/' in (record.pathname or ''):
       return False
     return not _from_orbax(record.exc_info[1] if record.exc_info else None)
@@ -415,8 +415,9 @@ def _quiet_unraisable():
 
 
 def _quiet_unraisable_from_now():
-  """After a failed save (the run stops): its writes still finishing in Orbax's threads are
-  dropped quietly until the process ends."""
+  """From the trainer's first Checkpointer on: what the writes of a failed save raise as they
+  finish in Orbax's threads (before `poll` notices the failure) is dropped, not printed; the
+  failure itself is reported by `poll` in one line."""
   if not getattr(sys.unraisablehook, 'quiet', False):
     sys.unraisablehook = _quiet_hook(sys.unraisablehook)
 
@@ -439,6 +440,8 @@ class Checkpointer:
   def __init__(self, workdir: pathlib.Path, keep: int, *, read_only: bool = False,
                cleanup: bool = False, log=print):
     _quiet_orbax_failures()
+    if not read_only:
+      _quiet_unraisable_from_now()
     self.workdir = pathlib.Path(workdir)
     self.directory = (self.workdir / 'checkpoints').absolute()
     self.read_only = read_only
@@ -448,8 +451,10 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max(1, keep), enable_async_checkpointing=True, create=not read_only,
-            read_only=read_only, cleanup_tmp_directories=cleanup and not read_only))
+            max_to_keep=None if read_only else max(1, keep),
+            save_interval_steps=0 if read_only else 1, enable_async_checkpointing=True,
+            create=not read_only, read_only=read_only,
+            cleanup_tmp_directories=cleanup and not read_only))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
