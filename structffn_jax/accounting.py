@@ -9,7 +9,7 @@ xl model costs no memory), so they cannot drift from what trains. Forward FLOPs 
   + 2 · vocab · d                      (tied LM head)
 
 Training FLOPs are 3 × forward × tokens. A self-guided guide is counted for the G guided steps
-only, at half its cost with `reduce_flop` (the mean of α over the schedule is ½).
+only, at its expected cost (`sgt.guide_cost`: half with `reduce_flop`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from structffn_jax import structured
+from structffn_jax import sgt, structured
 from structffn_jax.model import GPT
 
 
@@ -50,18 +50,10 @@ def _size(p) -> int:
   return int(np.prod(p.shape))
 
 
-def schedule_steps(config: ml_collections.ConfigDict, base_only: bool = False) -> tuple[int, int]:
-  """(total optimizer steps, guided steps G) from the token budget and the SGT mode.
-
-  base_only: return the baseline S (the run without self-guided extra steps) instead.
-  """
-  t = config.train
-  base = max(1, round(t.tokens / (t.global_batch * config.model.seq_len)))
-  if base_only or not config.sgt.enabled:
-    return base, 0
-  guided = max(1, round(config.sgt.ratio * base))
-  total = base + guided if config.sgt.mode == 'fixedflop' else base
-  return total, min(guided, total)
+def schedule_steps(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(total optimizer steps, guided steps G) of `sgt.step_counts`, as the accounting reads them."""
+  counts = sgt.step_counts(config)
+  return counts.total, counts.guided
 
 
 def account(config: ml_collections.ConfigDict, model: GPT | None = None) -> Accounting:
@@ -83,13 +75,11 @@ def account(config: ml_collections.ConfigDict, model: GPT | None = None) -> Acco
       attn_weights += n
   flops = 2 * attn_weights + 4 * m.seq_len * m.attn_dim * m.num_layers + 2 * ffn \
       + 2 * m.vocab_size * m.hidden_dim
-  steps, guided = schedule_steps(config)
-  base_steps = schedule_steps(config, base_only=True)[0]
+  counts = sgt.step_counts(config)
+  steps, guided = counts.total, counts.guided
   # Tokens follow the configured budget (the paper's tables), scaled by the extra guided steps.
-  tokens = config.train.tokens * steps / base_steps
-  guide_tokens = config.train.tokens * guided / base_steps
-  if config.sgt.reduce_flop:
-    guide_tokens *= 0.5
+  tokens = config.train.tokens * steps / counts.base
+  guide_tokens = config.train.tokens * guided / counts.base * sgt.guide_cost(config)
   train = 3.0 * (flops * tokens + 2 * guide * guide_tokens)
   return Accounting(params_total=total, params_ffn=ffn, params_guide=guide,
                     flops_per_token=flops, guide_flops_per_token=2 * guide, steps=steps,

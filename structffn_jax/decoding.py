@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from structffn_jax import calibration, optim
+from structffn_jax import calibration, sgt
 from structffn_jax import run as run_lib
 
 
@@ -121,7 +121,7 @@ def load(workdir, merge_threshold: int | None = None, mesh: str | None = None):
   config, model, opt_state = run.config, run.model, run.opt_state
   alpha = None
   if model.has_guide:
-    alpha = optim.alpha_of(opt_state)
+    alpha = sgt.alpha_of(opt_state)
     if alpha is None or float(alpha) == 0.0:
       model.drop_guides()
       alpha = None

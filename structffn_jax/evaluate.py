@@ -18,7 +18,7 @@ import sys
 import jax
 from flax import nnx
 
-from structffn_jax import cli, distributed, evaluation, optim, sharding, steps
+from structffn_jax import cli, distributed, evaluation, sgt, sharding, steps
 from structffn_jax.data import prepare as prepare_lib
 from structffn_jax.data.sources import SPLITS
 from structffn_jax.run import load_config, load_run
@@ -42,7 +42,7 @@ def evaluate(workdir, split='valid', max_tokens=None, batch_size=None, mesh=None
   eval_step = jax.jit(steps.make_eval_step(graphdef),
                       in_shardings=(params_sh, sharding.replicated(device_mesh), batch_sh, mask_sh),
                       out_shardings=sharding.replicated(device_mesh))
-  alpha = optim.alpha_of(opt_state) if not meta.get('guides_dropped') else None
+  alpha = sgt.alpha_of(opt_state) if not meta.get('guides_dropped') else None
   max_rows = None if max_tokens is None else max(1, int(max_tokens // config.model.seq_len))
   with sharding.use_mesh(device_mesh, rules):
     loss, count = evaluation.mean_loss(eval_step, params, alpha, manifest, split, batch_size,

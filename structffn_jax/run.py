@@ -1,5 +1,6 @@
-"""A trained run read back from its workdir: its config.json and its newest checkpoint.
+"""A run's model and train state, built from its config, and a trained run read back.
 
+  a = run.abstract_state(config, tx, mesh, guides=True)  # graph, shapes, shardings of a state
   config = run.load_config(workdir)             # the run's config (mesh sizes overridable)
   r = run.load_run(workdir, mesh='1,1,1')       # config, model, optimizer state, meta, mesh
 
@@ -20,8 +21,35 @@ import jax
 import ml_collections
 from flax import nnx
 
-from structffn_jax import accounting, checkpoint, optim, sharding, steps
+from structffn_jax import checkpoint, optim, sgt, sharding, steps
 from structffn_jax.model import GPT
+
+
+def new_model(config: ml_collections.ConfigDict, guides: bool, seed: int = 0) -> GPT:
+  """The GPT of `config`, initialised from `seed`; with SGT, its guides present or (`guides`
+  False: after the hand-over) dropped."""
+  model = GPT(config.model, guide=config.sgt.enabled, reduce_flop=config.sgt.reduce_flop,
+              rngs=nnx.Rngs(params=seed))
+  if config.sgt.enabled and not guides:
+    model.drop_guides()
+  return model
+
+
+class AbstractState(NamedTuple):
+  """A train state's graph, shapes and shardings, computed without any array."""
+  graphdef: Any              # the model's graph (static in the jitted steps)
+  state: Any                 # {'params', 'opt_state'} of jax.ShapeDtypeStruct leaves
+  shardings: Any             # the same tree of NamedShardings over `mesh`
+
+
+def abstract_state(config: ml_collections.ConfigDict, tx, mesh: jax.sharding.Mesh,
+                   guides: bool) -> AbstractState:
+  """The train state of `config` with optimizer `tx` on `mesh`, with or without its guides.
+  Raises (naming the config field) on a dimension that the mesh cannot split."""
+  graphdef = nnx.split(nnx.eval_shape(lambda: new_model(config, guides)), nnx.Param)[0]
+  state = jax.eval_shape(lambda: steps.init_state(new_model(config, guides), tx)[1])
+  return AbstractState(graphdef, state,
+                       sharding.param_shardings(state, mesh, sharding.rules_of(config)))
 
 
 def load_config(workdir, mesh: str | None = None) -> ml_collections.ConfigDict:
@@ -48,7 +76,7 @@ class Run(NamedTuple):
   """A trained run restored from its newest checkpoint (`load_run`)."""
   config: ml_collections.ConfigDict
   model: GPT
-  opt_state: Any             # carries the self-guided α (optim.alpha_of)
+  opt_state: Any             # carries the self-guided α (sgt.alpha_of)
   meta: dict                 # the checkpoint's metadata: step, guides_dropped, ...
   mesh: jax.sharding.Mesh    # the mesh the arrays were restored onto
 
@@ -64,21 +92,13 @@ def load_run(workdir, mesh: str | None = None) -> Run:
     raise FileNotFoundError(f'{workdir / "checkpoints"} holds no checkpoint yet.')
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_ckpts, read_only=True,
                                  log=lambda line: print(line, file=sys.stderr))
-  total, guided = accounting.schedule_steps(config)
-  tx = optim.make_optimizer(config, total, guided)
+  counts = sgt.step_counts(config)
+  tx = optim.make_optimizer(config, counts.total, counts.guided)
   built = {}
 
   def target(meta):
-    def init():
-      model = GPT(config.model, guide=config.sgt.enabled, reduce_flop=config.sgt.reduce_flop,
-                  rngs=nnx.Rngs(0))
-      if meta.get('guides_dropped'):
-        model.drop_guides()
-      return model
-
-    built['graphdef'] = nnx.split(nnx.eval_shape(init), nnx.Param)[0]
-    abstract = jax.eval_shape(lambda: steps.init_state(init(), tx)[1])
-    shardings = sharding.param_shardings(abstract, device_mesh, sharding.rules_of(config))
+    built['graphdef'], abstract, shardings = abstract_state(
+        config, tx, device_mesh, guides=not meta.get('guides_dropped'))
     return sharding.with_shardings(abstract, shardings)
 
   try:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from structffn_jax import optim, sharding
+from structffn_jax import sgt, sharding
 
 
 def init_state(model, tx: optax.GradientTransformation):
@@ -46,7 +46,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, micro_batches: i
 
   def step(state, batch, key):
     params, opt_state = state['params'], state['opt_state']
-    alpha = optim.alpha_of(opt_state)
+    alpha = sgt.alpha_of(opt_state)
     micro = batch.reshape(micro_batches, batch.shape[0] // micro_batches, batch.shape[1])
     micro = sharding.constrain(micro, (None, 'batch', None))  # each slice over the batch axes
 

@@ -4,9 +4,10 @@ One run = one workdir: config.json, data/ (tokenizer + token rows, prepared on f
 checkpoints/, metrics.jsonl, tb/ (TensorBoard), profile/ (XLA traces). Re-running the same
 command resumes from the newest checkpoint and continues exactly as if never stopped.
 
-Self-guided training (docs/design.md §3): the optimizer state carries α; after G steps the
-guides and their optimizer state are dropped and the step is compiled once more. With
-`sgt.mode=fixedflop` the run has S + G steps and its last G steps replay the first G batches.
+Self-guided training (docs/design.md §3, structffn_jax/sgt.py): the optimizer state carries α;
+before step G the guides and their optimizer state are dropped and the step is compiled once
+more. With `sgt.mode=fixedflop` the run has S + G steps and its last G steps replay the first G
+batches.
 
 Devices: one (data, fsdp, tensor) mesh over every device of every process (`config.mesh`, see
 structffn_jax/sharding.py). The state is initialised sharded, each step is jitted with explicit
@@ -34,15 +35,14 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
 
 from structffn_jax import accounting, checkpoint, cli, distributed, hostmem, metrics, optim
-from structffn_jax import sharding, steps
+from structffn_jax import run as run_lib
+from structffn_jax import sgt, sharding, steps
 from structffn_jax import config as config_lib
 from structffn_jax import evaluation
 from structffn_jax.data import pipeline
 from structffn_jax.data import prepare as prepare_lib
-from structffn_jax.model import GPT
 from structffn_jax.plan import make_plan
 
 
@@ -91,7 +91,7 @@ class Trainer:
     sharding.check_batch(config, self.mesh, jax.process_count())
     self.tx = optim.make_optimizer(config, self.plan.total_steps, self.plan.guided_steps)
     self.lr = optim.lr_schedule(config.train, self.plan.total_steps)
-    self._abstract_state(guides=config.sgt.enabled)  # raises on a dimension the mesh can't split
+    self._set_abstract(guides=config.sgt.enabled)  # raises on a dimension the mesh can't split
     self.lock = checkpoint.lock_workdir(self.workdir)
     self.ckpt = self.report = None
     try:
@@ -147,27 +147,11 @@ class Trainer:
 
   # --------------------------------------------------------------------------- state
 
-  def _new_model(self, guides: bool):
-    c = self.config
-    model = GPT(c.model, guide=c.sgt.enabled, reduce_flop=c.sgt.reduce_flop,
-                rngs=nnx.Rngs(params=c.train.seed))
-    if c.sgt.enabled and not guides:
-      model.drop_guides()
-    return model
-
-  def _init_state(self, guides: bool):
-    """The initial train state (a pure function: jitted with the state's shardings)."""
-    return steps.init_state(self._new_model(guides), self.tx)[1]
-
-  def _abstract_state(self, guides: bool):
-    """Shapes and shardings of the train state, without computing it; sets graphdef too."""
-    cached = getattr(self, '_abstract', None)
-    if cached is None or cached[0] != guides:
-      graphdef = nnx.split(nnx.eval_shape(lambda: self._new_model(guides)), nnx.Param)[0]
-      abstract = jax.eval_shape(lambda: self._init_state(guides))
-      shardings = sharding.param_shardings(abstract, self.mesh, self.rules)
-      self._abstract = cached = (guides, graphdef, abstract, shardings)
-    _, self.graphdef, abstract, self.state_shardings = cached
+  def _set_abstract(self, guides: bool):
+    """The train state's graph and shardings, with or without the guides (`run.abstract_state`);
+    returns its abstract state."""
+    self.graphdef, abstract, self.state_shardings = run_lib.abstract_state(
+        self.config, self.tx, self.mesh, guides)
     return abstract
 
   def _build_state(self):
@@ -176,15 +160,17 @@ class Trainer:
     and the data position from its step."""
     def target(meta):
       self.guides = self.config.sgt.enabled and not meta.get('guides_dropped', False)
-      return sharding.with_shardings(self._abstract_state(self.guides), self.state_shardings)
+      return sharding.with_shardings(self._set_abstract(self.guides), self.state_shardings)
 
     restored = self.ckpt.restore_newest(target)
     self.step = 0
     if restored is None:  # initialised in place: a large model never sits on one device
       self.guides = self.config.sgt.enabled
-      self._abstract_state(self.guides)
-      self.state = jax.jit(lambda: self._init_state(self.guides),
-                           out_shardings=self.state_shardings)()
+      self._set_abstract(self.guides)
+      c, guides = self.config, self.guides
+      self.state = jax.jit(
+          lambda: steps.init_state(run_lib.new_model(c, guides, c.train.seed), self.tx)[1],
+          out_shardings=self.state_shardings)()
     else:
       step, self.state, meta = restored
       self.step = int(meta['step'])
@@ -212,13 +198,8 @@ class Trainer:
 
   def _drop_guides(self):
     """Hand-over complete: remove the guides and their optimizer state, compile once more."""
-    model = nnx.merge(self.graphdef, self.state['params'])
-    model.drop_guides()
-    _, params = nnx.split(model, nnx.Param)
-    fresh = jax.eval_shape(self.tx.init, params)  # the structure only: every leaf moves across
-    self._abstract_state(guides=False)
-    self.state = {'params': params,
-                  'opt_state': optim.transplant(self.state['opt_state'], fresh)}
+    self.state = sgt.hand_over(self.graphdef, self.state, self.tx)
+    self._set_abstract(guides=False)
     self.guides = False
     self._compile()
     self.report.log(f'step {self.step}: self-guided hand-over complete (α=0); dropped '
@@ -245,7 +226,7 @@ class Trainer:
     t = self.config.train
     batch = t.eval_batch or t.micro_batch or t.global_batch
     max_rows = max(1, int(t.eval_tokens // self.config.model.seq_len))
-    alpha = optim.alpha_of(self.state['opt_state']) if self.guides else None
+    alpha = sgt.alpha_of(self.state['opt_state']) if self.guides else None
     with sharding.use_mesh(self.mesh, self.rules):
       loss, count = evaluation.mean_loss(self.eval_step, self.state['params'], alpha,
                                          self.manifest, split, batch, max_rows,
@@ -302,7 +283,7 @@ class Trainer:
         if self.profile[0] >= 0 and self.step == self.profile[0] and self.is_main:
           jax.profiler.start_trace(str(self.workdir / 'profile'))
           profiling = True
-        if self.guides and self.step >= plan.guided_steps:
+        if self.guides and not sgt.is_guided(self.step, plan.guided_steps):
           self._flush(pending)
           pending = None
           self._drop_guides()
@@ -398,8 +379,8 @@ class Trainer:
     """Training FLOPs of one step in the paper's accounting, the guide at its expected cost."""
     tokens = self.config.train.global_batch * self.config.model.seq_len
     flops = self.acc.flops_per_token
-    if self.guides and self.step <= self.plan.guided_steps:
-      flops += self.acc.guide_flops_per_token * (0.5 if self.config.sgt.reduce_flop else 1.0)
+    if self.guides and sgt.is_guided(self.step - 1, self.plan.guided_steps):  # the step just run
+      flops += self.acc.guide_flops_per_token * sgt.guide_cost(self.config)
     return 3.0 * flops * tokens
 
   def _flush(self, pending, extra=None, progress=None):

@@ -12,7 +12,8 @@ import numpy as np
 import optax
 import pytest
 
-from structffn_jax import metrics, optim, train
+from structffn_jax import metrics, optim, sgt, train
+from structffn_jax import plan as plan_lib
 from tests import tiny_setup
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -59,13 +60,13 @@ def test_guides_and_their_optimizer_state_are_dropped(tmp_path, data_dir):
   assert not any('guide' in jax.tree_util.keystr(p) for p, _ in leaves)
   # fc1 and fc2 of 2 stacked blocks each lose 1 param + 2 Adam moments.
   assert n_before - len(leaves) == 2 * 3
-  assert optim.alpha_of(trainer.state['opt_state']) == 0.0
+  assert sgt.alpha_of(trainer.state['opt_state']) == 0.0
 
 
 def test_alpha_schedule_closed_forms():
   g = 40
-  cos = optim.alpha_schedule('cosine', g)
-  lin = optim.alpha_schedule('linear', g)
+  cos = sgt.alpha_schedule('cosine', g)
+  lin = sgt.alpha_schedule('linear', g)
   for t in (0, 1, 7, 20, 39, 40, 41, 100):
     expect_cos = 0.5 * (1 + math.cos(math.pi * t / g)) if t < g else 0.0
     expect_lin = 1 - t / g if t < g else 0.0
@@ -77,7 +78,7 @@ def test_alpha_schedule_closed_forms():
 def test_self_guided_transform_freezes_guides_after_g():
   g = 3
   params = {'guide': jnp.ones((2, 2)), 'u': jnp.ones((2,))}
-  tx = optim.self_guided(optim.alpha_schedule('linear', g), g, optim.guide_mask)
+  tx = sgt.self_guided(sgt.alpha_schedule('linear', g), g, sgt.guide_mask)
   state = tx.init(params)
   assert int(state.step) == 0 and float(state.alpha) == 1.0
   grads = {'guide': jnp.full((2, 2), 0.5), 'u': jnp.full((2,), 0.25)}
@@ -104,7 +105,7 @@ def test_lr_schedule_warmup_then_cosine_to_a_tenth():
 
 def test_fixedflop_plan_replays_the_guided_batches():
   c = tiny('sgt.mode=fixedflop', 'sgt.ratio=0.25', 'train.tokens=20480')  # S = 40
-  plan = train.make_plan(c)
+  plan = plan_lib.make_plan(c)
   assert (plan.base_steps, plan.guided_steps, plan.total_steps) == (40, 10, 50)
   indices = [plan.data_index(t) for t in range(plan.total_steps)]
   assert indices[:40] == list(range(40))
@@ -117,7 +118,7 @@ def test_transplant_keeps_surviving_moments():
   small = {'a': jnp.zeros(3)}
   s_big = tx.init(big)
   s_big = tx.update(big, s_big, big)[1]
-  moved = optim.transplant(s_big, tx.init(small))
+  moved = sgt.transplant(s_big, tx.init(small))
   np.testing.assert_array_equal(moved[0].mu['a'], s_big[0].mu['a'])
   assert int(moved[0].count) == 1
 
