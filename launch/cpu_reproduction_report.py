@@ -290,7 +290,7 @@ def main(argv=None) -> int:
       ('Study 2: Figure 3 in miniature (learning-rate sensitivity)', report_lr(runs['lr'], out),
        runs['lr']),
       ('Study 3: Tables 3, 4 and 10 in miniature (self-guided training at equal FLOPs)',
-       report_table(runs['sgt'], out, 'sgt', 'CPU SGT study, width 96, 32%'), runs['sgt']),
+       report_table(runs['sgt'], out, 'sgt', 'CPU SGT study, width 64, 32%'), runs['sgt']),
       ('Study 4: Table 2 in miniature (wide LowRank + GQA at equal FLOPs)',
        report_table(runs['wide'], out, 'wide', 'CPU wide & structured study, width 128',
                     decode_throughput(pathlib.Path(args.decode) if args.decode else None)),
