@@ -87,7 +87,7 @@ def threshold(config, workdir, override: int | None = None):
   Order: `override`, then model.ffn.merge_threshold, then <workdir>/premerge.json; -1 in the
   first two defers to the next, 0 means never merged.
   """
-  for value in (override, config.model.ffn.get('merge_threshold', -1)):
+  for value in (override, config.model.ffn.merge_threshold):
     if value is not None and value >= 0:
       return int(value) or None
   path = pathlib.Path(workdir) / FILE

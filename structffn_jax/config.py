@@ -1,8 +1,9 @@
-"""The config schema: one function that lists every field with its default, and its checks.
+"""Configs: loading a config file with its overrides, and checking every field.
 
-Config files in `configs/` start from `base_config()` and override what their paper table needs.
-`validate(config)` turns a bad value into a one-line error naming the field and what is allowed,
-before anything is built or compiled.
+The schema, every field with its one default, is `base_config()` (structffn_jax/schema.py,
+re-exported here). Config files in `configs/` start from it and override what their paper table
+needs. `validate(config)` turns a bad value into a one-line error naming the field and what is
+allowed, before anything is built or compiled.
 """
 
 from __future__ import annotations
@@ -11,10 +12,14 @@ import ast
 
 import ml_collections
 
-from structffn_jax import attention, structured
-from structffn_jax.data import prepare as prepare_lib
+from structffn_jax import attention, sharding, structured
 from structffn_jax.data import sources as sources_lib
+from structffn_jax.errors import ConfigError
 from structffn_jax.kernels import api as kernels_api
+from structffn_jax.schema import DATA_FORMATS, base_config, from_dict
+
+__all__ = ['ConfigError', 'SIZES', 'base_config', 'choose', 'config_module', 'ffn_structures',
+           'from_dict', 'load', 'override', 'parse_arg', 'validate']
 
 SIZES = {  # docs/design.md §6.2: hidden, ffn, heads, layers, tokens, peak lr
     's': dict(hidden_dim=768, ffn_dim=3072, num_heads=12, num_layers=12, tokens=2.2e9,
@@ -26,89 +31,6 @@ SIZES = {  # docs/design.md §6.2: hidden, ffn, heads, layers, tokens, peak lr
     'xl': dict(hidden_dim=2048, ffn_dim=8192, num_heads=16, num_layers=24, tokens=25.5e9,
                peak_lr=2e-4),
 }
-
-
-def base_config() -> ml_collections.ConfigDict:
-  """Every field of a run, with the paper's defaults (Transformer-s, dense)."""
-  c = ml_collections.ConfigDict()
-  c.name = 'dense-s'  # Run name, used in logs and plots.
-
-  m = c.model = ml_collections.ConfigDict()
-  m.vocab_size = 32000  # Vocabulary size (embedding rows, tied LM head).
-  m.seq_len = 1024  # Context length in tokens.
-  m.hidden_dim = 768  # Model width d.
-  m.ffn_dim = 3072  # FFN inner width.
-  m.num_layers = 12  # Transformer blocks.
-  m.num_heads = 12  # Query heads.
-  m.num_kv_heads = 12  # Key/value heads (grouped-query attention when < num_heads).
-  m.attn_dim = 768  # Attention width (num_heads * head_dim), independent of hidden_dim.
-  m.norm = 'layernorm'  # 'layernorm' or 'rmsnorm'.
-  m.norm_eps = 1e-5  # Normalisation epsilon.
-  m.activation = 'gelu'  # 'gelu' (tanh approximation) or 'swiglu'.
-  m.use_bias = True  # Biases on every projection (and LayerNorm).
-  m.position = 'rope'  # 'rope' (rotate-half) or 'absolute' (learned).
-  m.rope_base = 10000.0  # RoPE frequency base.
-  m.init_std = 0.02  # Std of every Gaussian initialiser.
-  m.first_layer_dense = True  # Keep the first block's FFN dense.
-  m.dtype = 'bfloat16'  # Compute dtype: 'bfloat16', 'float32' or 'float16'; params are float32.
-  m.remat = 'none'  # Rematerialise blocks in backward: 'none', 'dots' or 'full'.
-  f = m.ffn = ml_collections.ConfigDict()
-  f.method = 'dense'  # FFN structure: dense, lowrank, blockdense or blockshuffle.
-  f.rank = 0  # Rank R (lowrank, blockdense).
-  f.blocks = 1  # Block count B (blockdense, blockshuffle).
-  f.init = 'paper'  # 'paper' (svd / orthogonal blocks) or 'gaussian'.
-  f.implementation = 'auto'  # Structured matmuls: 'auto', 'xla' or 'pallas' (kernels/api.py).
-  f.merge_threshold = -1  # Inference pre-merge up to this many tokens (0 off, -1 premerge.json).
-  a = m.attention = ml_collections.ConfigDict()
-  a.implementation = 'auto'  # 'auto' (fused on GPU, xla elsewhere), 'xla', 'cudnn', 'pallas'.
-
-  s = c.sgt = ml_collections.ConfigDict()
-  s.enabled = False  # Self-guided training: dense guide blended in over the first G steps.
-  s.mode = 'fixedstep'  # 'fixedstep' (G = ratio*S inside S) or 'fixedflop' (S + G steps).
-  s.ratio = 0.5  # G as a fraction of the baseline steps S.
-  s.schedule = 'cosine'  # α(t) schedule: 'cosine' or 'linear'.
-  s.reduce_flop = False  # Skip the guide in a layer when its draw u >= α.
-
-  t = c.train = ml_collections.ConfigDict()
-  t.tokens = 2.2e9  # Token budget of the baseline run (steps S = tokens / (batch * seq_len)).
-  t.global_batch = 512  # Sequences per optimizer step.
-  t.micro_batch = 0  # Sequences per device forward pass (0 = global_batch; accumulation otherwise).
-  t.peak_lr = 6e-4  # Peak learning rate.
-  t.warmup_frac = 0.1  # Linear warm-up as a fraction of the steps.
-  t.min_lr_ratio = 0.1  # Cosine decays to this fraction of peak_lr.
-  t.b1 = 0.9  # AdamW beta1.
-  t.b2 = 0.999  # AdamW beta2.
-  t.weight_decay = 0.1  # AdamW weight decay, on all parameters.
-  t.grad_clip = 1.0  # Global gradient-norm clip.
-  t.seed = 1005  # Seed for init, data order and reduce_flop draws.
-  t.data_start = 0  # First global batch of the shuffled row order this run reads.
-  t.data_seed = -1  # Seed of the row order (-1 = train.seed).
-  t.eval_tokens = 0.5e9  # Held-out tokens for validation (capped by the split's size).
-  t.eval_every = 1000  # Evaluate every this many steps (and at the end); 0 = only at the end.
-  t.eval_batch = 0  # Sequences per evaluation forward pass (0 = micro_batch or global_batch).
-  t.log_every = 10  # Progress line and metrics every this many steps.
-  t.ckpt_every = 1000  # Checkpoint every this many steps (and at the end and on SIGTERM/SIGINT).
-  t.keep_ckpts = 3  # Checkpoints kept (the newest ones).
-  t.profile_start = -1  # First step of an XLA profiler trace (-1 = no trace).
-  t.profile_steps = 5  # Steps in the trace, written under <workdir>/profile.
-  t.peak_flops = 0.0  # Peak FLOP/s per device for the MFU estimate (0 = look up the device).
-
-  c.data = prepare_lib.default_data_config()
-  c.data.vocab_size = 32000  # SentencePiece vocabulary trained when data.tokenizer is empty.
-
-  c.log = ml_collections.ConfigDict()  # Where metrics go besides metrics.jsonl and TensorBoard.
-  c.log.wandb = ''  # Weights & Biases project ('' = off; pip install '.[wandb]').
-
-  h = c.mesh = ml_collections.ConfigDict()  # Device mesh and sharding (structffn_jax/sharding.py).
-  h.data = -1  # Data-parallel mesh axis size (-1 = the devices left over).
-  h.fsdp = 1  # Fully-sharded data-parallel axis: batch and parameters' embed dim split over it.
-  h.tensor = 1  # Tensor-parallel axis: mlp, heads, qkv, kv, vocab, rank, blocks split over it.
-  h.rules = (  # Logical axis -> mesh axis (None: replicated); also 'embed=fsdp' strings.
-      ('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'tensor'), ('heads', 'tensor'),
-      ('qkv', 'tensor'), ('kv', 'tensor'), ('vocab', 'tensor'), ('rank', 'tensor'),
-      ('blocks', 'tensor'), ('layers', None))
-  h.distributed = 'auto'  # jax.distributed.initialize: 'auto' (SLURM, TPU pod, env), 'on', 'off'.
-  return c
 
 
 _CHOICES = {
@@ -124,7 +46,7 @@ _CHOICES = {
     'sgt.mode': ('fixedstep', 'fixedflop'),
     'sgt.schedule': ('cosine', 'linear'),
     'data.source': sources_lib.SOURCES,
-    'data.format': prepare_lib.FORMATS,
+    'data.format': DATA_FORMATS,
     'data.rows_dtype': ('uint16', 'uint32'),
     'mesh.distributed': ('auto', 'on', 'off'),
 }
@@ -176,17 +98,7 @@ _RANGES = {
     'data.shard_tokens': (lambda v: v >= 1, 'must be >= 1 token per file'),
     'data.shard': (lambda v: v >= 0, 'must be >= 0: this job\'s index'),
     'data.num_shards': (lambda v: v >= 1, 'must be >= 1 job'),
-    'mesh.data': (lambda v: v >= 1 or v == -1, 'must be a positive size, or -1 for the devices '
-                  'left over'),
-    'mesh.fsdp': (lambda v: v >= 1 or v == -1, 'must be a positive size, or -1 for the devices '
-                  'left over'),
-    'mesh.tensor': (lambda v: v >= 1 or v == -1, 'must be a positive size, or -1 for the '
-                    'devices left over'),
 }
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message names the field and the fix."""
 
 
 def _get(config, dotted):
@@ -227,20 +139,20 @@ def _type_error(field, value, default):
 
 def _validate_fields(config):
   """The type of every field of the schema (`base_config()`), then the choices; returns
-  {field: value} of the fields the config has."""
-  schema = dict(_leaves(base_config()))
+  {field: value} of every field."""
   values = {}
-  for field, default in schema.items():
+  for field, default in _leaves(base_config()):
     try:
       value = _get(config, field)
     except (KeyError, AttributeError):
-      continue  # a config from before the field existed: its default applies
+      raise ConfigError(f'{field}: missing; a config starts from base_config(), which has every '
+                        f'field (a config.json read back goes through from_dict).') from None
     error = _type_error(field, value, default)
     if error:
       raise ConfigError(error)
     values[field] = value
   for field, allowed in _CHOICES.items():
-    if field in values and values[field] not in allowed:
+    if values[field] not in allowed:
       raise ConfigError(f'{field}={values[field]!r} is not allowed; use one of: '
                         f'{", ".join(allowed)}.')
   return values
@@ -249,59 +161,51 @@ def _validate_fields(config):
 def _validate_ranges(values):
   """The range of every numeric field, and the entries of the path lists."""
   for field, (holds, why) in _RANGES.items():
-    if field in values and not holds(values[field]):
+    if not holds(values[field]):
       raise ConfigError(f'{field}={values[field]!r}: {why}.')
-  if 'name' in values and not values['name'].strip():
+  if not values['name'].strip():
     raise ConfigError("name='': the run needs a name (logs and plots show it); set name=...")
   for field in ('data.train_paths', 'data.valid_paths', 'data.test_paths', 'data.hf_data_files'):
-    bad = [p for p in values.get(field, ()) if not isinstance(p, str) or not p]
+    bad = [p for p in values[field] if not isinstance(p, str) or not p]
     if bad:
       raise ConfigError(f'{field}={list(values[field])!r}: entries must be non-empty strings '
                         f'(file paths, or split names for source=hf).')
   return values
 
 
-def _validate_relations(config, values):
+def _validate_relations(config):
   """Fields that must agree with each other (train, sgt, data and mesh sections)."""
   t = config.train
   if t.micro_batch and t.global_batch % t.micro_batch:
     raise ConfigError(f'train.micro_batch={t.micro_batch}: must divide train.global_batch='
                       f'{t.global_batch}; pick a divisor such as {t.global_batch // 2 or 1}.')
-  if config.get('data') is not None:
-    d = config.data
-    source = d.get('source', 'stdlib')
-    if source in ('text', 'jsonl') and not d.get('train_paths'):
-      raise ConfigError(f'data.train_paths=[]: source={source!r} needs at least one training '
-                        f'file; set data.train_paths=/path/to/train.{source}.')
-    if source == 'jsonl' and not d.get('text_field', 'text'):
-      raise ConfigError("data.text_field='': source='jsonl' reads the document from this field "
-                        "of each line; set data.text_field=text.")
-    if source == 'hf' and not (d.get('hf_name') or d.get('hf_path')):
-      raise ConfigError("data.hf_name='': source='hf' needs a hub dataset name or a "
-                        'save_to_disk directory; set data.hf_name=... or data.hf_path=....')
-    if d.get('valid_fraction', 0) + d.get('test_fraction', 0) >= 1:
-      raise ConfigError(f'data.test_fraction={d.test_fraction}: with data.valid_fraction='
-                        f'{d.valid_fraction} nothing is left to train on; keep their sum below 1.')
-    if d.get('shard', 0) >= d.get('num_shards', 1):
-      raise ConfigError(f'data.shard={d.shard}: must be below data.num_shards={d.num_shards} '
-                        f'(jobs are numbered from 0).')
-    if not d.get('tokenizer') and d.get('format', 'tokens') == 'tokens' and \
-        'data.vocab_size' in values and d.vocab_size > config.model.vocab_size:
-      raise ConfigError(f'data.vocab_size={d.vocab_size}: the trained tokenizer would have more '
-                        f'tokens than model.vocab_size={config.model.vocab_size}; set '
-                        f'data.vocab_size <= model.vocab_size.')
-  if config.get('mesh') is not None:
-    from structffn_jax import sharding  # sharding imports this module
-    free = [a for a in ('data', 'fsdp', 'tensor') if config.mesh.get(a, 1) == -1]
-    if len(free) > 1:
-      raise ConfigError(f'mesh.{free[1]}=-1: mesh.{free[0]} is -1 too; at most one mesh size '
-                        f'may be -1 (the devices left over).')
-    for entry in config.mesh.rules:
-      if not isinstance(entry, str) and not (isinstance(entry, (list, tuple)) and len(entry) == 2):
-        raise ConfigError(f'mesh.rules={list(config.mesh.rules)!r}: entry {entry!r} is neither a '
-                          f"(logical, mesh axis) pair nor a 'logical=axis' string; e.g. "
-                          f"('embed', 'fsdp') or 'embed=fsdp'.")
-    sharding.parse_rules(config.mesh.rules)
+  d = config.data
+  if d.source in ('text', 'jsonl') and not d.train_paths:
+    raise ConfigError(f'data.train_paths=[]: source={d.source!r} needs at least one training '
+                      f'file; set data.train_paths=/path/to/train.{d.source}.')
+  if d.source == 'jsonl' and not d.text_field:
+    raise ConfigError("data.text_field='': source='jsonl' reads the document from this field "
+                      "of each line; set data.text_field=text.")
+  if d.source == 'hf' and not (d.hf_name or d.hf_path):
+    raise ConfigError("data.hf_name='': source='hf' needs a hub dataset name or a "
+                      'save_to_disk directory; set data.hf_name=... or data.hf_path=....')
+  if d.valid_fraction + d.test_fraction >= 1:
+    raise ConfigError(f'data.test_fraction={d.test_fraction}: with data.valid_fraction='
+                      f'{d.valid_fraction} nothing is left to train on; keep their sum below 1.')
+  if d.shard >= d.num_shards:
+    raise ConfigError(f'data.shard={d.shard}: must be below data.num_shards={d.num_shards} '
+                      f'(jobs are numbered from 0).')
+  if not d.tokenizer and d.format == 'tokens' and d.vocab_size > config.model.vocab_size:
+    raise ConfigError(f'data.vocab_size={d.vocab_size}: the trained tokenizer would have more '
+                      f'tokens than model.vocab_size={config.model.vocab_size}; set '
+                      f'data.vocab_size <= model.vocab_size.')
+  sharding.check_mesh_sizes(config.mesh)  # mesh.data, fsdp, tensor
+  for entry in config.mesh.rules:
+    if not isinstance(entry, str) and not (isinstance(entry, (list, tuple)) and len(entry) == 2):
+      raise ConfigError(f'mesh.rules={list(config.mesh.rules)!r}: entry {entry!r} is neither a '
+                        f"(logical, mesh axis) pair nor a 'logical=axis' string; e.g. "
+                        f"('embed', 'fsdp') or 'embed=fsdp'.")
+  sharding.parse_rules(config.mesh.rules)
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -324,7 +228,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                       f'{m.attn_dim // m.num_heads}.')
   _validate_ffn(m)
   _validate_ranges(values)
-  _validate_relations(config, values)
+  _validate_relations(config)
   return config
 
 
@@ -420,11 +324,17 @@ def load(spec: str, overrides: tuple[str, ...] = ()) -> ml_collections.ConfigDic
   the wrong type is a ConfigError that names the field.
   """
   path, _, arg = spec.partition(':')
-  config = config_module(path).get_config(arg or None)
+  return validate(override(config_module(path).get_config(arg or None), overrides))
+
+
+def override(config: ml_collections.ConfigDict,
+             overrides: tuple[str, ...]) -> ml_collections.ConfigDict:
+  """`config` with the overrides ('a.b=value' or a bare 'a.b') applied in order, typed as `load`
+  describes; not validated."""
   for item in overrides:
     key, sep, value = item.partition('=')
     _override(config, key, value if sep else None, item)
-  return validate(config)
+  return config
 
 
 def _override(config, key: str, text: str | None, item: str):

@@ -72,7 +72,7 @@ class Attention(nnx.Module):
 
   def __init__(self, cfg: ml_collections.ConfigDict, dtype, rngs: nnx.Rngs):
     self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
-    self.implementation = cfg.get('attention', {}).get('implementation', 'auto')
+    self.implementation = cfg.attention.implementation
     self.head_dim = cfg.attn_dim // cfg.num_heads
     self.position, self.rope_base = cfg.position, cfg.rope_base
     qkv_width = (cfg.num_heads + 2 * cfg.num_kv_heads) * self.head_dim
@@ -135,7 +135,7 @@ class FeedForward(nnx.Module):
                   init=cfg.ffn.init, std=cfg.init_std, dtype=dtype, rngs=rngs)
     if method != 'dense':
       common.update(guide=guide, reduce_flop=reduce_flop,
-                    implementation=cfg.ffn.get('implementation', 'auto'))
+                    implementation=cfg.ffn.implementation)
     self.fc1 = structured.make_linear(method, d, fc1_out, in_axis='embed', out_axis='mlp',
                                       **common)
     self.fc2 = structured.make_linear(method, f, d, in_axis='mlp', out_axis='embed', **common)

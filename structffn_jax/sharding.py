@@ -31,7 +31,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from structffn_jax import config as config_lib
+from structffn_jax import schema
+from structffn_jax.errors import ConfigError
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
@@ -42,9 +43,8 @@ _ACTIVE_RULES: contextvars.ContextVar = contextvars.ContextVar('structffn_rules'
 
 
 def mesh_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """`config.mesh`, or the defaults for a config written before it existed."""
-  mesh = config.get('mesh') if hasattr(config, 'get') else None
-  return mesh if mesh is not None else config_lib.base_config().mesh
+  """`config.mesh`: every config has the section (configs start from `base_config()`)."""
+  return config.mesh
 
 
 def parse_rules(rules: Iterable) -> tuple[tuple[str, Any], ...]:
@@ -59,7 +59,7 @@ def parse_rules(rules: Iterable) -> tuple[tuple[str, Any], ...]:
     if isinstance(entry, str):
       logical, sep, target = entry.partition('=')
       if not sep:
-        raise config_lib.ConfigError(
+        raise ConfigError(
             f'mesh.rules entry {entry!r} is not logical=mesh_axis (e.g. embed=fsdp, '
             f'batch=data+fsdp, layers=none).')
       target = target.strip()
@@ -72,7 +72,7 @@ def parse_rules(rules: Iterable) -> tuple[tuple[str, Any], ...]:
       target = target[0]
     for axis in (target,) if isinstance(target, str) else target or ():
       if axis not in MESH_AXES:
-        raise config_lib.ConfigError(
+        raise ConfigError(
             f'mesh.rules maps {logical!r} to {axis!r}, which is not a mesh axis; use one of '
             f'{", ".join(MESH_AXES)} or None.')
     out.append((str(logical).strip(), target))
@@ -80,32 +80,39 @@ def parse_rules(rules: Iterable) -> tuple[tuple[str, Any], ...]:
 
 
 def rules_of(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
-  return parse_rules(mesh_config(config).rules)
+  return parse_rules(config.mesh.rules)
+
+
+def check_mesh_sizes(mesh: ml_collections.ConfigDict) -> dict[str, int]:
+  """{axis: size} of a `mesh` section; a size that is neither positive nor -1, or two sizes of
+  -1, is a ConfigError naming the field (config.validate runs this too)."""
+  sizes = {a: int(mesh[a]) for a in MESH_AXES}
+  for axis, size in sizes.items():
+    if size == 0 or size < -1:
+      raise ConfigError(f'mesh.{axis}={size} must be a positive size, or -1 for the '
+                        f'devices left over.')
+  free = [a for a, s in sizes.items() if s == -1]
+  if len(free) > 1:
+    raise ConfigError(f'mesh.{free[1]}=-1: mesh.{free[0]} is -1 too; at most one mesh size '
+                      f'may be -1 (the devices left over).')
+  return sizes
 
 
 def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
   """The (data, fsdp, tensor) sizes of `config.mesh` on `num_devices` devices, -1 resolved."""
-  m = mesh_config(config)
-  sizes = {a: int(m[a]) for a in MESH_AXES}
-  for axis, size in sizes.items():
-    if size == 0 or size < -1:
-      raise config_lib.ConfigError(f'mesh.{axis}={size} must be a positive size, or -1 for the '
-                                   f'devices left over.')
+  sizes = check_mesh_sizes(config.mesh)
   free = [a for a, s in sizes.items() if s == -1]
-  if len(free) > 1:
-    raise config_lib.ConfigError(f'mesh.{free[0]} and mesh.{free[1]} are both -1; at most one '
-                                 f'mesh size may be -1 (the devices left over).')
   fixed = math.prod(s for s in sizes.values() if s != -1)
   shown = ' x '.join(f'mesh.{a}={s}' for a, s in sizes.items())
   if free:
     if num_devices % fixed:
-      raise config_lib.ConfigError(
+      raise ConfigError(
           f'{shown}: mesh.{free[0]}=-1 takes the devices left over, but the other sizes '
           f'multiply to {fixed}, which does not divide the {num_devices} devices; make their '
           f'product a divisor of {num_devices}.')
     sizes[free[0]] = num_devices // fixed
   elif fixed != num_devices:
-    raise config_lib.ConfigError(
+    raise ConfigError(
         f'{shown} = {fixed} devices, but this run has {num_devices}; make the product '
         f'{num_devices}, or set one size to -1 (e.g. --set mesh.data=-1).')
   return tuple(sizes[a] for a in MESH_AXES)
@@ -188,7 +195,7 @@ def _spec_of(path, leaf, mesh, rules) -> P:
       fix = (f'set mesh.{names[0]} to a divisor of {size}' if len(names) == 1 else
              f'make {" x ".join("mesh." + n for n in names)} a divisor of {size}')
       model_field = _MODEL_FIELDS.get(logical)
-      raise config_lib.ConfigError(
+      raise ConfigError(
           f'parameter {_param_name(path)} {shape}: dimension {dim} ({logical!r}, size '
           f'{size}) is not divisible by {fields} = {k}; {fix}, map {logical!r} to None in '
           f'mesh.rules' + (f', or change {model_field}' if model_field else '') + '.')
@@ -239,11 +246,11 @@ def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
              'train.eval_batch': t.eval_batch or micro}
   for field, size in batches.items():
     if size % k:
-      raise config_lib.ConfigError(
+      raise ConfigError(
           f'{field}={size} is not divisible by the batch axes {axes} = {k}; make {field} a '
           f'multiple of {k}, or shrink those mesh axes (e.g. --set mesh.data=1).')
     if size % process_count:
-      raise config_lib.ConfigError(
+      raise ConfigError(
           f'{field}={size} is not divisible by the {process_count} processes; make it a multiple '
           f'of {process_count}.')
 
@@ -289,7 +296,7 @@ def constrain(x: jax.Array, axes: tuple) -> jax.Array:
     return x
   rules = _ACTIVE_RULES.get()
   if rules is None:
-    rules = config_lib.base_config().mesh.rules
+    rules = schema.base_config().mesh.rules
   spec = logical_to_spec(axes, rules)
   if any(x.shape[d] % _axis_size(mesh, e) for d, e in enumerate(spec)):
     return x  # e.g. a small eval batch: leave placement to the compiler

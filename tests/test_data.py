@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from structffn_jax import schema
 from structffn_jax.data import pipeline, prepare as prep, sources
-from structffn_jax.data.prepare import Manifest, default_data_config, load_tokenizer, prepare
+from structffn_jax.data.prepare import Manifest, load_tokenizer, prepare
 from structffn_jax.data.prepare import token_dtype
 from tests import generated_text
 from tests.generated_text import Interrupted
@@ -31,7 +32,7 @@ def wiki_files(tmp_path_factory):
 
 
 def _text_cfg(train: Path, valid: Path, **overrides):
-  cfg = default_data_config()
+  cfg = schema.base_config().data
   cfg.source = 'text'
   cfg.train_paths = [str(train)]
   cfg.valid_paths = [str(valid)]
@@ -353,7 +354,7 @@ def test_jsonl_and_hf_sources_match_text(prepared, wiki_files, tmp_path):
 
 
 def test_stdlib_end_to_end_and_cli(tmp_path, capsys):
-  cfg = default_data_config()
+  cfg = schema.base_config().data
   cfg.stdlib_max_bytes = 300_000
   cfg.vocab_size = VOCAB
   m = prepare(cfg, tmp_path / 'lib', SEQ_LEN)

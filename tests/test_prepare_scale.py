@@ -15,6 +15,7 @@ import pytest
 import sentencepiece as spm
 
 from structffn_jax import config as config_lib
+from structffn_jax import schema
 from structffn_jax.data import pipeline, prepare as prep, sources
 from tests import generated_text
 from tests.generated_text import Interrupted
@@ -39,7 +40,7 @@ def corpus(tmp_path_factory):
 
 
 def _cfg(corpus, valid=True, **overrides):
-  cfg = prep.default_data_config()
+  cfg = schema.base_config().data
   cfg.source = 'jsonl'
   cfg.train_paths = [str(corpus['dir'] / 'train.jsonl')]
   cfg.valid_paths = [str(corpus['dir'] / 'valid.jsonl')] if valid else []
@@ -284,7 +285,7 @@ def test_rows_bin_format_read_in_place(corpus, tmp_path):
   valid = rng.integers(0, 32000, (8, 1025), dtype=np.uint16)
   train.tofile(tmp_path / 'train.bin')
   valid.tofile(tmp_path / 'val.bin')
-  cfg = prep.default_data_config()
+  cfg = schema.base_config().data
   cfg.format = 'rows_bin'
   cfg.train_paths, cfg.valid_paths = [str(tmp_path / 'train.bin')], [str(tmp_path / 'val.bin')]
   m = prep.prepare(cfg, tmp_path / 'data', 1024, model_vocab_size=32000)
@@ -324,7 +325,7 @@ def test_format_1_directories_still_read(tmp_path):
   }
   (tmp_path / 'manifest.json').write_text(json.dumps(manifest))
   np.testing.assert_array_equal(_all_rows(tmp_path, 'train'), rows)
-  cfg = prep.default_data_config()
+  cfg = schema.base_config().data
   cfg.vocab_size = 512
   assert prep.prepare(cfg, tmp_path, SEQ_LEN).rows('train') == 5
 

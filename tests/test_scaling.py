@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from structffn_jax import config as config_lib
-from structffn_jax import scaling
+from structffn_jax import scaling, schema
 from structffn_jax.data import prepare as prepare_lib
 
 TRUE = {'dense': (1.6, 0.30), 'lowrank 32%': (1.9, 0.24), 'blockshuffle 32%': (2.2, 0.18)}
@@ -76,7 +76,7 @@ def two_datasets(tmp_path_factory):
   text.write_text('\n'.join(' '.join(rng.choice(words, 12)) for _ in range(400)))
   dirs = []
   for seq_len in (16, 24):
-    cfg = prepare_lib.default_data_config()
+    cfg = schema.base_config().data
     cfg.update(source='text', train_paths=[str(text)], valid_paths=[str(text)], vocab_size=300)
     prepare_lib.prepare(cfg, root / f'data{seq_len}', seq_len)
     dirs.append(root / f'data{seq_len}')

@@ -12,6 +12,7 @@ import sentencepiece as spm
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+from structffn_jax import schema
 from structffn_jax.data import pipeline, prepare as prep, sources, tokenizer as tokenizer_lib
 from tests import generated_text
 
@@ -44,7 +45,7 @@ def corpus(tmp_path_factory):
 
 
 def _cfg(corpus, **overrides):
-  cfg = prep.default_data_config()
+  cfg = schema.base_config().data
   cfg.source = 'text'
   cfg.train_paths, cfg.valid_paths = [str(corpus[0])], [str(corpus[1])]
   for k, v in overrides.items():
@@ -130,7 +131,7 @@ def test_vocabulary_above_65535_is_stored_as_uint32(tmp_path):
           for _ in range(300)]
   corpus = tmp_path / 'docs.jsonl'
   corpus.write_text(''.join(json.dumps({'text': d}) + '\n' for d in docs))
-  cfg = prep.default_data_config()
+  cfg = schema.base_config().data
   cfg.source, cfg.train_paths, cfg.tokenizer = 'jsonl', [str(corpus)], str(path)
   m = prep.prepare(cfg, tmp_path / 'out', SEQ_LEN, model_vocab_size=70_016)
   assert m.dtype == 'uint32' and m.vocab_size == 70_000

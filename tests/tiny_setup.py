@@ -36,6 +36,7 @@ def model_config(method: str = 'lowrank', init: str = 'gaussian', seq_len: int =
   m.ffn.init = init
   for key, value in overrides.items():
     m[key] = value
+  c.data.vocab_size = m.vocab_size  # as every config sets it
   config_lib.validate(c)
   return m
 

@@ -30,7 +30,7 @@ import shutil
 import tempfile
 import time
 
-from structffn_jax import cli
+from structffn_jax import cli, schema
 from structffn_jax.data import prepare as prep
 from structffn_jax.data import sources
 
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
   workers = [int(w) for w in args.workers.split(',')]
   kinds = args.kinds.split(',')
 
-  cfg = prep.default_data_config()
+  cfg = schema.base_config().data
   if args.text:
     cfg.source, cfg.train_paths = 'text', list(args.text)
     corpus = ' + '.join(pathlib.Path(t).name for t in args.text)

@@ -23,7 +23,6 @@ _EXPORTS = {
     'Manifest': 'prepare',
     'PendingJobs': 'prepare',
     'as_manifest': 'prepare',
-    'default_data_config': 'prepare',
     'load_tokenizer': 'prepare',
     'prepare': 'prepare',
     'resolve_data_dir': 'prepare',

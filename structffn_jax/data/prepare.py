@@ -46,7 +46,9 @@ and the directory is used as it is.
 of uint16 rows of seq_len + 1 tokens, no manifest): `data.*_paths` name the files, read in place,
 and `out_dir` gets a manifest that points at them.
 
-Command line, from a config's data section or from flags:
+Command line, from a config's data section, or without --config from the schema's defaults
+(structffn_jax/schema.py); --set (or --config.data.FIELD=...) and then the data flags, each the
+shorthand of one data field, are applied over it and the whole is validated as by every command:
 
     python -m structffn_jax.data.prepare --config configs/structured_ffn.py:model=xl \\
         --set data.tokenizer=/models/llama/tokenizer.model --out /data/refinedweb-llama \\
@@ -79,6 +81,7 @@ import ml_collections
 import numpy as np
 import sentencepiece as spm
 
+from structffn_jax import schema
 from structffn_jax.data import sources
 from structffn_jax.data import tokenizer as tokenizer_lib
 
@@ -89,50 +92,15 @@ JOBS_DIR = 'jobs'
 TOKENIZER_NAME = tokenizer_lib.FILE_NAMES[tokenizer_lib.SENTENCEPIECE]
 # 2: splits in shards, jobs; 1 (read still): one <split>.bin per split.
 FORMAT_VERSION = 2
-FORMATS = ('tokens', 'rows_bin')
 # Bumped when the tokenizer training options below change, so old directories are not reused.
 TOKENIZER_RECIPE = 1
 DEFAULT_TOKENIZER_TRAIN_BYTES = 32_000_000
-DEFAULT_SHARD_TOKENS = 1 << 28  # 268M tokens: 512 MB of uint16 per file
 # A config's placeholder for a tokenizer the user must supply (`data.tokenizer`).
 REQUIRED = 'required'
 _PROGRESS_SECONDS = 10.0
 _MAX_CHUNK_CHARS = 1 << 20  # text per task sent to a worker
 _AUTO_FRACTION = 0.01  # held-out fraction when only a token count is given and no cap on train
 _FRACTION_MARGIN = 1.25  # held-out fraction = margin x its share of the caps
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-  """The `cfg.data` section with its defaults: the stdlib corpus and a freshly trained tokenizer."""
-  c = ml_collections.ConfigDict()
-  c.source = 'stdlib'  # 'stdlib' | 'text' | 'jsonl' | 'hf'.
-  c.train_paths = []  # Training files (text/jsonl/rows_bin) or split names (hf; default ['train']).
-  c.valid_paths = []  # Validation files or hf split names; empty = none, or carved from train.
-  c.test_paths = []  # Test files or hf split names; empty = none, or carved from train.
-  c.text_field = 'text'  # Field holding the document in jsonl lines / hf examples.
-  c.hf_name = ''  # Hugging Face hub dataset (streamed), or parquet|json|arrow|text|csv.
-  c.hf_config = ''  # Hugging Face dataset config name, '' = none.
-  c.hf_path = ''  # Directory written by `datasets.save_to_disk`; overrides hf_name.
-  c.hf_data_files = []  # Local files or globs read by hf_name=parquet|json|...: the train split.
-  c.tokenizer = ''  # Existing SentencePiece .model or HF tokenizer.json; '' = train one.
-  c.eos_token = ''  # Token ending each document (tokenizer.json); '' = the tokenizer's usual one.
-  c.vocab_size = 8192  # Size of the SentencePiece vocabulary to train (ignored with `tokenizer`).
-  c.data_dir = ''  # Where tokenizer, token rows and manifest go; '' = <workdir>/data.
-  c.stdlib_max_bytes = sources.DEFAULT_STDLIB_MAX_BYTES  # Cap on stdlib text per split (0 = none).
-  c.stdlib_tests = True  # Include the standard library's own test suites.
-  c.stdlib_site_packages = False  # Add the installed site-packages sources (deduplicated).
-  c.max_tokens = 0  # Cap on the tokens of each split (0 = all of the input).
-  c.valid_tokens = 0  # Cap on validation tokens (0 = max_tokens); > 0 carves them if no input.
-  c.valid_fraction = 0.0  # Train documents held out (by hash) for validation; 0 = from the caps.
-  c.test_tokens = 0  # Cap on test tokens (0 = max_tokens); > 0 carves them if no input.
-  c.test_fraction = 0.0  # Train documents held out (by hash) for test; 0 = from the caps.
-  c.num_workers = 0  # Tokenizer processes: 0 = tokenize in this process, -1 = one per CPU.
-  c.shard_tokens = DEFAULT_SHARD_TOKENS  # Tokens per file of a split (a split spans many files).
-  c.shard = 0  # This job's index when preparing as data.num_shards jobs (one per host).
-  c.num_shards = 1  # Jobs sharing the input; the last to finish writes the manifest.
-  c.format = 'tokens'  # 'tokens': tokenize the source; 'rows_bin': data.*_paths are token rows.
-  c.rows_dtype = 'uint16'  # Token type of rows_bin files ('uint16' | 'uint32').
-  return c
 
 
 # The paper's data: RefinedWeb (train only, so 0.7B validation tokens are carved from it by
@@ -148,28 +116,20 @@ DATA_RECIPES = {
 
 
 def apply_recipe(cfg_data: ml_collections.ConfigDict, recipe: dict[str, Any]) -> None:
-  """Sets the fields of a `DATA_RECIPES` entry on a data section made by `default_data_config`."""
+  """Sets the fields of a `DATA_RECIPES` entry on a config's data section."""
   for name, value in recipe.items():
     cfg_data[name] = value
 
 
 def resolve_data_dir(cfg_data: Any, workdir: str | os.PathLike) -> Path:
   """`data.data_dir`, or `<workdir>/data` when it is empty."""
-  data_dir = sources.config_value(cfg_data, 'data_dir', '')
+  data_dir = schema.data_section(cfg_data).data_dir
   return Path(data_dir) if data_dir else Path(workdir) / 'data'
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
   """Storage type of token ids: uint16 when every id fits (vocab <= 65535), else uint32."""
   return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
-
-
-def _value(cfg_data: Any, name: str) -> Any:
-  """`cfg_data.<name>`, or its default from `default_data_config()` when absent."""
-  return sources.config_value(cfg_data, name, _DEFAULTS[name])
-
-
-_DEFAULTS = default_data_config().to_dict()
 
 
 class PendingJobs(ValueError):
@@ -373,7 +333,7 @@ def _check_model_vocab(tokenizer_vocab: int, model_vocab_size: int | None, what:
 
 def _tokenizer_settings(cfg_data: Any, tokenizer_train_bytes: int) -> dict[str, Any]:
   """What identifies the tokenizer: the file's sha256, or the training recipe."""
-  src = _value(cfg_data, 'tokenizer')
+  src = cfg_data.tokenizer
   if src == REQUIRED:
     raise ValueError(
         'data.tokenizer is required by this config (the paper tokenizes with the LLaMA '
@@ -387,11 +347,11 @@ def _tokenizer_settings(cfg_data: Any, tokenizer_train_bytes: int) -> dict[str, 
     return {
         'file_sha256': sha256_file(path),
         'kind': tokenizer_lib.kind_of(path),
-        'eos_token': _value(cfg_data, 'eos_token'),
+        'eos_token': cfg_data.eos_token,
     }
   return {
       'trained': {
-          'vocab_size': int(_value(cfg_data, 'vocab_size')),
+          'vocab_size': int(cfg_data.vocab_size),
           'max_train_bytes': int(tokenizer_train_bytes),
           'recipe': TOKENIZER_RECIPE,
       }
@@ -428,10 +388,10 @@ def _route(doc: str, stream: _Stream) -> str:
 
 def _cap_tokens(cfg_data: Any, split: str) -> tuple[int, str]:
   """A split's cap in tokens (0 = none) and the field it comes from."""
-  own = int(_value(cfg_data, f'{split}_tokens')) if split != 'train' else 0
+  own = int(cfg_data[f'{split}_tokens']) if split != 'train' else 0
   if own:
     return own, f'data.{split}_tokens'
-  return int(_value(cfg_data, 'max_tokens')), 'data.max_tokens'
+  return int(cfg_data.max_tokens), 'data.max_tokens'
 
 
 def _plan(cfg_data: Any, seq_len: int) -> tuple[list[_Stream], dict[str, int | None]]:
@@ -442,8 +402,8 @@ def _plan(cfg_data: Any, seq_len: int) -> tuple[list[_Stream], dict[str, int | N
     raise ValueError('data.train_paths is empty: the train split needs at least one input')
   carve = []
   for split in ('valid', 'test'):
-    fraction = float(_value(cfg_data, f'{split}_fraction'))
-    tokens = int(_value(cfg_data, f'{split}_tokens'))
+    fraction = float(cfg_data[f'{split}_fraction'])
+    tokens = int(cfg_data[f'{split}_tokens'])
     if split in available:
       if fraction:
         raise ValueError(
@@ -452,8 +412,8 @@ def _plan(cfg_data: Any, seq_len: int) -> tuple[list[_Stream], dict[str, int | N
         )
       continue
     if not fraction and tokens:
-      train_cap = int(_value(cfg_data, 'max_tokens'))
-      others = tokens + int(_value(cfg_data, 'valid_tokens' if split == 'test' else 'test_tokens'))
+      train_cap = int(cfg_data.max_tokens)
+      others = tokens + int(cfg_data['valid_tokens' if split == 'test' else 'test_tokens'])
       fraction = (
           min(0.5, _FRACTION_MARGIN * tokens / (train_cap + others)) if train_cap
           else _AUTO_FRACTION
@@ -481,13 +441,13 @@ def _settings(
 ) -> tuple[list[_Stream], dict[str, Any]]:
   """The plan and everything the contents of a job's files depend on, as JSON-normal data."""
   streams, caps = _plan(cfg_data, seq_len)
-  shard_tokens = int(_value(cfg_data, 'shard_tokens'))
+  shard_tokens = int(cfg_data.shard_tokens)
   if shard_tokens < 1:
     raise ValueError(f'data.shard_tokens={shard_tokens} must be positive')
   settings = {
       'format': FORMAT_VERSION,
       'seq_len': int(seq_len),
-      'source': _value(cfg_data, 'source'),
+      'source': cfg_data.source,
       'tokenizer': _tokenizer_settings(cfg_data, tokenizer_train_bytes),
       'streams': {
           st.split: {'input': sources.describe(cfg_data, st.split), 'carve': dict(st.carve)}
@@ -748,7 +708,7 @@ def _job_path(out_dir: Path, job: int, num_jobs: int) -> Path:
 
 
 def _job_of(cfg_data: Any) -> tuple[int, int]:
-  job, num_jobs = int(_value(cfg_data, 'shard')), int(_value(cfg_data, 'num_shards'))
+  job, num_jobs = int(cfg_data.shard), int(cfg_data.num_shards)
   if num_jobs < 1:
     raise ValueError(f'data.num_shards={num_jobs} must be at least 1')
   if not 0 <= job < num_jobs:
@@ -862,7 +822,7 @@ def _setup_tokenizer(
     num_threads: int,
 ) -> tuple[tokenizer_lib.Tokenizer, Path]:
   """Copies `data.tokenizer` into `out_dir`, or trains one there (once, whichever job is first)."""
-  src, spec = _value(cfg_data, 'tokenizer'), settings['tokenizer']
+  src, spec = cfg_data.tokenizer, settings['tokenizer']
   if src:
     tok = load_tokenizer(src, eos_token=spec['eos_token'])
     _check_model_vocab(tok.vocab_size, model_vocab_size, f'data.tokenizer={src!r}')
@@ -990,7 +950,7 @@ def _reuse(
         f'model.seq_len={seq_len}: set data.data_dir to a directory prepared for {seq_len}, or '
         f'delete {m.dir}'
     )
-  src = _value(cfg_data, 'tokenizer')
+  src = cfg_data.tokenizer
   if src and src != REQUIRED:
     path = Path(src).expanduser()
     if not path.is_file():
@@ -1000,8 +960,8 @@ def _reuse(
           f'data.tokenizer={src!r} is not the tokenizer {m.dir} was prepared with '
           f'({m.tokenizer_source}): use that one, or another data.data_dir'
       )
-  elif not src and m.tokenizer_file and _value(cfg_data, 'format') == 'tokens':
-    vocab_size = int(_value(cfg_data, 'vocab_size'))
+  elif not src and m.tokenizer_file and cfg_data.format == 'tokens':
+    vocab_size = int(cfg_data.vocab_size)
     if m.vocab_size != vocab_size:
       raise ValueError(
           f'{m.dir} was prepared with a {m.vocab_size}-token tokenizer, not '
@@ -1031,7 +991,7 @@ def _prepare_rows_bin(
     cfg_data: Any, out_dir: Path, seq_len: int, model_vocab_size: int | None
 ) -> Manifest:
   """A manifest for token rows written elsewhere (`data.*_paths`), read where they are."""
-  dtype_name = _value(cfg_data, 'rows_dtype')
+  dtype_name = cfg_data.rows_dtype
   if dtype_name not in ('uint16', 'uint32'):
     raise ValueError(f"data.rows_dtype={dtype_name!r}: expected 'uint16' or 'uint32'")
   dtype, row_len = np.dtype(dtype_name), seq_len + 1
@@ -1039,7 +999,7 @@ def _prepare_rows_bin(
   splits = {}
   for split in sources.SPLITS:
     field = sources.paths_field(split)
-    paths = _value(cfg_data, f'{split}_paths') or []
+    paths = cfg_data[f'{split}_paths'] or []
     shards = []
     for p in [paths] if isinstance(paths, (str, Path)) else paths:
       path = Path(p).expanduser().resolve()
@@ -1062,13 +1022,13 @@ def _prepare_rows_bin(
       }
   if 'train' not in splits:
     raise ValueError("data.format='rows_bin' needs data.train_paths: the .bin file(s) of train")
-  src = _value(cfg_data, 'tokenizer')
+  src = cfg_data.tokenizer
   if src == REQUIRED:
     _tokenizer_settings(cfg_data, 0)  # Raises, saying what to set.
   out_dir.mkdir(parents=True, exist_ok=True)
   tok = None
   if src:
-    tok = load_tokenizer(src, eos_token=_value(cfg_data, 'eos_token'))
+    tok = load_tokenizer(src, eos_token=cfg_data.eos_token)
     _check_model_vocab(tok.vocab_size, model_vocab_size, f'data.tokenizer={src!r}')
     _atomic_write(out_dir / tok.file_name, tok.data)
     vocab_size = tok.vocab_size
@@ -1117,7 +1077,7 @@ def prepare(
   the manifest; raises `PendingJobs` (a ValueError) when other jobs have yet to finish.
 
   Args:
-    cfg_data: the `cfg.data` ConfigDict (or a dict); absent fields take `default_data_config()`.
+    cfg_data: the `cfg.data` ConfigDict (or a dict: absent fields take the schema's defaults).
     out_dir: the data directory, created if needed.
     seq_len: model context length; rows hold seq_len + 1 ids (inputs and shifted targets).
     model_vocab_size: if given, a tokenizer with more tokens than this is an error.
@@ -1126,16 +1086,17 @@ def prepare(
   """
   if seq_len < 1:
     raise ValueError(f'seq_len must be positive, got {seq_len}')
+  cfg_data = schema.data_section(cfg_data)
   out_dir = Path(out_dir)
   if (out_dir / MANIFEST_NAME).is_file():
     return _reuse(Manifest.load(out_dir), cfg_data, seq_len, model_vocab_size)
-  data_format = _value(cfg_data, 'format')
-  if data_format not in FORMATS:
-    raise ValueError(f'data.format={data_format!r} is not one of {FORMATS}')
+  data_format = cfg_data.format
+  if data_format not in schema.DATA_FORMATS:
+    raise ValueError(f'data.format={data_format!r} is not one of {schema.DATA_FORMATS}')
   if data_format == 'rows_bin':
     return _prepare_rows_bin(cfg_data, out_dir, seq_len, model_vocab_size)
   job, num_jobs = _job_of(cfg_data)
-  num_workers = resolve_num_workers(_value(cfg_data, 'num_workers'))
+  num_workers = resolve_num_workers(cfg_data.num_workers)
   streams, settings = _settings(cfg_data, seq_len, tokenizer_train_bytes, num_jobs)
   record_path = _job_path(out_dir, job, num_jobs)
   record = json.loads(record_path.read_text()) if record_path.is_file() else None
@@ -1161,7 +1122,7 @@ def prepare(
         _run_stream(stream, cfg_data, out_dir, record, encode, tok)
     record['complete'] = True
     _atomic_write(record_path, _json_bytes(record))
-  src = _value(cfg_data, 'tokenizer')
+  src = cfg_data.tokenizer
   return _merge(
       out_dir, settings, streams, tok, tok_path,
       str(Path(src).expanduser().resolve()) if src else 'trained',
@@ -1174,54 +1135,63 @@ def prepare(
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(
       prog='python -m structffn_jax.data.prepare', description=__doc__.split('\n\n')[0],
-      epilog='Flags given override the config; --set data.<field>=value reaches any field.',
+      epilog='Each data flag sets one field of the data section (--source is --set '
+      'data.source=...), after --set; --set data.<field>=value reaches any field.',
   )
+
+  def data_flag(flag, field, **kwargs):
+    """A flag that sets data.<field>, typed like the schema's default (see _main)."""
+    if 'choices' not in kwargs:
+      kwargs['metavar'] = flag[2:].upper().replace('-', '_')
+    p.add_argument(flag, dest=f'data.{field}', default=None, **kwargs)
+
   p.add_argument('--config', default='', help="a config file 'path.py:arg': its data section, "
                  'model.seq_len and model.vocab_size')
   p.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
-                 help='config override (with --config), repeatable')
+                 help='config override, repeatable (without --config: of the schema\'s '
+                 'defaults, structffn_jax/schema.py)')
   p.add_argument('--out', default='', help='data directory to write (default: data.data_dir)')
-  p.add_argument('--seq-len', type=int, default=None, help='default: model.seq_len of --config')
-  p.add_argument('--model-vocab-size', type=int, default=None,
+  p.add_argument('--seq-len', type=int, help='default: model.seq_len of --config')
+  p.add_argument('--model-vocab-size', type=int,
                  help='the model vocabulary the tokenizer must fit in (default: model.vocab_size)')
-  p.add_argument('--source', choices=sources.SOURCES, default=None,
-                 help='where the text comes from')
-  p.add_argument('--train', nargs='*', default=None, help='train files (hf: split names)')
-  p.add_argument('--valid', nargs='*', default=None, help='validation files (hf: split names)')
-  p.add_argument('--test', nargs='*', default=None, help='test files (hf: split names)')
-  p.add_argument('--vocab-size', type=int, default=None, help='size of the tokenizer to train')
-  p.add_argument('--tokenizer', default=None,
-                 help='existing SentencePiece .model or Hugging Face tokenizer.json')
-  p.add_argument('--eos-token', default=None,
-                 help="token ending each document (tokenizer.json; default: the tokenizer's own)")
-  p.add_argument('--text-field', default=None, help='field holding the text (jsonl, hf)')
-  p.add_argument('--hf-name', default=None,
-                 help='Hugging Face hub dataset, or parquet|json|arrow|text|csv read from '
-                 '--hf-data-files')
-  p.add_argument('--hf-config', default=None, help='Hugging Face dataset config name')
-  p.add_argument('--hf-path', default=None, help='a directory written by datasets.save_to_disk')
-  p.add_argument('--hf-data-files', nargs='*', default=None,
-                 help='local files or globs read by --hf-name parquet|json|...')
-  p.add_argument('--stdlib-max-bytes', type=int, default=None,
-                 help='cap on standard-library text per split in bytes (0 = none)')
-  p.add_argument('--max-tokens', type=float, default=None, help='cap per split, e.g. 65e9')
-  p.add_argument('--valid-tokens', type=float, default=None,
-                 help='cap on validation tokens; carved from train when there is no valid input')
-  p.add_argument('--valid-fraction', type=float, default=None,
-                 help='fraction of the train documents held out for validation')
-  p.add_argument('--test-tokens', type=float, default=None,
-                 help='cap on test tokens; carved from train when there is no test input')
-  p.add_argument('--test-fraction', type=float, default=None,
-                 help='fraction of the train documents held out for test')
-  p.add_argument('--num-workers', type=int, default=None, help='tokenizer processes (-1 = CPUs)')
-  p.add_argument('--shard-tokens', type=float, default=None, help='tokens per output file')
-  p.add_argument('--shard', type=int, default=None, help='this job (with --num-shards)')
-  p.add_argument('--num-shards', type=int, default=None,
-                 help='jobs sharing the input (one per host); the last one writes the manifest')
-  p.add_argument('--format', choices=FORMATS, default=None,
-                 help='tokens: tokenize the text; rows_bin: the inputs are token rows already')
-  p.add_argument('--rows-dtype', default=None, choices=('uint16', 'uint32'),
-                 help='token type of rows_bin inputs')
+  data_flag('--source', 'source', choices=sources.SOURCES,
+            help='where the text comes from')
+  data_flag('--train', 'train_paths', nargs='*', help='train files (hf: split names)')
+  data_flag('--valid', 'valid_paths', nargs='*', help='validation files (hf: split names)')
+  data_flag('--test', 'test_paths', nargs='*', help='test files (hf: split names)')
+  data_flag('--vocab-size', 'vocab_size', type=int, help='size of the tokenizer to train')
+  data_flag('--tokenizer', 'tokenizer',
+            help='existing SentencePiece .model or Hugging Face tokenizer.json')
+  data_flag('--eos-token', 'eos_token',
+            help="token ending each document (tokenizer.json; default: the tokenizer's own)")
+  data_flag('--text-field', 'text_field', help='field holding the text (jsonl, hf)')
+  data_flag('--hf-name', 'hf_name',
+            help='Hugging Face hub dataset, or parquet|json|arrow|text|csv read from '
+            '--hf-data-files')
+  data_flag('--hf-config', 'hf_config', help='Hugging Face dataset config name')
+  data_flag('--hf-path', 'hf_path', help='a directory written by datasets.save_to_disk')
+  data_flag('--hf-data-files', 'hf_data_files', nargs='*',
+            help='local files or globs read by --hf-name parquet|json|...')
+  data_flag('--stdlib-max-bytes', 'stdlib_max_bytes', type=int,
+            help='cap on standard-library text per split in bytes (0 = none)')
+  data_flag('--max-tokens', 'max_tokens', type=float, help='cap per split, e.g. 65e9')
+  data_flag('--valid-tokens', 'valid_tokens', type=float,
+            help='cap on validation tokens; carved from train when there is no valid input')
+  data_flag('--valid-fraction', 'valid_fraction', type=float,
+            help='fraction of the train documents held out for validation')
+  data_flag('--test-tokens', 'test_tokens', type=float,
+            help='cap on test tokens; carved from train when there is no test input')
+  data_flag('--test-fraction', 'test_fraction', type=float,
+            help='fraction of the train documents held out for test')
+  data_flag('--num-workers', 'num_workers', type=int, help='tokenizer processes (-1 = CPUs)')
+  data_flag('--shard-tokens', 'shard_tokens', type=float, help='tokens per output file')
+  data_flag('--shard', 'shard', type=int, help='this job (with --num-shards)')
+  data_flag('--num-shards', 'num_shards', type=int,
+            help='jobs sharing the input (one per host); the last one writes the manifest')
+  data_flag('--format', 'format', choices=schema.DATA_FORMATS,
+            help='tokens: tokenize the text; rows_bin: the inputs are token rows already')
+  data_flag('--rows-dtype', 'rows_dtype', choices=('uint16', 'uint32'),
+            help='token type of rows_bin inputs')
   p.add_argument('--tokenizer-train-bytes', type=int, default=DEFAULT_TOKENIZER_TRAIN_BYTES,
                  help='text the tokenizer is trained on, in bytes')
   p.add_argument('--num-threads', type=int, default=2, help='threads of the tokenizer training')
@@ -1247,35 +1217,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args) -> int:
+  """The run's config, from --config or the schema (`base_config()`), with --set and then the data
+  flags applied and the whole validated as every command validates it."""
+  from structffn_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  flags = [f'{dest}={value!r}' if isinstance(value, list) else f'{dest}={value}'
+           for dest, value in vars(args).items()
+           if dest.startswith('data.') and value is not None]
+  try:
+    if args.config:
+      config = config_lib.load(args.config, (*args.set, *flags))
+    else:
+      # No model to fit: the vocabulary is checked against --model-vocab-size only.
+      config = config_lib.override(config_lib.base_config(), (*args.set, *flags))
+      config.model.vocab_size = args.model_vocab_size or config.data.vocab_size
+      config_lib.validate(config)
+  except config_lib.ConfigError as e:
+    raise ValueError(str(e)) from e
   seq_len, model_vocab_size = args.seq_len, args.model_vocab_size
   if args.config:
-    from structffn_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-    try:
-      config = config_lib.load(args.config, tuple(args.set))
-    except config_lib.ConfigError as e:
-      raise ValueError(str(e)) from e
-    cfg = config.data
     seq_len = seq_len or config.model.seq_len
     model_vocab_size = model_vocab_size or config.model.vocab_size
-  else:
-    if args.set:
-      raise ValueError('--set needs --config (without one, use the flags)')
-    cfg = default_data_config()
-  flags = {
-      'source': args.source, 'train_paths': args.train, 'valid_paths': args.valid,
-      'test_paths': args.test, 'vocab_size': args.vocab_size, 'tokenizer': args.tokenizer,
-      'eos_token': args.eos_token, 'text_field': args.text_field, 'hf_name': args.hf_name,
-      'hf_config': args.hf_config, 'hf_path': args.hf_path, 'hf_data_files': args.hf_data_files,
-      'stdlib_max_bytes': args.stdlib_max_bytes, 'max_tokens': args.max_tokens,
-      'valid_tokens': args.valid_tokens, 'valid_fraction': args.valid_fraction,
-      'test_tokens': args.test_tokens, 'test_fraction': args.test_fraction,
-      'num_workers': args.num_workers, 'shard_tokens': args.shard_tokens, 'shard': args.shard,
-      'num_shards': args.num_shards, 'format': args.format, 'rows_dtype': args.rows_dtype,
-  }
-  for name, value in flags.items():
-    if value is not None:
-      cfg[name] = int(value) if isinstance(_DEFAULTS[name], int) else value
-  out = args.out or _value(cfg, 'data_dir')
+  cfg = config.data
+  out = args.out or cfg.data_dir
   if not out:
     raise ValueError('--out: where to write the data directory (or set data.data_dir)')
   if seq_len is None:

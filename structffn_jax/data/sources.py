@@ -18,9 +18,10 @@ Four kinds, selected by `cfg.data.source`:
           venv): a corpus that needs no network and no download, deduplicated by content and
           split into train/valid/test by a hash of each file's relative path.
 
-Every kind offers two functions of (cfg_data, split): `documents` yields the text, `describe`
-returns a JSON-able identity of the input (paths, sizes, sha256) that `prepare` stores in the
-manifest and compares before resuming an interrupted run. `documents(..., shard=(i, n))` yields
+Every kind offers two functions of (cfg_data, split), cfg_data being a config's data section
+(or a dict of some of its fields, the rest from the schema: `schema.data_section`): `documents`
+yields the text, `describe` returns a JSON-able identity of the input (paths, sizes, sha256) that
+`prepare` stores in the manifest and compares before resuming an interrupted run. `documents(..., shard=(i, n))` yields
 the share of job i of n: a Hugging Face stream's files i, i + n, ... (so a job reads only its
 files), else every n-th document. The iterator `documents` returns has `state()`, a JSON-able
 position that `documents(..., resume=state)` continues from: a streamed Hugging Face dataset's
@@ -42,11 +43,11 @@ import sysconfig
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from structffn_jax import schema
+
 SPLITS = ('train', 'valid', 'test')
 SOURCES = ('stdlib', 'text', 'jsonl', 'hf')
 
-# Default cap on stdlib text per split: 0 = no cap, the whole library (about 31 MB of `.py` text).
-DEFAULT_STDLIB_MAX_BYTES = 0
 # Fractions of stdlib files (by hash of relative path) held out for validation and test.
 STDLIB_VALID_FRACTION = 0.02
 STDLIB_TEST_FRACTION = 0.02
@@ -64,13 +65,6 @@ HF_FILE_BUILDERS = ('parquet', 'json', 'arrow', 'text', 'csv')
 _WIKITEXT_TITLE = re.compile(r'^ = [^=].* = $')
 
 
-def config_value(cfg_data: Any, name: str, default: Any) -> Any:
-  """Reads `cfg_data.<name>`, falling back to `default` for absent fields (ConfigDict or dict)."""
-  if isinstance(cfg_data, dict):
-    return cfg_data.get(name, default)
-  return getattr(cfg_data, name, default) if name in cfg_data else default
-
-
 def paths_field(split: str) -> str:
   """The config field that lists a split's inputs, for error messages: 'data.train_paths'."""
   if split not in SPLITS:
@@ -80,17 +74,19 @@ def paths_field(split: str) -> str:
 
 def split_inputs(cfg_data: Any, split: str) -> list[str]:
   """The configured inputs (paths, or split names for `hf`) of one split, as a list of str."""
-  value = config_value(cfg_data, f'{split}_paths', None) or []
+  cfg_data = schema.data_section(cfg_data)
+  value = cfg_data[f'{split}_paths'] or []
   if isinstance(value, (str, Path)):
     value = [value]
   inputs = [str(v) for v in value]
-  if not inputs and split == 'train' and config_value(cfg_data, 'source', 'stdlib') == 'hf':
+  if not inputs and split == 'train' and cfg_data.source == 'hf':
     inputs = ['train']
   return inputs
 
 
 def available_splits(cfg_data: Any) -> list[str]:
   """Splits this config provides: all three for `stdlib`, else those with configured inputs."""
+  cfg_data = schema.data_section(cfg_data)
   source = _source(cfg_data)
   if source == 'stdlib':
     return list(SPLITS)
@@ -98,7 +94,7 @@ def available_splits(cfg_data: Any) -> list[str]:
 
 
 def _source(cfg_data: Any) -> str:
-  source = config_value(cfg_data, 'source', 'stdlib')
+  source = cfg_data.source
   if source not in SOURCES:
     raise ValueError(f'data.source={source!r} is not one of {SOURCES}')
   return source
@@ -112,6 +108,7 @@ def documents(
   `shard=(i, n)`: only job i's share of n (see the module docstring); (0, 1) is everything.
   `resume`: a `state()` of an earlier iterator over the same documents, to continue after it.
   """
+  cfg_data = schema.data_section(cfg_data)
   index, count = int(shard[0]), int(shard[1])
   if not 0 <= index < count:
     raise ValueError(f'data.shard={index} outside [0, data.num_shards={count})')
@@ -121,12 +118,12 @@ def documents(
     if not inputs:
       raise ValueError(f'split {split!r} has no inputs: set {paths_field(split)}')
     return hf_documents(
-        name=config_value(cfg_data, 'hf_name', ''),
-        config=config_value(cfg_data, 'hf_config', ''),
-        path=config_value(cfg_data, 'hf_path', ''),
-        data_files=config_value(cfg_data, 'hf_data_files', []),
+        name=cfg_data.hf_name,
+        config=cfg_data.hf_config,
+        path=cfg_data.hf_path,
+        data_files=cfg_data.hf_data_files,
         splits=inputs,
-        text_field=config_value(cfg_data, 'text_field', 'text') or 'text',
+        text_field=_text_field(cfg_data),
         shard=(index, count),
         resume=resume,
     )
@@ -163,9 +160,12 @@ def _local_documents(cfg_data: Any, split: str, source: str) -> Iterator[str]:
   field = paths_field(split)
   if source == 'text':
     return text_documents(inputs, field=field)
-  return jsonl_documents(
-      inputs, config_value(cfg_data, 'text_field', 'text') or 'text', field=field
-  )
+  return jsonl_documents(inputs, _text_field(cfg_data), field=field)
+
+
+def _text_field(cfg_data: Any) -> str:
+  """`data.text_field`; an empty one (refused by config.validate for jsonl) reads 'text'."""
+  return cfg_data.text_field or 'text'
 
 
 def describe(cfg_data: Any, split: str) -> dict[str, Any]:
@@ -173,6 +173,7 @@ def describe(cfg_data: Any, split: str) -> dict[str, Any]:
 
   Files are identified by resolved path, size and sha256, so that an edited input is noticed.
   """
+  cfg_data = schema.data_section(cfg_data)
   source = _source(cfg_data)
   if source == 'stdlib':
     options = _stdlib_options(cfg_data)
@@ -197,15 +198,15 @@ def describe(cfg_data: Any, split: str) -> dict[str, Any]:
   if source in ('text', 'jsonl'):
     desc: dict[str, Any] = {'kind': source, 'files': [_describe_file(p, field) for p in inputs]}
     if source == 'jsonl':
-      desc['text_field'] = config_value(cfg_data, 'text_field', 'text') or 'text'
+      desc['text_field'] = _text_field(cfg_data)
     return desc
-  hf_path = config_value(cfg_data, 'hf_path', '')
+  hf_path = cfg_data.hf_path
   desc = {
       'kind': 'hf',
       'splits': inputs,
-      'text_field': config_value(cfg_data, 'text_field', 'text') or 'text',
+      'text_field': _text_field(cfg_data),
   }
-  data_files = config_value(cfg_data, 'hf_data_files', [])
+  data_files = cfg_data.hf_data_files
   if hf_path:
     root = Path(hf_path).expanduser().resolve()
     if not root.is_dir():
@@ -219,7 +220,7 @@ def describe(cfg_data: Any, split: str) -> dict[str, Any]:
     # than a resume saves.
     files = [Path(f) for f in hf_data_file_list(data_files)]
     desc.update(
-        builder=config_value(cfg_data, 'hf_name', ''),
+        builder=cfg_data.hf_name,
         files=[
             {'path': str(f), 'bytes': f.stat().st_size, 'mtime_ns': f.stat().st_mtime_ns}
             for f in files
@@ -227,8 +228,8 @@ def describe(cfg_data: Any, split: str) -> dict[str, Any]:
     )
   else:
     desc.update(
-        name=config_value(cfg_data, 'hf_name', ''),
-        config=config_value(cfg_data, 'hf_config', '') or None,
+        name=cfg_data.hf_name,
+        config=cfg_data.hf_config or None,
     )
   return desc
 
@@ -524,7 +525,7 @@ def _corpus_listing(tests: bool, site_packages: bool) -> tuple[tuple[str, int], 
 
 def stdlib_files(
     split: str,
-    max_bytes: int = DEFAULT_STDLIB_MAX_BYTES,
+    max_bytes: int = 0,
     *,
     tests: bool = True,
     site_packages: bool = False,
@@ -553,7 +554,7 @@ def stdlib_files(
 
 def stdlib_documents(
     split: str,
-    max_bytes: int = DEFAULT_STDLIB_MAX_BYTES,
+    max_bytes: int = 0,
     *,
     tests: bool = True,
     site_packages: bool = False,
@@ -575,7 +576,7 @@ def stdlib_documents(
 def _stdlib_options(cfg_data: Any) -> dict[str, Any]:
   """The stdlib source's settings from the data config: cap, test suites, site-packages."""
   return {
-      'max_bytes': int(config_value(cfg_data, 'stdlib_max_bytes', DEFAULT_STDLIB_MAX_BYTES)),
-      'tests': bool(config_value(cfg_data, 'stdlib_tests', True)),
-      'site_packages': bool(config_value(cfg_data, 'stdlib_site_packages', False)),
+      'max_bytes': int(cfg_data.stdlib_max_bytes),
+      'tests': bool(cfg_data.stdlib_tests),
+      'site_packages': bool(cfg_data.stdlib_site_packages),
   }

@@ -1,0 +1,151 @@
+"""The config schema: every field of a run, each with its one default (`base_config`).
+
+Config files in `configs/` start from `base_config()` and override what their paper table needs;
+`structffn_jax.config` validates the result. A config read back from a workdir's config.json is
+rebuilt the same way (`from_dict`), and a data section given as a plain dict (`data_section`)
+takes its missing fields from here, so no other module repeats a default.
+
+A leaf module (it imports only ml_collections): the data preparation, its worker processes and
+`structffn_jax.config` all read the schema without loading JAX or a tokenizer library.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+# `data.format`: tokenize the source text, or read token rows written elsewhere.
+DATA_FORMATS = ('tokens', 'rows_bin')
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field of a run, with the paper's defaults (Transformer-s, dense)."""
+  c = ml_collections.ConfigDict()
+  c.name = 'dense-s'  # Run name, used in logs and plots.
+
+  m = c.model = ml_collections.ConfigDict()
+  m.vocab_size = 32000  # Vocabulary size (embedding rows, tied LM head).
+  m.seq_len = 1024  # Context length in tokens.
+  m.hidden_dim = 768  # Model width d.
+  m.ffn_dim = 3072  # FFN inner width.
+  m.num_layers = 12  # Transformer blocks.
+  m.num_heads = 12  # Query heads.
+  m.num_kv_heads = 12  # Key/value heads (grouped-query attention when < num_heads).
+  m.attn_dim = 768  # Attention width (num_heads * head_dim), independent of hidden_dim.
+  m.norm = 'layernorm'  # 'layernorm' or 'rmsnorm'.
+  m.norm_eps = 1e-5  # Normalisation epsilon.
+  m.activation = 'gelu'  # 'gelu' (tanh approximation) or 'swiglu'.
+  m.use_bias = True  # Biases on every projection (and LayerNorm).
+  m.position = 'rope'  # 'rope' (rotate-half) or 'absolute' (learned).
+  m.rope_base = 10000.0  # RoPE frequency base.
+  m.init_std = 0.02  # Std of every Gaussian initialiser.
+  m.first_layer_dense = True  # Keep the first block's FFN dense.
+  m.dtype = 'bfloat16'  # Compute dtype: 'bfloat16', 'float32' or 'float16'; params are float32.
+  m.remat = 'none'  # Rematerialise blocks in backward: 'none', 'dots' or 'full'.
+  f = m.ffn = ml_collections.ConfigDict()
+  f.method = 'dense'  # FFN structure: dense, lowrank, blockdense or blockshuffle.
+  f.rank = 0  # Rank R (lowrank, blockdense).
+  f.blocks = 1  # Block count B (blockdense, blockshuffle).
+  f.init = 'paper'  # 'paper' (svd / orthogonal blocks) or 'gaussian'.
+  f.implementation = 'auto'  # Structured matmuls: 'auto', 'xla' or 'pallas' (kernels/api.py).
+  f.merge_threshold = -1  # Inference pre-merge up to this many tokens (0 off, -1 premerge.json).
+  a = m.attention = ml_collections.ConfigDict()
+  a.implementation = 'auto'  # 'auto' (fused on GPU, xla elsewhere), 'xla', 'cudnn', 'pallas'.
+
+  s = c.sgt = ml_collections.ConfigDict()
+  s.enabled = False  # Self-guided training: dense guide blended in over the first G steps.
+  s.mode = 'fixedstep'  # 'fixedstep' (G = ratio*S inside S) or 'fixedflop' (S + G steps).
+  s.ratio = 0.5  # G as a fraction of the baseline steps S.
+  s.schedule = 'cosine'  # α(t) schedule: 'cosine' or 'linear'.
+  s.reduce_flop = False  # Skip the guide in a layer when its draw u >= α.
+
+  t = c.train = ml_collections.ConfigDict()
+  t.tokens = 2.2e9  # Token budget of the baseline run (steps S = tokens / (batch * seq_len)).
+  t.global_batch = 512  # Sequences per optimizer step.
+  t.micro_batch = 0  # Sequences per device forward pass (0 = global_batch; accumulation otherwise).
+  t.peak_lr = 6e-4  # Peak learning rate.
+  t.warmup_frac = 0.1  # Linear warm-up as a fraction of the steps.
+  t.min_lr_ratio = 0.1  # Cosine decays to this fraction of peak_lr.
+  t.b1 = 0.9  # AdamW beta1.
+  t.b2 = 0.999  # AdamW beta2.
+  t.weight_decay = 0.1  # AdamW weight decay, on all parameters.
+  t.grad_clip = 1.0  # Global gradient-norm clip.
+  t.seed = 1005  # Seed for init, data order and reduce_flop draws.
+  t.data_start = 0  # First global batch of the shuffled row order this run reads.
+  t.data_seed = -1  # Seed of the row order (-1 = train.seed).
+  t.eval_tokens = 0.5e9  # Held-out tokens for validation (capped by the split's size).
+  t.eval_every = 1000  # Evaluate every this many steps (and at the end); 0 = only at the end.
+  t.eval_batch = 0  # Sequences per evaluation forward pass (0 = micro_batch or global_batch).
+  t.log_every = 10  # Progress line and metrics every this many steps.
+  t.ckpt_every = 1000  # Checkpoint every this many steps (and at the end and on SIGTERM/SIGINT).
+  t.keep_ckpts = 3  # Checkpoints kept (the newest ones).
+  t.profile_start = -1  # First step of an XLA profiler trace (-1 = no trace).
+  t.profile_steps = 5  # Steps in the trace, written under <workdir>/profile.
+  t.peak_flops = 0.0  # Peak FLOP/s per device for the MFU estimate (0 = look up the device).
+
+  d = c.data = ml_collections.ConfigDict()  # Text, tokenizer and token rows (data/prepare.py).
+  d.source = 'stdlib'  # 'stdlib' | 'text' | 'jsonl' | 'hf'.
+  d.train_paths = []  # Training files (text/jsonl/rows_bin) or split names (hf; default ['train']).
+  d.valid_paths = []  # Validation files or hf split names; empty = none, or carved from train.
+  d.test_paths = []  # Test files or hf split names; empty = none, or carved from train.
+  d.text_field = 'text'  # Field holding the document in jsonl lines / hf examples.
+  d.hf_name = ''  # Hugging Face hub dataset (streamed), or parquet|json|arrow|text|csv.
+  d.hf_config = ''  # Hugging Face dataset config name, '' = none.
+  d.hf_path = ''  # Directory written by `datasets.save_to_disk`; overrides hf_name.
+  d.hf_data_files = []  # Local files or globs read by hf_name=parquet|json|...: the train split.
+  d.tokenizer = ''  # Existing SentencePiece .model or HF tokenizer.json; '' = train one.
+  d.eos_token = ''  # Token ending each document (tokenizer.json); '' = the tokenizer's usual one.
+  # SentencePiece vocabulary trained when data.tokenizer is empty. It must not exceed
+  # model.vocab_size (checked by config.validate); configs set it to model.vocab_size.
+  d.vocab_size = m.vocab_size
+  d.data_dir = ''  # Where tokenizer, token rows and manifest go; '' = <workdir>/data.
+  d.stdlib_max_bytes = 0  # Cap on stdlib text per split (0 = none: about 31 MB with the tests).
+  d.stdlib_tests = True  # Include the standard library's own test suites.
+  d.stdlib_site_packages = False  # Add the installed site-packages sources (deduplicated).
+  d.max_tokens = 0  # Cap on the tokens of each split (0 = all of the input).
+  d.valid_tokens = 0  # Cap on validation tokens (0 = max_tokens); > 0 carves them if no input.
+  d.valid_fraction = 0.0  # Train documents held out (by hash) for validation; 0 = from the caps.
+  d.test_tokens = 0  # Cap on test tokens (0 = max_tokens); > 0 carves them if no input.
+  d.test_fraction = 0.0  # Train documents held out (by hash) for test; 0 = from the caps.
+  d.num_workers = 0  # Tokenizer processes: 0 = tokenize in this process, -1 = one per CPU.
+  d.shard_tokens = 1 << 28  # Tokens per file of a split (268M: 512 MB of uint16 per file).
+  d.shard = 0  # This job's index when preparing as data.num_shards jobs (one per host).
+  d.num_shards = 1  # Jobs sharing the input; the last to finish writes the manifest.
+  d.format = 'tokens'  # 'tokens': tokenize the source; 'rows_bin': data.*_paths are token rows.
+  d.rows_dtype = 'uint16'  # Token type of rows_bin files ('uint16' | 'uint32').
+
+  c.log = ml_collections.ConfigDict()  # Where metrics go besides metrics.jsonl and TensorBoard.
+  c.log.wandb = ''  # Weights & Biases project ('' = off; pip install '.[wandb]').
+
+  h = c.mesh = ml_collections.ConfigDict()  # Device mesh and sharding (structffn_jax/sharding.py).
+  h.data = -1  # Data-parallel mesh axis size (-1 = the devices left over).
+  h.fsdp = 1  # Fully-sharded data-parallel axis: batch and parameters' embed dim split over it.
+  h.tensor = 1  # Tensor-parallel axis: mlp, heads, qkv, kv, vocab, rank, blocks split over it.
+  h.rules = (  # Logical axis -> mesh axis (None: replicated); also 'embed=fsdp' strings.
+      ('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'tensor'), ('heads', 'tensor'),
+      ('qkv', 'tensor'), ('kv', 'tensor'), ('vocab', 'tensor'), ('rank', 'tensor'),
+      ('blocks', 'tensor'), ('layers', None))
+  h.distributed = 'auto'  # jax.distributed.initialize: 'auto' (SLURM, TPU pod, env), 'on', 'off'.
+  return c
+
+
+def from_dict(values: dict) -> ml_collections.ConfigDict:
+  """`base_config()` with `values` (a config read back from JSON) set over it, field by field.
+
+  Values take the schema's types (a JSON list becomes the tuple a field holds, an int a float
+  field's float); a field the dict lacks keeps its default.
+  """
+  config = base_config()
+  config.update(values)
+  return config
+
+
+def data_section(cfg_data: Any) -> ml_collections.ConfigDict:
+  """The data section `cfg_data` as a complete ConfigDict: a ConfigDict from a config as it is, a
+  plain dict over the schema's defaults (`base_config().data`)."""
+  if isinstance(cfg_data, ml_collections.ConfigDict):
+    return cfg_data
+  section = base_config().data
+  section.update(dict(cfg_data))
+  return section
