@@ -70,7 +70,7 @@ def main(argv=None):
                       help="mesh sizes (data, fsdp, tensor) instead of the run's, e.g. 1,1,1")
   args = cli.parse(parser, argv)
   try:
-    distributed.initialize(sharding.mesh_config(load_config(args.workdir)).distributed)
+    distributed.initialize(load_config(args.workdir).mesh.distributed)
     r = evaluate(args.workdir, args.split, args.max_tokens, args.batch_size, args.mesh)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f'error: {e}')

@@ -21,7 +21,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from structffn_jax import checkpoint, optim, sgt, sharding, steps
+from structffn_jax import checkpoint, optim, schema, sgt, sharding, steps
 from structffn_jax.model import GPT
 
 
@@ -53,17 +53,16 @@ def abstract_state(config: ml_collections.ConfigDict, tx, mesh: jax.sharding.Mes
 
 
 def load_config(workdir, mesh: str | None = None) -> ml_collections.ConfigDict:
-  """The config.json of a training workdir; `mesh` 'D,F,T' overrides its mesh sizes."""
+  """The config.json of a training workdir over the schema (`schema.from_dict`: a field the file
+  lacks has its default); `mesh` 'D,F,T' overrides its mesh sizes."""
   cfg_path = pathlib.Path(workdir) / 'config.json'
   if not cfg_path.is_file():
     raise FileNotFoundError(f'{cfg_path} not found: --workdir must be a training workdir.')
   try:
-    config = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
-  except ValueError as e:
+    config = schema.from_dict(json.loads(cfg_path.read_text()))
+  except (ValueError, TypeError) as e:
     raise ValueError(f'{cfg_path} cannot be read ({e}); --workdir must be a training workdir.') \
         from None
-  if config.get('mesh') is None:  # a run from before the mesh section
-    config.mesh = sharding.mesh_config(config)
   if mesh:
     try:
       config.mesh.data, config.mesh.fsdp, config.mesh.tensor = (int(x) for x in mesh.split(','))
