@@ -9,6 +9,11 @@ before step G the guides and their optimizer state are dropped and the step is c
 more. With `sgt.mode=fixedflop` the run has S + G steps and its last G steps replay the first G
 batches.
 
+The loop (`Trainer.run`) is the train step plus hooks, one responsibility each (`Hook`): late
+metrics, the checkpoint in flight, the profiler window, the hand-over, throughput, evaluation,
+checkpoints and stopping. `Trainer(..., hooks=[...])` adds more, e.g. one that reads every
+step's record with `on_metrics`.
+
 Devices: one (data, fsdp, tensor) mesh over every device of every process (`config.mesh`, see
 structffn_jax/sharding.py). The state is initialised sharded, each step is jitted with explicit
 shardings, and each process reads only the rows of a batch its devices hold. With several
@@ -75,9 +80,10 @@ class Trainer:
   """Owns the state of one run; `run()` trains to the end or to a stop request."""
 
   def __init__(self, config, workdir, *, profile: tuple[int, int] | None = None,
-               allow_change: tuple[str, ...] = ()):
+               allow_change: tuple[str, ...] = (), hooks: tuple[Hook, ...] = ()):
     """`allow_change`: config fields (train.*, data.*) that may differ from the run already in
-    `workdir`, e.g. a lower train.peak_lr after a non-finite loss; recorded in its history."""
+    `workdir`, e.g. a lower train.peak_lr after a non-finite loss; recorded in its history.
+    `hooks`: more `Hook`s for the training loop, called after the built-in ones."""
     self.config = config
     self.workdir = pathlib.Path(workdir)
     self.is_main = jax.process_index() == 0
@@ -94,6 +100,7 @@ class Trainer:
     self._set_abstract(guides=config.sgt.enabled)  # raises on a dimension the mesh can't split
     self.lock = checkpoint.lock_workdir(self.workdir)
     self.ckpt = self.report = None
+    self.extra_hooks = tuple(hooks)
     try:
       self._start(profile, allow_change)
     except BaseException:
@@ -115,7 +122,11 @@ class Trainer:
     self.acc = accounting.account(config)
     self.manifest = prepare_data(config, self.workdir, self.report.log)
     self.profile = profile or (config.train.profile_start, config.train.profile_steps)
-    self.stop_signal = None
+    self.stop_signal = None  # set by the signal handler of StopHook
+    self.stop_at = None  # run(stop_at)
+    self._metrics = MetricsHook()
+    self.hooks = (self._metrics, SaveStatusHook(), ProfilerHook(*self.profile), HandOverHook(),
+                  ThroughputHook(), EvalHook(), CheckpointHook(), StopHook(), *self.extra_hooks)
     self.ckpt = checkpoint.Checkpointer(self.workdir, config.train.keep_ckpts, cleanup=True,
                                         log=self.report.log)
     self._build_state()
@@ -196,7 +207,7 @@ class Trainer:
     return jax.make_array_from_process_local_data(self.batch_sharding, local,
                                                   (global_rows,) + local.shape[1:])
 
-  def _drop_guides(self):
+  def hand_over(self):
     """Hand-over complete: remove the guides and their optimizer state, compile once more."""
     self.state = sgt.hand_over(self.graphdef, self.state, self.tx)
     self._set_abstract(guides=False)
@@ -210,13 +221,8 @@ class Trainer:
   def save(self):
     meta = {'step': self.step, 'guides_dropped': self.config.sgt.enabled and not self.guides,
             'data_next_index': self.plan.data_index(self.step), 'config': self.config.name}
-    self._check_save(block=True)  # the previous one first: its time, or its failure
+    self.check_save(block=True)  # the previous one first: its time, or its failure
     self.ckpt.save(self.step, self.state, meta)
-
-  def _on_signal(self, signum, frame):
-    del frame
-    self.stop_signal = signal.Signals(signum).name
-    self.report.log(f'{self.stop_signal} received: saving a checkpoint after this step')
 
   # --------------------------------------------------------------------------- evaluation
 
@@ -241,7 +247,8 @@ class Trainer:
     failed = False
     try:
       with sharding.use_mesh(self.mesh, self.rules):
-        return self._run(stop_at)
+        self.stop_at = stop_at
+        return self._run()
     except OSError as e:
       failed = True
       if checkpoint.is_disk_full(e):  # metrics, TensorBoard or a checkpoint
@@ -253,7 +260,8 @@ class Trainer:
     finally:
       self.close(quiet=failed)
 
-  def _run(self, stop_at: int | None) -> dict:
+  def _run(self) -> dict:
+    """The loop: one train step after another, the hooks around each (see `Hook`)."""
     c, plan = self.config, self.plan
     t = c.train
     self.report.log(
@@ -267,94 +275,37 @@ class Trainer:
                                   seed=t.seed if t.data_seed < 0 else t.data_seed,
                                   process_index=index, process_count=count)
     batches = stream.iterate(self.step, plan.data_index)
-    old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     step_key = jax.random.key(t.seed + 1)
-    tokens_per_step = t.global_batch * c.model.seq_len
-    peak = metrics.peak_flops_per_device(t.peak_flops)
-    flops_done = 0.0
-    pending = None  # metrics of the last step, fetched one step late
-    window_start, window_steps = time.perf_counter(), 0
-    profiling = False
-    compiled_now = True  # the next step compiles: keep it out of the throughput window
-    last_eval = None
-    self.report.log(f'training from step {self.step}; the first step compiles')
+    self.stopped = None
     try:
+      for hook in self.hooks:
+        hook.begin(self)
+      self.report.log(f'training from step {self.step}; the first step compiles')
       while self.step < plan.total_steps:
-        if self.profile[0] >= 0 and self.step == self.profile[0] and self.is_main:
-          jax.profiler.start_trace(str(self.workdir / 'profile'))
-          profiling = True
-        if self.guides and not sgt.is_guided(self.step, plan.guided_steps):
-          self._flush(pending)
-          pending = None
-          self._drop_guides()
-          compiled_now = True
+        for hook in self.hooks:
+          hook.before_step(self)
         batch = self._global_batch(next(batches), t.global_batch)
         self.state, m = self.train_step(self.state, batch, jax.random.fold_in(step_key, self.step))
         self.step += 1
-        window_steps += 1
-        if compiled_now:
-          jax.block_until_ready(m['loss'])
-          window_start, window_steps, compiled_now = time.perf_counter(), 0, False
-        flops_done += self._step_flops(m)
-        if pending is not None:
-          self._flush(pending)
-        pending = (self.step, m, flops_done)
-        if jax.process_count() == 1 or self.step % t.log_every == 0:
-          self._check_save()  # a failed save stops the run at the next step
-        if profiling and self.step >= self.profile[0] + self.profile[1]:
-          jax.block_until_ready(self.state)
-          jax.profiler.stop_trace()
-          profiling = False
-          self.report.log(f'profile: steps {self.profile[0]}..{self.step - 1} written to '
-                          f'{self.workdir / "profile"}')
-        if self.step % t.log_every == 0 or self.step == plan.total_steps:
-          jax.block_until_ready(m['loss'])
-          elapsed = time.perf_counter() - window_start
-          rate = window_steps / elapsed if window_steps else 0.0
-          extra = {'tokens_per_s': rate * tokens_per_step, 'lr': float(self.lr(self.step - 1)),
-                   'train_flops': flops_done,
-                   'mfu': (self._step_flops(m) * rate / (peak * jax.device_count())
-                           if peak else None)}
-          self._flush(pending, extra, progress=rate)
-          pending = None
-          window_start, window_steps = time.perf_counter(), 0
-        if t.eval_every and self.step % t.eval_every == 0 and self.step < plan.total_steps:
-          self._flush(pending)
-          pending = None
-          last_eval = self.evaluate()
-          self._write_eval(last_eval)
-        if self.step % t.ckpt_every == 0:
-          self._flush(pending)
-          pending = None
-          self.save()
-        stop = self.stop_signal
-        if stop_at is not None and self.step >= stop_at:
-          stop = stop or f'stop_at={stop_at}'
-        elif jax.process_count() > 1:  # processes agree on a signal at log steps, stop together
-          agreed = self.step % t.log_every == 0 and distributed.agree(bool(stop))
-          stop = (stop or 'a signal to another process') if agreed else None
-        if stop:
-          self._flush(pending)
-          pending = None
-          self.save()
-          self._check_save(block=True)
-          self.report.log(f'{stop}: checkpoint saved at step {self.step}; run the same command '
-                          f'to resume (exit status {EXIT_PREEMPTED})')
-          return {'step': self.step, 'stopped': stop}
-      self._flush(pending)
-      last_eval = self.evaluate()
-      self._write_eval(last_eval)
-      self.save()
-      self._check_save(block=True)
-      return {'step': self.step, **(last_eval or {})}
+        for hook in self.hooks:
+          hook.after_step(self, m)
+        if self.stopped:
+          return {'step': self.step, 'stopped': self.stopped}
+      result = {'step': self.step}
+      for hook in self.hooks:
+        result.update(hook.end(self) or {})
+      return result
     finally:
-      if profiling:
-        jax.profiler.stop_trace()
-      for s, h in old_handlers.items():
-        signal.signal(s, h)
+      for hook in self.hooks:
+        hook.close(self)
       batches.close()
 
-  def _check_save(self, block: bool = False):
+  def flush_metrics(self, extra: dict | None = None, progress: float | None = None):
+    """Write the metrics of the step held back (`MetricsHook`) now, before anything else is
+    reported about that step; `extra` joins its record, `progress` (steps/s) prints the line."""
+    self._metrics.flush(self, extra, progress)
+
+  def check_save(self, block: bool = False):
     """Report the checkpoint in flight once it is final (a log line and a metrics record with
     how long it took); raise CheckpointError if its save failed (on any process)."""
     error = done = None
@@ -375,29 +326,16 @@ class Trainer:
       self.report.write(self.step, {'ckpt_step': done['step'], 'ckpt_final_s': done['seconds'],
                                     'ckpt_lag_steps': lag})
 
-  def _step_flops(self, m) -> float:
-    """Training FLOPs of one step in the paper's accounting, the guide at its expected cost."""
+  def step_flops(self) -> float:
+    """Training FLOPs of the step just run in the paper's accounting, the guide at its expected
+    cost."""
     tokens = self.config.train.global_batch * self.config.model.seq_len
     flops = self.acc.flops_per_token
     if self.guides and sgt.is_guided(self.step - 1, self.plan.guided_steps):  # the step just run
       flops += self.acc.guide_flops_per_token * sgt.guide_cost(self.config)
     return 3.0 * flops * tokens
 
-  def _flush(self, pending, extra=None, progress=None):
-    """Fetch a step's metrics (blocking only now), stop on a non-finite loss, report."""
-    if pending is None:
-      return
-    step, m, flops_done = pending
-    host = {k: float(v) for k, v in jax.device_get(m).items()}
-    if not np.isfinite(host['loss']):
-      raise NonFiniteLoss(self._non_finite(step, host['loss']))
-    record = {**host, 'tokens': step * self.config.train.global_batch * self.config.model.seq_len,
-              'train_flops': flops_done, **(extra or {})}
-    self.report.write(step, {k: v for k, v in record.items() if v is not None})
-    if progress is not None:
-      self.report.progress(step, record, progress)
-
-  def _non_finite(self, step: int, loss: float) -> str:
+  def set_aside_non_finite(self, step: int, loss: float) -> str:
     """Set aside the checkpoints that cannot lead anywhere and say how to resume.
 
     The loss of step s is computed from the parameters after step s - 1, so a checkpoint of step
@@ -423,11 +361,226 @@ class Trainer:
                  f'train.peak_lr (or raise train.warmup_frac the same way).')
     return ' '.join(parts)
 
-  def _write_eval(self, result):
+
+# ----------------------------------------------------------------------------- the loop's hooks
+
+
+class Hook:
+  """One responsibility of the training loop, called by `Trainer.run` at fixed points.
+
+  Every hook in `Trainer.hooks` is called in that order at each point; a method does nothing
+  unless a hook overrides it. Add one with `Trainer(..., hooks=[MyHook()])`.
+
+    begin(trainer)                     before the first step of this run() (a resumed one too)
+    before_step(trainer)               trainer.step: the optimizer steps done so far
+    after_step(trainer, m)             the step just run; m: its metrics, still on the device
+    on_metrics(trainer, step, record)  the record of `step`, fetched to the host one step late
+    end(trainer)                       every step done; a dict returned joins run()'s result
+    close(trainer)                     always, last (also after an error): undo begin()
+  """
+
+  def begin(self, trainer: Trainer) -> None:
+    pass
+
+  def before_step(self, trainer: Trainer) -> None:
+    pass
+
+  def after_step(self, trainer: Trainer, m: dict) -> None:
+    pass
+
+  def on_metrics(self, trainer: Trainer, step: int, record: dict) -> None:
+    pass
+
+  def end(self, trainer: Trainer) -> dict | None:
+    pass
+
+  def close(self, trainer: Trainer) -> None:
+    pass
+
+
+class MetricsHook(Hook):
+  """Each step's metrics, fetched one step late so that the host never waits for the step it
+  just launched: stops on a non-finite loss, writes the record (loss, grad_norm, α, tokens,
+  training FLOPs so far) and hands it to every hook's `on_metrics`."""
+
+  def begin(self, trainer):
+    self.pending = None  # (step, metrics on the device, training FLOPs up to that step)
+    self.flops_done = 0.0
+
+  def after_step(self, trainer, m):
+    self.flops_done += trainer.step_flops()
+    self.flush(trainer)
+    self.pending = (trainer.step, m, self.flops_done)
+
+  def flush(self, trainer, extra=None, progress=None):
+    """Fetch the step held back (blocking only now) and report it; see `Trainer.flush_metrics`."""
+    if getattr(self, 'pending', None) is None:
+      return
+    (step, m, flops_done), self.pending = self.pending, None
+    host = {k: float(v) for k, v in jax.device_get(m).items()}
+    if not np.isfinite(host['loss']):
+      raise NonFiniteLoss(trainer.set_aside_non_finite(step, host['loss']))
+    t = trainer.config.train
+    record = {**host, 'tokens': step * t.global_batch * trainer.config.model.seq_len,
+              'train_flops': flops_done, **(extra or {})}
+    written = {k: v for k, v in record.items() if v is not None}
+    trainer.report.write(step, written)
+    if progress is not None:
+      trainer.report.progress(step, record, progress)
+    for hook in trainer.hooks:
+      hook.on_metrics(trainer, step, written)
+
+  def end(self, trainer):
+    self.flush(trainer)
+
+
+class SaveStatusHook(Hook):
+  """The checkpoint save in flight: reported once final, and a failed one stops the run at the
+  next step (every step with one process; at log steps with several, where they agree)."""
+
+  def after_step(self, trainer, m):
+    if jax.process_count() == 1 or trainer.step % trainer.config.train.log_every == 0:
+      trainer.check_save()
+
+
+class ProfilerHook(Hook):
+  """An XLA trace of steps [start, start + count) under <workdir>/profile, on process 0
+  (start < 0: none)."""
+
+  def __init__(self, start: int, count: int):
+    self.start, self.count = start, count
+    self.tracing = False
+
+  def before_step(self, trainer):
+    if self.start >= 0 and trainer.step == self.start and trainer.is_main:
+      jax.profiler.start_trace(str(trainer.workdir / 'profile'))
+      self.tracing = True
+
+  def after_step(self, trainer, m):
+    if self.tracing and trainer.step >= self.start + self.count:
+      jax.block_until_ready(trainer.state)
+      jax.profiler.stop_trace()
+      self.tracing = False
+      trainer.report.log(f'profile: steps {self.start}..{trainer.step - 1} written to '
+                         f'{trainer.workdir / "profile"}')
+
+  def close(self, trainer):
+    if self.tracing:
+      jax.profiler.stop_trace()
+      self.tracing = False
+
+
+class HandOverHook(Hook):
+  """Self-guided training's hand-over (`sgt.is_guided`): before the first step that is not
+  guided, the step held back is reported, then the guides and their optimizer state are dropped
+  and the step is compiled again."""
+
+  def before_step(self, trainer):
+    if trainer.guides and not sgt.is_guided(trainer.step, trainer.plan.guided_steps):
+      trainer.flush_metrics()
+      trainer.hand_over()
+
+
+class ThroughputHook(Hook):
+  """At every train.log_every-th step and the last: tokens/s, learning rate, training FLOPs and
+  MFU over the steps since the last report, with the progress line. A step that compiled (the
+  first, the one after the hand-over) is left out of the window."""
+
+  def begin(self, trainer):
+    t = trainer.config.train
+    self.tokens_per_step = t.global_batch * trainer.config.model.seq_len
+    self.peak = metrics.peak_flops_per_device(t.peak_flops)
+    self.timed = None  # the compiled step the window times
+    self.start, self.steps = time.perf_counter(), 0
+
+  def after_step(self, trainer, m):
+    self.steps += 1
+    if trainer.train_step is not self.timed:  # this step compiled: start the window after it
+      jax.block_until_ready(m['loss'])
+      self.start, self.steps, self.timed = time.perf_counter(), 0, trainer.train_step
+    if trainer.step % trainer.config.train.log_every and trainer.step != trainer.plan.total_steps:
+      return
+    jax.block_until_ready(m['loss'])
+    rate = self.steps / (time.perf_counter() - self.start) if self.steps else 0.0
+    peak = self.peak * jax.device_count() if self.peak else None
+    trainer.flush_metrics({'tokens_per_s': rate * self.tokens_per_step,
+                           'lr': float(trainer.lr(trainer.step - 1)),
+                           'mfu': trainer.step_flops() * rate / peak if peak else None},
+                          progress=rate)
+    self.start, self.steps = time.perf_counter(), 0
+
+
+class EvalHook(Hook):
+  """The validation loss every train.eval_every steps and after the last step; the last joins
+  run()'s result."""
+
+  def after_step(self, trainer, m):
+    every = trainer.config.train.eval_every
+    if every and trainer.step % every == 0 and trainer.step < trainer.plan.total_steps:
+      self._evaluate(trainer)
+
+  def end(self, trainer):
+    return self._evaluate(trainer)
+
+  @staticmethod
+  def _evaluate(trainer):
+    trainer.flush_metrics()
+    result = trainer.evaluate()
     if result:
-      self.report.write(self.step, result)
-      self.report.log(f'step {self.step:>6}  eval  ' + '  '.join(
+      trainer.report.write(trainer.step, result)
+      trainer.report.log(f'step {trainer.step:>6}  eval  ' + '  '.join(
           f'{k} {v:.4f}' if 'tokens' not in k else f'{k} {v:,.0f}' for k, v in result.items()))
+    return result
+
+
+class CheckpointHook(Hook):
+  """A checkpoint every train.ckpt_every steps and after the last step (waiting until it is
+  final)."""
+
+  def after_step(self, trainer, m):
+    if trainer.step % trainer.config.train.ckpt_every == 0:
+      trainer.flush_metrics()
+      trainer.save()
+
+  def end(self, trainer):
+    trainer.save()
+    trainer.check_save(block=True)
+
+
+class StopHook(Hook):
+  """Stops the run after a step when asked: SIGTERM or SIGINT (the handler only takes note),
+  run(stop_at=...), or with several processes a signal to any of them (they agree at log
+  steps). It saves a checkpoint, waits until it is final, and run() returns {'step', 'stopped'}:
+  the same command resumes (exit status EXIT_PREEMPTED)."""
+
+  def begin(self, trainer):
+    def on_signal(signum, frame):
+      del frame
+      trainer.stop_signal = signal.Signals(signum).name
+      trainer.report.log(f'{trainer.stop_signal} received: saving a checkpoint after this step')
+
+    self.old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+  def after_step(self, trainer, m):
+    stop, stop_at = trainer.stop_signal, trainer.stop_at
+    if stop_at is not None and trainer.step >= stop_at:
+      stop = stop or f'stop_at={stop_at}'
+    elif jax.process_count() > 1:  # processes agree on a signal at log steps, stop together
+      agreed = (trainer.step % trainer.config.train.log_every == 0
+                and distributed.agree(bool(stop)))
+      stop = (stop or 'a signal to another process') if agreed else None
+    if stop:
+      trainer.flush_metrics()
+      trainer.save()
+      trainer.check_save(block=True)
+      trainer.report.log(f'{stop}: checkpoint saved at step {trainer.step}; run the same command '
+                         f'to resume (exit status {EXIT_PREEMPTED})')
+      trainer.stopped = stop
+
+  def close(self, trainer):
+    for s, h in getattr(self, 'old_handlers', {}).items():
+      signal.signal(s, h)
+    self.old_handlers = {}
 
 
 def main(argv=None):

@@ -117,17 +117,15 @@ def driver(workdir: pathlib.Path, data_dir: str, out_dir: pathlib.Path) -> None:
   assert distributed.initialize(config.mesh.distributed)  # 'auto': JAX_COORDINATOR_ADDRESS
   seen = {}
 
-  class Recording(train.Trainer):
+  class Recording(train.Hook):
     """Keeps every step's loss as this process fetched it (only process 0 writes metrics)."""
 
-    def _flush(self, pending, extra=None, progress=None):
-      if pending is not None:
-        seen[pending[0]] = float(jax.device_get(pending[1])['loss'])
-      super()._flush(pending, extra, progress)
+    def on_metrics(self, trainer, step, record):
+      seen[step] = record['loss']
 
-  first = Recording(config, workdir)
+  first = train.Trainer(config, workdir, hooks=[Recording()])
   assert first.run(stop_at=STOP)['step'] == STOP
-  second = Recording(config, workdir)
+  second = train.Trainer(config, workdir, hooks=[Recording()])
   resumed_at = second.step
   result = second.run()
   share = sharding.process_share(second.batch_sharding, (config.train.global_batch, 1))

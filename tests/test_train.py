@@ -51,8 +51,16 @@ def test_resume_is_exact_across_the_handover(tmp_path, data_dir):
 
 
 def test_guides_and_their_optimizer_state_are_dropped(tmp_path, data_dir):
+  seen = {}
+
+  class Recording(train.Hook):
+    """A hook of the loop: every step's record as it is fetched."""
+
+    def on_metrics(self, trainer, step, record):
+      seen[step] = record['loss']
+
   trainer = train.Trainer(tiny(*RUN, f'data.data_dir={data_dir}', 'train.tokens=3072'),
-                          tmp_path / 'w')
+                          tmp_path / 'w', hooks=[Recording()])
   assert trainer.plan.guided_steps == 3
   n_before = len(jax.tree.leaves(trainer.state))
   trainer.run()
@@ -61,6 +69,19 @@ def test_guides_and_their_optimizer_state_are_dropped(tmp_path, data_dir):
   # fc1 and fc2 of 2 stacked blocks each lose 1 param + 2 Adam moments.
   assert n_before - len(leaves) == 2 * 3
   assert sgt.alpha_of(trainer.state['opt_state']) == 0.0
+  assert seen == run_losses(tmp_path / 'w')
+
+
+def test_one_hand_over_rule_and_alpha_at_the_end_of_the_optimizer_state():
+  c = tiny('train.tokens=3072')  # S = 6, G = 3
+  counts = sgt.step_counts(c)
+  assert (counts.base, counts.guided, counts.total) == (6, 3, 6)
+  assert [sgt.is_guided(t, counts.guided) for t in range(6)] == [True] * 3 + [False] * 3
+  params = {'guide': jnp.ones(2), 'u': jnp.ones(2)}
+  state = optim.make_optimizer(c, counts.total, counts.guided).init(params)
+  assert isinstance(state[-1], sgt.SelfGuidedState) and float(sgt.alpha_of(state)) == 1.0
+  assert sgt.alpha_of(optim.make_optimizer(tiny(sgt=0), 6, 0).init(params)) is None
+  assert sgt.guide_cost(tiny('sgt.reduce_flop=true')) == 0.5 and sgt.guide_cost(c) == 1.0
 
 
 def test_alpha_schedule_closed_forms():
