@@ -27,7 +27,7 @@ Table 1 (Transformer-xl, 25.5B tokens; paper numbers):
   32% BlockDense B4 R768 728M        260M      1.27e20         13.74
   32% BlockShuffle B4    744M        275M      1.29e20         13.81
 
-Structures per size (63% / 32%): LowRank R = d/2 / d/4; BlockShuffle B = 2 / 4; BlockDense (B, R) =
+Structures per size (63% / 32%): LowRank R = d/2 / d/4; BlockShuffle C = 2 / 4; BlockDense (C, R) =
 s (2,512)/(2,256), m (4,768)/(4,384), l (2,1024)/(2,512), xl (4,1536)/(4,768).
 Self-guided (32% models): `fixedstep` guides the first half of the same steps; `fixedflop` adds G =
 ratio·S steps (ratios below) that replay the guided phase's data and match dense training FLOPs.

@@ -1,7 +1,8 @@
 """Causal self-attention with a choice of implementation (`model.attention.implementation`).
 
-`attend(q, k, v, implementation=...)` maps queries (B, T, N, H) and keys/values (B, T, K, H)
-(grouped-query: K divides N) to the causal softmax attention output (B, T, N, H):
+`attend(q, k, v, implementation=...)` maps queries (B, T, H, E) and keys/values (B, T, K, E)
+(grouped-query: K divides H; letters of docs/design.md §1) to the causal softmax attention
+output (B, T, H, E):
 
   'xla'     jax.nn.dot_product_attention's XLA path: scores materialised, every device.
   'cudnn'   jax.nn.dot_product_attention(implementation='cudnn'): cuDNN's fused flash
@@ -10,7 +11,7 @@
             GPU  jax.experimental.pallas.ops.gpu.attention.mha (Triton lowering);
             TPU  jax.experimental.pallas.ops.tpu.flash_attention (Mosaic TPU);
             CPU  the GPU kernel in the Pallas interpreter (slow: for tests).
-            Both kernels want as many key/value heads as query heads: K is repeated to N
+            Both kernels want as many key/value heads as query heads: K is repeated to H
             (its gradient sums back over the group). Shapes a kernel cannot tile take 'xla'.
             (jax's Mosaic GPU attention for Hopper needs the CUDA plugin even to trace, so it
             can be neither lowered nor interpreted without a GPU; it is not wired in.)
@@ -46,41 +47,41 @@ IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'pallas')
 GPU_BLOCK, GPU_BLOCK_BWD, TPU_BLOCK = 128, 64, 128
 
 
-def _pallas_supports(platform: str, t: int, h: int) -> bool:
+def _pallas_supports(platform: str, t: int, e: int) -> bool:
   if platform == 'tpu':  # the kernel's tiles are multiples of 128 (its MIN_BLOCK_SIZE)
     return t % TPU_BLOCK == 0
   if platform == 'gpu':  # Triton dots: tiles of at least 16, head width padded to a power of 2
-    return pow2_tile(t, GPU_BLOCK_BWD) >= 16 and h <= 256
+    return pow2_tile(t, GPU_BLOCK_BWD) >= 16 and e <= 256
   return t > 0  # the interpreter takes any shape
 
 
-def _cudnn_supports(dtype, h: int) -> bool:
-  return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and h % 8 == 0 and h <= 128
+def _cudnn_supports(dtype, e: int) -> bool:
+  return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and e % 8 == 0 and e <= 128
 
 
-def resolve(implementation: str, q_BTNH, platform: str | None = None) -> str:
+def resolve(implementation: str, q_BTHE, platform: str | None = None) -> str:
   """The implementation that will run: 'xla', 'cudnn' or 'pallas'."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f'attention implementation={implementation!r} is unknown; use one of '
                      f'{IMPLEMENTATIONS}.')
   platform = platform or kernels_api.platform()
-  _, t, _, h = q_BTNH.shape
+  _, t, _, e = q_BTHE.shape
   if implementation == 'auto':
-    return 'cudnn' if platform == 'gpu' and _cudnn_supports(q_BTNH.dtype, h) else 'xla'
+    return 'cudnn' if platform == 'gpu' and _cudnn_supports(q_BTHE.dtype, e) else 'xla'
   if implementation == 'cudnn' and platform != 'gpu':
     raise ValueError(f'attention implementation=\'cudnn\' needs a GPU; the target is {platform}. '
                      "Use 'auto', 'xla' or 'pallas'.")
-  if implementation == 'pallas' and not _pallas_supports(platform, t, h):
+  if implementation == 'pallas' and not _pallas_supports(platform, t, e):
     return 'xla'
   return implementation
 
 
-def _repeat_kv(x_BTKH, n: int):
-  return jnp.repeat(x_BTKH, n // x_BTKH.shape[2], axis=2)
+def _repeat_kv(x_BTKE, h: int):
+  return jnp.repeat(x_BTKE, h // x_BTKE.shape[2], axis=2)
 
 
 def _pallas_gpu(q, k, v, scale, interpret):
-  """Triton flash attention (B, T, N, H) layout; the interpreter on CPU."""
+  """Triton flash attention, (B, T, H, E) layout; the interpreter on CPU."""
   from jax.experimental.pallas.ops.gpu import attention as gpu_attention  # pylint: disable=g-import-not-at-top
   t = q.shape[1]
   fwd, bwd = pow2_tile(t, GPU_BLOCK), pow2_tile(t, GPU_BLOCK_BWD)
@@ -91,17 +92,17 @@ def _pallas_gpu(q, k, v, scale, interpret):
 
 
 def _pallas_tpu(q, k, v, scale):
-  """Mosaic TPU flash attention, which wants (B, N, T, H)."""
+  """Mosaic TPU flash attention, which wants (B, H, T, E)."""
   from jax.experimental.pallas.ops.tpu import flash_attention as tpu_attention  # pylint: disable=g-import-not-at-top
   b = TPU_BLOCK
   blocks = tpu_attention.BlockSizes(
       block_q=b, block_k_major=b, block_k=b, block_b=1, block_q_major_dkv=b,
       block_k_major_dkv=b, block_k_dkv=b, block_q_dkv=b, block_k_major_dq=b, block_k_dq=b,
       block_q_dq=b)
-  to_bnth = lambda x: x.transpose(0, 2, 1, 3)
-  o = tpu_attention.flash_attention(to_bnth(q), to_bnth(k), to_bnth(v), causal=True,
+  to_bhte = lambda x: x.transpose(0, 2, 1, 3)
+  o = tpu_attention.flash_attention(to_bhte(q), to_bhte(k), to_bhte(v), causal=True,
                                     sm_scale=scale, block_sizes=blocks)
-  return to_bnth(o)
+  return to_bhte(o)
 
 
 def _on_mesh(fn, q, k, v):
@@ -110,21 +111,21 @@ def _on_mesh(fn, q, k, v):
   return kernels_api.on_mesh(fn, (q, k, v), [axes] * 3, axes)
 
 
-def attend(q_BTNH, k_BTKH, v_BTKH, *, scale: float, implementation: str = 'auto'):
-  """Causal attention output (B, T, N, H) with `implementation` (see the module docstring)."""
+def attend(q_BTHE, k_BTKE, v_BTKE, *, scale: float, implementation: str = 'auto'):
+  """Causal attention output (B, T, H, E) with `implementation` (see the module docstring)."""
   platform = kernels_api.platform()
-  impl = resolve(implementation, q_BTNH, platform)
+  impl = resolve(implementation, q_BTHE, platform)
   if impl == 'xla':
-    return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True, scale=scale,
+    return jax.nn.dot_product_attention(q_BTHE, k_BTKE, v_BTKE, is_causal=True, scale=scale,
                                         implementation='xla')
   if impl == 'cudnn':
     cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                                          implementation='cudnn')
-    return _on_mesh(cudnn, q_BTNH, k_BTKH, v_BTKH)
-  n = q_BTNH.shape[2]
-  k_BTNH, v_BTNH = _repeat_kv(k_BTKH, n), _repeat_kv(v_BTKH, n)
+    return _on_mesh(cudnn, q_BTHE, k_BTKE, v_BTKE)
+  h = q_BTHE.shape[2]
+  k_BTHE, v_BTHE = _repeat_kv(k_BTKE, h), _repeat_kv(v_BTKE, h)
   if platform == 'tpu':
     kernel = lambda q, k, v: _pallas_tpu(q, k, v, scale)
   else:
     kernel = lambda q, k, v: _pallas_gpu(q, k, v, scale, interpret=platform != 'gpu')
-  return _on_mesh(kernel, q_BTNH, k_BTNH, v_BTNH)
+  return _on_mesh(kernel, q_BTHE, k_BTHE, v_BTHE)

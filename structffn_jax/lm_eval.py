@@ -61,14 +61,14 @@ def require_harness():
 
 
 @nnx.jit
-def _score(model, tokens_BL, targets_BL, mask_BL, alpha):
+def _score(model, tokens_BT, targets_BT, mask_BT, alpha):
   """Per row: sum of log p(target) over the masked positions, and whether each masked target is
-  the argmax (the harness's is_greedy)."""
-  logits_BLV = model(tokens_BL, alpha=alpha)
-  logp_BLV = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
-  target_lp_BL = jnp.take_along_axis(logp_BLV, targets_BL[..., None], axis=-1)[..., 0]
-  ll_B = jnp.sum(jnp.where(mask_BL, target_lp_BL, 0.0), axis=-1)
-  greedy_B = jnp.all(jnp.where(mask_BL, jnp.argmax(logits_BLV, -1) == targets_BL, True), axis=-1)
+  the argmax (the harness's is_greedy). Letters of docs/design.md §1."""
+  logits_BTV = model(tokens_BT, alpha=alpha)
+  logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+  target_lp_BT = jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  ll_B = jnp.sum(jnp.where(mask_BT, target_lp_BT, 0.0), axis=-1)
+  greedy_B = jnp.all(jnp.where(mask_BT, jnp.argmax(logits_BTV, -1) == targets_BT, True), axis=-1)
   return ll_B, greedy_B
 
 

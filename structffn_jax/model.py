@@ -13,8 +13,8 @@ Inference: `init_cache` + `decode` run prefill and incremental decoding over a K
 shape, each row at its own length (structffn_jax/generate.py drives them); `premerge` gives the
 structured FFN layers their merged dense matrices for calls on few tokens.
 
-Shapes in names: B batch, T sequence, D model width, F FFN width, N query heads, K kv heads,
-H head width, V vocabulary.
+Shapes in names, one letter per axis (docs/design.md §1): B batch, T tokens, S cache slots,
+L layers, D model width, F FFN width, H query heads, K kv heads, E head width, V vocabulary.
 """
 
 from __future__ import annotations
@@ -32,16 +32,17 @@ from structffn_jax import sharding, structured
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
-def rope(x_BTNH, positions_BT, base: float):
-  """Rotary position embedding, rotate-half convention, computed in float32."""
-  h = x_BTNH.shape[-1]
-  inv_freq = base ** (-jnp.arange(0, h // 2, dtype=jnp.float32) * 2 / h)
-  angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
-  cos = jnp.cos(angles_BTh)[:, :, None, :]
-  sin = jnp.sin(angles_BTh)[:, :, None, :]
-  x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+def rope(x_BTHE, positions_BT, base: float):
+  """Rotary position embedding, rotate-half convention, computed in float32 (queries (B, T, H, E)
+  or keys (B, T, K, E))."""
+  e = x_BTHE.shape[-1]
+  inv_freq = base ** (-jnp.arange(0, e // 2, dtype=jnp.float32) * 2 / e)
+  angles = positions_BT[..., None].astype(jnp.float32) * inv_freq  # (B, T, E/2)
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x_BTHE.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BTNH.dtype)
+  return out.astype(x_BTHE.dtype)
 
 
 def _norm(cfg, dtype, rngs):
@@ -58,8 +59,8 @@ class KVCache(NamedTuple):
   Slot s of row b holds the key/value of that row's token at position s; `lengths[b]` tokens are
   filled, so row b's next token goes to slot lengths[b]. Layer 0 is the first block, 1.. the stack.
   """
-  k: jax.Array  # (L, B, S, K, H), compute dtype
-  v: jax.Array  # (L, B, S, K, H)
+  k: jax.Array  # (L, B, S, K, E), compute dtype
+  v: jax.Array  # (L, B, S, K, E)
   lengths: jax.Array  # (B,) int32
 
 
@@ -85,38 +86,38 @@ class Attention(nnx.Module):
   def _project(self, x_BTD, positions_BT):
     """Queries, keys and values of x, RoPE applied."""
     b, t, _ = x_BTD.shape
-    n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
+    h, k, e = self.num_heads, self.num_kv_heads, self.head_dim
     qkv = self.qkv(x_BTD)
-    q_BTNH = qkv[..., :n * h].reshape(b, t, n, h)
-    k_BTKH = qkv[..., n * h:(n + k) * h].reshape(b, t, k, h)
-    v_BTKH = qkv[..., (n + k) * h:].reshape(b, t, k, h)
+    q_BTHE = qkv[..., :h * e].reshape(b, t, h, e)
+    k_BTKE = qkv[..., h * e:(h + k) * e].reshape(b, t, k, e)
+    v_BTKE = qkv[..., (h + k) * e:].reshape(b, t, k, e)
     if self.position == 'rope':
-      q_BTNH = rope(q_BTNH, positions_BT, self.rope_base)
-      k_BTKH = rope(k_BTKH, positions_BT, self.rope_base)
-    return q_BTNH, k_BTKH, v_BTKH
+      q_BTHE = rope(q_BTHE, positions_BT, self.rope_base)
+      k_BTKE = rope(k_BTKE, positions_BT, self.rope_base)
+    return q_BTHE, k_BTKE, v_BTKE
 
   def __call__(self, x_BTD, positions_BT):
     b, t, _ = x_BTD.shape
-    q_BTNH, k_BTKH, v_BTKH = self._project(x_BTD, positions_BT)
-    o_BTNH = attention_lib.attend(q_BTNH, k_BTKH, v_BTKH, scale=self.head_dim ** -0.5,
+    q_BTHE, k_BTKE, v_BTKE = self._project(x_BTD, positions_BT)
+    o_BTHE = attention_lib.attend(q_BTHE, k_BTKE, v_BTKE, scale=self.head_dim ** -0.5,
                                   implementation=self.implementation)
-    return self.out(o_BTNH.reshape(b, t, -1))
+    return self.out(o_BTHE.reshape(b, t, -1))
 
   def decode(self, x_BTD, positions_BT, cache: KVCache, layer):
     """Attention of x (at positions_BT, per row) over the cache of `layer`, after writing x's
     keys and values into it at those positions. Returns (output, updated cache)."""
     b, t, _ = x_BTD.shape
-    q_BTNH, k_BTKH, v_BTKH = self._project(x_BTD, positions_BT)
+    q_BTHE, k_BTKE, v_BTKE = self._project(x_BTD, positions_BT)
     rows_B1 = jnp.arange(b)[:, None]
-    k_LBSKH = cache.k.at[layer, rows_B1, positions_BT].set(k_BTKH.astype(cache.k.dtype))
-    v_LBSKH = cache.v.at[layer, rows_B1, positions_BT].set(v_BTKH.astype(cache.v.dtype))
+    k_LBSKE = cache.k.at[layer, rows_B1, positions_BT].set(k_BTKE.astype(cache.k.dtype))
+    v_LBSKE = cache.v.at[layer, rows_B1, positions_BT].set(v_BTKE.astype(cache.v.dtype))
     # Slot s of a row holds its token at position s: a query sees the slots up to its own.
-    slots_S = jnp.arange(k_LBSKH.shape[2])
+    slots_S = jnp.arange(k_LBSKE.shape[2])
     mask_B1TS = (slots_S <= positions_BT[:, :, None])[:, None]
-    o_BTNH = jax.nn.dot_product_attention(q_BTNH, k_LBSKH[layer].astype(q_BTNH.dtype),
-                                          v_LBSKH[layer].astype(q_BTNH.dtype), mask=mask_B1TS,
+    o_BTHE = jax.nn.dot_product_attention(q_BTHE, k_LBSKE[layer].astype(q_BTHE.dtype),
+                                          v_LBSKE[layer].astype(q_BTHE.dtype), mask=mask_B1TS,
                                           scale=self.head_dim ** -0.5, implementation='xla')
-    return self.out(o_BTNH.reshape(b, t, -1)), cache._replace(k=k_LBSKH, v=v_LBSKH)
+    return self.out(o_BTHE.reshape(b, t, -1)), cache._replace(k=k_LBSKE, v=v_LBSKE)
 
 
 class FeedForward(nnx.Module):

@@ -46,7 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
   f = m.ffn = ml_collections.ConfigDict()
   f.method = 'dense'  # FFN structure: dense, lowrank, blockdense or blockshuffle.
   f.rank = 0  # Rank R (lowrank, blockdense).
-  f.blocks = 1  # Block count B (blockdense, blockshuffle).
+  f.blocks = 1  # Block count C (blockdense, blockshuffle).
   f.init = 'paper'  # 'paper' (svd / orthogonal blocks) or 'gaussian'.
   f.implementation = 'auto'  # Structured matmuls: 'auto', 'xla' or 'pallas' (kernels/api.py).
   f.merge_threshold = -1  # Inference pre-merge up to this many tokens (0 off, -1 premerge.json).

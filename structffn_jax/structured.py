@@ -1,12 +1,12 @@
 """Structured linear layers: drop-in replacements for a dense `y = x W^T + b`.
 
 Four parametrizations of an (out=M, in=N) map, with factors stored exactly as the paper's code
-stores them (docs/design.md §2):
+stores them (docs/design.md §2; the letters: N inputs, M outputs, R rank, C blocks, §1):
 
   Dense            W (M, N)                                              N·M params
   LowRank(R)       V (R, N), U (M, R);  y = U (V x)                      R·(N+M)
-  BlockDense(B,R)  V (B, R/B, N/B) block-diagonal, then dense U (M, R)   R·(M + N/B)
-  BlockShuffle(B)  W1 (B, q, N/B), shuffle, W2 (B, M/B, q), q=min(N,M)/B  min(N,M)·(N+M)/B
+  BlockDense(C,R)  V (C, R/C, N/C) block-diagonal, then dense U (M, R)   R·(M + N/C)
+  BlockShuffle(C)  W1 (C, q, N/C), shuffle, W2 (C, M/C, q), q=min(N,M)/C  min(N,M)·(N+M)/C
 
 Every layer offers `to_dense()`, the exact (M, N) matrix it applies, permutations included.
 
@@ -242,7 +242,7 @@ class LowRank(StructuredLinear):
 
 
 class BlockDense(StructuredLinear):
-  """Block-diagonal V (B, R/B, N/B) on the B input chunks, block-major concat, then dense U."""
+  """Block-diagonal V (C, R/C, N/C) on the C input chunks, block-major concat, then dense U."""
 
   def __init__(self, in_features: int, out_features: int, rank: int, blocks: int, *,
                use_bias: bool = True, init: str = 'paper', std: float = DEFAULT_STD, dtype=None,
@@ -282,11 +282,11 @@ class BlockDense(StructuredLinear):
 class BlockShuffle(StructuredLinear):
   """Monarch-style: block-diagonal W1, a fixed shuffle, block-diagonal W2, interleaved output.
 
-  With k = l = B blocks, p = N/B, q = min(N, M)/B, s = M/B:
-    h[i] = W1[i] x[i]                        (B, q)   x split into B chunks of p
-    h'[j, t] = flat(h)[t·B + j]              (B, q)   the shuffle: view (q, B), transpose
-    u[j] = W2[j] h'[j]                       (B, s)
-    y[t·B + j] = u[j, t]                     (M,)     interleaved output
+  With C blocks in both stages, p = N/C, q = min(N, M)/C, s = M/C:
+    h[i] = W1[i] x[i]                        (C, q)   x split into C chunks of p
+    h'[j, a] = flat(h)[a·C + j]              (C, q)   the shuffle: view (q, C), transpose
+    u[j] = W2[j] h'[j]                       (C, s)
+    y[a·C + j] = u[j, a]                     (M,)     interleaved output
   The default XLA layout keeps the block dimension first and moves data once for the shuffle and
   once for the interleave (see structffn_jax/kernels/xla.py); `to_dense()` spells both out.
   """
@@ -320,15 +320,15 @@ class BlockShuffle(StructuredLinear):
                                 implementation=self.implementation)
 
   def to_dense(self):
-    b = self.blocks
+    c = self.blocks
     q = self.w1.shape[1]
-    first = jax.scipy.linalg.block_diag(*self.w1[...])   # (B·q, N)
-    second = jax.scipy.linalg.block_diag(*self.w2[...])  # (M, B·q), block-major in and out
-    # Shuffle: block j of the second stage reads flat(h)[t·B + j] at its position t.
-    shuffle = np.arange(b * q).reshape(q, b).T.reshape(-1)
-    # Interleave: output position s·B + j holds block-major entry j·(M/B) + s.
-    s = self.out_features // b
-    interleave = np.arange(b * s).reshape(b, s).T.reshape(-1)
+    first = jax.scipy.linalg.block_diag(*self.w1[...])   # (C·q, N)
+    second = jax.scipy.linalg.block_diag(*self.w2[...])  # (M, C·q), block-major in and out
+    # Shuffle: block j of the second stage reads flat(h)[a·C + j] at its position a.
+    shuffle = np.arange(c * q).reshape(q, c).T.reshape(-1)
+    # Interleave: output position a·C + j holds block-major entry j·(M/C) + a.
+    s = self.out_features // c
+    interleave = np.arange(c * s).reshape(c, s).T.reshape(-1)
     return second[interleave] @ first[shuffle]
 
 

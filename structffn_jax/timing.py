@@ -41,7 +41,7 @@ def ffn_module(width: int, structure: Mapping[str, Any], dtype: str, *,
 
 def ffn_settings(method: str, width: int, fraction: str) -> dict:
   """rank / blocks of `method` at this width for the 63% or 32% parameter fraction, ffn = 4 ×
-  width (docs/design.md §6.3): LowRank R = d/2, d/4; BlockShuffle B = 2, 4; BlockDense (B, R) =
+  width (docs/design.md §6.3): LowRank R = d/2, d/4; BlockShuffle C = 2, 4; BlockDense (C, R) =
   (4, 3d/4), (4, 3d/8) for widths divisible by 8 (m, xl), (2, 2d/3), (2, d/3) otherwise."""
   small = fraction == '32'
   if method == 'lowrank':

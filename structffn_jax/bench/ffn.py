@@ -22,8 +22,8 @@ The variants of a width are interleaved in one process so that load on a shared 
 them alike; medians.
 The speed-up is dense time / variant time; the bound beside it is the FLOP ratio (dense weight
 parameters / structured ones), which a structured FFN can approach but not beat.
-63% / 32% settings follow design §6.3: LowRank R = d/2, d/4; BlockShuffle B = 2, 4; BlockDense
-(B, R) = (4, 3d/4), (4, 3d/8) for widths divisible by 8 (m, xl), (2, 2d/3), (2, d/3) otherwise.
+63% / 32% settings follow design §6.3: LowRank R = d/2, d/4; BlockShuffle C = 2, 4; BlockDense
+(C, R) = (4, 3d/4), (4, 3d/8) for widths divisible by 8 (m, xl), (2, 2d/3), (2, d/3) otherwise.
 """
 
 from __future__ import annotations

@@ -153,12 +153,12 @@ def lowrank(x, v, u, *, implementation: str = 'auto'):
 
 
 def blockdense(x, v, u, *, implementation: str = 'auto'):
-  """Block-diagonal V (B, R/B, N/B) on the input chunks, block-major concat, then U (M, R)."""
+  """Block-diagonal V (C, R/C, N/C) on the input chunks, block-major concat, then U (M, R)."""
   return _dispatch('blockdense', x, (v, u), implementation)
 
 
 def blockshuffle(x, w1, w2, *, implementation: str = 'auto'):
-  """Monarch: W1 (B, q, N/B), shuffle, W2 (B, M/B, q), interleaved output (design §2.4)."""
+  """Monarch: W1 (C, q, N/C), shuffle, W2 (C, M/C, q), interleaved output (design §2.4)."""
   return _dispatch('blockshuffle', x, (w1, w2), implementation)
 
 

@@ -1,7 +1,7 @@
 """Layout helpers shared by the kernel backends (xla.py, pallas_triton.py, pallas_tpu.py).
 
-Activations are flattened to tokens, (T, N); the block-leading layout is (B, T, N/B). W1 of a
-BlockShuffle layer is (B, q, N/B) with q = min(N, M)/B (docs/design.md §2.4).
+Activations are flattened to tokens, (T, N); the block-leading layout is (C, T, N/C). W1 of a
+BlockShuffle layer is (C, q, N/C) with q = min(N, M)/C (docs/design.md §2.4; the letters, §1).
 """
 
 from __future__ import annotations
@@ -9,27 +9,27 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 
-def to_blocks(x, b):
-  """(T, B·p) -> (B, T, p)."""
-  return x.reshape(x.shape[0], b, -1).transpose(1, 0, 2)
+def to_blocks(x, c):
+  """(T, C·p) -> (C, T, p)."""
+  return x.reshape(x.shape[0], c, -1).transpose(1, 0, 2)
 
 
 def from_blocks(xb):
-  """(B, T, p) -> (T, B·p)."""
-  b, t, p = xb.shape
-  return xb.transpose(1, 0, 2).reshape(t, b * p)
+  """(C, T, p) -> (T, C·p)."""
+  c, t, p = xb.shape
+  return xb.transpose(1, 0, 2).reshape(t, c * p)
 
 
 def interleave(u):
-  """(B, T, s) -> (T, s·B) with y[s·B + j] = u[j, s]: BlockShuffle's output order."""
-  b, t, s = u.shape
-  return u.transpose(1, 2, 0).reshape(t, s * b)
+  """(C, T, s) -> (T, s·C) with y[a·C + j] = u[j, a]: BlockShuffle's output order."""
+  c, t, s = u.shape
+  return u.transpose(1, 2, 0).reshape(t, s * c)
 
 
-def deinterleave(y, b):
-  """(T, s·B) -> (B, T, s), the inverse of `interleave`."""
+def deinterleave(y, c):
+  """(T, s·C) -> (C, T, s), the inverse of `interleave`."""
   t, m = y.shape
-  return y.reshape(t, m // b, b).transpose(2, 0, 1)
+  return y.reshape(t, m // c, c).transpose(2, 0, 1)
 
 
 def common_dtype(*arrays):
@@ -39,10 +39,10 @@ def common_dtype(*arrays):
 
 
 def permute_rows(w1):
-  """W1 rows reordered from c·B + j to j·(q/B) + c (q a multiple of B): the Pallas kernels then
-  move the shuffle's data in contiguous runs of q/B."""
-  b, q, p = w1.shape
-  return w1.reshape(b, q // b, b, p).transpose(0, 2, 1, 3).reshape(b, q, p)
+  """W1 rows reordered from a·C + j to j·(q/C) + a (q a multiple of C): the Pallas kernels then
+  move the shuffle's data in contiguous runs of q/C."""
+  c, q, p = w1.shape
+  return w1.reshape(c, q // c, c, p).transpose(0, 2, 1, 3).reshape(c, q, p)
 
 
 def pow2_tile(n: int, pref: int) -> int:

@@ -4,26 +4,27 @@ The GPU kernels (pallas_triton.py) move every permutation into their index maps 
 such as (tokens, 1, run): Mosaic TPU only takes blocks whose last two dimensions are multiples of
 (8, 128) or whole, so the layouts here keep every block's minor dimension whole instead:
 
-  BlockShuffle (q = min(N, M)/B, r = q/B, W1's rows permuted as in layout.permute_rows, viewed
-  as W1p4 (B_i, B_j, r, p); W2 viewed as W2r (B_j, B_i, s, r) with W2r[j, i] = W2[j][:, i·r..])
+  BlockShuffle (q = min(N, M)/C, r = q/C, W1's rows permuted as in layout.permute_rows, viewed
+  as W1p4 (C_i, C_j, r, p); W2 viewed as W2r (C_j, C_i, s, r) with W2r[j, i] = W2[j][:, i·r..])
     stage 1 + shuffle   h4[j, i] = x[:, i-chunk] · W1p4[i, j]ᵀ          (T, r), grid (T, i, j)
-                        (the shuffle: h'[j][:, i·r + c] = h4[j, i][:, c], written in place)
+                        (the shuffle: h'[j][:, i·r + a] = h4[j, i][:, a], written in place)
     stage 2             u[j] = Σ_i h4[j, i] · W2r[j, i]ᵀ                (T, s), grid (T, j, s)
-    interleave          y[:, c·B + j] = u[j][:, c]                     (XLA, one copy)
+    interleave          y[:, a·C + j] = u[j][:, a]                     (XLA, one copy)
     backward            dh4[j, i] = du[j] · W2r[j, i] ;  dx[:, i-chunk] = Σ_j dh4[j, i] · W1p4[i, j]
                         dW2r[j, i] = Σ_t du[j]ᵀ h4[j, i] ;  dW1p4[i, j] = Σ_t dh4[j, i]ᵀ x[:, i-chunk]
   BlockDense
-    stage 1             h3[i] = x[:, i-chunk] · V[i]ᵀ  (B, T, r); y = Σ_i h3[i] · U[:, i-block]ᵀ (XLA)
+    stage 1             h3[i] = x[:, i-chunk] · V[i]ᵀ  (C, T, r); y = Σ_i h3[i] · U[:, i-block]ᵀ (XLA)
     backward            dx[:, i-chunk] = dh3[i] · V[i] ;  dV[i] = Σ_t dh3[i]ᵀ x[:, i-chunk]
 
 Each kernel body is one matmul of whole blocks on the MXU accumulating in float32 (the stage-2
-and dx kernels sum over the B blocks in a static loop). Weight gradients sum over token tiles on
-the innermost ("arbitrary") grid axis into a float32 output block that stays in VMEM.
+and dx kernels sum over the C blocks in a static loop; letters of docs/design.md §1). Weight
+gradients sum over token tiles on the innermost ("arbitrary") grid axis into a float32 output
+block that stays in VMEM.
 
 The kernels are wrapped in `jax.custom_vjp` ops over the reshaped weights; the weight views and
 the interleave are plain XLA reshapes/transposes, differentiated by JAX. On a TPU a shape
-qualifies when its token tile is a multiple of 8 and every input chunk N/B is a multiple of 128
-(or B = 1); `supports` says which, the others take the XLA path. With `interpret=True` the
+qualifies when its token tile is a multiple of 8 and every input chunk N/C is a multiple of 128
+(or C = 1); `supports` says which, the others take the XLA path. With `interpret=True` the
 kernels run in the Pallas interpreter on any device (tests), at any shape.
 """
 
@@ -44,9 +45,9 @@ from structffn_jax.kernels.layout import common_dtype, interleave, permute_rows
 
 _SQ = pl.squeezed
 _F32 = jnp.float32
-_NT = (((1,), (1,)), ((), ()))  # a (T, K) · w (N, K)ᵀ
-_NN = (((1,), (0,)), ((), ()))  # a (T, N) · w (N, K)
-_TN = (((0,), (0,)), ((), ()))  # d (T, N)ᵀ · a (T, K)
+_NT = (((1,), (1,)), ((), ()))  # a (T, N) · w (M, N)ᵀ
+_NN = (((1,), (0,)), ((), ()))  # a (T, M) · w (M, N)
+_TN = (((0,), (0,)), ((), ()))  # d (T, M)ᵀ · a (T, N)
 
 # Tokens per program (forward, input gradient) and per step of a weight-gradient sum, and output
 # columns of stage 2. Untuned: no TPU measurement exists yet.
@@ -78,7 +79,7 @@ def supports(op: str, x_shape, *factor_shapes, tpu: bool) -> bool:
   n = x_shape[-1]
   if op == 'blockshuffle':
     (b, q, p), (_, s, _) = factor_shapes
-    if q % b:  # the shuffle moves whole runs of r = q/B
+    if q % b:  # the shuffle moves whole runs of r = q/C (b: the block count C)
       return False
     lanes = _lane_ok(p, n) and _lane_ok(_tile(s, TILE_S), s)
   elif op == 'blockdense':
@@ -139,7 +140,7 @@ _GRAD = ('parallel', 'parallel', 'arbitrary')
 
 
 def _bs_stage1(x, w1p4, mode):
-  """h4 (B_j, B_i, T, r): h4[j, i] = x[:, i-chunk] · W1p4[i, j]ᵀ (stage 1 and the shuffle)."""
+  """h4 (C_j, C_i, T, r): h4[j, i] = x[:, i-chunk] · W1p4[i, j]ᵀ (stage 1 and the shuffle)."""
   (t, _), (b, _, r, p) = x.shape, w1p4.shape
   tt = _tile(t, TILE_T)
   return _call('blockshuffle_tpu_stage1', mode, functools.partial(_mm_kernel, dims=_NT),
@@ -151,7 +152,7 @@ def _bs_stage1(x, w1p4, mode):
 
 
 def _bs_stage2(h4, w2r, mode):
-  """u (B_j, T, s): u[j] = Σ_i h4[j, i] · W2r[j, i]ᵀ."""
+  """u (C_j, T, s): u[j] = Σ_i h4[j, i] · W2r[j, i]ᵀ."""
   (b, _, t, r), s = h4.shape, w2r.shape[2]
   tt, ts = _tile(t, TILE_T), _tile(s, TILE_S)
   return _call('blockshuffle_tpu_stage2', mode, functools.partial(_sum_kernel, dims=_NT),
@@ -217,7 +218,7 @@ def _flat(fn):
 
 @_flat
 def blockshuffle(x, w1, w2, mode):
-  """BlockShuffle x (T, N) -> (T, M); W1 (B, q, N/B), W2 (B, M/B, q); q a multiple of B."""
+  """BlockShuffle x (T, N) -> (T, M); W1 (C, q, N/C), W2 (C, M/C, q); q a multiple of C."""
   x, w1, w2 = common_dtype(x, w1, w2)
   (b, q, p), s = w1.shape, w2.shape[1]
   r = q // b
@@ -230,7 +231,7 @@ def blockshuffle(x, w1, w2, mode):
 
 
 def _bd_forward(x, v, mode):
-  """h3 (B, T, r): h3[i] = x[:, i-chunk] · V[i]ᵀ."""
+  """h3 (C, T, r): h3[i] = x[:, i-chunk] · V[i]ᵀ."""
   (t, _), (b, r, p) = x.shape, v.shape
   tt = _tile(t, TILE_T)
   return _call('blockdense_tpu_stage1', mode, functools.partial(_mm_kernel, dims=_NT),
@@ -271,9 +272,9 @@ _bd_op.defvjp(_bd_fwd_rule, _bd_backward)
 
 @_flat
 def blockdense(x, v, u, mode):
-  """BlockDense x (T, N) -> (T, M); V (B, R/B, N/B), U (M, R)."""
+  """BlockDense x (T, N) -> (T, M); V (C, R/C, N/C), U (M, R)."""
   x, v, u = common_dtype(x, v, u)
   b, r, _ = v.shape
   h3 = _bd_op(x, v, mode)
-  return jnp.einsum('btr,mbr->tm', h3, u.reshape(u.shape[0], b, r))
+  return jnp.einsum('ctr,mcr->tm', h3, u.reshape(u.shape[0], b, r))
 

@@ -11,15 +11,16 @@ Two kernel bodies do all the work, each a tiled matmul accumulating in float32:
   _nt_kernel  o = a · wᵀ, looping over the contracted dimension (activations times a block)
   _tn_kernel  o = dᵀ · a, looping over tokens (a weight gradient; tokens split over programs
               into float32 partial sums that XLA adds)
-and the BlockSpecs below make them the stages of the two layers:
+and the BlockSpecs below make them the stages of the two layers (letters of docs/design.md §1:
+C blocks, i and j block indices, a a position inside a block):
 
-  BlockShuffle (q = min(N, M)/B, r = q/B, W1's rows permuted as in layout.permute_rows)
+  BlockShuffle (q = min(N, M)/C, r = q/C, W1's rows permuted as in layout.permute_rows)
     forward   h' [j, T, i·r:(i+1)·r] = x[:, i-chunk] · W1p[i, j·r:(j+1)·r]ᵀ   (stage 1 + shuffle)
-              y[:, s·B + j]          = h'[j] · W2[j]ᵀ                     (stage 2 + interleave)
-    backward  dh~[i, T, j·r:(j+1)·r] = dy[:, j::B] · W2[j][:, i·r:(i+1)·r]
+              y[:, a·C + j]          = h'[j] · W2[j]ᵀ                     (stage 2 + interleave)
+    backward  dh~[i, T, j·r:(j+1)·r] = dy[:, j::C] · W2[j][:, i·r:(i+1)·r]
               dx[:, i-chunk]         = dh~[i] · W1p[i]
-              dW2[j] = dy[:, j::B]ᵀ · h'[j] ;  dW1p[i] = dh~[i]ᵀ · x[:, i-chunk]
-  BlockDense
+              dW2[j] = dy[:, j::C]ᵀ · h'[j] ;  dW1p[i] = dh~[i]ᵀ · x[:, i-chunk]
+  BlockDense (r' = R/C)
     forward   h[:, i·r':(i+1)·r'] = x[:, i-chunk] · V[i]ᵀ (block-major, in place); y = h Uᵀ (XLA)
     backward  dh = dy U, dU = dyᵀ h (XLA); dx[:, i-chunk] = dh[:, i-block] · V[i];
               dV[i] = dh[:, i-block]ᵀ · x[:, i-chunk]
@@ -52,8 +53,9 @@ except ImportError:  # pragma: no cover
 _SQ = pl.squeezed  # a block dimension of size 1 that the kernel does not see
 _F32 = jnp.float32
 
-# Preferred tile sizes (GPU). Tokens per program, output columns, contracted slice, and tokens per
-# step of a weight-gradient loop. Untuned: no GPU measurement exists yet (BENCHMARKS.md).
+# Preferred tile sizes (GPU). Tokens per program, output columns (M), contracted slice (N), and
+# tokens per step of a weight-gradient loop. Untuned: no GPU measurement exists yet
+# (BENCHMARKS.md).
 TILE_T, TILE_N, TILE_K, TILE_T_GRAD = 64, 64, 64, 64
 MAX_TOKEN_SPLITS = 16  # programs a weight gradient's token sum is split over
 
@@ -71,7 +73,7 @@ def supports(op: str, x_shape, *factor_shapes, gpu: bool) -> bool:
   tokens = math.prod(x_shape[:-1])
   if op == 'blockshuffle':
     (b, q, p), (_, s, _) = factor_shapes
-    if q % b:  # the shuffle must move whole runs of r = q/B
+    if q % b:  # the shuffle must move whole runs of r = q/C (b: the block count C)
       return False
     dims = (q // b, p, q, s)
   elif op == 'blockdense':
@@ -96,7 +98,7 @@ def _compiler_params(mode):
 
 
 def _nt_kernel(a_ref, w_ref, o_ref, *, tk):
-  """o = a · wᵀ: a (tT, K), w (tN, K), o (tT, tN); K in slices of tk."""
+  """o = a · wᵀ: a (tT, N), w (tM, N), o (tT, tM); the contracted N in slices of tk."""
   def step(k, acc):
     at = pl.ds(pl.multiple_of(k * tk, tk), tk)
     return acc + lax.dot_general(a_ref[:, at], w_ref[:, at], (((1,), (1,)), ((), ())),
@@ -171,7 +173,7 @@ def _bs_forward(x, w1p, w2, mode):
            pl.BlockSpec((_SQ, _SQ, tr, p), lambda ti, i, j, c: (i, j, c, 0)),
            (b, t, b, r), pl.BlockSpec((_SQ, tt, _SQ, tr), lambda ti, i, j, c: (j, ti, i, c)),
            k=p).reshape(b, t, q)
-  # Stage 2 + interleave: block j's output column c goes to y[:, c·B + j].
+  # Stage 2 + interleave: block j's output column a goes to y[:, a·C + j].
   y = _nt('blockshuffle_stage2', mode, (t // tt, b, s // ts),
           hp, pl.BlockSpec((_SQ, tt, q), lambda ti, j, c: (j, ti, 0)),
           w2, pl.BlockSpec((_SQ, ts, q), lambda ti, j, c: (j, c, 0)),
@@ -188,7 +190,7 @@ def _bs_backward(mode, res, dy):
   tt, tr, tp, ts, tq = tile(t, TILE_T), tile(r, TILE_N), tile(p, TILE_N), tile(s, TILE_N), \
       tile(q, TILE_N)
   dy3 = dy.astype(x.dtype).reshape(t, s, b)  # du[j] = dy3[:, :, j]
-  w2t = jnp.swapaxes(w2, 1, 2)  # (B, q, s): the weights are small, their transposes cheap
+  w2t = jnp.swapaxes(w2, 1, 2)  # (C, q, s): the weights are small, their transposes cheap
   # dh~[i, :, j·r..] = du[j] · W2[j][:, i·r..]: un-shuffles while it multiplies.
   dh = _nt('blockshuffle_dstage2', mode, (t // tt, b, b, r // tr),
            dy3, pl.BlockSpec((tt, s, _SQ), lambda ti, j, i, c: (ti, 0, j)),
@@ -221,7 +223,7 @@ _bs_op = _kernel_op(_bs_forward, _bs_backward)
 
 @_flat
 def blockshuffle(x, w1, w2, mode):
-  """BlockShuffle x (T, N) -> (T, M); W1 (B, q, N/B), W2 (B, M/B, q); q a multiple of B."""
+  """BlockShuffle x (T, N) -> (T, M); W1 (C, q, N/C), W2 (C, M/C, q); q a multiple of C."""
   x, w1, w2 = common_dtype(x, w1, w2)
   return _bs_op(x, permute_rows(w1), w2, mode)
 
@@ -273,6 +275,6 @@ _bd_op = _kernel_op(_bd_forward, _bd_backward)
 
 @_flat
 def blockdense(x, v, u, mode):
-  """BlockDense x (T, N) -> (T, M); V (B, R/B, N/B), U (M, R)."""
+  """BlockDense x (T, N) -> (T, M); V (C, R/C, N/C), U (M, R)."""
   x, v, u = common_dtype(x, v, u)
   return _bd_op(x, v, u, mode)

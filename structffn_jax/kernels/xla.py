@@ -1,13 +1,15 @@
 """The XLA path: the structured projections laid out for fast batched matmuls, always available.
 
-Activations are flattened to (T, N) and the block dimension is kept leading, (B, T, ·), so every
+Activations are flattened to (T, N) and the block dimension is kept leading, (C, T, ·), so every
 product is a batched matmul whose batch dimension comes first and whose contracted dimension is
 the last of the activation: the form XLA's CPU and GPU matmul libraries take without copies.
-The permutations of the layers become single copies between those matmuls:
+(Letters of docs/design.md §1: T tokens, N inputs, M outputs, R rank, C blocks, and p, q, s the
+widths inside a block.) The permutations of the layers become single copies between those
+matmuls:
 
   LowRank       y = (x Vᵀ) Uᵀ
-  BlockDense    x -> (B, T, p) ; h = x_b V_bᵀ ; (T, R) block-major ; y = h Uᵀ
-  BlockShuffle  x -> (B, T, p) ; h = x_b W1_bᵀ ; shuffle -> (B, T, q) ; u = h' W2_bᵀ ;
+  BlockDense    x -> (C, T, p) ; h = x_i V_iᵀ ; (T, R) block-major ; y = h Uᵀ
+  BlockShuffle  x -> (C, T, p) ; h = x_i W1_iᵀ ; shuffle -> (C, T, q) ; u = h' W2_jᵀ ;
                 interleave -> (T, M)
   BlockShuffle FFN (`blockshuffle_ffn`): fc1, bias, GELU, fc2, bias in one op, the relayout
                 between the layers done once and fused with the GELU
@@ -29,8 +31,8 @@ import jax.numpy as jnp
 from structffn_jax.kernels.layout import (common_dtype, deinterleave, from_blocks, interleave,
                                           to_blocks)
 
-_BMM_NT = 'btk,bnk->btn'  # a (B, T, K) · w (B, N, K)ᵀ
-_BMM_NN = 'btn,bnk->btk'  # a (B, T, N) · w (B, N, K)
+_BMM_NT = 'ctn,cmn->ctm'  # a (C, T, N) · w (C, M, N)ᵀ: a block's inputs to its outputs
+_BMM_NN = 'ctm,cmn->ctn'  # a (C, T, M) · w (C, M, N): back from the outputs to the inputs
 
 
 def _flat(fn):
@@ -45,10 +47,10 @@ def _flat(fn):
 
 
 def _weight_grad(d, a):
-  """sum_t d[.., t, n] a[.., t, k] -> (.., n, k), the narrower of n, k as the result's rows."""
+  """sum_t d[.., t, m] a[.., t, n] -> (.., m, n), the narrower of m, n as the result's rows."""
   if d.shape[-1] <= a.shape[-1]:
-    return jnp.einsum('...tn,...tk->...nk', d, a)
-  return jnp.swapaxes(jax.lax.optimization_barrier(jnp.einsum('...tk,...tn->...kn', a, d)),
+    return jnp.einsum('...tm,...tn->...mn', d, a)
+  return jnp.swapaxes(jax.lax.optimization_barrier(jnp.einsum('...tn,...tm->...nm', a, d)),
                       -1, -2)
 
 
@@ -100,20 +102,20 @@ def blockdense(x, v, u):
 
 
 # ----------------------------------------------------------------------------- BlockShuffle
-# h (B_i, T, q) from the first stage; h' (B_j, T, q) with h'[j, :, t] = flat(h)[t·B + j].
+# h (C_i, T, q) from the first stage; h' (C_j, T, q) with h'[j, :, a] = flat(h)[a·C + j].
 # XLA:CPU moves these element-granular permutations (2-D transposes) faster than block-granular
-# ones: permuting W1's rows so that the shuffle moves runs of q/B measured ~2x slower there.
+# ones: permuting W1's rows so that the shuffle moves runs of q/C measured ~2x slower there.
 
 
 def _shuffle(h):
-  """(B_i, T, q) -> (B_j, T, q) through the token-major flat layout, element by element."""
-  b, t, q = h.shape
-  return from_blocks(h).reshape(t, q, b).transpose(2, 0, 1)
+  """(C_i, T, q) -> (C_j, T, q) through the token-major flat layout, element by element."""
+  c, t, q = h.shape
+  return from_blocks(h).reshape(t, q, c).transpose(2, 0, 1)
 
 
 def _unshuffle(hp):
-  b, t, q = hp.shape
-  return to_blocks(hp.transpose(1, 2, 0).reshape(t, q * b), b)
+  c, t, q = hp.shape
+  return to_blocks(hp.transpose(1, 2, 0).reshape(t, q * c), c)
 
 
 def _bs_forward(x, w1, w2):
@@ -132,7 +134,7 @@ def _bs_backward(res, dy):
 
 
 # ----------------------------------------------------------------------------- BlockShuffle FFN
-# fc1 (BlockShuffle d -> f), bias, GELU (tanh), fc2 (BlockShuffle f -> d'), bias, as one op with
+# fc1 (BlockShuffle D -> F), bias, GELU (tanh), fc2 (BlockShuffle F -> D'), bias, as one op with
 # one hand-written backward. fc1's bias and the GELU are applied in fc1's block layout (the bias
 # permuted to match), and the GELU's forward and backward fuse with the single relayout from
 # fc1's interleaved blocks to fc2's input chunks. Applied one by one, the layers instead move
@@ -140,9 +142,9 @@ def _bs_backward(res, dy):
 # GELU on a transposed read.
 
 
-def _bias_blocks(bias, b):
-  """(f,) in interleaved order -> (B, 1, f/B) in fc1's block layout: [j, s] = bias[s·B + j]."""
-  return bias.reshape(-1, b).T[:, None, :]
+def _bias_blocks(bias, c):
+  """(F,) in interleaved order -> (C, 1, F/C) in fc1's block layout: [j, a] = bias[a·C + j]."""
+  return bias.reshape(-1, c).T[:, None, :]
 
 
 def _gelu(h):
@@ -150,22 +152,22 @@ def _gelu(h):
 
 
 def _ffn_forward(x, w1a, w2a, b1, w1b, w2b, b2):
-  ba, bb = w1a.shape[0], w1b.shape[0]
-  xb = to_blocks(x, ba)
-  h1 = _shuffle(jnp.einsum(_BMM_NT, xb, w1a))                      # (B, T, q1)
-  pre = jnp.einsum(_BMM_NT, h1, w2a) + _bias_blocks(b1, ba)        # (B, T, f/B), fc1's layout
-  g = to_blocks(interleave(_gelu(pre)), bb)                        # (B', T, f/B'), fc2's chunks
-  h2 = _shuffle(jnp.einsum(_BMM_NT, g, w1b))                       # (B', T, q2)
+  ca, cb = w1a.shape[0], w1b.shape[0]
+  xb = to_blocks(x, ca)
+  h1 = _shuffle(jnp.einsum(_BMM_NT, xb, w1a))                      # (C, T, q1)
+  pre = jnp.einsum(_BMM_NT, h1, w2a) + _bias_blocks(b1, ca)        # (C, T, F/C), fc1's layout
+  g = to_blocks(interleave(_gelu(pre)), cb)                        # (C', T, F/C'), fc2's chunks
+  h2 = _shuffle(jnp.einsum(_BMM_NT, g, w1b))                       # (C', T, q2)
   y = interleave(jnp.einsum(_BMM_NT, h2, w2b)) + b2
   return y, (xb, h1, pre, g, h2, w1a, w2a, w1b, w2b)
 
 
 def _ffn_backward(res, dy):
   xb, h1, pre, g, h2, w1a, w2a, w1b, w2b = res
-  ba, bb = w1a.shape[0], w1b.shape[0]
-  du2 = deinterleave(dy, bb)
+  ca, cb = w1a.shape[0], w1b.shape[0]
+  du2 = deinterleave(dy, cb)
   dh2 = _unshuffle(jnp.einsum(_BMM_NN, du2, w2b))
-  dg = deinterleave(from_blocks(jnp.einsum(_BMM_NN, dh2, w1b)), ba)
+  dg = deinterleave(from_blocks(jnp.einsum(_BMM_NN, dh2, w1b)), ca)
   dpre = jax.vjp(_gelu, pre)[1](dg)[0]
   dh1 = _unshuffle(jnp.einsum(_BMM_NN, dpre, w2a))
   grads = (from_blocks(jnp.einsum(_BMM_NN, dh1, w1a)),             # x
@@ -188,7 +190,7 @@ def blockshuffle(x, w1, w2):
 
 
 def blockshuffle_ffn(x, w1a, w2a, b1, w1b, w2b, b2):
-  """fc2(GELU_tanh(fc1(x) + b1)) + b2 for two BlockShuffle layers (fc1 d -> f, fc2 f -> d')."""
+  """fc2(GELU_tanh(fc1(x) + b1)) + b2 for two BlockShuffle layers (fc1 D -> F, fc2 F -> D')."""
   lead = x.shape[:-1]
   args = common_dtype(x.reshape(-1, x.shape[-1]), w1a, w2a, b1, w1b, w2b, b2)
   y = _ffn_op(*args)
