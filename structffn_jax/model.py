@@ -46,11 +46,15 @@ def rope(x_BTHE, positions_BT, base: float):
 
 
 def _norm(cfg, dtype, rngs):
+  """LayerNorm or RMSNorm over D; scale and offset stay whole on every device (unnamed axis)."""
   d = cfg.hidden_dim
+  unnamed = structured.logical(None)
   if cfg.norm == 'layernorm':
     return nnx.LayerNorm(d, epsilon=cfg.norm_eps, use_bias=cfg.use_bias, dtype=dtype,
-                         param_dtype=jnp.float32, rngs=rngs)
-  return nnx.RMSNorm(d, epsilon=cfg.norm_eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+                         param_dtype=jnp.float32, scale_metadata=unnamed, bias_metadata=unnamed,
+                         rngs=rngs)
+  return nnx.RMSNorm(d, epsilon=cfg.norm_eps, dtype=dtype, param_dtype=jnp.float32,
+                     scale_metadata=unnamed, rngs=rngs)
 
 
 class KVCache(NamedTuple):
@@ -191,12 +195,12 @@ class GPT(nnx.Module):
     self.dtype = DTYPES[cfg.dtype]
     self.embedding = nnx.Param(
         cfg.init_std * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_dim)),
-        axes=('vocab', 'embed'))
+        **structured.logical('vocab', 'embed'))
     self.pos_embedding = nnx.data(None)
     if cfg.position == 'absolute':
       self.pos_embedding = nnx.Param(
           cfg.init_std * jax.random.normal(rngs.params(), (cfg.seq_len, cfg.hidden_dim)),
-          axes=(None, 'embed'))
+          **structured.logical(None, 'embed'))
     method = cfg.ffn.method
     first_method = 'dense' if cfg.first_layer_dense else method
     self.first = Block(cfg, first_method, self.dtype, guide=guide, reduce_flop=reduce_flop,
@@ -204,15 +208,13 @@ class GPT(nnx.Module):
     self.num_stacked = cfg.num_layers - 1
     self.stack = nnx.data(None)
     if self.num_stacked:
+      # nnx.vmap adds the leading `layers` axis to every parameter's logical axes (`axes`).
       @nnx.split_rngs(splits=self.num_stacked)
-      @nnx.vmap(in_axes=0, out_axes=0)
+      @nnx.vmap(in_axes=0, out_axes=0,
+                transform_metadata={nnx.PARTITION_NAME: 'layers', 'axes': 'layers'})
       def make_stack(rngs):
         return Block(cfg, method, self.dtype, guide=guide, reduce_flop=reduce_flop, rngs=rngs)
       self.stack = make_stack(rngs)
-      for _, p in nnx.iter_graph(self.stack):
-        if isinstance(p, nnx.Variable):
-          p.set_metadata('axes', ('layers',) + tuple(p.get_metadata().get('axes') or
-                                                      (None,) * (p.ndim - 1)))
     self.final_norm = _norm(cfg, self.dtype, rngs)
 
   @property

@@ -1,9 +1,10 @@
 """The device mesh of a run, and where every parameter, optimizer moment and batch lives on it.
 
 The devices form a 3-D mesh `(data, fsdp, tensor)` sized by `config.mesh` (-1: the devices left
-over). Parameters name their dimensions with logical axes (`axes` metadata: vocab, embed, mlp,
-heads, qkv, kv, rank, blocks, layers); one rules table, `config.mesh.rules`, maps each logical
-axis to a mesh axis or to None (replicated), MaxText-style:
+over). Parameters name their dimensions with logical axes (`axes` metadata, `structured.logical`:
+vocab, embed, mlp, heads, qkv, kv, rank, blocks; `nnx.vmap` adds `layers` to the stacked blocks);
+one rules table, `config.mesh.rules`, maps each logical axis to a mesh axis or to None
+(replicated), MaxText-style:
 
   batch -> (data, fsdp)   embed -> fsdp   mlp, heads, qkv, kv, vocab -> tensor
   rank -> tensor (LowRank / BlockDense inner dim)   blocks -> tensor (block-diagonal factors)
@@ -16,6 +17,15 @@ Optimizer moments are trees of the same Variables, so they shard exactly like th
 scalars (step counts, α) are replicated.
 
 Every check runs on shapes, before anything is compiled, and names the config field to change.
+
+Why the names and their translation are this module's, not Flax's `out_sharding` metadata with
+`nnx.logical_axis_rules` and `nnx.get_partition_spec`: Flax looks each name up on its own, so a
+name without a rule is taken for a mesh axis, and two dimensions whose rules name the same mesh
+axis (LowRank's u (mlp, rank), both on tensor) give a spec that uses it twice, which JAX
+refuses; and a Variable with `out_sharding` is placed by that same translation whenever it is
+made or `nnx.eval_shape`d under a mesh. `logical_to_spec` replicates a name without a rule and
+lets the first dimension keep a shared axis, and `param_shardings` checks divisibility with
+errors that name the config field.
 """
 
 from __future__ import annotations
@@ -176,12 +186,12 @@ def _param_name(path) -> str:
 
 
 def _spec_of(path, leaf, mesh, rules) -> P:
-  """The checked spec of one leaf: a Variable's `axes` metadata, or replicated."""
+  """The checked spec of one leaf: a Variable's logical axes (`axes`), or replicated."""
   if not _is_var(leaf):
     return P()
   shape = tuple(leaf.shape)
   axes = tuple(leaf.get_metadata().get('axes') or ())
-  if not axes:
+  if not any(axes):  # no dimension named (the norms' scale and offset): replicated
     return P()
   if len(axes) != len(shape):
     raise ValueError(f'parameter {_param_name(path)} has shape {shape} but logical axes '
@@ -205,7 +215,7 @@ def _spec_of(path, leaf, mesh, rules) -> P:
 def param_shardings(abstract_state, mesh: jax.sharding.Mesh, rules):
   """NamedShardings shaped like `abstract_state` (Variables kept: the tree matches the state).
 
-  Works for params alone or a whole train state: every Variable shards by its `axes` metadata,
+  Works for params alone or a whole train state: every Variable shards by its logical axes,
   every other array (optimizer counters, α) is replicated. Raises ConfigError for a dimension
   its mesh axes do not divide, naming the parameter.
   """

@@ -22,8 +22,9 @@ dense matmul, a larger call the factors. `structffn_jax.premerge` calibrates the
 `gelu_ffn(fc1, fc2, x)` runs two BlockShuffle layers with the GELU between them as one op (the
 model's FeedForward takes it where `fusable_gelu_ffn` says it applies; kernels/xla.py).
 
-Parameters carry logical axis names in their `axes` metadata (embed, mlp, rank, blocks, ...) so
-that a sharding rules table can place them on a device mesh.
+Parameters name their dimensions with logical axes (embed, mlp, rank, blocks, ...) in their
+`axes` metadata (`logical`), so that a sharding rules table can place them on a device mesh
+(structffn_jax/sharding.py) and `nnx.vmap` can add a stacked layer axis.
 """
 
 from __future__ import annotations
@@ -71,6 +72,15 @@ def _check_divides(layer, what, value, divisor, divisor_name):
 # ----------------------------------------------------------------------------- base class
 
 
+def logical(*axes) -> dict:
+  """The metadata of a Param whose dimensions have the logical names `axes` (None: unnamed).
+
+  The names go to sharding.param_shardings through `config.mesh.rules`; the model's `nnx.vmap`
+  inserts the stacked `layers` axis into them (its transform_metadata names this key).
+  """
+  return {'axes': tuple(axes)}
+
+
 class Merged(nnx.Variable):
   """A structured layer's merged dense (M, N) matrix, kept for small calls: never trained."""
 
@@ -90,10 +100,10 @@ class StructuredLinear(nnx.Module):
     self.param_dtype = param_dtype
     self.reduce_flop = reduce_flop
     self.bias = nnx.data(nnx.Param(jnp.zeros((self.out_features,), param_dtype),
-                                   axes=(out_axis,)) if use_bias else None)
+                                   **logical(out_axis)) if use_bias else None)
     self.guide = nnx.data(None)
     if guide:
-      self.guide = nnx.Param(self.to_dense().astype(param_dtype), axes=(out_axis, in_axis))
+      self.guide = nnx.Param(self.to_dense().astype(param_dtype), **logical(out_axis, in_axis))
     self.merged = nnx.data(None)  # pre-merge (see `merge`): the dense matrix, inference only
     self.merge_threshold = 0  # static: calls on at most this many tokens use `merged`
 
@@ -195,7 +205,7 @@ class Dense(StructuredLinear):
       raise ValueError('Dense: a dense layer has no structured factors to guide (guide=False).')
     self.in_features, self.out_features = in_features, out_features
     self.kernel = nnx.Param(_gaussian(rngs.params(), (out_features, in_features), std)
-                            .astype(param_dtype), axes=(out_axis, in_axis))
+                            .astype(param_dtype), **logical(out_axis, in_axis))
     self._finish_init(use_bias=use_bias, guide=False, reduce_flop=False, dtype=dtype,
                       param_dtype=param_dtype, in_axis=in_axis, out_axis=out_axis, rngs=rngs)
 
@@ -227,8 +237,8 @@ class LowRank(StructuredLinear):
       ku, kv = jax.random.split(key)
       u = _gaussian(ku, (out_features, rank), std)
       v = _gaussian(kv, (rank, in_features), std)
-    self.v = nnx.Param(v.astype(param_dtype), axes=('rank', in_axis))
-    self.u = nnx.Param(u.astype(param_dtype), axes=(out_axis, 'rank'))
+    self.v = nnx.Param(v.astype(param_dtype), **logical('rank', in_axis))
+    self.u = nnx.Param(u.astype(param_dtype), **logical(out_axis, 'rank'))
     self.implementation = _check_implementation('LowRank', implementation)
     self._finish_init(use_bias=use_bias, guide=guide, reduce_flop=reduce_flop, dtype=dtype,
                       param_dtype=param_dtype, in_axis=in_axis, out_axis=out_axis, rngs=rngs)
@@ -264,8 +274,8 @@ class BlockDense(StructuredLinear):
     u = _gaussian(ku, (out_features, rank), std)
     if init == 'paper':
       v, u = _orthogonalize(v), _orthogonalize(u)
-    self.v = nnx.Param(v.astype(param_dtype), axes=('blocks', None, None))
-    self.u = nnx.Param(u.astype(param_dtype), axes=(out_axis, 'rank'))
+    self.v = nnx.Param(v.astype(param_dtype), **logical('blocks', None, None))
+    self.u = nnx.Param(u.astype(param_dtype), **logical(out_axis, 'rank'))
     self.implementation = _check_implementation('BlockDense', implementation)
     self._finish_init(use_bias=use_bias, guide=guide, reduce_flop=reduce_flop, dtype=dtype,
                       param_dtype=param_dtype, in_axis=in_axis, out_axis=out_axis, rngs=rngs)
@@ -307,8 +317,8 @@ class BlockShuffle(StructuredLinear):
     w2 = _gaussian(k2, (blocks, s, q), std)
     if init == 'paper':
       w1, w2 = _orthogonalize(w1), _orthogonalize(w2)
-    self.w1 = nnx.Param(w1.astype(param_dtype), axes=('blocks', None, None))
-    self.w2 = nnx.Param(w2.astype(param_dtype), axes=('blocks', None, None))
+    self.w1 = nnx.Param(w1.astype(param_dtype), **logical('blocks', None, None))
+    self.w2 = nnx.Param(w2.astype(param_dtype), **logical('blocks', None, None))
     self.implementation = _check_implementation('BlockShuffle', implementation)
     self._finish_init(use_bias=use_bias, guide=guide, reduce_flop=reduce_flop, dtype=dtype,
                       param_dtype=param_dtype, in_axis=in_axis, out_axis=out_axis, rngs=rngs)
