@@ -335,6 +335,14 @@ class Trainer:
       flops += self.acc.guide_flops_per_token * sgt.guide_cost(self.config)
     return 3.0 * flops * tokens
 
+  def flops_before(self, step: int) -> float:
+    """Training FLOPs of steps [0, step) in the same accounting as `step_flops`: where the count
+    of a run resumed at `step` starts."""
+    tokens = self.config.train.global_batch * self.config.model.seq_len
+    guided = min(step, self.plan.guided_steps)
+    return 3.0 * tokens * (self.acc.flops_per_token * step + self.acc.guide_flops_per_token
+                           * sgt.guide_cost(self.config) * guided)
+
   def set_aside_non_finite(self, step: int, loss: float) -> str:
     """Set aside the checkpoints that cannot lead anywhere and say how to resume.
 
@@ -405,7 +413,7 @@ class MetricsHook(Hook):
 
   def begin(self, trainer):
     self.pending = None  # (step, metrics on the device, training FLOPs up to that step)
-    self.flops_done = 0.0
+    self.flops_done = trainer.flops_before(trainer.step)  # a resumed run counts on
 
   def after_step(self, trainer, m):
     self.flops_done += trainer.step_flops()

@@ -27,6 +27,11 @@ def run_losses(workdir):
   return {r['step']: r['loss'] for r in metrics.read_metrics(workdir) if 'loss' in r}
 
 
+def run_flops(workdir):
+  """step -> training FLOPs so far, from metrics.jsonl."""
+  return {r['step']: r['train_flops'] for r in metrics.read_metrics(workdir) if 'loss' in r}
+
+
 # 24 steps of 8 sequences; guided for the first 12 (fixedstep, ratio 0.5).
 RUN = ('train.tokens=12288', 'train.log_every=1', 'train.eval_every=0', 'train.ckpt_every=1000',
        'train.eval_tokens=512')
@@ -48,6 +53,7 @@ def test_resume_is_exact_across_the_handover(tmp_path, data_dir):
     resumed.run()
     losses = run_losses(workdir)
     assert losses == reference, f'resumed at {stop}: losses differ from the uninterrupted run'
+    assert run_flops(workdir) == pytest.approx(run_flops(tmp_path / 'full'), rel=1e-12)
 
 
 def test_guides_and_their_optimizer_state_are_dropped(tmp_path, data_dir):
