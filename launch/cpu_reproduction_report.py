@@ -8,8 +8,9 @@ with the finished ones, and says how many are missing) and writes, per study, <o
 (every run's numbers), <out>/<study>.png and the Markdown tables of <out>/report.md, which
 RESULTS.md quotes. Nothing here trains; rerun it as runs finish.
 
-Definitions: a *spike* is a step whose training loss exceeds the mean of the 32 steps before it
-by more than 0.5 nats (consecutive such steps count once; structffn_jax/studies.py); a run
+Definitions: a *spike* is a step whose training loss exceeds the mean of the up to 32 steps
+before it (from step 4 on) by more than 0.5 nats (consecutive such steps count once;
+structffn_jax/studies.py); a run
 *diverged* when it stopped on a non-finite loss, or ended with a validation loss above the
 uniform-guess loss ln(vocab) - 1.
 """
@@ -198,6 +199,8 @@ def report_lr(runs, out: pathlib.Path) -> str:
     xs = [lr for lr in lrs if (v, lr) in cell and cell[(v, lr)]['state'] == 'finished']
     axes[0].plot(xs, [cell[(v, lr)]['valid_loss'] for lr in xs], 'o-', label=v)
   axes[0].set_xscale('log')
+  axes[0].set_xticks(lrs, [f'{lr:g}' for lr in lrs])
+  axes[0].minorticks_off()
   axes[0].set_xlabel('peak learning rate')
   axes[0].set_ylabel('final validation loss')
   axes[0].legend()

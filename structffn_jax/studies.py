@@ -22,9 +22,10 @@ from structffn_jax import accounting, metrics
 
 SWEEP_FILE = 'sweep.json'
 LOG_FILE = 'train.log'
-# A spike: a step whose training loss exceeds the mean of the previous SPIKE_WINDOW steps by more
-# than SPIKE_NATS. Consecutive spiking steps count as one spike.
+# A spike: a step whose training loss exceeds the mean of the up to SPIKE_WINDOW steps before it
+# (at least SPIKE_MIN_HISTORY) by more than SPIKE_NATS. Consecutive spiking steps count as one.
 SPIKE_WINDOW = 32
+SPIKE_MIN_HISTORY = 4
 SPIKE_NATS = 0.5
 
 
@@ -109,12 +110,14 @@ def train_losses(recs: list[dict]) -> tuple[np.ndarray, np.ndarray]:
   return steps, np.array([by_step[s] for s in steps])
 
 
-def count_spikes(losses: np.ndarray, window: int = SPIKE_WINDOW, nats: float = SPIKE_NATS) -> int:
-  """Spikes in a training-loss curve: runs of steps whose loss exceeds the mean of the `window`
-  steps before by more than `nats`."""
+def count_spikes(losses: np.ndarray, window: int = SPIKE_WINDOW, nats: float = SPIKE_NATS,
+                 min_history: int = SPIKE_MIN_HISTORY) -> int:
+  """Spikes in a training-loss curve: runs of steps whose loss exceeds the mean of the up to
+  `window` steps before it (from step `min_history` on, so the warm-up counts) by more than
+  `nats`."""
   spikes, inside = 0, False
-  for t in range(window, len(losses)):
-    high = losses[t] > losses[t - window:t].mean() + nats
+  for t in range(min_history, len(losses)):
+    high = losses[t] > losses[max(0, t - window):t].mean() + nats
     spikes += high and not inside
     inside = high
   return spikes

@@ -120,3 +120,15 @@ def test_command_writes_json_and_png(tmp_path, two_datasets, capsys):
   assert 'lowrank 38%' in capsys.readouterr().out
   assert scaling.main([runs[0], '--out', str(out)]) == 2
   assert 'too few runs' in capsys.readouterr().err
+
+
+def test_spikes_counted_from_the_warm_up_on():
+  from structffn_jax import studies  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(3)
+  curve = 8.0 * np.exp(-np.arange(200) / 30.0) + 4.0 + rng.normal(0, 0.05, 200)
+  assert studies.count_spikes(curve) == 0  # a falling, noisy curve has none
+  spiked = curve.copy()
+  spiked[8] += 2.5  # in the warm-up, above the falling curve's recent mean
+  spiked[100:103] += 1.0  # one spike over three steps
+  spiked[150] += 0.4  # below the 0.5-nat threshold
+  assert studies.count_spikes(spiked) == 2
