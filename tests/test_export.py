@@ -26,20 +26,7 @@ from tests import tiny_setup  # noqa: E402
 SEQ_LEN = 16
 
 
-def random_model(cfg, seed=0):
-  """A GPT whose parameters are random at a scale that gives peaked, distinct logits."""
-  model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(seed)))
-  rng = np.random.default_rng(seed + 100)
-  for path, v in nnx.iter_graph(model):
-    if isinstance(v, nnx.Param):
-      if path[-1] == 'scale':
-        new = 1 + 0.2 * rng.standard_normal(v.shape)
-      elif path[-1] == 'bias':
-        new = 0.1 * rng.standard_normal(v.shape)
-      else:
-        new = 1.5 * rng.standard_normal(v.shape) / math.sqrt(v.shape[-1])
-      v.set_value(jnp.asarray(new, jnp.float32))
-  return model
+random_model = tiny_setup.random_model
 
 
 _forward = nnx.jit(lambda model, tokens: model(tokens))

@@ -18,7 +18,6 @@ from flax import nnx
 
 from structffn_jax import generate, premerge, structured, train
 from structffn_jax.data import prepare as prepare_lib
-from structffn_jax.model import GPT
 from tests import tiny_setup
 
 REPO = tiny_setup.REPO
@@ -29,23 +28,7 @@ def tiny(method='lowrank', **overrides):
   return tiny_setup.model_config(method, seq_len=16, **overrides)
 
 
-def build(cfg, seed=0, **kw):
-  """A model with every parameter random at a scale that gives peaked, distinct logits.
-
-  Built abstractly, then filled: the eager initialisers would compile for every new shape.
-  """
-  model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(seed), **kw))
-  rng = np.random.default_rng(seed + 100)
-  for path, v in nnx.iter_graph(model):
-    if isinstance(v, nnx.Param):
-      if path[-1] == 'scale':
-        new = 1 + 0.2 * rng.standard_normal(v.shape)
-      elif path[-1] == 'bias':
-        new = 0.1 * rng.standard_normal(v.shape)
-      else:
-        new = 1.5 * rng.standard_normal(v.shape) / math.sqrt(v.shape[-1])
-      v.set_value(jnp.asarray(new, jnp.float32))
-  return model
+build = tiny_setup.random_model
 
 
 def assert_close(actual, desired, rtol=RTOL):

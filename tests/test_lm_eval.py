@@ -21,7 +21,6 @@ harness = pytest.importorskip('lm_eval', reason="lm-evaluation-harness is not in
 from structffn_jax import lm_eval as adapter  # noqa: E402
 from structffn_jax import train  # noqa: E402
 from structffn_jax.data import prepare as prepare_lib  # noqa: E402
-from structffn_jax.model import GPT  # noqa: E402
 from tests import tiny_setup  # noqa: E402
 
 SEQ_LEN = 48
@@ -29,20 +28,7 @@ WORDS = ('the game was released in 1996 , and it sold well . the album reached n
          'the chart after its first week , and the band toured europe with it .').split()
 
 
-def random_model(cfg, seed=0):
-  """A GPT whose parameters are random at a scale that gives peaked, distinct logits."""
-  model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(seed)))
-  rng = np.random.default_rng(seed + 100)
-  for path, v in nnx.iter_graph(model):
-    if isinstance(v, nnx.Param):
-      if path[-1] == 'scale':
-        new = 1 + 0.2 * rng.standard_normal(v.shape)
-      elif path[-1] == 'bias':
-        new = 0.1 * rng.standard_normal(v.shape)
-      else:
-        new = 1.5 * rng.standard_normal(v.shape) / math.sqrt(v.shape[-1])
-      v.set_value(jnp.asarray(new, jnp.float32))
-  return model
+random_model = tiny_setup.random_model
 
 
 _forward = nnx.jit(lambda model, tokens: model(tokens))

@@ -9,6 +9,7 @@ trained on generated WikiText-format text (`text_files`) rather than a downloade
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import pathlib
 import tempfile
@@ -66,3 +67,27 @@ def run_config(*overrides: str, method: str = 'lowrank', sgt: int = 1):
   train, valid = text_files()
   data = ('data.source=text', f'data.train_paths={train}', f'data.valid_paths={valid}')
   return config_lib.load(f'{REPO}/configs/tiny.py:method={method},sgt={sgt}', data + overrides)
+
+
+def random_model(cfg, seed: int = 0, **kw):
+  """A GPT (of model section `cfg`, GPT keyword arguments `kw`) whose every parameter is random
+  at a scale that gives peaked, distinct logits. Built abstractly, then filled: the eager
+  initialisers would compile for every new shape."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  from structffn_jax.model import GPT  # pylint: disable=import-outside-toplevel
+
+  model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(seed), **kw))
+  rng = np.random.default_rng(seed + 100)
+  for path, v in nnx.iter_graph(model):
+    if isinstance(v, nnx.Param):
+      if path[-1] == 'scale':
+        new = 1 + 0.2 * rng.standard_normal(v.shape)
+      elif path[-1] == 'bias':
+        new = 0.1 * rng.standard_normal(v.shape)
+      else:
+        new = 1.5 * rng.standard_normal(v.shape) / math.sqrt(v.shape[-1])
+      v.set_value(jnp.asarray(new, jnp.float32))
+  return model
