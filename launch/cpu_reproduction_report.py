@@ -253,13 +253,11 @@ def report_table(runs, out: pathlib.Path, study: str, title: str, extra=None) ->
               and r['arg']['method'] == 'dense'), None)
   rows = []
   for r in runs:
-    label = r['arg']['variant'] or 'dense'
     rows.append([r['run'], r['state'], f'{r["steps"]} ({r["guided_steps"]})',
                  f'{r["params"] / 1e6:.2f}M', f'{r["tokens"] / 1e6:.2f}M',
                  f'{r["train_flops"]:.3g}', r['valid_loss'],
                  f'{r["valid_loss"] - ref:+.3f}' if ref is not None and r['valid_loss'] else '-'] +
                 ([extra.get(r['run'], '-')] if extra is not None else []))
-    del label
   _flops_plot(done, out / f'{study}.png', title)
   (out / f'{study}.json').write_text(_json({'runs': runs, 'extra': extra}))
   header = ['run', 'state', 'steps (guided)', 'params', 'tokens', 'train FLOPs', 'valid loss',
