@@ -20,8 +20,12 @@ Launchers: `plain` (python -m structffn_jax.train, one process: all local device
 With --run (plain and local) the variants run one after another on this machine: a finished run
 is skipped, an unfinished one resumes from its last checkpoint, a failed one (a diverged loss, a
 crash) is recorded in <workdir>/sweep.json and the sweep goes on; --retry-failed runs those again.
-Each run's output goes to <workdir>/train.log. --summary prints one table of every variant's
-status and final validation loss (alone, without --run, it only reads the workdirs).
+Each run's output goes to <workdir>/train.log, and <workdir>/sweep.json keeps each attempt's
+wall and CPU time. --record DIR copies every finished run's config, sweep.json and metrics
+(gzipped, no checkpoints) to DIR/<run name>, a study's results to commit as they come; a run
+already recorded there is skipped even when its workdir is gone. --summary prints one table of
+every variant's status and final validation loss (alone, without --run, it only reads the
+workdirs).
 """
 
 from __future__ import annotations
@@ -109,6 +113,9 @@ def main(argv=None) -> int:
                       help='print a table of every variant: status, steps, final losses')
   parser.add_argument('--match', default='', metavar='TEXT',
                       help='only the variants whose config argument contains TEXT')
+  parser.add_argument('--record', default='', metavar='DIR',
+                      help='with --run: copy each finished run (config, sweep.json, metrics) to '
+                           'DIR/<run name>, and skip the runs recorded there')
   args = cli.parse(parser, argv)
 
   try:
@@ -158,19 +165,32 @@ def main(argv=None) -> int:
 
   failed = 0
   for i, (config, workdir, cmd) in enumerate(runs, 1):
+    recorded = pathlib.Path(args.record) / workdir.name if args.record else None
+    if recorded is not None and done(studies.run_status(config, recorded), args.retry_failed):
+      print(f'[{i}/{len(runs)}] {config.name}: recorded in {recorded}; skipped', flush=True)
+      continue
     status = studies.run_status(config, workdir)
-    if status.state == 'finished' or (status.state == 'failed' and not args.retry_failed):
+    if done(status, args.retry_failed):
       print(f'[{i}/{len(runs)}] {config.name}: {status.describe()}; skipped', flush=True)
+      if recorded is not None:
+        studies.record_run(workdir, args.record)
       continue
     print(f'[{i}/{len(runs)}] {config.name}: {status.describe()}; {shlex.join(cmd)}', flush=True)
     rc, wall = studies.run_logged(cmd, workdir, cwd=REPO)
     status = studies.run_status(config, workdir)
     failed += status.state != 'finished'
+    if recorded is not None and done(status, False):
+      studies.record_run(workdir, args.record)  # finished, or failed: both are results
     print(f'[{i}/{len(runs)}] {config.name}: {status.describe()} (exit {rc}, '
           f'{studies.duration(wall)})', flush=True)
   if args.summary:
     print(studies.format_table(studies.summary_rows(runs)))
   return 1 if failed else 0
+
+
+def done(status: studies.Status, retry_failed: bool) -> bool:
+  """Whether a sweep leaves the run alone: finished, or failed and not to be retried."""
+  return status.state == 'finished' or (status.state == 'failed' and not retry_failed)
 
 
 def write_array_script(args, commands: list[list[str]]) -> pathlib.Path:

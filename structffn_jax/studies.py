@@ -1,4 +1,4 @@
-"""Runs of a study, read from their workdirs: status, final losses, loss spikes, wall time.
+"""Runs of a study, read from their workdirs: status, final losses, loss spikes, wall and CPU time.
 
 `launch/sweep.py` uses this to skip finished runs, resume unfinished ones and record failures;
 `structffn_jax.scaling` and the study reports in RESULTS.md read runs through it. A run is
@@ -6,13 +6,20 @@
 when its last attempt exited non-zero without finishing (`<workdir>/sweep.json` keeps the exit
 status and the error line; a non-finite loss is reported as *diverged*), *partial* when it has
 records but neither, and *new* otherwise.
+
+A finished run's record (`record_run`: config.json, sweep.json and metrics.jsonl, gzipped) is a
+small copy of its workdir without checkpoints, kept with a study's results; every reader here
+takes a record where it takes a workdir.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import pathlib
+import resource
+import shutil
 import subprocess
 import time
 
@@ -22,11 +29,14 @@ from structffn_jax import accounting, metrics
 
 SWEEP_FILE = 'sweep.json'
 LOG_FILE = 'train.log'
-# A spike: a step whose training loss exceeds the mean of the up to SPIKE_WINDOW steps before it
-# (at least SPIKE_MIN_HISTORY) by more than SPIKE_NATS. Consecutive spiking steps count as one.
-SPIKE_WINDOW = 32
-SPIKE_MIN_HISTORY = 4
+# A spike: a step whose training loss exceeds the lowest loss of the up to SPIKE_WINDOW steps
+# before it by more than SPIKE_NATS. Consecutive spiking steps count as one. The minimum, not the
+# mean, is the reference, so that a spike inside the steep initial drop is not hidden by the
+# higher losses of the steps before it.
+SPIKE_WINDOW = 8
 SPIKE_NATS = 0.5
+METRICS = 'metrics.jsonl'
+RECORD_FILES = ('config.json', SWEEP_FILE)
 
 
 def duration(seconds: float) -> str:
@@ -55,10 +65,29 @@ class Status:
 
 
 def records(workdir) -> list[dict]:
-  """metrics.jsonl of `workdir` ([] when there is none yet)."""
-  if not (pathlib.Path(workdir) / 'metrics.jsonl').exists():
-    return []
-  return metrics.read_metrics(workdir)
+  """metrics.jsonl of `workdir`, or the gzipped copy of a record ([] when there is none yet)."""
+  workdir = pathlib.Path(workdir)
+  if (workdir / METRICS).exists():
+    return metrics.read_metrics(workdir)
+  packed = workdir / (METRICS + '.gz')
+  if packed.exists():
+    lines = gzip.decompress(packed.read_bytes()).decode().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+  return []
+
+
+def record_run(workdir, record_dir) -> pathlib.Path:
+  """Copy a run's config.json, sweep.json and metrics (gzipped) to <record_dir>/<name>: what the
+  study reports read, without the checkpoints."""
+  workdir = pathlib.Path(workdir)
+  dest = pathlib.Path(record_dir) / workdir.name
+  dest.mkdir(parents=True, exist_ok=True)
+  for name in RECORD_FILES:
+    if (workdir / name).exists():
+      shutil.copyfile(workdir / name, dest / name)
+  # mtime 0: the same metrics give the same bytes, so a rerun of the copy changes nothing.
+  (dest / (METRICS + '.gz')).write_bytes(gzip.compress((workdir / METRICS).read_bytes(), mtime=0))
+  return dest
 
 
 def run_status(config, workdir) -> Status:
@@ -81,26 +110,42 @@ def run_logged(cmd: list[str], workdir, cwd=None) -> tuple[int, float]:
   """Run `cmd`, its output appended to <workdir>/train.log; record the outcome in sweep.json."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  start = time.time()
+  start, cpu_start = time.time(), _children_cpu()
   with open(workdir / LOG_FILE, 'ab') as log:
     rc = subprocess.call(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
-  wall = time.time() - start
+  wall, cpu = time.time() - start, _children_cpu() - cpu_start
   lines = (workdir / LOG_FILE).read_text(errors='replace').splitlines()
   errors = [line for line in lines if line.startswith('error:')]
   sweep = workdir / SWEEP_FILE
   history = json.loads(sweep.read_text()).get('attempts', []) if sweep.exists() else []
-  history.append({'exit': rc, 'wall_s': round(wall, 1), 'ended': time.strftime('%FT%T')})
+  history.append({'exit': rc, 'wall_s': round(wall, 1), 'cpu_s': round(cpu, 1),
+                  'ended': time.strftime('%FT%T')})
   sweep.write_text(json.dumps({
       'exit': rc, 'error': errors[-1][len('error: '):] if (rc and errors) else
       (f'exit status {rc}' if rc else ''),
-      'wall_s': round(sum(a['wall_s'] for a in history), 1), 'attempts': history}, indent=1))
+      'wall_s': round(sum(a['wall_s'] for a in history), 1),
+      'cpu_s': round(sum(a.get('cpu_s', 0.0) for a in history), 1), 'attempts': history},
+      indent=1))
   return rc, wall
+
+
+def _children_cpu() -> float:
+  """User + system CPU seconds of this process's finished children (all cores counted)."""
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime
 
 
 def wall_seconds(workdir) -> float | None:
   """Wall time of every attempt of the run, as the sweep recorded it (None: not run by a sweep)."""
   sweep = pathlib.Path(workdir) / SWEEP_FILE
   return json.loads(sweep.read_text()).get('wall_s') if sweep.exists() else None
+
+
+def cpu_seconds(workdir) -> float | None:
+  """CPU time (user + system, every core) of every attempt, as the sweep recorded it (None: not
+  run by a sweep, or by one that did not record it)."""
+  sweep = pathlib.Path(workdir) / SWEEP_FILE
+  return json.loads(sweep.read_text()).get('cpu_s') if sweep.exists() else None
 
 
 def train_losses(recs: list[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -110,17 +155,23 @@ def train_losses(recs: list[dict]) -> tuple[np.ndarray, np.ndarray]:
   return steps, np.array([by_step[s] for s in steps])
 
 
-def count_spikes(losses: np.ndarray, window: int = SPIKE_WINDOW, nats: float = SPIKE_NATS,
-                 min_history: int = SPIKE_MIN_HISTORY) -> int:
-  """Spikes in a training-loss curve: runs of steps whose loss exceeds the mean of the up to
-  `window` steps before it (from step `min_history` on, so the warm-up counts) by more than
-  `nats`."""
-  spikes, inside = 0, False
-  for t in range(min_history, len(losses)):
-    high = losses[t] > losses[max(0, t - window):t].mean() + nats
-    spikes += high and not inside
+def spike_steps(losses: np.ndarray, window: int = SPIKE_WINDOW,
+                nats: float = SPIKE_NATS) -> list[int]:
+  """Indices where a spike starts: a run of steps whose loss exceeds the lowest loss of the up to
+  `window` steps before it by more than `nats` (from the second step on, so the warm-up's
+  steep drop counts)."""
+  starts, inside = [], False
+  for t in range(1, len(losses)):
+    high = bool(losses[t] > losses[max(0, t - window):t].min() + nats)
+    if high and not inside:
+      starts.append(t)
     inside = high
-  return spikes
+  return starts
+
+
+def count_spikes(losses: np.ndarray, window: int = SPIKE_WINDOW, nats: float = SPIKE_NATS) -> int:
+  """The number of spikes in a training-loss curve (`spike_steps`)."""
+  return len(spike_steps(losses, window, nats))
 
 
 def final(recs: list[dict], key: str = 'valid_loss'):
@@ -147,6 +198,7 @@ def summary_rows(runs) -> list[dict]:
         'valid_loss': final(recs),
         'spikes': count_spikes(losses) if len(losses) else None,
         'wall': duration(wall) if wall is not None else '',
+        'cpu': duration(cpu_seconds(workdir)) if cpu_seconds(workdir) is not None else '',
     })
   return rows
 
