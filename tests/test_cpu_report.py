@@ -1,0 +1,117 @@
+"""launch/cpu_reproduction_report.py on synthetic runs: the verdicts it writes follow the
+numbers (an effect built in is reproduced, its opposite is not, noise is inconclusive), and the
+probe check catches a TUNED_LR that is not the probe's best."""
+
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+
+from structffn_jax import config as config_lib
+from structffn_jax import decisions
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def report():
+  spec = importlib.util.spec_from_file_location('cpu_report',
+                                                REPO / 'launch' / 'cpu_reproduction_report.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture()
+def study():
+  return config_lib.config_module(REPO / 'configs' / 'cpu_reproduction.py')
+
+
+def _run(width, method, fraction, seed, loss, **extra):
+  fraction = 100 if method == 'dense' else fraction
+  curve = [[t * 1000, loss + 1.0 / t] for t in range(1, 9)]
+  return {'run': f'w{width}-{method}-{fraction}-seed{seed}', 'state': 'finished',
+          'width': width, 'method': method, 'fraction': fraction, 'seed': seed,
+          'label': 'dense' if method == 'dense' else f'{method} {fraction}%',
+          'valid_loss': loss, 'valid_curve': curve, 'steps': 100, 'guided_steps': 0,
+          'warmup_steps': 10, 'params': 1000, 'tokens': 8000.0, 'train_flops': 1e12,
+          'variant': extra.pop('variant', {}), **extra}
+
+
+# The paper's Table 1 effects: every structure behind dense, 63% closer, LowRank < BlockDense <
+# BlockShuffle; in nats above dense.
+PAPER_LIKE = {('dense', 100): 0.0, ('lowrank', 63): 0.05, ('lowrank', 32): 0.10,
+              ('blockdense', 32): 0.15, ('blockshuffle', 32): 0.20}
+
+
+def _table1(study, effects, noise, seed=0):
+  rng = np.random.default_rng(seed)
+  runs = []
+  for width in study.TABLE1_WIDTHS:
+    for s in study.SEEDS:
+      base = 3.0 + rng.normal(0, 0.05)  # seed noise shared by the pair: cancels in the gap
+      for (method, fraction), effect in effects.items():
+        runs.append(_run(width, method, fraction, s, base + effect + rng.normal(0, noise)))
+  return runs
+
+
+def test_table1_verdicts_follow_the_numbers(report, study, tmp_path):
+  _, verdicts = report.report_table1(study, _table1(study, PAPER_LIKE, 0.002), tmp_path)
+  assert len(verdicts) == 2 * (4 + 1 + 3)
+  assert {v.verdict for _, v in verdicts} == {decisions.REPRODUCED}
+  flipped = {k: -v for k, v in PAPER_LIKE.items()}
+  _, verdicts = report.report_table1(study, _table1(study, flipped, 0.002), tmp_path)
+  assert {v.verdict for _, v in verdicts} == {decisions.NOT_REPRODUCED}
+  null = dict.fromkeys(PAPER_LIKE, 0.0)
+  _, verdicts = report.report_table1(study, _table1(study, null, 0.05), tmp_path)
+  assert decisions.INCONCLUSIVE in {v.verdict for _, v in verdicts}
+  assert (tmp_path / 'table1.png').stat().st_size > 10_000
+
+
+def test_sgt_and_wide_verdicts(report, study, tmp_path):
+  t1 = _table1(study, PAPER_LIKE, 0.002)
+  runs = []
+  for s in study.SEEDS:
+    dense = next(r for r in t1 if (r['width'], r['method'], r['seed']) ==
+                 (study.SGT_WIDTH, 'dense', s))['valid_loss']
+    for v, effect in (('fixedstep', 0.05), ('fixedflop', 0.03), ('more_tokens', 0.08)):
+      runs.append(_run(study.SGT_WIDTH, 'lowrank', 32, s, dense + effect + 0.001 * s,
+                       variant={'variant': v}))
+  text, verdicts = report.report_sgt(study, runs, t1, tmp_path)
+  assert [v.verdict for _, v in verdicts] == [decisions.REPRODUCED, decisions.REPRODUCED]
+  assert 'S3 (reported): fixedflop − dense at equal FLOPs +0.03' in text
+  wide = [_run(64, 'dense', 100, s, 3.0 + 0.01 * s + effect, variant={'variant': v})
+          for s in study.SEEDS for v, effect in (('dense', 0.0), ('gqa', 0.01),
+                                                 ('ours_same_tokens', -0.02), ('ours', -0.05))]
+  text, verdicts = report.report_wide(study, wide, tmp_path)
+  assert verdicts[0][1].verdict == decisions.REPRODUCED
+  assert "dense's tokens, +0.020" in text and 'the extra tokens, +0.030' in text
+
+
+def test_lr_verdicts_count_divergence_as_a_spike(report, study, tmp_path):
+  runs = []
+  spikes = {'dense': (0, 0, 0, 1), 'lowrank': (0, 1, 2, 3), 'lowrank_sgt': (0, 0, 0, 1)}
+  for v, counts in spikes.items():
+    for lr, n in zip((2e-3, 4e-3, 8e-3, 1.6e-2), counts):
+      r = _run(study.LR_WIDTH, 'dense', 100, 1, 3.0, variant={'variant': v}, lr=lr, spikes=n,
+               _curve=[[1, 5.0], [2, 4.0]], step=100)
+      runs.append(r)
+  _, verdicts = report.report_lr(study, runs, tmp_path)
+  assert [v.verdict for _, v in verdicts] == [decisions.REPRODUCED, decisions.REPRODUCED]
+  runs[3]['state'] = 'diverged'  # dense at the top LR: that LR drops out of both claims
+  _, verdicts = report.report_lr(study, runs, tmp_path)
+  assert verdicts[0][1].n == 3
+
+
+def test_probe_check_refuses_a_tuned_lr_that_is_not_the_best(report, study, tmp_path):
+  runs = []
+  for method, fraction in study.STRUCTURES_MAIN:
+    for lr, loss in zip(study.PROBE_LRS, (4.0, 3.8, 3.7, 3.75, 3.9)):
+      runs.append(_run(study.PROBE_WIDTH, method, fraction, 1, loss, lr=lr))
+  study.TUNED_LR.update(dict.fromkeys(study.STRUCTURES_MAIN, study.PROBE_LRS[2]))
+  _, problems, best = report.report_probe(study, runs, tmp_path)
+  assert not problems and set(best.values()) == {study.PROBE_LRS[2]}
+  study.TUNED_LR[('lowrank', 32)] = study.PROBE_LRS[1]
+  _, problems, _ = report.report_probe(study, runs, tmp_path)
+  assert len(problems) == 1 and 'lowrank 32%' in problems[0]
