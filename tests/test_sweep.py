@@ -3,6 +3,7 @@ checkpoint, a diverging run is recorded and the sweep goes on; the summary reads
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -69,6 +70,19 @@ def test_sweep_skips_finished_resumes_interrupted_and_records_divergence(tmp_pat
   table = second.stdout.splitlines()[-4:]
   assert table[0].split()[:3] == ['run', 'status', 'steps']
   assert [row.split()[1] for row in table[1:]] == ['finished', 'finished', 'diverged']
+
+  # --record copies each ended run (no checkpoints); with the workdirs gone, the records count.
+  record = tmp_path / 'record'
+  third = _sweep(config, root, '--run', '--record', str(record))
+  assert third.returncode == 0, third.stdout + third.stderr
+  for name in ('sweep-dense', 'sweep-lowrank', 'sweep-dense-diverge'):
+    assert sorted(p.name for p in (record / name).iterdir()) == [
+        'config.json', 'metrics.jsonl.gz', 'sweep.json'], name
+  assert json.loads((record / 'sweep-dense' / 'sweep.json').read_text())['cpu_s'] > 0
+  shutil.rmtree(root)
+  fourth = _sweep(config, root, '--run', '--record', str(record))
+  assert fourth.returncode == 0 and fourth.stdout.count('recorded in') == 3, fourth.stdout
+  assert not (root / 'sweep-dense').exists()  # nothing trained again
 
   listing = _sweep(config, root)  # without --run: the commands, one per line
   assert listing.returncode == 0 and listing.stdout.count('structffn_jax.train') == 3
