@@ -609,6 +609,24 @@ def _flops_plot(runs, path, title):
   plt.close(fig)
 
 
+def first_design_budget(path: str) -> list[dict]:
+  """Per scaling run of the first design's config (`git show 89446f5:configs/
+  cpu_reproduction.py`): tokens per parameter, and the head's and FFN's shares of the FLOPs."""
+  old = config_lib.config_module(path)
+  rows = []
+  for variant in old.VARIANTS:
+    if not variant.startswith('study=scaling') or 'seed=' in variant:
+      continue
+    c = old.get_config(variant)
+    acc = accounting.account(c)
+    rows.append({'run': c.name, 'tokens_per_param': acc.tokens / acc.params_total,
+                 'head_flop_share': 2 * c.model.vocab_size * c.model.hidden_dim
+                 / acc.flops_per_token,
+                 'ffn_flop_share': 2 * acc.params_ffn / acc.flops_per_token,
+                 'ffn_params': acc.params_ffn})
+  return rows
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -623,7 +641,15 @@ def main(argv=None) -> int:
   p.add_argument('--out', default='results/cpu_repro2', help='folder of the JSON, PNG, tables')
   p.add_argument('--config', default=str(CONFIG), help='the studies\' config')
   p.add_argument('--bootstrap', type=int, default=BOOTSTRAP, help='resamples of the fit')
+  p.add_argument('--first-design', default='', metavar='CONFIG',
+                 help='only write <out>/first_design_budget.json from the first design\'s config')
   args = p.parse_args(argv)
+  if args.first_design:
+    rows = first_design_budget(args.first_design)
+    path = pathlib.Path(args.out) / 'first_design_budget.json'
+    path.write_text(_json(rows))
+    print(f'wrote {path} ({len(rows)} runs)')
+    return 0
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   module = config_lib.config_module(args.config)
