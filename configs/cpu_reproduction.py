@@ -117,6 +117,8 @@ SGT_WIDTH = 48
 WIDE_WIDTH = 64
 SEEDS = (1, 2, 3)
 PROBE_LRS = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2)
+# LRs added by the edge rule (the best of PROBE_LRS at the grid's top edge), per structure.
+PROBE_EXTENDED = {('lowrank', 32): (3.2e-2,), ('blockshuffle', 32): (3.2e-2,)}
 PROBE_BUDGET = 0.25  # of the compute-optimal tokens
 LR_GRID = (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2)  # extended x2 while dense still trains
 # Each structure's best probe LR, {(method, fraction): lr}; filled in from the probe's results
@@ -314,7 +316,7 @@ def get_config(arg=None):
 
 def _variants() -> list[str]:
   probe = [f'study=probe,method={m},fraction={f},lr={lr:g}' for m, f in STRUCTURES_MAIN
-           for lr in PROBE_LRS]
+           for lr in PROBE_LRS + PROBE_EXTENDED.get((m, f), ())]
   if len(TUNED_LR) < len(STRUCTURES_MAIN):
     return probe  # the main runs need the probe's learning rates
 
