@@ -204,12 +204,13 @@ def report_probe(module, runs, out) -> tuple[str, list[str], dict]:
   rows, problems, best = [], [], {}
   for method, fraction in module.STRUCTURES_MAIN:
     cell = {r['lr']: r for r in runs if (r['method'], r['fraction']) == (method, fraction)}
-    losses = {lr: cell[lr]['valid_loss'] if lr in cell and cell[lr]['state'] == 'finished'
-              else (math.inf if lr in cell and cell[lr]['state'] == 'diverged' else None)
-              for lr in lrs}
-    complete = all(v is not None for v in losses.values())
+    # This structure's own grid: PROBE_LRS and the LRs its edge rule added.
+    losses = {lr: r['valid_loss'] if r['state'] == 'finished'
+              else (math.inf if r['state'] == 'diverged' else None) for lr, r in cell.items()}
+    complete = bool(losses) and all(v is not None for v in losses.values())
     row = [label(method, fraction)] + [
-        ('diverged' if v == math.inf else v) for v in losses.values()]
+        ('diverged' if losses.get(lr) == math.inf else losses.get(lr)) if lr in cell else ''
+        for lr in lrs]
     if complete:
       lr, edge = decisions.best_lr(losses)
       best[(method, fraction)] = lr
