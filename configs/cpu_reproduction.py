@@ -123,7 +123,8 @@ PROBE_BUDGET = 0.25  # of the compute-optimal tokens
 LR_GRID = (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2)  # extended x2 while dense still trains
 # Each structure's best probe LR, {(method, fraction): lr}; filled in from the probe's results
 # (launch/cpu_reproduction_report.py checks that each is the probe's argmin).
-TUNED_LR: dict = {}
+TUNED_LR: dict = {('dense', 100): 8e-3, ('lowrank', 32): 1.6e-2, ('blockdense', 32): 8e-3,
+                  ('blockshuffle', 32): 1.6e-2, ('lowrank', 63): 8e-3}
 
 _BATCH_TOKENS = BATCH * SEQ_LEN
 STRUCTURES_MAIN = (('dense', 100), ('lowrank', 32), ('blockdense', 32), ('blockshuffle', 32),
