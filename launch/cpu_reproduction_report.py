@@ -406,6 +406,8 @@ def report_scaling(module, runs, out, resamples: int = BOOTSTRAP) -> tuple[str, 
              'seeds': len(c)} for (g, w), c in sorted(cells.items())]
   text, verdicts = [], []
   try:
+    if not points:
+      raise scaling.ScalingError('no finished runs')
     fits = scaling.fit(points, 'shared')
   except scaling.ScalingError as e:
     (out / 'scaling.json').write_text(_json({'runs': runs, 'points': points}))
