@@ -591,7 +591,19 @@ class StopHook(Hook):
     self.old_handlers = {}
 
 
+class StartupTerminated(KeyboardInterrupt):
+  """SIGTERM before the training loop's own handler is installed (start-up): unwinds like Ctrl-C,
+  so that the workdir's lock is released and one line is printed."""
+
+
+def _terminate_startup(signum, frame):
+  raise StartupTerminated(signal.Signals(signum).name)
+
+
 def main(argv=None):
+  # From the first line on, SIGTERM unwinds like SIGINT; the training loop's hook replaces both
+  # handlers with its save-and-stop one once training starts.
+  signal.signal(signal.SIGTERM, _terminate_startup)
   parser = cli.parser(__doc__, 'structffn_jax.train')
   cli.add_config_flags(parser)
   parser.add_argument('--workdir', required=True,
@@ -625,10 +637,11 @@ def main(argv=None):
     extra = f'; {checkpoint.free_space(args.workdir)} in {args.workdir}' \
         if checkpoint.is_disk_full(e) else ''
     sys.exit(f'error: {e}{extra}')
-  except KeyboardInterrupt:
-    print(f'error: interrupted before training started; nothing was saved. Run the same command '
+  except KeyboardInterrupt as e:
+    name = 'SIGTERM' if isinstance(e, StartupTerminated) else 'SIGINT'
+    print(f'error: {name} before training started; nothing was saved. Run the same command '
           f'to start again.', file=sys.stderr)
-    sys.exit(130)
+    sys.exit(EXIT_PREEMPTED if name == 'SIGTERM' else 130)
   if result.get('stopped'):
     sys.exit(EXIT_PREEMPTED)
 
