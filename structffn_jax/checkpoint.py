@@ -41,8 +41,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from structffn_jax import config as config_lib
-from structffn_jax import distributed
+from structffn_jax import distributed, schema
+from structffn_jax.errors import ConfigError
 
 # Fields that may change between a run and its resumption without changing what is trained.
 RUNTIME_FIELDS = ('train.eval_every', 'train.log_every', 'train.ckpt_every', 'train.keep_ckpts',
@@ -137,7 +137,7 @@ def saved_steps(workdir) -> list[int]:
 
 
 def _defaults() -> dict:
-  return _flatten(json.loads(config_lib.base_config().to_json_best_effort()))
+  return _flatten(json.loads(schema.base_config().to_json_best_effort()))
 
 
 def check_allow_change(fields) -> tuple[str, ...]:
@@ -145,9 +145,9 @@ def check_allow_change(fields) -> tuple[str, ...]:
   known = _defaults()
   for field in fields:
     if field not in known:
-      raise config_lib.ConfigError(f'--allow-change {field}: no such config field.')
+      raise ConfigError(f'--allow-change {field}: no such config field.')
     if not field.startswith(CHANGEABLE) or field == 'train.seed':
-      raise config_lib.ConfigError(
+      raise ConfigError(
           f'--allow-change {field}: model.*, sgt.* and train.seed fix the state in the '
           f'checkpoints and cannot change within a run; use a new --workdir.')
   return tuple(fields)

@@ -8,6 +8,8 @@ without breaking another. The test reads every module's imports, those inside fu
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -72,3 +74,12 @@ def test_no_module_imports_a_command(name):
   bad = sorted(m for m in imported_modules(name) if m in COMMANDS and m != name)
   assert not bad, (f'{name} imports the command module(s) {bad}; move what it needs into a '
                    'library module and import that instead.')
+
+
+def test_the_config_loads_no_jax():
+  """The schema and its checks are a leaf: a config file, `info` and the data preparation read
+  them without loading JAX (a fresh interpreter, so no other test's imports count)."""
+  code = ('import sys, structffn_jax.config; '
+          "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax')); "
+          'assert not loaded, loaded')
+  subprocess.run([sys.executable, '-c', code], cwd=REPO, check=True)

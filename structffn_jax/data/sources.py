@@ -44,9 +44,9 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from structffn_jax import schema
+from structffn_jax.schema import SOURCES
 
 SPLITS = ('train', 'valid', 'test')
-SOURCES = ('stdlib', 'text', 'jsonl', 'hf')
 
 # Fractions of stdlib files (by hash of relative path) held out for validation and test.
 STDLIB_VALID_FRACTION = 0.02
