@@ -22,6 +22,7 @@ import ml_collections
 from flax import nnx
 
 from structffn_jax import checkpoint, optim, schema, sgt, sharding, steps
+from structffn_jax import workdir as workdir_lib
 from structffn_jax.model import GPT
 
 
@@ -87,7 +88,7 @@ def load_run(workdir, mesh: str | None = None) -> Run:
   workdir = pathlib.Path(workdir)
   config = load_config(workdir, mesh)
   device_mesh = sharding.make_mesh(config)
-  if not checkpoint.saved_steps(workdir):
+  if not workdir_lib.saved_steps(workdir):
     raise FileNotFoundError(f'{workdir / "checkpoints"} holds no checkpoint yet.')
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_ckpts, read_only=True,
                                  log=lambda line: print(line, file=sys.stderr))

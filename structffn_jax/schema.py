@@ -107,6 +107,33 @@ RANGES = {
 }
 
 
+# ----------------------------------------------------------------------------- on resume
+# What a resumed run may change (workdir.py compares config.json with these):
+#   'free'   how the run is carried out, not what it trains: may always change, and is not listed
+#            among the changes (evaluation and logging cadence, memory, mesh, kernels, paths).
+#   'allowed' changes how the run goes on, not the shapes of the state in its checkpoints:
+#            accepted when named by `--allow-change` (name, train.*, data.*).
+#   'fixed'  the state in the checkpoints depends on it (model.*, sgt.*, train.seed).
+RESUME_FREE = frozenset((
+    'train.eval_every', 'train.log_every', 'train.ckpt_every', 'train.keep_ckpts',
+    'train.profile_start', 'train.profile_steps', 'train.peak_flops', 'train.eval_batch',
+    'train.micro_batch', 'model.remat', 'data.data_dir', 'mesh.data', 'mesh.fsdp',
+    'mesh.tensor', 'mesh.rules', 'mesh.distributed', 'model.ffn.merge_threshold',
+    'model.ffn.implementation', 'model.attention.implementation', 'data.num_workers',
+    'log.wandb'))
+_RESUME_ALLOWED = ('name', 'train.', 'data.')  # prefixes
+_RESUME_FIXED = frozenset(('train.seed',))
+
+
+def resume_change(field: str) -> str:
+  """'free', 'allowed' or 'fixed': whether `field` (dotted) may change when a run resumes."""
+  if field in RESUME_FREE:
+    return 'free'
+  if field.startswith(_RESUME_ALLOWED) and field not in _RESUME_FIXED:
+    return 'allowed'
+  return 'fixed'
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every field of a run, with the paper's defaults (Transformer-s, dense)."""
   c = ml_collections.ConfigDict()

@@ -44,6 +44,7 @@ import numpy as np
 from structffn_jax import accounting, checkpoint, cli, distributed, hostmem, metrics, optim
 from structffn_jax import run as run_lib
 from structffn_jax import sgt, sharding, steps
+from structffn_jax import workdir as workdir_lib
 from structffn_jax import config as config_lib
 from structffn_jax import evaluation
 from structffn_jax.data import pipeline
@@ -90,7 +91,7 @@ class Trainer:
     # Every check on the config, the mesh, the batches and the parameter shapes comes before any
     # compile, and before anything is written.
     config_lib.validate(config)
-    allow_change = checkpoint.check_allow_change(allow_change)
+    allow_change = workdir_lib.check_allow_change(allow_change)
     self.mesh = sharding.make_mesh(config)
     self.rules = sharding.rules_of(config)
     self.plan = make_plan(config)
@@ -98,7 +99,7 @@ class Trainer:
     self.tx = optim.make_optimizer(config, self.plan.total_steps, self.plan.guided_steps)
     self.lr = optim.lr_schedule(config.train, self.plan.total_steps)
     self._set_abstract(guides=config.sgt.enabled)  # raises on a dimension the mesh can't split
-    self.lock = checkpoint.lock_workdir(self.workdir)
+    self.lock = workdir_lib.lock_workdir(self.workdir)
     self.ckpt = self.report = None
     self.extra_hooks = tuple(hooks)
     try:
@@ -110,7 +111,7 @@ class Trainer:
   def _start(self, profile, allow_change):
     """Everything after the lock: the workdir's config, data, checkpoints, state, compiles."""
     config = self.config
-    changes = checkpoint.check_workdir_config(self.workdir, config, allow_change=allow_change)
+    changes = workdir_lib.check_workdir_config(self.workdir, config, allow_change=allow_change)
     distributed.barrier('workdir checked')
     self.report = metrics.Reporter(self.workdir, self.plan.total_steps, enabled=self.is_main,
                                    config=config)
@@ -139,7 +140,7 @@ class Trainer:
     else:
       reason = ''
     if self.is_main:
-      checkpoint.write_workdir_config(self.workdir, config, changes, self.step, reason)
+      workdir_lib.write_workdir_config(self.workdir, config, changes, self.step, reason)
     distributed.barrier('workdir config written')
 
   def close(self, quiet: bool = False) -> None:
@@ -251,7 +252,7 @@ class Trainer:
         return self._run()
     except OSError as e:
       failed = True
-      if checkpoint.is_disk_full(e):  # metrics, TensorBoard or a checkpoint
+      if workdir_lib.is_disk_full(e):  # metrics, TensorBoard or a checkpoint
         raise checkpoint.CheckpointError(self.ckpt.disk_full(e)) from None
       raise
     except BaseException:
@@ -316,7 +317,7 @@ class Trainer:
     if jax.process_count() > 1 and distributed.agree(error is not None) and error is None:
       error = checkpoint.CheckpointError(
           f'a checkpoint save failed on another process (see its log); '
-          f'{checkpoint.free_space(self.workdir)} in {self.workdir}.')
+          f'{workdir_lib.free_space(self.workdir)} in {self.workdir}.')
     if error is not None:
       raise error
     if done:
@@ -619,11 +620,11 @@ def main(argv=None):
                       allow_change=tuple(args.allow_change))
     result = trainer.run()
   except (config_lib.ConfigError, FileNotFoundError, ValueError, NonFiniteLoss,
-          checkpoint.CheckpointError, checkpoint.WorkdirLocked) as e:
+          checkpoint.CheckpointError, workdir_lib.WorkdirLocked) as e:
     sys.exit(f'error: {e}')
   except OSError as e:
-    extra = f'; {checkpoint.free_space(args.workdir)} in {args.workdir}' \
-        if checkpoint.is_disk_full(e) else ''
+    extra = f'; {workdir_lib.free_space(args.workdir)} in {args.workdir}' \
+        if workdir_lib.is_disk_full(e) else ''
     sys.exit(f'error: {e}{extra}')
   except KeyboardInterrupt:
     print(f'error: interrupted before training started; nothing was saved. Run the same command '

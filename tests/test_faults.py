@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from structffn_jax import checkpoint, evaluate, metrics, plot, train
+from structffn_jax import workdir as workdir_lib
 from tests import tiny_setup
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -158,7 +159,7 @@ def test_full_disk_stops_at_the_failed_save_and_keeps_the_last_checkpoint(small_
   out = capfd.readouterr()
   assert 'Task exception was never retrieved' not in out.err and 'Traceback' not in out.err, \
       out.err[-3000:]
-  good = checkpoint.saved_steps(workdir)
+  good = workdir_lib.saved_steps(workdir)
   assert good, 'a checkpoint was written before the disk filled'
   assert '\n' not in message
   assert str(workdir) in message and 'free of 4.0 MiB' in message
@@ -172,7 +173,7 @@ def test_full_disk_stops_at_the_failed_save_and_keeps_the_last_checkpoint(small_
   subprocess.run(['mount', '-o', 'remount,size=64m', str(small_disk)], check=True)
   trainer = train.Trainer(config, workdir)
   assert trainer.step == good[-1]
-  assert checkpoint.saved_steps(workdir) == good
+  assert workdir_lib.saved_steps(workdir) == good
   assert not any('orbax-checkpoint-tmp' in n for n in steps_on_disk(workdir))
   trainer.close()
 
@@ -184,13 +185,13 @@ def test_a_second_trainer_is_refused_naming_the_holder(tmp_path, data_dir):
   workdir = tmp_path / 'w'
   holder = subprocess.Popen(
       [sys.executable, '-c', 'import pathlib, sys, time\n'
-       'from structffn_jax import checkpoint\n'
-       'checkpoint.WorkdirLock.acquire(pathlib.Path(sys.argv[1]))\n'
+       'from structffn_jax import workdir\n'
+       'workdir.WorkdirLock.acquire(pathlib.Path(sys.argv[1]))\n'
        'print("locked", flush=True)\ntime.sleep(120)\n', str(workdir)],
       cwd=REPO, stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline().strip() == 'locked'
-    with pytest.raises(checkpoint.WorkdirLocked) as e:
+    with pytest.raises(workdir_lib.WorkdirLocked) as e:
       train.Trainer(tiny(data_dir), workdir)
     message = str(e.value)
     assert f'pid {holder.pid} on host {socket.gethostname()}' in message
@@ -218,7 +219,7 @@ def test_a_stale_lock_is_taken_over(tmp_path, data_dir, capsys):
   assert f'took over the stale lock of pid {dead.pid}' in capsys.readouterr().out
   holder = json.loads((workdir / 'lock').read_text())
   assert holder['pid'] == os.getpid()
-  with pytest.raises(checkpoint.WorkdirLocked, match='another Trainer of this process'):
+  with pytest.raises(workdir_lib.WorkdirLocked, match='another Trainer of this process'):
     train.Trainer(tiny(data_dir, 'train.tokens=1024'), workdir)
   trainer.close()  # what run() does at its end
   assert not (workdir / 'lock').exists(), 'released'
@@ -226,9 +227,9 @@ def test_a_stale_lock_is_taken_over(tmp_path, data_dir, capsys):
   # touches it, taken over once it has not for STALE_AFTER_S (a job requeued after a node died).
   lock = workdir / 'lock'
   lock.write_text(json.dumps({'pid': 1, 'host': 'elsewhere'}))
-  with pytest.raises(checkpoint.WorkdirLocked, match='pid 1 on host elsewhere.*remove'):
+  with pytest.raises(workdir_lib.WorkdirLocked, match='pid 1 on host elsewhere.*remove'):
     train.Trainer(tiny(data_dir, 'train.tokens=1024'), workdir)
-  old = time.time() - checkpoint.WorkdirLock.STALE_AFTER_S - 5
+  old = time.time() - workdir_lib.WorkdirLock.STALE_AFTER_S - 5
   os.utime(lock, (old, old))
   trainer = train.Trainer(tiny(data_dir, 'train.tokens=1024'), workdir)
   assert 'took over the stale lock of pid 1 on host elsewhere (not touched for' in \
@@ -268,7 +269,7 @@ def test_a_changed_config_is_accepted_while_no_checkpoint_exists(tmp_path, data_
   trainer.close()
   assert json.loads((workdir / 'config.json').read_text())['train']['peak_lr'] == \
       fixed.train.peak_lr
-  history = [json.loads(l) for l in (workdir / checkpoint.HISTORY).read_text().splitlines()]
+  history = [json.loads(l) for l in (workdir / workdir_lib.HISTORY).read_text().splitlines()]
   assert history[-1]['step'] == 0 and 'no checkpoint yet' in history[-1]['reason']
   assert history[-1]['changes']['train.peak_lr'] == [1e30, fixed.train.peak_lr]
 
@@ -298,7 +299,7 @@ def test_non_finite_loss_advice_resumes_from_the_last_good_checkpoint(tmp_path, 
   trainer.run()
   resumed = losses(workdir)
   assert sorted(resumed) == [1, 2, 3, 4] and all(np.isfinite(v) for v in resumed.values())
-  history = [json.loads(l) for l in (workdir / checkpoint.HISTORY).read_text().splitlines()]
+  history = [json.loads(l) for l in (workdir / workdir_lib.HISTORY).read_text().splitlines()]
   assert history[-1]['step'] == 1 and history[-1]['changes'] == {'train.peak_lr': [1e30, 3e-3]}
   assert json.loads((workdir / 'config.json').read_text())['train']['peak_lr'] == 3e-3
   assert float(value) < 1e30
@@ -306,10 +307,10 @@ def test_non_finite_loss_advice_resumes_from_the_last_good_checkpoint(tmp_path, 
 
 def test_allow_change_refuses_fields_that_shape_the_state():
   with pytest.raises(train.config_lib.ConfigError, match='model.hidden_dim.*new --workdir'):
-    checkpoint.check_allow_change(['model.hidden_dim'])
+    workdir_lib.check_allow_change(['model.hidden_dim'])
   with pytest.raises(train.config_lib.ConfigError, match="train.nope: no such config field"):
-    checkpoint.check_allow_change(['train.nope'])
-  assert checkpoint.check_allow_change(['train.peak_lr']) == ('train.peak_lr',)
+    workdir_lib.check_allow_change(['train.nope'])
+  assert workdir_lib.check_allow_change(['train.peak_lr']) == ('train.peak_lr',)
 
 
 def test_an_older_config_json_without_new_fields_still_resumes(tmp_path):
@@ -321,10 +322,10 @@ def test_an_older_config_json_without_new_fields_still_resumes(tmp_path):
   del saved['train']['data_start']
   (workdir / 'config.json').write_text(json.dumps(saved))
   (workdir / 'checkpoints' / '5').mkdir(parents=True)
-  assert checkpoint.check_workdir_config(workdir, config) == {}
+  assert workdir_lib.check_workdir_config(workdir, config) == {}
   config.train.data_start = 3
   with pytest.raises(ValueError, match=r'train.data_start: 0 -> 3'):
-    checkpoint.check_workdir_config(workdir, config)
+    workdir_lib.check_workdir_config(workdir, config)
 
 
 # ----------------------------------------------------------------------------- metrics and plots
@@ -398,5 +399,5 @@ def test_sigterm_saves_waits_for_the_checkpoint_and_exits_75(tmp_path, data_dir)
   stopped = next(l for l in out.splitlines() if l.startswith('SIGTERM: checkpoint saved at step'))
   step = int(stopped.split('at step ')[1].split(';')[0])
   assert f'checkpoint step {step} final after' in out  # waited for, before exiting
-  assert checkpoint.saved_steps(workdir) == [step]
+  assert workdir_lib.saved_steps(workdir) == [step]
   assert not (workdir / 'lock').exists()
