@@ -275,6 +275,31 @@ class Checkpointer:
     self.manager.reload()
     return target
 
+  def set_aside_non_finite(self, step: int, loss: float, peak_lr: float) -> str:
+    """Set aside the checkpoints that cannot lead anywhere and say how to resume.
+
+    The loss of step s is computed from the parameters after step s - 1, so a checkpoint of step
+    s - 1 (or later) reproduces it whatever the learning rate: it is moved aside (kept, not
+    restored). The one before gave a finite loss; a resume from it with a lower peak_lr (allowed
+    by --allow-change) takes another path. `peak_lr`: the run's train.peak_lr, for the advice.
+    """
+    with contextlib.suppress(CheckpointError):
+      self.wait()
+    moved = [(s, self.move_aside(s, 'nonfinite')) for s in self.steps() if s >= step - 1]
+    good = self.steps()
+    parts = [f'non-finite loss ({loss}) at step {step}; training stopped.']
+    for s, path in moved:
+      parts.append(f'Checkpoint step {s}, whose parameters gave that loss, was moved aside to '
+                   f'{path}.')
+    if good:
+      parts.append(f'The last good checkpoint is step {good[-1]} in {self.directory}; to '
+                   f'resume from it with a lower learning rate, run')
+    else:
+      parts.append('No good checkpoint was saved, so the run starts again from step 0; run')
+    parts.append(f'the same command with --set train.peak_lr={peak_lr / 10:.3g} --allow-change '
+                 f'train.peak_lr (or raise train.warmup_frac the same way).')
+    return ' '.join(parts)
+
   def close(self, quiet: bool = False) -> None:
     """Wait for the save in flight and close. Quietly (errors dropped) after a failure already
     reported, or when `quiet` (the caller is raising another error)."""

@@ -55,7 +55,7 @@ def initialize(mode: str = 'auto') -> bool:
   """Start `jax.distributed` per `mode` (see the module docstring); True when started."""
   if mode not in MODES:
     raise ConfigError(f'mesh.distributed={mode!r} is not allowed; use one of: '
-                                 f'{", ".join(MODES)}.')
+                      f'{", ".join(MODES)}.')
   if jax.distributed.is_initialized():
     return True
   if mode == 'off' or (mode == 'auto' and detected() is None):

@@ -43,5 +43,5 @@ def make_plan(config) -> Plan:
   micro = t.micro_batch or t.global_batch
   if t.global_batch % micro:
     raise ConfigError(f'train.micro_batch={micro} must divide train.global_batch='
-                                 f'{t.global_batch}.')
+                      f'{t.global_batch}.')
   return Plan(sgt.step_counts(config), t.global_batch // micro, int(t.data_start))

@@ -26,16 +26,6 @@ from structffn_jax import workdir as workdir_lib
 from structffn_jax.model import GPT
 
 
-def new_model(config: ml_collections.ConfigDict, guides: bool, seed: int = 0) -> GPT:
-  """The GPT of `config`, initialised from `seed`; with SGT, its guides present or (`guides`
-  False: after the hand-over) dropped."""
-  model = GPT(config.model, guide=config.sgt.enabled, reduce_flop=config.sgt.reduce_flop,
-              rngs=nnx.Rngs(params=seed))
-  if config.sgt.enabled and not guides:
-    model.drop_guides()
-  return model
-
-
 class AbstractState(NamedTuple):
   """A train state's graph, shapes and shardings, computed without any array."""
   graphdef: Any              # the model's graph (static in the jitted steps)
@@ -47,8 +37,8 @@ def abstract_state(config: ml_collections.ConfigDict, tx, mesh: jax.sharding.Mes
                    guides: bool) -> AbstractState:
   """The train state of `config` with optimizer `tx` on `mesh`, with or without its guides.
   Raises (naming the config field) on a dimension that the mesh cannot split."""
-  graphdef = nnx.split(nnx.eval_shape(lambda: new_model(config, guides)), nnx.Param)[0]
-  state = jax.eval_shape(lambda: steps.init_state(new_model(config, guides), tx)[1])
+  graphdef = nnx.split(nnx.eval_shape(lambda: GPT.from_config(config, guides=guides)), nnx.Param)[0]
+  state = jax.eval_shape(lambda: steps.init_state(GPT.from_config(config, guides=guides), tx)[1])
   return AbstractState(graphdef, state,
                        sharding.param_shardings(state, mesh, sharding.rules_of(config)))
 

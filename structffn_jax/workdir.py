@@ -182,6 +182,20 @@ def write_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDic
       f.write(json.dumps(record) + '\n')
 
 
+def record_start(workdir: pathlib.Path, config: ml_collections.ConfigDict, changes: dict,
+                 step: int, *, log=print, write: bool = True) -> None:
+  """Once the run has started (at `step`): log the accepted `changes` (from
+  `check_workdir_config`) and, where `write` (process 0), write config.json and the history."""
+  reason = ''
+  if changes:
+    reason = ('allowed by --allow-change' if step else
+              'no checkpoint yet: the run starts from step 0 with the new config')
+    shown = ', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changes.items())
+    log(f'config changed ({shown}): {reason}')
+  if write:
+    write_workdir_config(workdir, config, changes, step, reason)
+
+
 # ----------------------------------------------------------------------------- the workdir lock
 
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 import grain
 import numpy as np
 
-from structffn_jax.data.prepare import Manifest, as_manifest
+from structffn_jax.data.manifest import Manifest, as_manifest, file_rows
 
 
 class TokenRows:
@@ -46,20 +46,7 @@ class TokenRows:
     self.path = self.paths[0]  # The file, for a single-file split (and messages).
     self.seq_len = int(seq_len)
     self.dtype = np.dtype(dtype)
-    row_bytes = (self.seq_len + 1) * self.dtype.itemsize
-    counts = []
-    for path in self.paths:
-      if not path.is_file():
-        raise FileNotFoundError(
-            f'token file not found: {path} (prepare the data directory first)'
-        )
-      size = path.stat().st_size
-      if size == 0 or size % row_bytes:
-        raise ValueError(
-            f'{path} is {size} bytes, not a positive multiple of a row '
-            f'({self.seq_len + 1} x {self.dtype.name})'
-        )
-      counts.append(size // row_bytes)
+    counts = [file_rows(path, self.seq_len, self.dtype) for path in self.paths]
     self.shard_rows = counts
     self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     self._len = int(self._offsets[-1])

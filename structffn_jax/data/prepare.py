@@ -82,21 +82,21 @@ import numpy as np
 import sentencepiece as spm
 
 from structffn_jax import schema
-from structffn_jax.data import sources
+from structffn_jax.data import rows_bin, sources
 from structffn_jax.data import tokenizer as tokenizer_lib
+# The reader's names, used here and read from here by older callers.
+from structffn_jax.data.manifest import (FORMAT_VERSION, MANIFEST_NAME, REQUIRED, Manifest,
+                                         _atomic_write, _json_bytes, as_manifest,
+                                         check_model_vocab, check_tokenizer_given, file_rows,
+                                         resolve_data_dir, sha256_file, token_dtype)
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = 'manifest.json'
 JOBS_DIR = 'jobs'
 TOKENIZER_NAME = tokenizer_lib.FILE_NAMES[tokenizer_lib.SENTENCEPIECE]
-# 2: splits in shards, jobs; 1 (read still): one <split>.bin per split.
-FORMAT_VERSION = 2
 # Bumped when the tokenizer training options below change, so old directories are not reused.
 TOKENIZER_RECIPE = 1
 DEFAULT_TOKENIZER_TRAIN_BYTES = 32_000_000
-# A config's placeholder for a tokenizer the user must supply (`data.tokenizer`).
-REQUIRED = 'required'
 _PROGRESS_SECONDS = 10.0
 _MAX_CHUNK_CHARS = 1 << 20  # text per task sent to a worker
 _AUTO_FRACTION = 0.01  # held-out fraction when only a token count is given and no cap on train
@@ -121,138 +121,8 @@ def apply_recipe(cfg_data: ml_collections.ConfigDict, recipe: dict[str, Any]) ->
     cfg_data[name] = value
 
 
-def resolve_data_dir(cfg_data: Any, workdir: str | os.PathLike) -> Path:
-  """`data.data_dir`, or `<workdir>/data` when it is empty."""
-  data_dir = schema.data_section(cfg_data).data_dir
-  return Path(data_dir) if data_dir else Path(workdir) / 'data'
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-  """Storage type of token ids: uint16 when every id fits (vocab <= 65535), else uint32."""
-  return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
-
-
 class PendingJobs(ValueError):
   """Raised when this job has finished but others of `data.num_shards` have not."""
-
-
-# --------------------------------------------------------------------------------- manifest
-
-
-@dataclasses.dataclass
-class Manifest:
-  """What `prepare` wrote into `dir`; file names are relative so the directory can be moved.
-
-  `splits[name]` holds: rows, tokens (= rows * (seq_len + 1)), dropped_tokens (the partial rows
-  left at the ends of pieces), docs, shards (a list of {file, rows, sha256, max_id: the largest
-  token id}, in row order; a `rows_bin` file is named by its absolute path and has neither) and
-  source (the input's identity from `sources.describe`). `settings` records how the directory
-  was made.
-  """
-
-  dir: Path
-  seq_len: int
-  vocab_size: int
-  dtype: str
-  tokenizer_file: str
-  tokenizer_sha256: str
-  tokenizer_source: str
-  eos_id: int
-  bos_id: int
-  splits: dict[str, dict[str, Any]]
-  settings: dict[str, Any]
-  tokenizer_kind: str = tokenizer_lib.SENTENCEPIECE
-
-  @property
-  def tokenizer_path(self) -> Path:
-    if not self.tokenizer_file:
-      raise FileNotFoundError(
-          f'{self.dir / MANIFEST_NAME} names no tokenizer: prepare it again with data.tokenizer'
-      )
-    return self.dir / self.tokenizer_file
-
-  def load_tokenizer(self) -> tokenizer_lib.Tokenizer:
-    """The directory's tokenizer, with the EOS the rows were written with."""
-    tok = tokenizer_lib.load(self.tokenizer_path, field=f'{self.dir} tokenizer')
-    tok.eos_id = self.eos_id
-    return tok
-
-  def split_files(self, split: str) -> list[Path]:
-    """The shard files of `split`, in row order."""
-    return [self.dir / shard['file'] for shard in self.split_info(split)['shards']]
-
-  def rows(self, split: str) -> int:
-    return int(self.split_info(split)['rows'])
-
-  def split_info(self, split: str) -> dict[str, Any]:
-    if split not in self.splits:
-      raise KeyError(
-          f'{self.dir / MANIFEST_NAME} has no split {split!r} (has {sorted(self.splits)})'
-      )
-    return self.splits[split]
-
-  def to_json(self) -> dict[str, Any]:
-    d = dataclasses.asdict(self)
-    d.pop('dir')
-    return {'format': FORMAT_VERSION, **d}
-
-  @classmethod
-  def load(cls, data_dir: str | os.PathLike) -> 'Manifest':
-    path = Path(data_dir) / MANIFEST_NAME
-    if not path.is_file():
-      raise FileNotFoundError(
-          f'no {MANIFEST_NAME} in {data_dir}: run structffn_jax.data.prepare first'
-      )
-    d = json.loads(path.read_text())
-    version = d.pop('format', None)
-    if version == 1:  # One file per split.
-      for info in d['splits'].values():
-        info['shards'] = [
-            {'file': info.pop('file'), 'rows': info['rows'], 'sha256': info.get('sha256')}
-        ]
-    elif version != FORMAT_VERSION:
-      raise ValueError(f'{path} has an unknown format; delete the directory and prepare again')
-    return cls(dir=Path(data_dir), **d)
-
-  def save(self) -> None:
-    _atomic_write(self.dir / MANIFEST_NAME, _json_bytes(self.to_json()))
-
-
-def as_manifest(manifest_or_dir: 'Manifest | str | os.PathLike') -> Manifest:
-  """Accepts a Manifest or a prepared directory."""
-  return (
-      manifest_or_dir if isinstance(manifest_or_dir, Manifest) else Manifest.load(manifest_or_dir)
-  )
-
-
-# -------------------------------------------------------------------------------- files
-
-
-def _tmp_name(path: Path) -> Path:
-  # Host and pid: jobs on several hosts may write the same file of a shared directory at once.
-  return path.with_name(f'.{path.name}.tmp-{socket.gethostname()}-{os.getpid()}')
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-  """Writes `data` to `path` via a temporary file and rename: readers see all of it or none."""
-  tmp = _tmp_name(path)
-  with open(tmp, 'wb') as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def _json_bytes(obj: Any) -> bytes:
-  return (json.dumps(obj, indent=1) + '\n').encode()
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 22), b''):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------- tokenizer
@@ -323,23 +193,10 @@ def load_tokenizer(
   return tokenizer_lib.load(path, field=field, eos_token=eos_token)
 
 
-def _check_model_vocab(tokenizer_vocab: int, model_vocab_size: int | None, what: str) -> None:
-  if model_vocab_size is not None and tokenizer_vocab > model_vocab_size:
-    raise ValueError(
-        f'{what} has {tokenizer_vocab} tokens, more than model.vocab_size={model_vocab_size}: '
-        f'raise model.vocab_size to at least {tokenizer_vocab} or use a smaller tokenizer'
-    )
-
-
 def _tokenizer_settings(cfg_data: Any, tokenizer_train_bytes: int) -> dict[str, Any]:
   """What identifies the tokenizer: the file's sha256, or the training recipe."""
   src = cfg_data.tokenizer
-  if src == REQUIRED:
-    raise ValueError(
-        'data.tokenizer is required by this config (the paper tokenizes with the LLaMA '
-        'SentencePiece model): add --set data.tokenizer=/path/to/tokenizer.model, or use the '
-        "config's data=local variant"
-    )
+  check_tokenizer_given(src)
   if src:
     path = Path(src).expanduser()
     if not path.is_file():
@@ -825,13 +682,13 @@ def _setup_tokenizer(
   src, spec = cfg_data.tokenizer, settings['tokenizer']
   if src:
     tok = load_tokenizer(src, eos_token=spec['eos_token'])
-    _check_model_vocab(tok.vocab_size, model_vocab_size, f'data.tokenizer={src!r}')
+    check_model_vocab(tok.vocab_size, model_vocab_size, f'data.tokenizer={src!r}')
     dst = out_dir / tok.file_name
     if not (dst.is_file() and sha256_file(dst) == spec['file_sha256']):
       _atomic_write(dst, tok.data)
   else:
     vocab_size = spec['trained']['vocab_size']
-    _check_model_vocab(vocab_size, model_vocab_size, f'data.vocab_size={vocab_size}')
+    check_model_vocab(vocab_size, model_vocab_size, f'data.vocab_size={vocab_size}')
     dst, marker = out_dir / TOKENIZER_NAME, out_dir / JOBS_DIR / 'tokenizer.json'
     done = {'settings': spec, 'sha256': sha256_file(dst) if dst.is_file() else None}
     if marker.is_file() and json.loads(marker.read_text()) == done:
@@ -973,92 +830,36 @@ def _reuse(
         f'{m.tokenizer_path} does not match its sha256 in the manifest; delete '
         f'{m.dir} and prepare again'
     )
-  row_bytes = (m.seq_len + 1) * np.dtype(m.dtype).itemsize
   for split in m.splits:
     for shard, path in zip(m.split_info(split)['shards'], m.split_files(split)):
-      expected = int(shard['rows']) * row_bytes
-      if not path.is_file() or path.stat().st_size != expected:
+      try:
+        intact = file_rows(path, m.seq_len, m.dtype) == int(shard['rows'])
+      except (OSError, ValueError):
+        intact = False
+      if not intact:
         raise ValueError(
-            f'{path} is missing or not {expected} bytes as the manifest says; delete '
+            f'{path} is missing or not the {shard["rows"]} rows the manifest says; delete '
             f'{m.dir} and prepare again'
         )
-  _check_model_vocab(m.vocab_size, model_vocab_size, f'tokenizer of {m.dir}')
+  check_model_vocab(m.vocab_size, model_vocab_size, f'tokenizer of {m.dir}')
   log.info('reusing prepared data in %s', m.dir)
   return m
 
 
-def _prepare_rows_bin(
-    cfg_data: Any, out_dir: Path, seq_len: int, model_vocab_size: int | None
-) -> Manifest:
-  """A manifest for token rows written elsewhere (`data.*_paths`), read where they are."""
-  dtype_name = cfg_data.rows_dtype
-  if dtype_name not in ('uint16', 'uint32'):
-    raise ValueError(f"data.rows_dtype={dtype_name!r}: expected 'uint16' or 'uint32'")
-  dtype, row_len = np.dtype(dtype_name), seq_len + 1
-  row_bytes = row_len * dtype.itemsize
-  splits = {}
-  for split in sources.SPLITS:
-    field = sources.paths_field(split)
-    paths = cfg_data[f'{split}_paths'] or []
-    shards = []
-    for p in [paths] if isinstance(paths, (str, Path)) else paths:
-      path = Path(p).expanduser().resolve()
-      if not path.is_file():
-        raise FileNotFoundError(f'{field}: file not found: {str(p)!r} (resolved to {path})')
-      size = path.stat().st_size
-      if size == 0 or size % row_bytes:
-        raise ValueError(
-            f'{field}: {str(p)!r} is {size} bytes, not whole rows of seq_len+1={row_len} '
-            f'{dtype.name} tokens ({row_bytes} bytes each): set model.seq_len (and '
-            'data.rows_dtype) to what the rows were written with'
-        )
-      shards.append({'file': str(path), 'rows': size // row_bytes, 'sha256': None})
-    if shards:
-      rows = sum(s['rows'] for s in shards)
-      splits[split] = {
-          'rows': rows, 'tokens': rows * row_len, 'dropped_tokens': 0, 'docs': None,
-          'shards': shards,
-          'source': {'kind': 'rows_bin', 'files': [{'path': s['file']} for s in shards]},
-      }
-  if 'train' not in splits:
-    raise ValueError("data.format='rows_bin' needs data.train_paths: the .bin file(s) of train")
-  src = cfg_data.tokenizer
-  if src == REQUIRED:
-    _tokenizer_settings(cfg_data, 0)  # Raises, saying what to set.
-  out_dir.mkdir(parents=True, exist_ok=True)
-  tok = None
-  if src:
-    tok = load_tokenizer(src, eos_token=cfg_data.eos_token)
-    _check_model_vocab(tok.vocab_size, model_vocab_size, f'data.tokenizer={src!r}')
-    _atomic_write(out_dir / tok.file_name, tok.data)
-    vocab_size = tok.vocab_size
-  elif model_vocab_size is None:
-    raise ValueError(
-        "data.format='rows_bin' without data.tokenizer needs the model's vocabulary size "
-        '(model.vocab_size, or --model-vocab-size) to check the token ids'
-    )
-  else:
-    vocab_size = model_vocab_size
-  if dtype == np.uint16 and vocab_size > 65536:
-    raise ValueError(
-        f'a {vocab_size}-token vocabulary does not fit uint16 rows: set data.rows_dtype=uint32'
-    )
-  manifest = Manifest(
-      dir=out_dir,
-      seq_len=int(seq_len),
-      vocab_size=int(vocab_size),
-      dtype=dtype.name,
-      tokenizer_file=tok.file_name if tok else '',
-      tokenizer_sha256=hashlib.sha256(tok.data).hexdigest() if tok else '',
-      tokenizer_source=str(Path(src).expanduser().resolve()) if tok else '',
-      eos_id=int(tok.eos_id) if tok else -1,
-      bos_id=int(tok.bos_id) if tok else -1,
-      splits=splits,
-      settings={'format': FORMAT_VERSION, 'seq_len': int(seq_len), 'data_format': 'rows_bin',
-                'rows_dtype': dtype.name},
-      tokenizer_kind=tok.kind if tok else '',
-  )
-  manifest.save()
+def prepare_for_run(config: ml_collections.ConfigDict, workdir, *, is_main: bool = True,
+                    barrier: Callable[[], None] = lambda: None, log=print) -> 'Manifest':
+  """The data of a run in `workdir`: prepared by the main process (`is_main`); every process
+  then passes `barrier` and the others load (and check) its manifest."""
+  data_dir = resolve_data_dir(config.data, workdir)
+  log(f'data: {data_dir}')
+  manifest = None
+  if is_main:
+    manifest = prepare(config.data, data_dir, config.model.seq_len,
+                       model_vocab_size=config.model.vocab_size)
+  barrier()
+  if manifest is None:
+    manifest = prepare(config.data, data_dir, config.model.seq_len,
+                       model_vocab_size=config.model.vocab_size)
   return manifest
 
 
@@ -1094,7 +895,7 @@ def prepare(
   if data_format not in schema.DATA_FORMATS:
     raise ValueError(f'data.format={data_format!r} is not one of {schema.DATA_FORMATS}')
   if data_format == 'rows_bin':
-    return _prepare_rows_bin(cfg_data, out_dir, seq_len, model_vocab_size)
+    return rows_bin.prepare_rows_bin(cfg_data, out_dir, seq_len, model_vocab_size)
   job, num_jobs = _job_of(cfg_data)
   num_workers = resolve_num_workers(cfg_data.num_workers)
   streams, settings = _settings(cfg_data, seq_len, tokenizer_train_bytes, num_jobs)
