@@ -163,7 +163,7 @@ class Manifest:
     return cls(dir=Path(data_dir), **d)
 
   def save(self) -> None:
-    _atomic_write(self.dir / MANIFEST_NAME, _json_bytes(self.to_json()))
+    atomic_write(self.dir / MANIFEST_NAME, json_bytes(self.to_json()))
 
 
 def as_manifest(manifest_or_dir: 'Manifest | str | os.PathLike') -> Manifest:
@@ -176,14 +176,14 @@ def as_manifest(manifest_or_dir: 'Manifest | str | os.PathLike') -> Manifest:
 # -------------------------------------------------------------------------------- files
 
 
-def _tmp_name(path: Path) -> Path:
+def tmp_name(path: Path) -> Path:
   # Host and pid: jobs on several hosts may write the same file of a shared directory at once.
   return path.with_name(f'.{path.name}.tmp-{socket.gethostname()}-{os.getpid()}')
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
   """Writes `data` to `path` via a temporary file and rename: readers see all of it or none."""
-  tmp = _tmp_name(path)
+  tmp = tmp_name(path)
   with open(tmp, 'wb') as f:
     f.write(data)
     f.flush()
@@ -191,7 +191,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
   os.replace(tmp, path)
 
 
-def _json_bytes(obj: Any) -> bytes:
+def json_bytes(obj: Any) -> bytes:
   return (json.dumps(obj, indent=1) + '\n').encode()
 
 

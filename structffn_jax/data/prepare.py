@@ -59,7 +59,6 @@ shorthand of one data field, are applied over it and the whole is validated as b
 
 from __future__ import annotations
 
-import argparse
 import collections
 import concurrent.futures
 import contextlib
@@ -71,7 +70,6 @@ import json
 import logging
 import multiprocessing
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -86,9 +84,9 @@ from structffn_jax.data import rows_bin, sources
 from structffn_jax.data import tokenizer as tokenizer_lib
 # The reader's names, used here and read from here by older callers.
 from structffn_jax.data.manifest import (FORMAT_VERSION, MANIFEST_NAME, REQUIRED, Manifest,
-                                         _atomic_write, _json_bytes, as_manifest,
-                                         check_model_vocab, check_tokenizer_given, file_rows,
-                                         resolve_data_dir, sha256_file, token_dtype)
+                                         as_manifest, atomic_write, check_model_vocab,
+                                         check_tokenizer_given, file_rows, json_bytes,
+                                         resolve_data_dir, sha256_file, tmp_name, token_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +345,7 @@ class _RowWriter:
   ):
     self.path, self.row_len, self.dtype, self.vocab_size = path, row_len, dtype, vocab_size
     self.max_rows = max_rows
-    self.tmp = _tmp_name(path)
+    self.tmp = tmp_name(path)
     self.file = open(self.tmp, 'wb')
     self.digest = hashlib.sha256()
     self.pending: list[np.ndarray] = []
@@ -629,7 +627,7 @@ def _run_stream(
     state['doc_end'] = doc_end
     for s, entry in entries.items():
       taken[s] += entry['rows']
-    _atomic_write(_job_path(out_dir, job, num_jobs), _json_bytes(record))
+    atomic_write(_job_path(out_dir, job, num_jobs), json_bytes(record))
 
   doc_end, position = state['doc_end'], resume
   positions: collections.deque = collections.deque()  # Of the chunks sent, in order.
@@ -666,7 +664,7 @@ def _run_stream(
           split, taken[split], caps[split], split,
       )
   state['done'] = True
-  _atomic_write(_job_path(out_dir, job, num_jobs), _json_bytes(record))
+  atomic_write(_job_path(out_dir, job, num_jobs), json_bytes(record))
 
 
 def _setup_tokenizer(
@@ -685,7 +683,7 @@ def _setup_tokenizer(
     check_model_vocab(tok.vocab_size, model_vocab_size, f'data.tokenizer={src!r}')
     dst = out_dir / tok.file_name
     if not (dst.is_file() and sha256_file(dst) == spec['file_sha256']):
-      _atomic_write(dst, tok.data)
+      atomic_write(dst, tok.data)
   else:
     vocab_size = spec['trained']['vocab_size']
     check_model_vocab(vocab_size, model_vocab_size, f'data.vocab_size={vocab_size}')
@@ -705,8 +703,8 @@ def _setup_tokenizer(
           max_train_bytes=spec['trained']['max_train_bytes'],
           num_threads=num_threads,
       )
-      _atomic_write(dst, model)
-      _atomic_write(marker, _json_bytes({'settings': spec, 'sha256': sha256_file(dst)}))
+      atomic_write(dst, model)
+      atomic_write(marker, json_bytes({'settings': spec, 'sha256': sha256_file(dst)}))
       log.info('tokenizer trained in %.1f s', time.monotonic() - t0)
     tok = tokenizer_lib.SentencePieceTokenizer(model, name=str(dst))
   if tok.eos_id < 0:
@@ -922,7 +920,7 @@ def prepare(
       for stream in streams:
         _run_stream(stream, cfg_data, out_dir, record, encode, tok)
     record['complete'] = True
-    _atomic_write(record_path, _json_bytes(record))
+    atomic_write(record_path, json_bytes(record))
   src = cfg_data.tokenizer
   return _merge(
       out_dir, settings, streams, tok, tok_path,
@@ -934,11 +932,10 @@ def prepare(
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(
-      prog='python -m structffn_jax.data.prepare', description=__doc__.split('\n\n')[0],
-      epilog='Each data flag sets one field of the data section (--source is --set '
-      'data.source=...), after --set; --set data.<field>=value reaches any field.',
-  )
+  from structffn_jax import cli  # pylint: disable=g-import-not-at-top
+  p = cli.parser(__doc__, 'structffn_jax.data.prepare')
+  p.epilog += ('\n\nEach data flag sets one field of the data section (--source is --set '
+               'data.source=...), after --set; --set data.<field>=value reaches any field.')
 
   def data_flag(flag, field, **kwargs):
     """A flag that sets data.<field>, typed like the schema's default (see _main)."""
@@ -946,11 +943,9 @@ def main(argv: list[str] | None = None) -> int:
       kwargs['metavar'] = flag[2:].upper().replace('-', '_')
     p.add_argument(flag, dest=f'data.{field}', default=None, **kwargs)
 
-  p.add_argument('--config', default='', help="a config file 'path.py:arg': its data section, "
-                 'model.seq_len and model.vocab_size')
-  p.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
-                 help='config override, repeatable (without --config: of the schema\'s '
-                 'defaults, structffn_jax/schema.py)')
+  cli.add_config_flags(p, required=False, optional_help=(
+      'its data section, model.seq_len and model.vocab_size; without it, --set and the data '
+      "flags apply to the schema's defaults (structffn_jax/schema.py)"))
   p.add_argument('--out', default='', help='data directory to write (default: data.data_dir)')
   p.add_argument('--seq-len', type=int, help='default: model.seq_len of --config')
   p.add_argument('--model-vocab-size', type=int,
@@ -996,7 +991,6 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument('--tokenizer-train-bytes', type=int, default=DEFAULT_TOKENIZER_TRAIN_BYTES,
                  help='text the tokenizer is trained on, in bytes')
   p.add_argument('--num-threads', type=int, default=2, help='threads of the tokenizer training')
-  from structffn_jax import cli  # pylint: disable=g-import-not-at-top
   args = cli.parse(p, argv)
   handler = logging.StreamHandler(sys.stderr)
   handler.setFormatter(logging.Formatter('%(asctime)s %(message)s'))

@@ -54,8 +54,7 @@ def prepare_rows_bin(
   if src:
     tok = tokenizer_lib.load(src, field='data.tokenizer', eos_token=cfg_data.eos_token)
     manifest_lib.check_model_vocab(tok.vocab_size, model_vocab_size, f'data.tokenizer={src!r}')
-    manifest_lib._atomic_write(  # pylint: disable=protected-access
-        out_dir / tok.file_name, tok.data)
+    manifest_lib.atomic_write(out_dir / tok.file_name, tok.data)
     vocab_size = tok.vocab_size
   elif model_vocab_size is None:
     raise ValueError(
