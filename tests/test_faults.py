@@ -181,6 +181,7 @@ def test_full_disk_stops_at_the_failed_save_and_keeps_the_last_checkpoint(small_
 # ----------------------------------------------------------------------------- the workdir lock
 
 
+@pytest.mark.slow
 def test_a_second_trainer_is_refused_naming_the_holder(tmp_path, data_dir):
   workdir = tmp_path / 'w'
   holder = subprocess.Popen(
@@ -372,6 +373,7 @@ def test_plot_of_a_run_without_records_is_refused(tmp_path, content, capsys):
 # ----------------------------------------------------------------------------- preemption
 
 
+@pytest.mark.slow
 def test_sigterm_saves_waits_for_the_checkpoint_and_exits_75(tmp_path, data_dir):
   workdir = tmp_path / 'w'
   cmd = [sys.executable, '-m', 'structffn_jax.train', '--config',

@@ -54,11 +54,11 @@ def file_rows(path: str | os.PathLike, seq_len: int, dtype: Any, *, field: str =
   row_bytes = row_len * dtype.itemsize
   where = f'{field}: ' if field else ''
   if not path.is_file():
-    raise FileNotFoundError(f'{where}token file not found: {path} ({fix})')
+    raise FileNotFoundError(f'{where}token file not found: {str(path)!r} ({fix})')
   size = path.stat().st_size
   if size == 0 or size % row_bytes:
     raise ValueError(
-        f'{where}{path} is {size} bytes, not whole rows of seq_len+1={row_len} {dtype.name} '
+        f'{where}{str(path)!r} is {size} bytes, not whole rows of seq_len+1={row_len} {dtype.name} '
         f'tokens ({row_bytes} bytes each): {fix}'
     )
   return size // row_bytes
