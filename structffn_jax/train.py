@@ -159,9 +159,9 @@ class Trainer:
       self.guides = self.config.sgt.enabled
       self._set_abstract(self.guides)
       c, guides = self.config, self.guides
-      self.state = jax.jit(
-          lambda: steps.init_state(GPT.from_config(c, guides=guides, seed=c.train.seed), self.tx)[1],
-          out_shardings=self.state_shardings)()
+      new_model = lambda: GPT.from_config(c, guides=guides, seed=c.train.seed)
+      self.state = jax.jit(lambda: steps.init_state(new_model(), self.tx)[1],
+                           out_shardings=self.state_shardings)()
     else:
       step, self.state, meta = restored
       self.step = int(meta['step'])

@@ -41,7 +41,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
   return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
 
 
-def file_rows(path: str | os.PathLike, seq_len: int, dtype: Any, *, field: str = '',
+def file_rows(path: str | os.PathLike,
+              seq_len: int,
+              dtype: Any,
+              *,
+              field: str = '',
               fix: str = 'prepare the data directory first') -> int:
   """The rows of seq_len + 1 tokens of `dtype` in the `.bin` file at `path`.
 
@@ -57,10 +61,8 @@ def file_rows(path: str | os.PathLike, seq_len: int, dtype: Any, *, field: str =
     raise FileNotFoundError(f'{where}token file not found: {str(path)!r} ({fix})')
   size = path.stat().st_size
   if size == 0 or size % row_bytes:
-    raise ValueError(
-        f'{where}{str(path)!r} is {size} bytes, not whole rows of seq_len+1={row_len} {dtype.name} '
-        f'tokens ({row_bytes} bytes each): {fix}'
-    )
+    raise ValueError(f'{where}{str(path)!r} is {size} bytes, not whole rows of seq_len+1={row_len} '
+                     f'{dtype.name} tokens ({row_bytes} bytes each): {fix}')
   return size // row_bytes
 
 
@@ -68,8 +70,7 @@ def check_model_vocab(tokenizer_vocab: int, model_vocab_size: int | None, what: 
   if model_vocab_size is not None and tokenizer_vocab > model_vocab_size:
     raise ValueError(
         f'{what} has {tokenizer_vocab} tokens, more than model.vocab_size={model_vocab_size}: '
-        f'raise model.vocab_size to at least {tokenizer_vocab} or use a smaller tokenizer'
-    )
+        f'raise model.vocab_size to at least {tokenizer_vocab} or use a smaller tokenizer')
 
 
 def check_tokenizer_given(src: str) -> None:
@@ -78,8 +79,7 @@ def check_tokenizer_given(src: str) -> None:
     raise ValueError(
         'data.tokenizer is required by this config (the paper tokenizes with the LLaMA '
         'SentencePiece model): add --set data.tokenizer=/path/to/tokenizer.model, or use the '
-        "config's data=local variant"
-    )
+        "config's data=local variant")
 
 
 # --------------------------------------------------------------------------------- manifest
@@ -113,8 +113,7 @@ class Manifest:
   def tokenizer_path(self) -> Path:
     if not self.tokenizer_file:
       raise FileNotFoundError(
-          f'{self.dir / MANIFEST_NAME} names no tokenizer: prepare it again with data.tokenizer'
-      )
+          f'{self.dir / MANIFEST_NAME} names no tokenizer: prepare it again with data.tokenizer')
     return self.dir / self.tokenizer_file
 
   def load_tokenizer(self):
@@ -135,8 +134,7 @@ class Manifest:
   def split_info(self, split: str) -> dict[str, Any]:
     if split not in self.splits:
       raise KeyError(
-          f'{self.dir / MANIFEST_NAME} has no split {split!r} (has {sorted(self.splits)})'
-      )
+          f'{self.dir / MANIFEST_NAME} has no split {split!r} (has {sorted(self.splits)})')
     return self.splits[split]
 
   def to_json(self) -> dict[str, Any]:
@@ -149,15 +147,16 @@ class Manifest:
     path = Path(data_dir) / MANIFEST_NAME
     if not path.is_file():
       raise FileNotFoundError(
-          f'no {MANIFEST_NAME} in {data_dir}: run structffn_jax.data.prepare first'
-      )
+          f'no {MANIFEST_NAME} in {data_dir}: run structffn_jax.data.prepare first')
     d = json.loads(path.read_text())
     version = d.pop('format', None)
     if version == 1:  # One file per split.
       for info in d['splits'].values():
-        info['shards'] = [
-            {'file': info.pop('file'), 'rows': info['rows'], 'sha256': info.get('sha256')}
-        ]
+        info['shards'] = [{
+            'file': info.pop('file'),
+            'rows': info['rows'],
+            'sha256': info.get('sha256')
+        }]
     elif version != FORMAT_VERSION:
       raise ValueError(f'{path} has an unknown format; delete the directory and prepare again')
     return cls(dir=Path(data_dir), **d)
@@ -168,9 +167,8 @@ class Manifest:
 
 def as_manifest(manifest_or_dir: 'Manifest | str | os.PathLike') -> Manifest:
   """Accepts a Manifest or a prepared directory."""
-  return (
-      manifest_or_dir if isinstance(manifest_or_dir, Manifest) else Manifest.load(manifest_or_dir)
-  )
+  return (manifest_or_dir
+          if isinstance(manifest_or_dir, Manifest) else Manifest.load(manifest_or_dir))
 
 
 # -------------------------------------------------------------------------------- files

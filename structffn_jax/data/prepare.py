@@ -100,16 +100,22 @@ _MAX_CHUNK_CHARS = 1 << 20  # text per task sent to a worker
 _AUTO_FRACTION = 0.01  # held-out fraction when only a token count is given and no cap on train
 _FRACTION_MARGIN = 1.25  # held-out fraction = margin x its share of the caps
 
-
 # The paper's data: RefinedWeb (train only, so 0.7B validation tokens are carved from it by
 # document hash) tokenized with the LLaMA SentencePiece model, whose path the user supplies; 65B
 # train tokens in rows of seq_len + 1 = 1025. `local`: the stdlib, to try a config here.
 DATA_RECIPES = {
-    'refinedweb': dict(
-        source='hf', hf_name='tiiuae/falcon-refinedweb', text_field='content', tokenizer=REQUIRED,
-        max_tokens=65_000_000_000, valid_tokens=700_000_000, num_workers=-1,
-    ),
-    'local': dict(source='stdlib'),
+    'refinedweb':
+        dict(
+            source='hf',
+            hf_name='tiiuae/falcon-refinedweb',
+            text_field='content',
+            tokenizer=REQUIRED,
+            max_tokens=65_000_000_000,
+            valid_tokens=700_000_000,
+            num_workers=-1,
+        ),
+    'local':
+        dict(source='stdlib'),
 }
 
 
@@ -179,14 +185,14 @@ def train_tokenizer(
     )
   except RuntimeError as e:
     raise ValueError(
-        f'training a SentencePiece tokenizer with data.vocab_size={vocab_size} failed: {e}'
-    ) from e
+        f'training a SentencePiece tokenizer with data.vocab_size={vocab_size} failed: {e}') from e
   return model.getvalue()
 
 
-def load_tokenizer(
-    path: str | os.PathLike, *, field: str = 'data.tokenizer', eos_token: str = ''
-) -> tokenizer_lib.Tokenizer:
+def load_tokenizer(path: str | os.PathLike,
+                   *,
+                   field: str = 'data.tokenizer',
+                   eos_token: str = '') -> tokenizer_lib.Tokenizer:
   """Loads a SentencePiece `.model` or Hugging Face `tokenizer.json`, errors naming `field`."""
   return tokenizer_lib.load(path, field=field, eos_token=eos_token)
 
@@ -261,18 +267,14 @@ def _plan(cfg_data: Any, seq_len: int) -> tuple[list[_Stream], dict[str, int | N
     tokens = int(cfg_data[f'{split}_tokens'])
     if split in available:
       if fraction:
-        raise ValueError(
-            f'data.{split}_fraction={fraction} carves {split} from train, but '
-            f'{sources.paths_field(split)} already gives it inputs: set one of them'
-        )
+        raise ValueError(f'data.{split}_fraction={fraction} carves {split} from train, but '
+                         f'{sources.paths_field(split)} already gives it inputs: set one of them')
       continue
     if not fraction and tokens:
       train_cap = int(cfg_data.max_tokens)
       others = tokens + int(cfg_data['valid_tokens' if split == 'test' else 'test_tokens'])
-      fraction = (
-          min(0.5, _FRACTION_MARGIN * tokens / (train_cap + others)) if train_cap
-          else _AUTO_FRACTION
-      )
+      fraction = (min(0.5, _FRACTION_MARGIN * tokens /
+                      (train_cap + others)) if train_cap else _AUTO_FRACTION)
     if fraction:
       if not 0 < fraction < 1:
         raise ValueError(f'data.{split}_fraction={fraction} must lie in (0, 1)')
@@ -291,9 +293,8 @@ def _plan(cfg_data: Any, seq_len: int) -> tuple[list[_Stream], dict[str, int | N
   return streams, caps
 
 
-def _settings(
-    cfg_data: Any, seq_len: int, tokenizer_train_bytes: int, num_jobs: int
-) -> tuple[list[_Stream], dict[str, Any]]:
+def _settings(cfg_data: Any, seq_len: int, tokenizer_train_bytes: int,
+              num_jobs: int) -> tuple[list[_Stream], dict[str, Any]]:
   """The plan and everything the contents of a job's files depend on, as JSON-normal data."""
   streams, caps = _plan(cfg_data, seq_len)
   shard_tokens = int(cfg_data.shard_tokens)
@@ -305,8 +306,10 @@ def _settings(
       'source': cfg_data.source,
       'tokenizer': _tokenizer_settings(cfg_data, tokenizer_train_bytes),
       'streams': {
-          st.split: {'input': sources.describe(cfg_data, st.split), 'carve': dict(st.carve)}
-          for st in streams
+          st.split: {
+              'input': sources.describe(cfg_data, st.split),
+              'carve': dict(st.carve)
+          } for st in streams
       },
       'max_rows': caps,
       'shard_rows': max(1, shard_tokens // (seq_len + 1)),
@@ -340,7 +343,11 @@ class _RowWriter:
   """
 
   def __init__(
-      self, path: Path, row_len: int, dtype: np.dtype, vocab_size: int,
+      self,
+      path: Path,
+      row_len: int,
+      dtype: np.dtype,
+      vocab_size: int,
       max_rows: int | None = None,
   ):
     self.path, self.row_len, self.dtype, self.vocab_size = path, row_len, dtype, vocab_size
@@ -365,7 +372,7 @@ class _RowWriter:
 
   def add(self, ids: np.ndarray, docs: int = 1) -> None:
     if self.max_rows is not None:
-      ids = ids[: max(0, self.max_rows * self.row_len - self.tokens)]
+      ids = ids[:max(0, self.max_rows * self.row_len - self.tokens)]
     if not len(ids):
       return
     self.docs += docs
@@ -377,7 +384,7 @@ class _RowWriter:
   def _flush(self) -> None:
     flat = np.concatenate(self.pending) if self.pending else np.zeros(0, np.int64)
     n_rows = len(flat) // self.row_len
-    full, rest = flat[: n_rows * self.row_len], flat[n_rows * self.row_len :]
+    full, rest = flat[:n_rows * self.row_len], flat[n_rows * self.row_len:]
     if len(full):
       top = int(full.max())
       if full.min() < 0 or top >= self.vocab_size:
@@ -413,9 +420,8 @@ class _RowWriter:
     self.tmp.unlink(missing_ok=True)
 
 
-def _chunks(
-    docs: sources.Documents, max_chars: int
-) -> Iterator[tuple[int, list[str], dict[str, Any]]]:
+def _chunks(docs: sources.Documents,
+            max_chars: int) -> Iterator[tuple[int, list[str], dict[str, Any]]]:
   """(documents read, the non-empty ones, `docs.state()` after them) in chunks of about
   `max_chars` characters."""
   batch, size, count = [], 0, 0
@@ -542,10 +548,8 @@ class _Progress:
       return
     self.last = now
     rate = self.tokens / max(now - self.start, 1e-9)
-    line = (
-        f'{self.name}: {_human(self.docs)} docs, {_human(self.tokens)} tokens, '
-        f'{_human(rate)} tokens/s'
-    )
+    line = (f'{self.name}: {_human(self.docs)} docs, {_human(self.tokens)} tokens, '
+            f'{_human(rate)} tokens/s')
     if self.cap and not final:
       left = max(0, self.cap - self.done - self.tokens)
       eta = _duration(left / max(rate, 1e-9))
@@ -598,7 +602,9 @@ def _run_stream(
   if resume:
     log.info(
         '%s: resuming after %d finished pieces (%d documents, not tokenized again)',
-        stream.split, len(state['pieces']), state['doc_end'],
+        stream.split,
+        len(state['pieces']),
+        state['doc_end'],
     )
   docs = sources.documents(cfg_data, stream.split, shard=(job, num_jobs), resume=resume)
   cap = caps[stream.split]
@@ -613,11 +619,14 @@ def _run_stream(
   def open_piece():
     index = len(state['pieces'])
     return {
-        s: _RowWriter(
-            out_dir / f'{s}-{job:05d}-{index:05d}.bin', row_len, dtype, vocab,
-            None if caps[s] is None else caps[s] - taken[s],
-        )
-        for s in stream.outputs
+        s:
+            _RowWriter(
+                out_dir / f'{s}-{job:05d}-{index:05d}.bin',
+                row_len,
+                dtype,
+                vocab,
+                None if caps[s] is None else caps[s] - taken[s],
+            ) for s in stream.outputs
     }
 
   def close_piece(doc_end: int, position: dict[str, Any]):
@@ -661,7 +670,10 @@ def _run_stream(
     if caps[split] is not None and taken[split] < caps[split]:
       log.warning(
           '%s carved from train ended at %d of its %d rows: raise data.%s_fraction for more',
-          split, taken[split], caps[split], split,
+          split,
+          taken[split],
+          caps[split],
+          split,
       )
   state['done'] = True
   atomic_write(_job_path(out_dir, job, num_jobs), json_bytes(record))
@@ -695,8 +707,7 @@ def _setup_tokenizer(
       log.info('training a %d-token SentencePiece model on the train split', vocab_size)
       t0 = time.monotonic()
       train_docs = (
-          d for d in sources.documents(cfg_data, 'train') if _route(d, streams[0]) == 'train'
-      )
+          d for d in sources.documents(cfg_data, 'train') if _route(d, streams[0]) == 'train')
       model = train_tokenizer(
           train_docs,
           vocab_size,
@@ -710,14 +721,17 @@ def _setup_tokenizer(
   if tok.eos_id < 0:
     raise ValueError(
         f'tokenizer {src or dst} defines no EOS id; documents need one as separator (set '
-        'data.eos_token)'
-    )
+        'data.eos_token)')
   return tok, dst
 
 
 def _merge(
-    out_dir: Path, settings: dict[str, Any], streams: list[_Stream],
-    tok: tokenizer_lib.Tokenizer, tok_path: Path, tokenizer_source: str,
+    out_dir: Path,
+    settings: dict[str, Any],
+    streams: list[_Stream],
+    tok: tokenizer_lib.Tokenizer,
+    tok_path: Path,
+    tokenizer_source: str,
 ) -> Manifest:
   """Writes the manifest once every job has finished; raises PendingJobs before that."""
   num_jobs, records, pending = settings['num_jobs'], [], []
@@ -730,14 +744,12 @@ def _merge(
     if record['settings'] != settings:
       raise ValueError(
           f'{path} was prepared with other settings than this job '
-          f'({_short_diff(record["settings"], settings)}): run every job with the same settings'
-      )
+          f'({_short_diff(record["settings"], settings)}): run every job with the same settings')
     records.append(record)
   if pending:
     raise PendingJobs(
         f'{out_dir}: jobs {pending} of data.num_shards={num_jobs} have not finished; run them '
-        f'(prepare --shard i --num-shards {num_jobs}): the last one to finish writes the manifest'
-    )
+        f'(prepare --shard i --num-shards {num_jobs}): the last one to finish writes the manifest')
   if len({r['tokenizer_sha256'] for r in records}) > 1:
     raise ValueError(f'the jobs in {out_dir / JOBS_DIR} used different tokenizers; prepare again')
   row_len = settings['seq_len'] + 1
@@ -752,13 +764,10 @@ def _merge(
       rows = sum(e['rows'] for e in entries)
       dropped = sum(e['dropped_tokens'] for e in entries)
       if rows == 0:
-        field = (
-            sources.paths_field(split) if split == stream.split else f'data.{split}_fraction'
-        )
+        field = (sources.paths_field(split) if split == stream.split else f'data.{split}_fraction')
         raise ValueError(
             f'split {split!r} has {dropped} tokens, fewer than one row of seq_len+1={row_len}; '
-            f'add text to {field} or lower the sequence length'
-        )
+            f'add text to {field} or lower the sequence length')
       source = settings['streams'][stream.split]['input']
       if split != stream.split:
         source = {'carved_from': source, 'fraction': dict(stream.carve)[split]}
@@ -767,10 +776,12 @@ def _merge(
           'tokens': rows * row_len,
           'dropped_tokens': dropped,
           'docs': sum(e['docs'] for e in entries),
-          'shards': [
-              {'file': e['file'], 'rows': e['rows'], 'sha256': e['sha256'], 'max_id': e['max_id']}
-              for e in entries if e['rows']
-          ],
+          'shards': [{
+              'file': e['file'],
+              'rows': e['rows'],
+              'sha256': e['sha256'],
+              'max_id': e['max_id']
+          } for e in entries if e['rows']],
           'source': source,
       }
   manifest = Manifest(
@@ -794,40 +805,33 @@ def _merge(
 # --------------------------------------------------------------------------------- prepare
 
 
-def _reuse(
-    manifest: Manifest, cfg_data: Any, seq_len: int, model_vocab_size: int | None
-) -> Manifest:
+def _reuse(manifest: Manifest, cfg_data: Any, seq_len: int,
+           model_vocab_size: int | None) -> Manifest:
   """Checks that a finished directory fits this run (seq_len, tokenizer) and is intact."""
   m = manifest
   if m.seq_len != seq_len:
     raise ValueError(
         f'{m.dir} holds rows for seq_len={m.seq_len} ({m.seq_len + 1} tokens), not '
         f'model.seq_len={seq_len}: set data.data_dir to a directory prepared for {seq_len}, or '
-        f'delete {m.dir}'
-    )
+        f'delete {m.dir}')
   src = cfg_data.tokenizer
   if src and src != REQUIRED:
     path = Path(src).expanduser()
     if not path.is_file():
       raise FileNotFoundError(f'data.tokenizer: tokenizer file not found: {src!r}')
     if sha256_file(path) != m.tokenizer_sha256:
-      raise ValueError(
-          f'data.tokenizer={src!r} is not the tokenizer {m.dir} was prepared with '
-          f'({m.tokenizer_source}): use that one, or another data.data_dir'
-      )
+      raise ValueError(f'data.tokenizer={src!r} is not the tokenizer {m.dir} was prepared with '
+                       f'({m.tokenizer_source}): use that one, or another data.data_dir')
   elif not src and m.tokenizer_file and cfg_data.format == 'tokens':
     vocab_size = int(cfg_data.vocab_size)
     if m.vocab_size != vocab_size:
       raise ValueError(
           f'{m.dir} was prepared with a {m.vocab_size}-token tokenizer, not '
           f'data.vocab_size={vocab_size}: set data.vocab_size={m.vocab_size} to use it, or '
-          'another data.data_dir'
-      )
+          'another data.data_dir')
   if m.tokenizer_file and sha256_file(m.tokenizer_path) != m.tokenizer_sha256:
-    raise ValueError(
-        f'{m.tokenizer_path} does not match its sha256 in the manifest; delete '
-        f'{m.dir} and prepare again'
-    )
+    raise ValueError(f'{m.tokenizer_path} does not match its sha256 in the manifest; delete '
+                     f'{m.dir} and prepare again')
   for split in m.splits:
     for shard, path in zip(m.split_info(split)['shards'], m.split_files(split)):
       try:
@@ -837,26 +841,33 @@ def _reuse(
       if not intact:
         raise ValueError(
             f'{path} is missing or not the {shard["rows"]} rows the manifest says; delete '
-            f'{m.dir} and prepare again'
-        )
+            f'{m.dir} and prepare again')
   check_model_vocab(m.vocab_size, model_vocab_size, f'tokenizer of {m.dir}')
   log.info('reusing prepared data in %s', m.dir)
   return m
 
 
-def prepare_for_run(config: ml_collections.ConfigDict, workdir, *, is_main: bool = True,
-                    barrier: Callable[[], None] = lambda: None, log=print) -> 'Manifest':
+def prepare_for_run(config: ml_collections.ConfigDict,
+                    workdir,
+                    *,
+                    is_main: bool = True,
+                    barrier: Callable[[], None] = lambda: None,
+                    log=print) -> 'Manifest':
   """The data of a run in `workdir`: prepared by the main process (`is_main`); every process
   then passes `barrier` and the others load (and check) its manifest."""
   data_dir = resolve_data_dir(config.data, workdir)
   log(f'data: {data_dir}')
   manifest = None
   if is_main:
-    manifest = prepare(config.data, data_dir, config.model.seq_len,
+    manifest = prepare(config.data,
+                       data_dir,
+                       config.model.seq_len,
                        model_vocab_size=config.model.vocab_size)
   barrier()
   if manifest is None:
-    manifest = prepare(config.data, data_dir, config.model.seq_len,
+    manifest = prepare(config.data,
+                       data_dir,
+                       config.model.seq_len,
                        model_vocab_size=config.model.vocab_size)
   return manifest
 
@@ -903,16 +914,19 @@ def prepare(
     raise ValueError(
         f'{out_dir} holds an unfinished preparation with other settings '
         f'({_short_diff(record["settings"], settings)}): finish it with the same settings, or '
-        f'delete {out_dir}'
-    )
+        f'delete {out_dir}')
   (out_dir / JOBS_DIR).mkdir(parents=True, exist_ok=True)
-  tok, tok_path = _setup_tokenizer(
-      cfg_data, out_dir, settings, streams, model_vocab_size, tokenizer_train_bytes, num_threads
-  )
+  tok, tok_path = _setup_tokenizer(cfg_data, out_dir, settings, streams, model_vocab_size,
+                                   tokenizer_train_bytes, num_threads)
   tok_sha = sha256_file(tok_path)
   if record is None:
-    record = {'job': job, 'settings': settings, 'tokenizer_sha256': tok_sha, 'streams': {},
-              'complete': False}
+    record = {
+        'job': job,
+        'settings': settings,
+        'tokenizer_sha256': tok_sha,
+        'streams': {},
+        'complete': False
+    }
   elif record['tokenizer_sha256'] != tok_sha:
     raise ValueError(f'{tok_path} changed since {record_path} was started; delete {out_dir}')
   if not record['complete']:
@@ -923,7 +937,11 @@ def prepare(
     atomic_write(record_path, json_bytes(record))
   src = cfg_data.tokenizer
   return _merge(
-      out_dir, settings, streams, tok, tok_path,
+      out_dir,
+      settings,
+      streams,
+      tok,
+      tok_path,
       str(Path(src).expanduser().resolve()) if src else 'trained',
   )
 
@@ -943,52 +961,78 @@ def main(argv: list[str] | None = None) -> int:
       kwargs['metavar'] = flag[2:].upper().replace('-', '_')
     p.add_argument(flag, dest=f'data.{field}', default=None, **kwargs)
 
-  cli.add_config_flags(p, required=False, optional_help=(
-      'its data section, model.seq_len and model.vocab_size; without it, --set and the data '
-      "flags apply to the schema's defaults (structffn_jax/schema.py)"))
+  cli.add_config_flags(
+      p,
+      required=False,
+      optional_help=(
+          'its data section, model.seq_len and model.vocab_size; without it, --set and the data '
+          "flags apply to the schema's defaults (structffn_jax/schema.py)"))
   p.add_argument('--out', default='', help='data directory to write (default: data.data_dir)')
   p.add_argument('--seq-len', type=int, help='default: model.seq_len of --config')
-  p.add_argument('--model-vocab-size', type=int,
+  p.add_argument('--model-vocab-size',
+                 type=int,
                  help='the model vocabulary the tokenizer must fit in (default: model.vocab_size)')
-  data_flag('--source', 'source', choices=sources.SOURCES,
-            help='where the text comes from')
+  data_flag('--source', 'source', choices=sources.SOURCES, help='where the text comes from')
   data_flag('--train', 'train_paths', nargs='*', help='train files (hf: split names)')
   data_flag('--valid', 'valid_paths', nargs='*', help='validation files (hf: split names)')
   data_flag('--test', 'test_paths', nargs='*', help='test files (hf: split names)')
   data_flag('--vocab-size', 'vocab_size', type=int, help='size of the tokenizer to train')
-  data_flag('--tokenizer', 'tokenizer',
+  data_flag('--tokenizer',
+            'tokenizer',
             help='existing SentencePiece .model or Hugging Face tokenizer.json')
-  data_flag('--eos-token', 'eos_token',
+  data_flag('--eos-token',
+            'eos_token',
             help="token ending each document (tokenizer.json; default: the tokenizer's own)")
   data_flag('--text-field', 'text_field', help='field holding the text (jsonl, hf)')
-  data_flag('--hf-name', 'hf_name',
+  data_flag('--hf-name',
+            'hf_name',
             help='Hugging Face hub dataset, or parquet|json|arrow|text|csv read from '
             '--hf-data-files')
   data_flag('--hf-config', 'hf_config', help='Hugging Face dataset config name')
   data_flag('--hf-path', 'hf_path', help='a directory written by datasets.save_to_disk')
-  data_flag('--hf-data-files', 'hf_data_files', nargs='*',
+  data_flag('--hf-data-files',
+            'hf_data_files',
+            nargs='*',
             help='local files or globs read by --hf-name parquet|json|...')
-  data_flag('--stdlib-max-bytes', 'stdlib_max_bytes', type=int,
+  data_flag('--stdlib-max-bytes',
+            'stdlib_max_bytes',
+            type=int,
             help='cap on standard-library text per split in bytes (0 = none)')
   data_flag('--max-tokens', 'max_tokens', type=float, help='cap per split, e.g. 65e9')
-  data_flag('--valid-tokens', 'valid_tokens', type=float,
+  data_flag('--valid-tokens',
+            'valid_tokens',
+            type=float,
             help='cap on validation tokens; carved from train when there is no valid input')
-  data_flag('--valid-fraction', 'valid_fraction', type=float,
+  data_flag('--valid-fraction',
+            'valid_fraction',
+            type=float,
             help='fraction of the train documents held out for validation')
-  data_flag('--test-tokens', 'test_tokens', type=float,
+  data_flag('--test-tokens',
+            'test_tokens',
+            type=float,
             help='cap on test tokens; carved from train when there is no test input')
-  data_flag('--test-fraction', 'test_fraction', type=float,
+  data_flag('--test-fraction',
+            'test_fraction',
+            type=float,
             help='fraction of the train documents held out for test')
   data_flag('--num-workers', 'num_workers', type=int, help='tokenizer processes (-1 = CPUs)')
   data_flag('--shard-tokens', 'shard_tokens', type=float, help='tokens per output file')
   data_flag('--shard', 'shard', type=int, help='this job (with --num-shards)')
-  data_flag('--num-shards', 'num_shards', type=int,
+  data_flag('--num-shards',
+            'num_shards',
+            type=int,
             help='jobs sharing the input (one per host); the last one writes the manifest')
-  data_flag('--format', 'format', choices=schema.DATA_FORMATS,
+  data_flag('--format',
+            'format',
+            choices=schema.DATA_FORMATS,
             help='tokens: tokenize the text; rows_bin: the inputs are token rows already')
-  data_flag('--rows-dtype', 'rows_dtype', choices=('uint16', 'uint32'),
+  data_flag('--rows-dtype',
+            'rows_dtype',
+            choices=('uint16', 'uint32'),
             help='token type of rows_bin inputs')
-  p.add_argument('--tokenizer-train-bytes', type=int, default=DEFAULT_TOKENIZER_TRAIN_BYTES,
+  p.add_argument('--tokenizer-train-bytes',
+                 type=int,
+                 default=DEFAULT_TOKENIZER_TRAIN_BYTES,
                  help='text the tokenizer is trained on, in bytes')
   p.add_argument('--num-threads', type=int, default=2, help='threads of the tokenizer training')
   args = cli.parse(p, argv)
@@ -1015,9 +1059,11 @@ def _main(args) -> int:
   """The run's config, from --config or the schema (`base_config()`), with --set and then the data
   flags applied and the whole validated as every command validates it."""
   from structffn_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-  flags = [f'{dest}={value!r}' if isinstance(value, list) else f'{dest}={value}'
-           for dest, value in vars(args).items()
-           if dest.startswith('data.') and value is not None]
+  flags = [
+      f'{dest}={value!r}' if isinstance(value, list) else f'{dest}={value}'
+      for dest, value in vars(args).items()
+      if dest.startswith('data.') and value is not None
+  ]
   try:
     if args.config:
       config = config_lib.load(args.config, (*args.set, *flags))
@@ -1048,11 +1094,12 @@ def _main(args) -> int:
       num_threads=args.num_threads,
   )
   summary = {
-      s: {k: v for k, v in info.items() if k not in ('source', 'shards')} | {
+      s: {
+          k: v for k, v in info.items() if k not in ('source', 'shards')
+      } | {
           'files': len(info['shards']),
           'sha256': [shard['sha256'] for shard in info['shards']],
-      }
-      for s, info in manifest.splits.items()
+      } for s, info in manifest.splits.items()
   }
   print(
       json.dumps(
@@ -1063,8 +1110,7 @@ def _main(args) -> int:
               'splits': summary,
           },
           indent=1,
-      )
-  )
+      ))
   return 0
 
 

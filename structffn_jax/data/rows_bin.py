@@ -19,9 +19,8 @@ from structffn_jax.data import sources
 from structffn_jax.data import tokenizer as tokenizer_lib
 
 
-def prepare_rows_bin(
-    cfg_data: Any, out_dir: Path, seq_len: int, model_vocab_size: int | None
-) -> manifest_lib.Manifest:
+def prepare_rows_bin(cfg_data: Any, out_dir: Path, seq_len: int,
+                     model_vocab_size: int | None) -> manifest_lib.Manifest:
   """A manifest for token rows written elsewhere (`data.*_paths`), read where they are."""
   dtype_name = cfg_data.rows_dtype
   if dtype_name not in ('uint16', 'uint32'):
@@ -35,15 +34,26 @@ def prepare_rows_bin(
     for p in [paths] if isinstance(paths, (str, Path)) else paths:
       path = Path(p).expanduser().resolve()
       rows = manifest_lib.file_rows(
-          path, seq_len, dtype, field=field,
+          path,
+          seq_len,
+          dtype,
+          field=field,
           fix='set model.seq_len (and data.rows_dtype) to what the rows were written with')
       shards.append({'file': str(path), 'rows': rows, 'sha256': None})
     if shards:
       rows = sum(s['rows'] for s in shards)
       splits[split] = {
-          'rows': rows, 'tokens': rows * row_len, 'dropped_tokens': 0, 'docs': None,
+          'rows': rows,
+          'tokens': rows * row_len,
+          'dropped_tokens': 0,
+          'docs': None,
           'shards': shards,
-          'source': {'kind': 'rows_bin', 'files': [{'path': s['file']} for s in shards]},
+          'source': {
+              'kind': 'rows_bin',
+              'files': [{
+                  'path': s['file']
+              } for s in shards]
+          },
       }
   if 'train' not in splits:
     raise ValueError("data.format='rows_bin' needs data.train_paths: the .bin file(s) of train")
@@ -59,14 +69,12 @@ def prepare_rows_bin(
   elif model_vocab_size is None:
     raise ValueError(
         "data.format='rows_bin' without data.tokenizer needs the model's vocabulary size "
-        '(model.vocab_size, or --model-vocab-size) to check the token ids'
-    )
+        '(model.vocab_size, or --model-vocab-size) to check the token ids')
   else:
     vocab_size = model_vocab_size
   if dtype == np.uint16 and vocab_size > 65536:
     raise ValueError(
-        f'a {vocab_size}-token vocabulary does not fit uint16 rows: set data.rows_dtype=uint32'
-    )
+        f'a {vocab_size}-token vocabulary does not fit uint16 rows: set data.rows_dtype=uint32')
   manifest = manifest_lib.Manifest(
       dir=out_dir,
       seq_len=int(seq_len),
@@ -78,8 +86,12 @@ def prepare_rows_bin(
       eos_id=int(tok.eos_id) if tok else -1,
       bos_id=int(tok.bos_id) if tok else -1,
       splits=splits,
-      settings={'format': manifest_lib.FORMAT_VERSION, 'seq_len': int(seq_len), 'data_format': 'rows_bin',
-                'rows_dtype': dtype.name},
+      settings={
+          'format': manifest_lib.FORMAT_VERSION,
+          'seq_len': int(seq_len),
+          'data_format': 'rows_bin',
+          'rows_dtype': dtype.name
+      },
       tokenizer_kind=tok.kind if tok else '',
   )
   manifest.save()
