@@ -6,6 +6,7 @@
              (no tokenizer library)
   prepare    the writer: tokenizer + sharded rows of seq_len + 1 ids + manifest.json, written
              once, by one or many jobs, over parallel worker processes; resumable
+  encode     the writer's tokenizing half: documents to splits, ids on worker processes, rows
   rows_bin   a manifest over rows tokenized elsewhere (the authors' .bin files)
   pipeline   grain pipeline: global batch d is a pure function of d (exact resume, replay)
 
