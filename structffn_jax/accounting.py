@@ -42,8 +42,7 @@ class Accounting:
 
 def abstract_model(config: ml_collections.ConfigDict) -> GPT:
   """The model of `config` with ShapeDtypeStruct leaves: shapes only, no memory."""
-  return nnx.eval_shape(lambda: GPT(config.model, guide=config.sgt.enabled,
-                                    reduce_flop=config.sgt.reduce_flop, rngs=nnx.Rngs(0)))
+  return nnx.eval_shape(lambda: GPT.from_config(config))
 
 
 def _size(p) -> int:
@@ -84,6 +83,28 @@ def account(config: ml_collections.ConfigDict, model: GPT | None = None) -> Acco
   return Accounting(params_total=total, params_ffn=ffn, params_guide=guide,
                     flops_per_token=flops, guide_flops_per_token=2 * guide, steps=steps,
                     guided_steps=guided, tokens=tokens, train_flops=train)
+
+
+def flops_between(config: ml_collections.ConfigDict, acc: Accounting, start: int,
+                  stop: int) -> float:
+  """Training FLOPs of optimizer steps [start, stop) of the run: 3 × forward × the tokens of
+  those steps, a guide counted for the guided ones (step < G) at its expected cost. The trainer
+  counts each step with it, and a run resumed at step s starts from `flops_between(c, acc, 0,
+  s)`."""
+  tokens = config.train.global_batch * config.model.seq_len
+  guided = max(0, min(stop, acc.guided_steps) - max(start, 0))
+  return 3.0 * tokens * (acc.flops_per_token * (stop - start) + acc.guide_flops_per_token
+                         * sgt.guide_cost(config) * guided)
+
+
+def describe_run(config: ml_collections.ConfigDict, acc: Accounting) -> str:
+  """The trainer's first line about a run: parameters, steps, tokens, training FLOPs, SGT."""
+  c, t = config, config.train
+  return (f'{c.name}: {acc.params_total:,} params ({acc.params_ffn:,} FFN), '
+          f'{acc.steps} steps x {t.global_batch} x {c.model.seq_len} tokens, '
+          f'{acc.train_flops:.3e} training FLOPs'
+          + (f', self-guided for {acc.guided_steps} steps ({c.sgt.mode}, {c.sgt.schedule}'
+             f'{", reduce_flop" if c.sgt.reduce_flop else ""})' if c.sgt.enabled else ''))
 
 
 def ffn_params_closed_form(config: ml_collections.ConfigDict) -> int:

@@ -40,8 +40,8 @@ import jax.numpy as jnp
 
 from structffn_jax.kernels import api as kernels_api
 from structffn_jax.kernels.layout import pow2_tile
+from structffn_jax.schema import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
 
-IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'pallas')
 
 # Largest Pallas tiles along the sequence: Triton (GPU) forward and backward, Mosaic (TPU).
 GPU_BLOCK, GPU_BLOCK_BWD, TPU_BLOCK = 128, 64, 128

@@ -14,348 +14,30 @@ when it did (and how long it took), and raises `CheckpointError` for a save that
 disk), so a run stops at the next step instead of training on without a checkpoint. A restore
 tries the newest checkpoint first; one that cannot be read is moved aside to
 `<step>.corrupt-<time>` (never deleted) once an older one restored.
+A checkpoint whose loss is not finite is set aside the same way (`set_aside_non_finite`).
 
-The workdir also keeps `config.json` (the run's identity, written once the run has started) and
-`lock` (which trainer runs there). Starting a different config in a workdir that holds checkpoints
-is an error naming the fields that differ, unless each is named by `--allow-change`; accepted
-changes are appended to `config_history.jsonl`.
+The rest of the workdir (config.json, the lock, disk-space messages) is `workdir.py`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import errno
 import gc
-import json
 import logging
-import os
 import pathlib
-import shutil
-import socket
 import sys
-import threading
 import time
 
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 
-from structffn_jax import config as config_lib
 from structffn_jax import distributed
-
-# Fields that may change between a run and its resumption without changing what is trained.
-RUNTIME_FIELDS = ('train.eval_every', 'train.log_every', 'train.ckpt_every', 'train.keep_ckpts',
-                  'train.profile_start', 'train.profile_steps', 'train.peak_flops',
-                  'train.eval_batch', 'train.micro_batch', 'model.remat', 'data.data_dir',
-                  'mesh.data', 'mesh.fsdp', 'mesh.tensor', 'mesh.rules', 'mesh.distributed',
-                  'model.ffn.merge_threshold', 'model.ffn.implementation',
-                  'model.attention.implementation', 'data.num_workers', 'log.wandb')
-# What `--allow-change` may name: fields that change how the run goes on, not the shapes of the
-# state in its checkpoints (model.* and sgt.* do).
-CHANGEABLE = ('name', 'train.', 'data.')
-HISTORY = 'config_history.jsonl'
-LOCK = 'lock'
+from structffn_jax.workdir import free_space, saved_steps, why
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint could not be written, or none of a run's checkpoints can be read."""
-
-
-class WorkdirLocked(RuntimeError):
-  """Another live trainer holds the workdir."""
-
-
-def _flatten(d, prefix=''):
-  out = {}
-  for k, v in d.items():
-    key = f'{prefix}{k}'
-    if isinstance(v, dict):
-      out.update(_flatten(v, key + '.'))
-    else:
-      out[key] = v
-  return out
-
-
-def free_space(path) -> str:
-  """'1.2 MiB free of 4.0 MiB' for the file system holding `path` (or its nearest parent)."""
-  path = pathlib.Path(path).absolute()
-  while not path.exists() and path != path.parent:
-    path = path.parent
-  try:
-    usage = shutil.disk_usage(path)
-  except OSError:
-    return 'free space unknown'
-  return f'{_size(usage.free)} free of {_size(usage.total)}'
-
-
-def _size(n: float) -> str:
-  if n < 1024:
-    return f'{int(n)} B'
-  for unit in ('KiB', 'MiB', 'GiB', 'TiB'):
-    n /= 1024
-    if n < 1024 or unit == 'TiB':
-      break
-  return f'{n:.1f} {unit}'
-
-
-def is_disk_full(e: BaseException) -> bool:
-  """True for an out-of-space or over-quota error (an OSError, or TensorStore's message)."""
-  while e is not None:
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-      return True
-    text = str(e)
-    if 'No space left on device' in text or 'Disk quota exceeded' in text:
-      return True
-    e = e.__cause__ or e.__context__
-  return False
-
-
-def why(e: BaseException) -> str:
-  """A one-line reason for `e`: its type and first line, TensorStore details cut."""
-  if is_disk_full(e):
-    return 'no space left on device'
-  inner = e
-  while inner.__cause__ is not None:
-    inner = inner.__cause__
-  text = (str(inner).strip().splitlines() or [''])[0]
-  text = text.split(' See full TensorStore details')[0]
-  if len(text) > 160:
-    text = text[:157] + '...'
-  return f'{type(inner).__name__}: {text}' if text else type(inner).__name__
-
-
-# ----------------------------------------------------------------------------- the run's identity
-
-
-def saved_steps(workdir) -> list[int]:
-  """Steps of the final checkpoints under <workdir>/checkpoints (a directory per step)."""
-  root = pathlib.Path(workdir) / 'checkpoints'
-  if not root.is_dir():
-    return []
-  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
-
-
-def _defaults() -> dict:
-  return _flatten(json.loads(config_lib.base_config().to_json_best_effort()))
-
-
-def check_allow_change(fields) -> tuple[str, ...]:
-  """The `--allow-change` fields, each a changeable field of the schema (else ConfigError)."""
-  known = _defaults()
-  for field in fields:
-    if field not in known:
-      raise config_lib.ConfigError(f'--allow-change {field}: no such config field.')
-    if not field.startswith(CHANGEABLE) or field == 'train.seed':
-      raise config_lib.ConfigError(
-          f'--allow-change {field}: model.*, sgt.* and train.seed fix the state in the '
-          f'checkpoints and cannot change within a run; use a new --workdir.')
-  return tuple(fields)
-
-
-def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDict, *,
-                         allow_change=()) -> dict:
-  """Compare `config` with the run already in `workdir` (its config.json); write nothing.
-
-  Returns the accepted changes {field: (old, new)}: fields named in `allow_change`, or any field
-  while the workdir holds no checkpoint (a first start that failed). Runtime fields may always
-  change and are not listed. A field missing from an older config.json counts as its default.
-  Anything else raises ValueError naming the fields; nothing is overwritten.
-  """
-  path = workdir / 'config.json'
-  if not path.exists():
-    return {}
-  try:
-    saved = json.loads(path.read_text())
-  except (OSError, ValueError) as e:
-    raise ValueError(f'{path} cannot be read ({why(e)}); restore it, or use a new --workdir.') \
-        from None
-  old, new = _flatten(saved), _flatten(json.loads(config.to_json_best_effort()))
-  defaults = _defaults()
-  for k, v in defaults.items():  # fields added to the schema after the run started
-    old.setdefault(k, v)
-  differ = sorted(k for k in set(old) | set(new)
-                  if old.get(k) != new.get(k) and k not in RUNTIME_FIELDS)
-  if not differ:
-    return {}
-  changes = {k: (old.get(k), new.get(k)) for k in differ}
-  if not saved_steps(workdir):
-    return changes
-  refused = [k for k in differ if k not in allow_change]
-  if refused:
-    shown = ', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in refused[:6])
-    raise ValueError(
-        f'workdir {workdir} holds a run of another config ({shown}'
-        f'{", ..." if len(refused) > 6 else ""}); use a new --workdir, the same config to '
-        f'resume, or --allow-change FIELD to resume with a changed train.* or data.* field. '
-        f'Nothing was overwritten.')
-  return changes
-
-
-def write_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDict,
-                         changes: dict | None = None, step: int | None = None,
-                         reason: str = '') -> None:
-  """Write config.json (atomically), and append the accepted `changes` to config_history.jsonl."""
-  path = workdir / 'config.json'
-  tmp = path.with_name(f'.{path.name}.tmp')
-  tmp.write_text(json.dumps(json.loads(config.to_json_best_effort()), indent=2, sort_keys=True))
-  tmp.replace(path)
-  if changes:
-    record = {'time': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-              'step': step, 'reason': reason,
-              'changes': {k: [old, new] for k, (old, new) in changes.items()}}
-    with open(workdir / HISTORY, 'a') as f:
-      f.write(json.dumps(record) + '\n')
-
-
-# ----------------------------------------------------------------------------- the workdir lock
-
-
-def _start_ticks(pid: int) -> int | None:
-  """When process `pid` started (clock ticks since boot, Linux), to tell a reused pid apart."""
-  try:
-    stat = pathlib.Path(f'/proc/{pid}/stat').read_text()
-    return int(stat.rsplit(')', 1)[1].split()[19])
-  except (OSError, ValueError, IndexError):
-    return None
-
-
-def _alive(holder: dict) -> bool:
-  pid = holder.get('pid')
-  if not isinstance(pid, int) or pid <= 0:
-    return False
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    pass  # another user's process: alive
-  start = holder.get('start')
-  return start is None or _start_ticks(pid) in (None, start)
-
-
-class WorkdirLock:
-  """<workdir>/lock: which trainer (pid, host) runs in a workdir; one trainer at a time.
-
-  The file is created atomically and holds the holder's pid, host and start time; the holder
-  touches it every HEARTBEAT_S seconds. A second trainer refuses with WorkdirLocked naming them.
-  A lock is stale, and taken over, when its process is no longer running on this host (killed,
-  crashed), or when it comes from another host (a job requeued elsewhere after a kill -9 or a
-  node failure) and has not been touched for STALE_AFTER_S seconds.
-  """
-
-  HEARTBEAT_S = 60
-  STALE_AFTER_S = 600
-
-  def __init__(self, path: pathlib.Path):
-    self.path = path
-    self.held = False
-    self.took_over = None  # what was taken over: a line for the log
-    self._stop = threading.Event()
-
-  def _heartbeat(self):
-    while not self._stop.wait(self.HEARTBEAT_S):
-      with contextlib.suppress(OSError):
-        os.utime(self.path)
-
-  def _start_heartbeat(self):
-    self.held = True
-    threading.Thread(target=self._heartbeat, name='workdir-lock', daemon=True).start()
-
-  def _age(self) -> float:
-    try:
-      return time.time() - self.path.stat().st_mtime
-    except OSError:
-      return 0.0
-
-  @classmethod
-  def acquire(cls, workdir: pathlib.Path) -> 'WorkdirLock':
-    workdir.mkdir(parents=True, exist_ok=True)
-    lock = cls(workdir / LOCK)
-    me = {'pid': os.getpid(), 'host': socket.gethostname(), 'start': _start_ticks(os.getpid()),
-          'since': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}
-    tmp = workdir / f'.{LOCK}.{me["pid"]}.tmp'
-    tmp.write_text(json.dumps(me))
-    try:
-      for _ in range(3):
-        try:
-          os.link(tmp, lock.path)  # fails if a lock exists: create-if-absent, complete contents
-          lock._start_heartbeat()
-          return lock
-        except FileExistsError:
-          pass
-        holder = lock.holder()
-        if holder is None:
-          continue  # released meanwhile
-        who = f'pid {holder.get("pid")} on host {holder.get("host")}'
-        age = lock._age()
-        if not holder:
-          who, why_stale = 'an unreadable lock file', 'no holder to check'
-        elif holder.get('host') != me['host']:
-          if age < lock.STALE_AFTER_S:
-            raise WorkdirLocked(
-                f'workdir {workdir} is locked by a trainer ({who}, since {holder.get("since")}, '
-                f'alive {age:.0f}s ago); stop it first, or use another --workdir. If that '
-                f'process is gone, remove {lock.path} (or wait {lock.STALE_AFTER_S}s).')
-          why_stale = f'not touched for {age:.0f}s'
-        elif holder.get('pid') == me['pid']:
-          raise WorkdirLocked(
-              f'workdir {workdir} is in use by another Trainer of this process ({who}); call its '
-              f'close() first.')
-        elif _alive(holder):
-          raise WorkdirLocked(
-              f'workdir {workdir} is in use by another trainer ({who}, since '
-              f'{holder.get("since")}); stop it first, or use another --workdir.')
-        else:
-          why_stale = 'no longer running'
-        stale = lock.path.with_name(f'.{LOCK}.stale-{holder.get("pid")}')
-        try:
-          os.replace(lock.path, stale)
-        except FileNotFoundError:
-          continue
-        lock.took_over = f'workdir lock: took over the stale lock of {who} ({why_stale})'
-        stale.unlink(missing_ok=True)
-      raise WorkdirLocked(f'workdir {workdir}: could not take {lock.path}; another trainer is '
-                          f'starting there.')
-    finally:
-      tmp.unlink(missing_ok=True)
-
-  def holder(self) -> dict | None:
-    """The lock's contents (None when there is no lock)."""
-    try:
-      text = self.path.read_text()
-    except FileNotFoundError:
-      return None
-    try:
-      holder = json.loads(text)
-      return holder if isinstance(holder, dict) else {}
-    except ValueError:
-      return {}  # unreadable: no live pid to check, so stale
-
-  def release(self) -> None:
-    if not self.held:
-      return
-    self.held = False
-    self._stop.set()
-    holder = self.holder()
-    if holder and holder.get('pid') == os.getpid():
-      self.path.unlink(missing_ok=True)
-
-
-def lock_workdir(workdir: pathlib.Path) -> WorkdirLock | None:
-  """Process 0 takes the workdir's lock; every process raises WorkdirLocked when it could not."""
-  lock, error = None, None
-  if jax.process_index() == 0:
-    try:
-      lock = WorkdirLock.acquire(workdir)
-    except WorkdirLocked as e:
-      error = e
-  if distributed.agree(error is not None):
-    if lock is not None:
-      lock.release()
-    raise error or WorkdirLocked(f'workdir {workdir}: process 0 could not take its lock (see '
-                                 f'its log).')
-  return lock
 
 
 # ----------------------------------------------------------------------------- Orbax
@@ -592,6 +274,31 @@ class Checkpointer:
     distributed.barrier(f'checkpoint {step} moved aside')
     self.manager.reload()
     return target
+
+  def set_aside_non_finite(self, step: int, loss: float, peak_lr: float) -> str:
+    """Set aside the checkpoints that cannot lead anywhere and say how to resume.
+
+    The loss of step s is computed from the parameters after step s - 1, so a checkpoint of step
+    s - 1 (or later) reproduces it whatever the learning rate: it is moved aside (kept, not
+    restored). The one before gave a finite loss; a resume from it with a lower peak_lr (allowed
+    by --allow-change) takes another path. `peak_lr`: the run's train.peak_lr, for the advice.
+    """
+    with contextlib.suppress(CheckpointError):
+      self.wait()
+    moved = [(s, self.move_aside(s, 'nonfinite')) for s in self.steps() if s >= step - 1]
+    good = self.steps()
+    parts = [f'non-finite loss ({loss}) at step {step}; training stopped.']
+    for s, path in moved:
+      parts.append(f'Checkpoint step {s}, whose parameters gave that loss, was moved aside to '
+                   f'{path}.')
+    if good:
+      parts.append(f'The last good checkpoint is step {good[-1]} in {self.directory}; to '
+                   f'resume from it with a lower learning rate, run')
+    else:
+      parts.append('No good checkpoint was saved, so the run starts again from step 0; run')
+    parts.append(f'the same command with --set train.peak_lr={peak_lr / 10:.3g} --allow-change '
+                 f'train.peak_lr (or raise train.warmup_frac the same way).')
+    return ' '.join(parts)
 
   def close(self, quiet: bool = False) -> None:
     """Wait for the save in flight and close. Quietly (errors dropped) after a failure already

@@ -53,11 +53,16 @@ def parser(doc: str, module: str | None = None) -> argparse.ArgumentParser:
                                  epilog='\n'.join(lines[1:]))
 
 
-def add_config_flags(p: argparse.ArgumentParser, *, repeat: bool = False):
-  """`--config` (required, or repeatable with `repeat`) and `--set`; parse with `parse`."""
+def add_config_flags(p: argparse.ArgumentParser, *, repeat: bool = False,
+                     required: bool = True, optional_help: str = ''):
+  """`--config` (required; repeatable with `repeat`; or optional, default '', with `required`
+  False and `optional_help` saying what stands in for it) and `--set`; parse with `parse`."""
   if repeat:
     p.add_argument('--config', action='append', default=[], metavar='FILE.py:ARG',
                    help=CONFIG_HELP + "; repeatable (without one: the command's defaults)")
+  elif not required:
+    p.add_argument('--config', default='', metavar='FILE.py:ARG',
+                   help=CONFIG_HELP + (f'; {optional_help}' if optional_help else ''))
   else:
     p.add_argument('--config', required=True, metavar='FILE.py:ARG', help=CONFIG_HELP)
   p.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE', help=SET_HELP)

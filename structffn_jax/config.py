@@ -12,11 +12,9 @@ import ast
 
 import ml_collections
 
-from structffn_jax import attention, sharding, structured
-from structffn_jax.data import sources as sources_lib
+from structffn_jax import schema
 from structffn_jax.errors import ConfigError
-from structffn_jax.kernels import api as kernels_api
-from structffn_jax.schema import DATA_FORMATS, base_config, from_dict
+from structffn_jax.schema import base_config, from_dict
 
 __all__ = ['ConfigError', 'SIZES', 'base_config', 'choose', 'config_module', 'ffn_structures',
            'from_dict', 'load', 'override', 'parse_arg', 'validate']
@@ -30,74 +28,6 @@ SIZES = {  # docs/design.md §6.2: hidden, ffn, heads, layers, tokens, peak lr
               peak_lr=2.5e-4),
     'xl': dict(hidden_dim=2048, ffn_dim=8192, num_heads=16, num_layers=24, tokens=25.5e9,
                peak_lr=2e-4),
-}
-
-
-_CHOICES = {
-    'model.norm': ('layernorm', 'rmsnorm'),
-    'model.activation': ('gelu', 'swiglu'),
-    'model.position': ('rope', 'absolute'),
-    'model.dtype': ('float32', 'bfloat16', 'float16'),
-    'model.remat': ('none', 'dots', 'full'),
-    'model.ffn.method': structured.METHODS,
-    'model.ffn.init': structured.INITS,
-    'model.ffn.implementation': kernels_api.IMPLEMENTATIONS,
-    'model.attention.implementation': attention.IMPLEMENTATIONS,
-    'sgt.mode': ('fixedstep', 'fixedflop'),
-    'sgt.schedule': ('cosine', 'linear'),
-    'data.source': sources_lib.SOURCES,
-    'data.format': DATA_FORMATS,
-    'data.rows_dtype': ('uint16', 'uint32'),
-    'mesh.distributed': ('auto', 'on', 'off'),
-}
-
-# Ranges of the numeric fields: field -> (holds(value), what it must be; how to fix it).
-_RANGES = {
-    'model.norm_eps': (lambda v: v > 0, 'must be > 0; e.g. 1e-5'),
-    'model.rope_base': (lambda v: v > 0, 'must be > 0; e.g. 10000'),
-    'model.init_std': (lambda v: v > 0, 'must be > 0; e.g. 0.02'),
-    'model.ffn.rank': (lambda v: v >= 0, 'must be >= 0 (0 for dense and blockshuffle)'),
-    'model.ffn.blocks': (lambda v: v >= 1, 'must be >= 1 (1 for dense and lowrank)'),
-    'model.ffn.merge_threshold': (lambda v: v >= -1,
-                                  'must be -1 (premerge.json), 0 (off) or a token count'),
-    'sgt.ratio': (lambda v: 0 < v <= 1, 'must be in (0, 1]: G as a fraction of S'),
-    'train.tokens': (lambda v: v > 0, 'must be > 0; the token budget, e.g. 2.2e9'),
-    'train.global_batch': (lambda v: v >= 1, 'must be >= 1 sequence per step'),
-    'train.micro_batch': (lambda v: v >= 0, 'must be >= 0 (0 = global_batch)'),
-    'train.peak_lr': (lambda v: v > 0, 'must be > 0; e.g. 6e-4'),
-    'train.warmup_frac': (lambda v: 0 <= v < 1, 'must be in [0, 1): a fraction of the steps'),
-    'train.min_lr_ratio': (lambda v: 0 <= v <= 1, 'must be in [0, 1]: a fraction of peak_lr'),
-    'train.b1': (lambda v: 0 <= v < 1, 'must be in [0, 1); e.g. 0.9'),
-    'train.b2': (lambda v: 0 <= v < 1, 'must be in [0, 1); e.g. 0.999'),
-    'train.weight_decay': (lambda v: v >= 0, 'must be >= 0; e.g. 0.1'),
-    'train.grad_clip': (lambda v: v > 0, 'must be > 0 (a global-norm bound); e.g. 1.0'),
-    'train.seed': (lambda v: v >= 0, 'must be >= 0'),
-    'train.data_start': (lambda v: v >= 0, 'must be >= 0: a global batch index'),
-    'train.data_seed': (lambda v: v >= -1, 'must be >= 0, or -1 for train.seed'),
-    'train.eval_tokens': (lambda v: v >= 0, 'must be >= 0 tokens'),
-    'train.eval_every': (lambda v: v >= 0, 'must be >= 0 steps (0 = only at the end)'),
-    'train.eval_batch': (lambda v: v >= 0, 'must be >= 0 (0 = micro_batch or global_batch)'),
-    'train.log_every': (lambda v: v >= 1, 'must be >= 1 step'),
-    'train.ckpt_every': (lambda v: v >= 1, 'must be >= 1 step'),
-    'train.keep_ckpts': (lambda v: v >= 1, 'must be >= 1; keep 2 or more so that a damaged '
-                         'newest checkpoint can fall back to the one before'),
-    'train.profile_start': (lambda v: v >= -1, 'must be >= 0, or -1 for no trace'),
-    'train.profile_steps': (lambda v: v >= 1, 'must be >= 1 step'),
-    'train.peak_flops': (lambda v: v >= 0, 'must be >= 0 FLOP/s (0 = look up the device)'),
-    'data.vocab_size': (lambda v: v >= 2, 'must be >= 2 tokens'),
-    'data.stdlib_max_bytes': (lambda v: v >= 0, 'must be >= 0 bytes (0 = no cap)'),
-    'data.max_tokens': (lambda v: v >= 0, 'must be >= 0 tokens (0 = all of the input)'),
-    'data.valid_tokens': (lambda v: v >= 0, 'must be >= 0 tokens (0 = data.max_tokens)'),
-    'data.test_tokens': (lambda v: v >= 0, 'must be >= 0 tokens (0 = data.max_tokens)'),
-    'data.valid_fraction': (lambda v: 0 <= v < 1, 'must be in [0, 1): a fraction of the train '
-                            'documents'),
-    'data.test_fraction': (lambda v: 0 <= v < 1, 'must be in [0, 1): a fraction of the train '
-                           'documents'),
-    'data.num_workers': (lambda v: v >= -1, 'must be 0 (this process), a count, or -1 (one per '
-                         'CPU)'),
-    'data.shard_tokens': (lambda v: v >= 1, 'must be >= 1 token per file'),
-    'data.shard': (lambda v: v >= 0, 'must be >= 0: this job\'s index'),
-    'data.num_shards': (lambda v: v >= 1, 'must be >= 1 job'),
 }
 
 
@@ -151,7 +81,7 @@ def _validate_fields(config):
     if error:
       raise ConfigError(error)
     values[field] = value
-  for field, allowed in _CHOICES.items():
+  for field, allowed in schema.CHOICES.items():
     if values[field] not in allowed:
       raise ConfigError(f'{field}={values[field]!r} is not allowed; use one of: '
                         f'{", ".join(allowed)}.')
@@ -160,7 +90,7 @@ def _validate_fields(config):
 
 def _validate_ranges(values):
   """The range of every numeric field, and the entries of the path lists."""
-  for field, (holds, why) in _RANGES.items():
+  for field, (holds, why) in schema.RANGES.items():
     if not holds(values[field]):
       raise ConfigError(f'{field}={values[field]!r}: {why}.')
   if not values['name'].strip():
@@ -199,13 +129,13 @@ def _validate_relations(config):
     raise ConfigError(f'data.vocab_size={d.vocab_size}: the trained tokenizer would have more '
                       f'tokens than model.vocab_size={config.model.vocab_size}; set '
                       f'data.vocab_size <= model.vocab_size.')
-  sharding.check_mesh_sizes(config.mesh)  # mesh.data, fsdp, tensor
+  schema.check_mesh_sizes(config.mesh)  # mesh.data, fsdp, tensor
   for entry in config.mesh.rules:
     if not isinstance(entry, str) and not (isinstance(entry, (list, tuple)) and len(entry) == 2):
       raise ConfigError(f'mesh.rules={list(config.mesh.rules)!r}: entry {entry!r} is neither a '
                         f"(logical, mesh axis) pair nor a 'logical=axis' string; e.g. "
                         f"('embed', 'fsdp') or 'embed=fsdp'.")
-  sharding.parse_rules(config.mesh.rules)
+  schema.parse_rules(config.mesh.rules)
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -23,6 +23,7 @@ from flax import nnx
 
 from structffn_jax import calibration, sgt
 from structffn_jax import run as run_lib
+from structffn_jax.data import manifest as manifest_lib
 
 
 def sample(logits_BV, key, temperature: float, top_k: int):
@@ -115,8 +116,6 @@ def load(workdir, merge_threshold: int | None = None, mesh: str | None = None):
   A run stopped during self-guided training keeps its guides and their α (pre-merge is then
   skipped); at α = 0 the guides are dropped, which changes no output.
   """
-  from structffn_jax.data import prepare as prepare_lib  # the tokenizer's module: only here
-
   run = run_lib.load_run(workdir, mesh)
   config, model, opt_state = run.config, run.model, run.opt_state
   alpha = None
@@ -132,5 +131,5 @@ def load(workdir, merge_threshold: int | None = None, mesh: str | None = None):
     else:
       print(f'note: pre-merge skipped, the run is still self-guided (alpha={float(alpha):.3f}).',
             file=sys.stderr)
-  manifest = prepare_lib.Manifest.load(prepare_lib.resolve_data_dir(config.data, workdir))
+  manifest = manifest_lib.Manifest.load(manifest_lib.resolve_data_dir(config.data, workdir))
   return config, model, alpha, manifest

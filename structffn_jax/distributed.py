@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from structffn_jax import config as config_lib
+from structffn_jax.errors import ConfigError
 
 MODES = ('auto', 'on', 'off')
 
@@ -35,7 +35,7 @@ def _env_int(name):
   try:
     return int(value)
   except ValueError:
-    raise config_lib.ConfigError(f'environment variable {name}={value!r} is not an integer.') \
+    raise ConfigError(f'environment variable {name}={value!r} is not an integer.') \
         from None
 
 
@@ -54,8 +54,8 @@ def detected() -> str | None:
 def initialize(mode: str = 'auto') -> bool:
   """Start `jax.distributed` per `mode` (see the module docstring); True when started."""
   if mode not in MODES:
-    raise config_lib.ConfigError(f'mesh.distributed={mode!r} is not allowed; use one of: '
-                                 f'{", ".join(MODES)}.')
+    raise ConfigError(f'mesh.distributed={mode!r} is not allowed; use one of: '
+                      f'{", ".join(MODES)}.')
   if jax.distributed.is_initialized():
     return True
   if mode == 'off' or (mode == 'auto' and detected() is None):
@@ -69,7 +69,7 @@ def initialize(mode: str = 'auto') -> bool:
     missing = [k for k, v in (('JAX_NUM_PROCESSES', kwargs['num_processes']),
                               ('JAX_PROCESS_ID', kwargs['process_id'])) if v is None]
     if missing:
-      raise config_lib.ConfigError(
+      raise ConfigError(
           f'JAX_COORDINATOR_ADDRESS is set but {" and ".join(missing)} is not; set all three '
           f'(launch/local.sh does), or --set mesh.distributed=off for one process.')
   jax.distributed.initialize(**kwargs)

@@ -19,7 +19,7 @@ import jax
 from flax import nnx
 
 from structffn_jax import cli, distributed, evaluation, sgt, sharding, steps
-from structffn_jax.data import prepare as prepare_lib
+from structffn_jax.data import manifest as manifest_lib
 from structffn_jax.data.sources import SPLITS
 from structffn_jax.run import load_config, load_run
 
@@ -27,7 +27,7 @@ from structffn_jax.run import load_config, load_run
 def evaluate(workdir, split='valid', max_tokens=None, batch_size=None, mesh=None) -> dict:
   config, model, opt_state, meta, device_mesh = load_run(workdir, mesh)
   rules = sharding.rules_of(config)
-  manifest = prepare_lib.Manifest.load(prepare_lib.resolve_data_dir(config.data, workdir))
+  manifest = manifest_lib.Manifest.load(manifest_lib.resolve_data_dir(config.data, workdir))
   if split not in manifest.splits:
     raise ValueError(f'split {split!r} was not prepared for this run (has '
                      f'{sorted(manifest.splits)}); set data.{split}_paths in the config.')

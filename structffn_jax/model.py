@@ -10,7 +10,7 @@ applied with one `lax.scan`: the model compiles once however deep it is. Paramet
 activations and matmuls run in `model.dtype` (bfloat16 by default).
 
 Inference: `init_cache` + `decode` run prefill and incremental decoding over a KV cache of static
-shape, each row at its own length (structffn_jax/generate.py drives them); `premerge` gives the
+shape, each row at its own length (structffn_jax/decoding.py drives them); `premerge` gives the
 structured FFN layers their merged dense matrices for calls on few tokens.
 
 Shapes in names, one letter per axis (docs/design.md §1): B batch, T tokens, S cache slots,
@@ -187,7 +187,21 @@ class GPT(nnx.Module):
   """Decoder-only LM. `cfg` is the `model` section of a config (see structffn_jax/config.py).
 
   guide / reduce_flop: build the self-guided dense guides (design §3) in every structured layer.
+  A run's model is built from its whole config with `GPT.from_config`.
   """
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, *, guides: bool = True,
+                  seed: int = 0) -> 'GPT':
+    """The GPT of a run's `config` (its model and sgt sections), initialised from `seed`. With
+    SGT its guides are present, or dropped when `guides` is False (after the hand-over).
+    Everything that builds a run's model builds it here: training, restoring, the accounting
+    and the benchmarks."""
+    model = cls(config.model, guide=config.sgt.enabled, reduce_flop=config.sgt.reduce_flop,
+                rngs=nnx.Rngs(params=seed))
+    if config.sgt.enabled and not guides:
+      model.drop_guides()
+    return model
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, guide: bool = False,
                reduce_flop: bool = False, rngs: nnx.Rngs):

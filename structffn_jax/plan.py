@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from structffn_jax import config as config_lib
 from structffn_jax import sgt
+from structffn_jax.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -42,6 +42,6 @@ def make_plan(config) -> Plan:
   t = config.train
   micro = t.micro_batch or t.global_batch
   if t.global_batch % micro:
-    raise config_lib.ConfigError(f'train.micro_batch={micro} must divide train.global_batch='
-                                 f'{t.global_batch}.')
+    raise ConfigError(f'train.micro_batch={micro} must divide train.global_batch='
+                      f'{t.global_batch}.')
   return Plan(sgt.step_counts(config), t.global_batch // micro, int(t.data_start))

@@ -22,17 +22,8 @@ import ml_collections
 from flax import nnx
 
 from structffn_jax import checkpoint, optim, schema, sgt, sharding, steps
+from structffn_jax import workdir as workdir_lib
 from structffn_jax.model import GPT
-
-
-def new_model(config: ml_collections.ConfigDict, guides: bool, seed: int = 0) -> GPT:
-  """The GPT of `config`, initialised from `seed`; with SGT, its guides present or (`guides`
-  False: after the hand-over) dropped."""
-  model = GPT(config.model, guide=config.sgt.enabled, reduce_flop=config.sgt.reduce_flop,
-              rngs=nnx.Rngs(params=seed))
-  if config.sgt.enabled and not guides:
-    model.drop_guides()
-  return model
 
 
 class AbstractState(NamedTuple):
@@ -46,8 +37,8 @@ def abstract_state(config: ml_collections.ConfigDict, tx, mesh: jax.sharding.Mes
                    guides: bool) -> AbstractState:
   """The train state of `config` with optimizer `tx` on `mesh`, with or without its guides.
   Raises (naming the config field) on a dimension that the mesh cannot split."""
-  graphdef = nnx.split(nnx.eval_shape(lambda: new_model(config, guides)), nnx.Param)[0]
-  state = jax.eval_shape(lambda: steps.init_state(new_model(config, guides), tx)[1])
+  graphdef = nnx.split(nnx.eval_shape(lambda: GPT.from_config(config, guides=guides)), nnx.Param)[0]
+  state = jax.eval_shape(lambda: steps.init_state(GPT.from_config(config, guides=guides), tx)[1])
   return AbstractState(graphdef, state,
                        sharding.param_shardings(state, mesh, sharding.rules_of(config)))
 
@@ -87,7 +78,7 @@ def load_run(workdir, mesh: str | None = None) -> Run:
   workdir = pathlib.Path(workdir)
   config = load_config(workdir, mesh)
   device_mesh = sharding.make_mesh(config)
-  if not checkpoint.saved_steps(workdir):
+  if not workdir_lib.saved_steps(workdir):
     raise FileNotFoundError(f'{workdir / "checkpoints"} holds no checkpoint yet.')
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_ckpts, read_only=True,
                                  log=lambda line: print(line, file=sys.stderr))

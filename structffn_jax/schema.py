@@ -5,18 +5,133 @@ Config files in `configs/` start from `base_config()` and override what their pa
 rebuilt the same way (`from_dict`), and a data section given as a plain dict (`data_section`)
 takes its missing fields from here, so no other module repeats a default.
 
-A leaf module (it imports only ml_collections): the data preparation, its worker processes and
-`structffn_jax.config` all read the schema without loading JAX or a tokenizer library.
+It also owns the values each field may take (`CHOICES`, `RANGES`, the tuples the layers read)
+and the mesh section's checks. A leaf module (it imports only ml_collections and `errors`): the
+data preparation, its worker processes and `structffn_jax.config` all read the schema without
+loading JAX or a tokenizer library.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import ml_collections
 
+from structffn_jax.errors import ConfigError
+
+# ----------------------------------------------------------------------------- allowed values
+# The layers, the data preparation and `config.validate` all read these; none repeats them.
+
+# `model.ffn.method`: the FFN structures (structured.py).
+METHODS = ('dense', 'lowrank', 'blockdense', 'blockshuffle')
+# `model.ffn.init`: SVD / orthogonal blocks as the paper, or plain Gaussians.
+INITS = ('paper', 'gaussian')
+# `model.ffn.implementation`: the structured matmuls (kernels/api.py).
+FFN_IMPLEMENTATIONS = ('auto', 'xla', 'pallas')
+# `model.attention.implementation` (attention.py).
+ATTENTION_IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'pallas')
+# `data.source`: where the documents come from (data/sources.py).
+SOURCES = ('stdlib', 'text', 'jsonl', 'hf')
 # `data.format`: tokenize the source text, or read token rows written elsewhere.
 DATA_FORMATS = ('tokens', 'rows_bin')
+# The device mesh's axes, in order (sharding.py).
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+
+
+CHOICES = {  # field -> the values it may take
+    'model.norm': ('layernorm', 'rmsnorm'),
+    'model.activation': ('gelu', 'swiglu'),
+    'model.position': ('rope', 'absolute'),
+    'model.dtype': ('float32', 'bfloat16', 'float16'),
+    'model.remat': ('none', 'dots', 'full'),
+    'model.ffn.method': METHODS,
+    'model.ffn.init': INITS,
+    'model.ffn.implementation': FFN_IMPLEMENTATIONS,
+    'model.attention.implementation': ATTENTION_IMPLEMENTATIONS,
+    'sgt.mode': ('fixedstep', 'fixedflop'),
+    'sgt.schedule': ('cosine', 'linear'),
+    'data.source': SOURCES,
+    'data.format': DATA_FORMATS,
+    'data.rows_dtype': ('uint16', 'uint32'),
+    'mesh.distributed': ('auto', 'on', 'off'),
+}
+
+# Ranges of the numeric fields: field -> (holds(value), what it must be; how to fix it).
+RANGES = {
+    'model.norm_eps': (lambda v: v > 0, 'must be > 0; e.g. 1e-5'),
+    'model.rope_base': (lambda v: v > 0, 'must be > 0; e.g. 10000'),
+    'model.init_std': (lambda v: v > 0, 'must be > 0; e.g. 0.02'),
+    'model.ffn.rank': (lambda v: v >= 0, 'must be >= 0 (0 for dense and blockshuffle)'),
+    'model.ffn.blocks': (lambda v: v >= 1, 'must be >= 1 (1 for dense and lowrank)'),
+    'model.ffn.merge_threshold': (lambda v: v >= -1,
+                                  'must be -1 (premerge.json), 0 (off) or a token count'),
+    'sgt.ratio': (lambda v: 0 < v <= 1, 'must be in (0, 1]: G as a fraction of S'),
+    'train.tokens': (lambda v: v > 0, 'must be > 0; the token budget, e.g. 2.2e9'),
+    'train.global_batch': (lambda v: v >= 1, 'must be >= 1 sequence per step'),
+    'train.micro_batch': (lambda v: v >= 0, 'must be >= 0 (0 = global_batch)'),
+    'train.peak_lr': (lambda v: v > 0, 'must be > 0; e.g. 6e-4'),
+    'train.warmup_frac': (lambda v: 0 <= v < 1, 'must be in [0, 1): a fraction of the steps'),
+    'train.min_lr_ratio': (lambda v: 0 <= v <= 1, 'must be in [0, 1]: a fraction of peak_lr'),
+    'train.b1': (lambda v: 0 <= v < 1, 'must be in [0, 1); e.g. 0.9'),
+    'train.b2': (lambda v: 0 <= v < 1, 'must be in [0, 1); e.g. 0.999'),
+    'train.weight_decay': (lambda v: v >= 0, 'must be >= 0; e.g. 0.1'),
+    'train.grad_clip': (lambda v: v > 0, 'must be > 0 (a global-norm bound); e.g. 1.0'),
+    'train.seed': (lambda v: v >= 0, 'must be >= 0'),
+    'train.data_start': (lambda v: v >= 0, 'must be >= 0: a global batch index'),
+    'train.data_seed': (lambda v: v >= -1, 'must be >= 0, or -1 for train.seed'),
+    'train.eval_tokens': (lambda v: v >= 0, 'must be >= 0 tokens'),
+    'train.eval_every': (lambda v: v >= 0, 'must be >= 0 steps (0 = only at the end)'),
+    'train.eval_batch': (lambda v: v >= 0, 'must be >= 0 (0 = micro_batch or global_batch)'),
+    'train.log_every': (lambda v: v >= 1, 'must be >= 1 step'),
+    'train.ckpt_every': (lambda v: v >= 1, 'must be >= 1 step'),
+    'train.keep_ckpts': (lambda v: v >= 1, 'must be >= 1; keep 2 or more so that a damaged '
+                         'newest checkpoint can fall back to the one before'),
+    'train.profile_start': (lambda v: v >= -1, 'must be >= 0, or -1 for no trace'),
+    'train.profile_steps': (lambda v: v >= 1, 'must be >= 1 step'),
+    'train.peak_flops': (lambda v: v >= 0, 'must be >= 0 FLOP/s (0 = look up the device)'),
+    'data.vocab_size': (lambda v: v >= 2, 'must be >= 2 tokens'),
+    'data.stdlib_max_bytes': (lambda v: v >= 0, 'must be >= 0 bytes (0 = no cap)'),
+    'data.max_tokens': (lambda v: v >= 0, 'must be >= 0 tokens (0 = all of the input)'),
+    'data.valid_tokens': (lambda v: v >= 0, 'must be >= 0 tokens (0 = data.max_tokens)'),
+    'data.test_tokens': (lambda v: v >= 0, 'must be >= 0 tokens (0 = data.max_tokens)'),
+    'data.valid_fraction': (lambda v: 0 <= v < 1, 'must be in [0, 1): a fraction of the train '
+                            'documents'),
+    'data.test_fraction': (lambda v: 0 <= v < 1, 'must be in [0, 1): a fraction of the train '
+                           'documents'),
+    'data.num_workers': (lambda v: v >= -1, 'must be 0 (this process), a count, or -1 (one per '
+                         'CPU)'),
+    'data.shard_tokens': (lambda v: v >= 1, 'must be >= 1 token per file'),
+    'data.shard': (lambda v: v >= 0, 'must be >= 0: this job\'s index'),
+    'data.num_shards': (lambda v: v >= 1, 'must be >= 1 job'),
+}
+
+
+# ----------------------------------------------------------------------------- on resume
+# What a resumed run may change (workdir.py compares config.json with these):
+#   'free'   how the run is carried out, not what it trains: may always change, and is not listed
+#            among the changes (evaluation and logging cadence, memory, mesh, kernels, paths).
+#   'allowed' changes how the run goes on, not the shapes of the state in its checkpoints:
+#            accepted when named by `--allow-change` (name, train.*, data.*).
+#   'fixed'  the state in the checkpoints depends on it (model.*, sgt.*, train.seed).
+RESUME_FREE = frozenset((
+    'train.eval_every', 'train.log_every', 'train.ckpt_every', 'train.keep_ckpts',
+    'train.profile_start', 'train.profile_steps', 'train.peak_flops', 'train.eval_batch',
+    'train.micro_batch', 'model.remat', 'data.data_dir', 'mesh.data', 'mesh.fsdp',
+    'mesh.tensor', 'mesh.rules', 'mesh.distributed', 'model.ffn.merge_threshold',
+    'model.ffn.implementation', 'model.attention.implementation', 'data.num_workers',
+    'log.wandb'))
+_RESUME_ALLOWED = ('name', 'train.', 'data.')  # prefixes
+_RESUME_FIXED = frozenset(('train.seed',))
+
+
+def resume_change(field: str) -> str:
+  """'free', 'allowed' or 'fixed': whether `field` (dotted) may change when a run resumes."""
+  if field in RESUME_FREE:
+    return 'free'
+  if field.startswith(_RESUME_ALLOWED) and field not in _RESUME_FIXED:
+    return 'allowed'
+  return 'fixed'
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -149,3 +264,53 @@ def data_section(cfg_data: Any) -> ml_collections.ConfigDict:
   section = base_config().data
   section.update(dict(cfg_data))
   return section
+
+
+# ----------------------------------------------------------------------------- mesh section
+
+
+def parse_rules(rules: Iterable) -> tuple[tuple[str, Any], ...]:
+  """Normalise a rules table to ((logical, None | mesh axis | (mesh axes...)), ...).
+
+  Entries are pairs `(logical, target)` (as in `base_config()`, or lists from config.json), or
+  strings 'logical=target' (from `--set mesh.rules=embed=fsdp,mlp=tensor,batch=data+fsdp`),
+  where target is a mesh axis, axes joined by '+', or 'none' / '' for replicated.
+  """
+  out = []
+  for entry in rules:
+    if isinstance(entry, str):
+      logical, sep, target = entry.partition('=')
+      if not sep:
+        raise ConfigError(
+            f'mesh.rules entry {entry!r} is not logical=mesh_axis (e.g. embed=fsdp, '
+            f'batch=data+fsdp, layers=none).')
+      target = target.strip()
+      target = None if target.lower() in ('', 'none') else tuple(target.split('+'))
+    else:
+      logical, target = entry
+      if isinstance(target, (list, tuple)):
+        target = tuple(target) or None
+    if isinstance(target, tuple) and len(target) == 1:
+      target = target[0]
+    for axis in (target,) if isinstance(target, str) else target or ():
+      if axis not in MESH_AXES:
+        raise ConfigError(
+            f'mesh.rules maps {logical!r} to {axis!r}, which is not a mesh axis; use one of '
+            f'{", ".join(MESH_AXES)} or None.')
+    out.append((str(logical).strip(), target))
+  return tuple(out)
+
+
+def check_mesh_sizes(mesh: ml_collections.ConfigDict) -> dict[str, int]:
+  """{axis: size} of a `mesh` section; a size that is neither positive nor -1, or two sizes of
+  -1, is a ConfigError naming the field (config.validate runs this too)."""
+  sizes = {a: int(mesh[a]) for a in MESH_AXES}
+  for axis, size in sizes.items():
+    if size == 0 or size < -1:
+      raise ConfigError(f'mesh.{axis}={size} must be a positive size, or -1 for the '
+                        f'devices left over.')
+  free = [a for a, s in sizes.items() if s == -1]
+  if len(free) > 1:
+    raise ConfigError(f'mesh.{free[1]}=-1: mesh.{free[0]} is -1 too; at most one mesh size '
+                      f'may be -1 (the devices left over).')
+  return sizes

@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from typing import Any, Iterable
+from typing import Any
 
 import jax
 import ml_collections
@@ -43,8 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from structffn_jax import schema
 from structffn_jax.errors import ConfigError
-
-MESH_AXES = ('data', 'fsdp', 'tensor')
+from structffn_jax.schema import MESH_AXES, check_mesh_sizes, parse_rules  # the config's checks
 
 _ACTIVE_RULES: contextvars.ContextVar = contextvars.ContextVar('structffn_rules', default=None)
 
@@ -57,55 +56,8 @@ def mesh_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config.mesh
 
 
-def parse_rules(rules: Iterable) -> tuple[tuple[str, Any], ...]:
-  """Normalise a rules table to ((logical, None | mesh axis | (mesh axes...)), ...).
-
-  Entries are pairs `(logical, target)` (as in `base_config()`, or lists from config.json), or
-  strings 'logical=target' (from `--set mesh.rules=embed=fsdp,mlp=tensor,batch=data+fsdp`),
-  where target is a mesh axis, axes joined by '+', or 'none' / '' for replicated.
-  """
-  out = []
-  for entry in rules:
-    if isinstance(entry, str):
-      logical, sep, target = entry.partition('=')
-      if not sep:
-        raise ConfigError(
-            f'mesh.rules entry {entry!r} is not logical=mesh_axis (e.g. embed=fsdp, '
-            f'batch=data+fsdp, layers=none).')
-      target = target.strip()
-      target = None if target.lower() in ('', 'none') else tuple(target.split('+'))
-    else:
-      logical, target = entry
-      if isinstance(target, (list, tuple)):
-        target = tuple(target) or None
-    if isinstance(target, tuple) and len(target) == 1:
-      target = target[0]
-    for axis in (target,) if isinstance(target, str) else target or ():
-      if axis not in MESH_AXES:
-        raise ConfigError(
-            f'mesh.rules maps {logical!r} to {axis!r}, which is not a mesh axis; use one of '
-            f'{", ".join(MESH_AXES)} or None.')
-    out.append((str(logical).strip(), target))
-  return tuple(out)
-
-
 def rules_of(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
   return parse_rules(config.mesh.rules)
-
-
-def check_mesh_sizes(mesh: ml_collections.ConfigDict) -> dict[str, int]:
-  """{axis: size} of a `mesh` section; a size that is neither positive nor -1, or two sizes of
-  -1, is a ConfigError naming the field (config.validate runs this too)."""
-  sizes = {a: int(mesh[a]) for a in MESH_AXES}
-  for axis, size in sizes.items():
-    if size == 0 or size < -1:
-      raise ConfigError(f'mesh.{axis}={size} must be a positive size, or -1 for the '
-                        f'devices left over.')
-  free = [a for a, s in sizes.items() if s == -1]
-  if len(free) > 1:
-    raise ConfigError(f'mesh.{free[1]}=-1: mesh.{free[0]} is -1 too; at most one mesh size '
-                      f'may be -1 (the devices left over).')
-  return sizes
 
 
 def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
@@ -299,15 +251,41 @@ def use_mesh(mesh: jax.sharding.Mesh, rules):
     _ACTIVE_RULES.reset(token)
 
 
+def active_rules() -> tuple[tuple[str, Any], ...]:
+  """The rules table set by `use_mesh`, or `base_config()`'s when none is set."""
+  rules = _ACTIVE_RULES.get()
+  return rules if rules is not None else parse_rules(schema.base_config().mesh.rules)
+
+
+def mesh_is_set() -> bool:
+  """Whether a (data, fsdp, tensor) mesh is set (`jax.set_mesh`) for the code being traced."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and set(MESH_AXES) <= set(mesh.axis_names)
+
+
+def per_device_specs(shapes, axes, out_axes) -> tuple[tuple[P, ...], P]:
+  """(in_specs, out_spec) for a `jax.shard_map` over the mesh that is set: argument i of shape
+  `shapes[i]` names its dimensions `axes[i]` (None: whole on every device), the result names
+  its own `out_axes`. Each logical name maps to mesh axes by `active_rules()`; a name whose mesh
+  axes do not divide every dimension that carries it stays whole."""
+  mesh = jax.sharding.get_abstract_mesh()
+  rules = active_rules()
+  names = {n for a in (*axes, out_axes) for n in a if n is not None}
+  target = {n: logical_to_spec((n,), rules)[0] for n in names}
+  for shape, arg_axes in zip(shapes, axes):
+    for size, name in zip(shape, arg_axes):
+      if name is not None and size % _axis_size(mesh, target[name]):
+        target[name] = None
+  spec = lambda a: P(*(None if n is None else target[n] for n in a))
+  return tuple(spec(a) for a in axes), spec(out_axes)
+
+
 def constrain(x: jax.Array, axes: tuple) -> jax.Array:
   """Pin an activation with logical `axes` to its sharding; the identity without a mesh set."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+  if not mesh_is_set():
     return x
-  rules = _ACTIVE_RULES.get()
-  if rules is None:
-    rules = schema.base_config().mesh.rules
-  spec = logical_to_spec(axes, rules)
+  mesh = jax.sharding.get_abstract_mesh()
+  spec = logical_to_spec(axes, active_rules())
   if any(x.shape[d] % _axis_size(mesh, e) for d, e in enumerate(spec)):
     return x  # e.g. a small eval batch: leave placement to the compiler
   return jax.lax.with_sharding_constraint(x, spec)

@@ -35,9 +35,8 @@ import numpy as np
 from flax import nnx
 
 from structffn_jax import kernels
+from structffn_jax.schema import INITS, METHODS
 
-METHODS = ('dense', 'lowrank', 'blockdense', 'blockshuffle')
-INITS = ('paper', 'gaussian')
 DEFAULT_STD = 0.02
 
 

@@ -21,9 +21,9 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 from flax import nnx
 
-from structffn_jax import config as config_lib
 from structffn_jax import hostmem
 from structffn_jax import model as model_lib
+from structffn_jax import schema
 
 
 def ffn_module(width: int, structure: Mapping[str, Any], dtype: str, *,
@@ -31,7 +31,7 @@ def ffn_module(width: int, structure: Mapping[str, Any], dtype: str, *,
   """The model's FeedForward (GELU, biases) at `width`, ffn = 4 × width, with `structure`'s
   method / rank / blocks. Gaussian init: timings do not depend on the values, and it skips the
   SVDs of the paper's init."""
-  cfg = config_lib.base_config().model
+  cfg = schema.base_config().model
   cfg.hidden_dim, cfg.ffn_dim, cfg.activation, cfg.use_bias = width, 4 * width, 'gelu', True
   cfg.ffn.update(structure)
   cfg.ffn.init, cfg.ffn.implementation = 'gaussian', implementation

@@ -30,7 +30,6 @@ so requeue the same command to resume; 1 an error (one `error: ...` line on stde
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import pathlib
@@ -44,10 +43,12 @@ import numpy as np
 from structffn_jax import accounting, checkpoint, cli, distributed, hostmem, metrics, optim
 from structffn_jax import run as run_lib
 from structffn_jax import sgt, sharding, steps
+from structffn_jax import workdir as workdir_lib
 from structffn_jax import config as config_lib
 from structffn_jax import evaluation
 from structffn_jax.data import pipeline
 from structffn_jax.data import prepare as prepare_lib
+from structffn_jax.model import GPT
 from structffn_jax.plan import make_plan
 
 
@@ -59,21 +60,6 @@ EXIT_PREEMPTED = 75
 
 class NonFiniteLoss(RuntimeError):
   """Training produced a NaN or Inf loss."""
-
-
-def prepare_data(config, workdir: pathlib.Path, log=print):
-  """Prepare the data on process 0; the others wait, then load (and check) its manifest."""
-  data_dir = prepare_lib.resolve_data_dir(config.data, workdir)
-  log(f'data: {data_dir}')
-  manifest = None
-  if jax.process_index() == 0:
-    manifest = prepare_lib.prepare(config.data, data_dir, config.model.seq_len,
-                                   model_vocab_size=config.model.vocab_size)
-  distributed.barrier('data prepared')
-  if manifest is None:
-    manifest = prepare_lib.prepare(config.data, data_dir, config.model.seq_len,
-                                   model_vocab_size=config.model.vocab_size)
-  return manifest
 
 
 class Trainer:
@@ -90,7 +76,7 @@ class Trainer:
     # Every check on the config, the mesh, the batches and the parameter shapes comes before any
     # compile, and before anything is written.
     config_lib.validate(config)
-    allow_change = checkpoint.check_allow_change(allow_change)
+    allow_change = workdir_lib.check_allow_change(allow_change)
     self.mesh = sharding.make_mesh(config)
     self.rules = sharding.rules_of(config)
     self.plan = make_plan(config)
@@ -98,19 +84,18 @@ class Trainer:
     self.tx = optim.make_optimizer(config, self.plan.total_steps, self.plan.guided_steps)
     self.lr = optim.lr_schedule(config.train, self.plan.total_steps)
     self._set_abstract(guides=config.sgt.enabled)  # raises on a dimension the mesh can't split
-    self.lock = checkpoint.lock_workdir(self.workdir)
+    self.lock = workdir_lib.lock_workdir(self.workdir)
     self.ckpt = self.report = None
-    self.extra_hooks = tuple(hooks)
     try:
-      self._start(profile, allow_change)
+      self._start(profile, allow_change, tuple(hooks))
     except BaseException:
       self.close(quiet=True)
       raise
 
-  def _start(self, profile, allow_change):
+  def _start(self, profile, allow_change, extra_hooks):
     """Everything after the lock: the workdir's config, data, checkpoints, state, compiles."""
     config = self.config
-    changes = checkpoint.check_workdir_config(self.workdir, config, allow_change=allow_change)
+    changes = workdir_lib.check_workdir_config(self.workdir, config, allow_change=allow_change)
     distributed.barrier('workdir checked')
     self.report = metrics.Reporter(self.workdir, self.plan.total_steps, enabled=self.is_main,
                                    config=config)
@@ -120,26 +105,21 @@ class Trainer:
     if hostmem.status() != 'not requested':  # the CLI tuned (or left) the CPU allocator
       self.report.log(f'host allocator: {hostmem.status()}')
     self.acc = accounting.account(config)
-    self.manifest = prepare_data(config, self.workdir, self.report.log)
+    self.manifest = prepare_lib.prepare_for_run(
+        config, self.workdir, is_main=self.is_main,
+        barrier=lambda: distributed.barrier('data prepared'), log=self.report.log)
     self.profile = profile or (config.train.profile_start, config.train.profile_steps)
     self.stop_signal = None  # set by the signal handler of StopHook
     self.stop_at = None  # run(stop_at)
     self._metrics = MetricsHook()
     self.hooks = (self._metrics, SaveStatusHook(), ProfilerHook(*self.profile), HandOverHook(),
-                  ThroughputHook(), EvalHook(), CheckpointHook(), StopHook(), *self.extra_hooks)
+                  ThroughputHook(), EvalHook(), CheckpointHook(), StopHook(), *extra_hooks)
     self.ckpt = checkpoint.Checkpointer(self.workdir, config.train.keep_ckpts, cleanup=True,
                                         log=self.report.log)
     self._build_state()
     # The run has started: now its identity (config.json) and any accepted change are written.
-    if changes:
-      reason = ('allowed by --allow-change' if self.step else
-                'no checkpoint yet: the run starts from step 0 with the new config')
-      shown = ', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changes.items())
-      self.report.log(f'config changed ({shown}): {reason}')
-    else:
-      reason = ''
-    if self.is_main:
-      checkpoint.write_workdir_config(self.workdir, config, changes, self.step, reason)
+    workdir_lib.record_start(self.workdir, config, changes, self.step, log=self.report.log,
+                             write=self.is_main)
     distributed.barrier('workdir config written')
 
   def close(self, quiet: bool = False) -> None:
@@ -179,9 +159,9 @@ class Trainer:
       self.guides = self.config.sgt.enabled
       self._set_abstract(self.guides)
       c, guides = self.config, self.guides
-      self.state = jax.jit(
-          lambda: steps.init_state(run_lib.new_model(c, guides, c.train.seed), self.tx)[1],
-          out_shardings=self.state_shardings)()
+      new_model = lambda: GPT.from_config(c, guides=guides, seed=c.train.seed)
+      self.state = jax.jit(lambda: steps.init_state(new_model(), self.tx)[1],
+                           out_shardings=self.state_shardings)()
     else:
       step, self.state, meta = restored
       self.step = int(meta['step'])
@@ -202,11 +182,6 @@ class Trainer:
         in_shardings=(state_sh['params'], rep, self.batch_sharding, self.mask_sharding),
         out_shardings=rep)
 
-  def _global_batch(self, local, global_rows: int):
-    """This process's rows of a batch, as one array over the mesh."""
-    return jax.make_array_from_process_local_data(self.batch_sharding, local,
-                                                  (global_rows,) + local.shape[1:])
-
   def hand_over(self):
     """Hand-over complete: remove the guides and their optimizer state, compile once more."""
     self.state = sgt.hand_over(self.graphdef, self.state, self.tx)
@@ -215,30 +190,6 @@ class Trainer:
     self._compile()
     self.report.log(f'step {self.step}: self-guided hand-over complete (α=0); dropped '
                     f'{self.acc.params_guide:,} guide parameters and their optimizer state')
-
-  # --------------------------------------------------------------------------- checkpoints
-
-  def save(self):
-    meta = {'step': self.step, 'guides_dropped': self.config.sgt.enabled and not self.guides,
-            'data_next_index': self.plan.data_index(self.step), 'config': self.config.name}
-    self.check_save(block=True)  # the previous one first: its time, or its failure
-    self.ckpt.save(self.step, self.state, meta)
-
-  # --------------------------------------------------------------------------- evaluation
-
-  def evaluate(self, split='valid'):
-    if split not in self.manifest.splits:
-      return None
-    t = self.config.train
-    batch = t.eval_batch or t.micro_batch or t.global_batch
-    max_rows = max(1, int(t.eval_tokens // self.config.model.seq_len))
-    alpha = sgt.alpha_of(self.state['opt_state']) if self.guides else None
-    with sharding.use_mesh(self.mesh, self.rules):
-      loss, count = evaluation.mean_loss(self.eval_step, self.state['params'], alpha,
-                                         self.manifest, split, batch, max_rows,
-                                         self.batch_sharding, self.mask_sharding)
-    return {f'{split}_loss': loss, f'{split}_ppl': math.exp(min(loss, 50)),
-            f'{split}_tokens': count}
 
   # --------------------------------------------------------------------------- loop
 
@@ -251,7 +202,7 @@ class Trainer:
         return self._run()
     except OSError as e:
       failed = True
-      if checkpoint.is_disk_full(e):  # metrics, TensorBoard or a checkpoint
+      if workdir_lib.is_disk_full(e):  # metrics, TensorBoard or a checkpoint
         raise checkpoint.CheckpointError(self.ckpt.disk_full(e)) from None
       raise
     except BaseException:
@@ -262,33 +213,30 @@ class Trainer:
 
   def _run(self) -> dict:
     """The loop: one train step after another, the hooks around each (see `Hook`)."""
-    c, plan = self.config, self.plan
-    t = c.train
-    self.report.log(
-        f'{c.name}: {self.acc.params_total:,} params ({self.acc.params_ffn:,} FFN), '
-        f'{plan.total_steps} steps x {t.global_batch} x {c.model.seq_len} tokens, '
-        f'{self.acc.train_flops:.3e} training FLOPs'
-        + (f', self-guided for {plan.guided_steps} steps ({c.sgt.mode}, {c.sgt.schedule}'
-           f'{", reduce_flop" if c.sgt.reduce_flop else ""})' if c.sgt.enabled else ''))
+    t = self.config.train
+    self.report.log(accounting.describe_run(self.config, self.acc))
     index, count = sharding.process_share(self.batch_sharding, (t.global_batch, 1))
     stream = pipeline.BatchStream(self.manifest, 'train', global_batch=t.global_batch,
                                   seed=t.seed if t.data_seed < 0 else t.data_seed,
                                   process_index=index, process_count=count)
-    batches = stream.iterate(self.step, plan.data_index)
+    batches = stream.iterate(self.step, self.plan.data_index)
     step_key = jax.random.key(t.seed + 1)
     self.stopped = None
     try:
       for hook in self.hooks:
         hook.begin(self)
       self.report.log(f'training from step {self.step}; the first step compiles')
-      while self.step < plan.total_steps:
+      while self.step < self.plan.total_steps:
         for hook in self.hooks:
           hook.before_step(self)
-        batch = self._global_batch(next(batches), t.global_batch)
+        local = next(batches)
+        batch = jax.make_array_from_process_local_data(  # this process's rows, over the mesh
+            self.batch_sharding, local, (t.global_batch,) + local.shape[1:])
         self.state, m = self.train_step(self.state, batch, jax.random.fold_in(step_key, self.step))
         self.step += 1
         for hook in self.hooks:
-          hook.after_step(self, m)
+          if hook.every and self.step % hook.every == 0:
+            hook.after_step(self, m)
         if self.stopped:
           return {'step': self.step, 'stopped': self.stopped}
       result = {'step': self.step}
@@ -305,70 +253,6 @@ class Trainer:
     reported about that step; `extra` joins its record, `progress` (steps/s) prints the line."""
     self._metrics.flush(self, extra, progress)
 
-  def check_save(self, block: bool = False):
-    """Report the checkpoint in flight once it is final (a log line and a metrics record with
-    how long it took); raise CheckpointError if its save failed (on any process)."""
-    error = done = None
-    try:
-      done = self.ckpt.poll(block)
-    except checkpoint.CheckpointError as e:
-      error = e
-    if jax.process_count() > 1 and distributed.agree(error is not None) and error is None:
-      error = checkpoint.CheckpointError(
-          f'a checkpoint save failed on another process (see its log); '
-          f'{checkpoint.free_space(self.workdir)} in {self.workdir}.')
-    if error is not None:
-      raise error
-    if done:
-      lag = self.step - done['step']
-      self.report.log(f'checkpoint step {done["step"]} final after {done["seconds"]:.2f}s'
-                      + (f' ({lag} steps later)' if lag else ''))
-      self.report.write(self.step, {'ckpt_step': done['step'], 'ckpt_final_s': done['seconds'],
-                                    'ckpt_lag_steps': lag})
-
-  def step_flops(self) -> float:
-    """Training FLOPs of the step just run in the paper's accounting, the guide at its expected
-    cost."""
-    tokens = self.config.train.global_batch * self.config.model.seq_len
-    flops = self.acc.flops_per_token
-    if self.guides and sgt.is_guided(self.step - 1, self.plan.guided_steps):  # the step just run
-      flops += self.acc.guide_flops_per_token * sgt.guide_cost(self.config)
-    return 3.0 * flops * tokens
-
-  def flops_before(self, step: int) -> float:
-    """Training FLOPs of steps [0, step) in the same accounting as `step_flops`: where the count
-    of a run resumed at `step` starts."""
-    tokens = self.config.train.global_batch * self.config.model.seq_len
-    guided = min(step, self.plan.guided_steps)
-    return 3.0 * tokens * (self.acc.flops_per_token * step + self.acc.guide_flops_per_token
-                           * sgt.guide_cost(self.config) * guided)
-
-  def set_aside_non_finite(self, step: int, loss: float) -> str:
-    """Set aside the checkpoints that cannot lead anywhere and say how to resume.
-
-    The loss of step s is computed from the parameters after step s - 1, so a checkpoint of step
-    s - 1 (or later) reproduces it whatever the learning rate: it is moved aside (kept, not
-    restored). The one before gave a finite loss; a resume from it with a lower peak_lr (allowed
-    by --allow-change) takes another path.
-    """
-    with contextlib.suppress(checkpoint.CheckpointError):
-      self.ckpt.wait()
-    moved = [(s, self.ckpt.move_aside(s, 'nonfinite')) for s in self.ckpt.steps() if s >= step - 1]
-    good = self.ckpt.steps()
-    parts = [f'non-finite loss ({loss}) at step {step}; training stopped.']
-    for s, path in moved:
-      parts.append(f'Checkpoint step {s}, whose parameters gave that loss, was moved aside to '
-                   f'{path}.')
-    if good:
-      parts.append(f'The last good checkpoint is step {good[-1]} in {self.ckpt.directory}; to '
-                   f'resume from it with a lower learning rate, run')
-    else:
-      parts.append('No good checkpoint was saved, so the run starts again from step 0; run')
-    lr = self.config.train.peak_lr
-    parts.append(f'the same command with --set train.peak_lr={lr / 10:.3g} --allow-change '
-                 f'train.peak_lr (or raise train.warmup_frac the same way).')
-    return ' '.join(parts)
-
 
 # ----------------------------------------------------------------------------- the loop's hooks
 
@@ -381,11 +265,17 @@ class Hook:
 
     begin(trainer)                     before the first step of this run() (a resumed one too)
     before_step(trainer)               trainer.step: the optimizer steps done so far
-    after_step(trainer, m)             the step just run; m: its metrics, still on the device
+    after_step(trainer, m)             the step just run, when trainer.step is a multiple of
+                                       `every` (1: every step; 0: never); m: its metrics, still
+                                       on the device
     on_metrics(trainer, step, record)  the record of `step`, fetched to the host one step late
     end(trainer)                       every step done; a dict returned joins run()'s result
     close(trainer)                     always, last (also after an error): undo begin()
+
+  `every` may be set in begin() from the config (EvalHook: train.eval_every).
   """
+
+  every = 1
 
   def begin(self, trainer: Trainer) -> None:
     pass
@@ -406,6 +296,11 @@ class Hook:
     pass
 
 
+def step_flops(trainer: Trainer) -> float:
+  """Training FLOPs of the step just run, in the paper's accounting."""
+  return accounting.flops_between(trainer.config, trainer.acc, trainer.step - 1, trainer.step)
+
+
 class MetricsHook(Hook):
   """Each step's metrics, fetched one step late so that the host never waits for the step it
   just launched: stops on a non-finite loss, writes the record (loss, grad_norm, α, tokens,
@@ -413,10 +308,11 @@ class MetricsHook(Hook):
 
   def begin(self, trainer):
     self.pending = None  # (step, metrics on the device, training FLOPs up to that step)
-    self.flops_done = trainer.flops_before(trainer.step)  # a resumed run counts on
+    # A resumed run counts on from the FLOPs of the steps before it.
+    self.flops_done = accounting.flops_between(trainer.config, trainer.acc, 0, trainer.step)
 
   def after_step(self, trainer, m):
-    self.flops_done += trainer.step_flops()
+    self.flops_done += step_flops(trainer)
     self.flush(trainer)
     self.pending = (trainer.step, m, self.flops_done)
 
@@ -427,7 +323,8 @@ class MetricsHook(Hook):
     (step, m, flops_done), self.pending = self.pending, None
     host = {k: float(v) for k, v in jax.device_get(m).items()}
     if not np.isfinite(host['loss']):
-      raise NonFiniteLoss(trainer.set_aside_non_finite(step, host['loss']))
+      raise NonFiniteLoss(trainer.ckpt.set_aside_non_finite(step, host['loss'],
+                                                            trainer.config.train.peak_lr))
     t = trainer.config.train
     record = {**host, 'tokens': step * t.global_batch * trainer.config.model.seq_len,
               'train_flops': flops_done, **(extra or {})}
@@ -446,9 +343,33 @@ class SaveStatusHook(Hook):
   """The checkpoint save in flight: reported once final, and a failed one stops the run at the
   next step (every step with one process; at log steps with several, where they agree)."""
 
+  def begin(self, trainer):
+    self.every = 1 if jax.process_count() == 1 else trainer.config.train.log_every
+
   def after_step(self, trainer, m):
-    if jax.process_count() == 1 or trainer.step % trainer.config.train.log_every == 0:
-      trainer.check_save()
+    self.check(trainer)
+
+  @staticmethod
+  def check(trainer: Trainer, block: bool = False):
+    """Report the checkpoint in flight once it is final (a log line and a metrics record with
+    how long it took); raise CheckpointError if its save failed (on any process)."""
+    error = done = None
+    try:
+      done = trainer.ckpt.poll(block)
+    except checkpoint.CheckpointError as e:
+      error = e
+    if jax.process_count() > 1 and distributed.agree(error is not None) and error is None:
+      error = checkpoint.CheckpointError(
+          f'a checkpoint save failed on another process (see its log); '
+          f'{workdir_lib.free_space(trainer.workdir)} in {trainer.workdir}.')
+    if error is not None:
+      raise error
+    if done:
+      lag = trainer.step - done['step']
+      trainer.report.log(f'checkpoint step {done["step"]} final after {done["seconds"]:.2f}s'
+                         + (f' ({lag} steps later)' if lag else ''))
+      trainer.report.write(trainer.step, {'ckpt_step': done['step'],
+                                          'ckpt_final_s': done['seconds'], 'ckpt_lag_steps': lag})
 
 
 class ProfilerHook(Hook):
@@ -513,7 +434,7 @@ class ThroughputHook(Hook):
     peak = self.peak * jax.device_count() if self.peak else None
     trainer.flush_metrics({'tokens_per_s': rate * self.tokens_per_step,
                            'lr': float(trainer.lr(trainer.step - 1)),
-                           'mfu': trainer.step_flops() * rate / peak if peak else None},
+                           'mfu': step_flops(trainer) * rate / peak if peak else None},
                           progress=rate)
     self.start, self.steps = time.perf_counter(), 0
 
@@ -522,22 +443,34 @@ class EvalHook(Hook):
   """The validation loss every train.eval_every steps and after the last step; the last joins
   run()'s result."""
 
+  def begin(self, trainer):
+    self.every = trainer.config.train.eval_every
+
   def after_step(self, trainer, m):
-    every = trainer.config.train.eval_every
-    if every and trainer.step % every == 0 and trainer.step < trainer.plan.total_steps:
+    if trainer.step < trainer.plan.total_steps:
       self._evaluate(trainer)
 
   def end(self, trainer):
     return self._evaluate(trainer)
 
   @staticmethod
-  def _evaluate(trainer):
+  def _evaluate(trainer, split='valid'):
     trainer.flush_metrics()
-    result = trainer.evaluate()
-    if result:
-      trainer.report.write(trainer.step, result)
-      trainer.report.log(f'step {trainer.step:>6}  eval  ' + '  '.join(
-          f'{k} {v:.4f}' if 'tokens' not in k else f'{k} {v:,.0f}' for k, v in result.items()))
+    if split not in trainer.manifest.splits:
+      return None
+    t = trainer.config.train
+    batch = t.eval_batch or t.micro_batch or t.global_batch
+    max_rows = max(1, int(t.eval_tokens // trainer.config.model.seq_len))
+    alpha = sgt.alpha_of(trainer.state['opt_state']) if trainer.guides else None
+    with sharding.use_mesh(trainer.mesh, trainer.rules):
+      loss, count = evaluation.mean_loss(trainer.eval_step, trainer.state['params'], alpha,
+                                         trainer.manifest, split, batch, max_rows,
+                                         trainer.batch_sharding, trainer.mask_sharding)
+    result = {f'{split}_loss': loss, f'{split}_ppl': math.exp(min(loss, 50)),
+              f'{split}_tokens': count}
+    trainer.report.write(trainer.step, result)
+    trainer.report.log(f'step {trainer.step:>6}  eval  ' + '  '.join(
+        f'{k} {v:.4f}' if 'tokens' not in k else f'{k} {v:,.0f}' for k, v in result.items()))
     return result
 
 
@@ -545,14 +478,27 @@ class CheckpointHook(Hook):
   """A checkpoint every train.ckpt_every steps and after the last step (waiting until it is
   final)."""
 
+  def begin(self, trainer):
+    self.every = trainer.config.train.ckpt_every
+
   def after_step(self, trainer, m):
-    if trainer.step % trainer.config.train.ckpt_every == 0:
-      trainer.flush_metrics()
-      trainer.save()
+    trainer.flush_metrics()
+    self.save(trainer)
 
   def end(self, trainer):
-    trainer.save()
-    trainer.check_save(block=True)
+    self.save(trainer)
+    SaveStatusHook.check(trainer, block=True)
+
+  @staticmethod
+  def save(trainer: Trainer):
+    """Save the state at trainer.step (after the save before it is final: its time, or its
+    failure), with the step, whether the guides were dropped, and the data position."""
+    meta = {'step': trainer.step,
+            'guides_dropped': trainer.config.sgt.enabled and not trainer.guides,
+            'data_next_index': trainer.plan.data_index(trainer.step),
+            'config': trainer.config.name}
+    SaveStatusHook.check(trainer, block=True)
+    trainer.ckpt.save(trainer.step, trainer.state, meta)
 
 
 class StopHook(Hook):
@@ -579,8 +525,8 @@ class StopHook(Hook):
       stop = (stop or 'a signal to another process') if agreed else None
     if stop:
       trainer.flush_metrics()
-      trainer.save()
-      trainer.check_save(block=True)
+      CheckpointHook.save(trainer)
+      SaveStatusHook.check(trainer, block=True)
       trainer.report.log(f'{stop}: checkpoint saved at step {trainer.step}; run the same command '
                          f'to resume (exit status {EXIT_PREEMPTED})')
       trainer.stopped = stop
@@ -631,11 +577,11 @@ def main(argv=None):
                       allow_change=tuple(args.allow_change))
     result = trainer.run()
   except (config_lib.ConfigError, FileNotFoundError, ValueError, NonFiniteLoss,
-          checkpoint.CheckpointError, checkpoint.WorkdirLocked) as e:
+          checkpoint.CheckpointError, workdir_lib.WorkdirLocked) as e:
     sys.exit(f'error: {e}')
   except OSError as e:
-    extra = f'; {checkpoint.free_space(args.workdir)} in {args.workdir}' \
-        if checkpoint.is_disk_full(e) else ''
+    extra = f'; {workdir_lib.free_space(args.workdir)} in {args.workdir}' \
+        if workdir_lib.is_disk_full(e) else ''
     sys.exit(f'error: {e}{extra}')
   except KeyboardInterrupt as e:
     name = 'SIGTERM' if isinstance(e, StartupTerminated) else 'SIGINT'

@@ -1,7 +1,11 @@
-"""Shared pytest fixtures: the repository root (config paths resolve against it) and the tiny
-config's prepared data."""
+"""Shared pytest fixtures: the repository root (config paths resolve against it), the tiny
+config's prepared data, and one tiny trained run.
+
+Tests marked `slow` (registered in pyproject.toml) start processes or train several runs; CI runs
+them all (`-m "not slow"` leaves them out locally)."""
 
 import pathlib
+import shutil
 import sys
 
 import pytest
@@ -24,3 +28,25 @@ def data_dir(tmp_path_factory):
   d = tmp_path_factory.mktemp('tiny_data')
   prepare_lib.prepare(tiny_setup.run_config().data, d, 64, model_vocab_size=512)
   return d
+
+
+@pytest.fixture(scope='session')
+def trained_run(tmp_path_factory, data_dir):
+  """A tiny LowRank run (configs/tiny.py on the shared data), trained for 2 steps, once per
+  session. Read it; a test that writes into a run takes `trained_workdir`, a copy."""
+  from structffn_jax import train  # pylint: disable=g-import-not-at-top
+  from tests import tiny_setup  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('trained_run')
+  config = tiny_setup.run_config(
+      'train.tokens=1024', 'train.eval_every=0', 'train.log_every=1', 'train.eval_tokens=256',
+      'model.ffn.init=gaussian', f'data.data_dir={data_dir}', sgt=0)
+  train.Trainer(config, root / 'w').run()
+  return root / 'w'
+
+
+@pytest.fixture(scope='module')
+def trained_workdir(trained_run, tmp_path_factory):
+  """A copy of `trained_run` that one test module may write into (premerge.json, lm_eval/)."""
+  workdir = tmp_path_factory.mktemp('run') / 'w'
+  shutil.copytree(trained_run, workdir)
+  return workdir

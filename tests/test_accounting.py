@@ -213,6 +213,33 @@ def test_sgt_accounting_closed_form(repo_root, mode, reduce_flop):
   assert acc.train_flops == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.parametrize('mode,reduce_flop', [('fixedflop', 1), ('fixedstep', 0)])
+def test_flops_between_two_steps_closed_form(repo_root, mode, reduce_flop):
+  """The trainer's count (`flops_between`) against the closed form of design §5.3 with the
+  forward FLOPs counted here, step by step and over ranges across the hand-over; and, for a
+  budget of whole steps, the run's total against `account`'s."""
+  config = table_config(repo_root, 'm', 'blockdense', 32, sgt=mode, reduce_flop=reduce_flop)
+  m, t = config.model, config.train
+  t.tokens = float(40 * t.global_batch * m.seq_len)  # S = 40 whole steps
+  acc = accounting.account(config)
+  tokens = t.global_batch * m.seq_len
+  guided = acc.guided_steps
+  cost = 0.5 if reduce_flop else 1.0
+
+  def closed(start, stop):
+    g = len([s for s in range(start, stop) if s < guided])
+    return 3 * tokens * (forward_flops(m) * (stop - start) + 2 * guide_params(m) * cost * g)
+
+  for start, stop in ((0, 1), (guided - 1, guided), (guided, guided + 1), (0, guided + 3),
+                      (5, acc.steps), (0, acc.steps)):
+    assert accounting.flops_between(config, acc, start, stop) == pytest.approx(
+        closed(start, stop), rel=1e-12), (start, stop)
+  steps = sum(accounting.flops_between(config, acc, s, s + 1) for s in range(acc.steps))
+  assert steps == pytest.approx(accounting.flops_between(config, acc, 0, acc.steps), rel=1e-12)
+  assert accounting.flops_between(config, acc, 0, acc.steps) == pytest.approx(acc.train_flops,
+                                                                              rel=1e-12)
+
+
 # ----------------------------------------------------------------------------- info CLI
 
 

@@ -196,6 +196,7 @@ def _mesh_run(out_path):
                                                 'shard_map': 'manual_computation' in text}))
 
 
+@pytest.mark.slow
 def test_fused_paths_on_a_mesh(tmp_path):
   out = tmp_path / 'mesh.json'
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO),

@@ -287,7 +287,7 @@ def test_every_field_of_the_schema_is_validated(field):
   if field in INVALID:
     cases.append(INVALID[field])
   elif isinstance(default, (int, float)) and not isinstance(default, bool):
-    pytest.fail(f'{field}: a number without a range; add its range to config._RANGES and an '
+    pytest.fail(f'{field}: a number without a range; add its range to schema.RANGES and an '
                 f'invalid value to INVALID')
   for value in cases:
     with pytest.raises(config_lib.ConfigError) as info:

@@ -34,6 +34,7 @@ RTOL = 1e-5  # float32 sums in another order over 6 steps
 tiny = tiny_setup.run_config  # (*overrides, method='lowrank', sgt=1)
 
 
+@pytest.mark.slow
 def test_two_processes_train_in_lockstep_like_one(tmp_path, data_dir):
   workdir, logs = tmp_path / 'run', tmp_path / 'logs'
   env = dict(os.environ, PYTHONPATH=str(REPO), CPU_DEVICES='2', LOG_DIR=str(logs))

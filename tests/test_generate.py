@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from structffn_jax import generate, premerge, structured, train
-from structffn_jax.data import prepare as prepare_lib
+from structffn_jax import generate, premerge, structured
+from structffn_jax.data import manifest as manifest_lib
 from tests import tiny_setup
 
 REPO = tiny_setup.REPO
@@ -272,17 +272,6 @@ def test_crossover_is_the_last_count_where_merged_always_won():
 # ----------------------------------------------------------------------------- commands
 
 
-@pytest.fixture(scope='module')
-def trained_workdir(tmp_path_factory):
-  """A tiny LowRank run (configs/tiny.py on generated WikiText-style text), trained for 2 steps."""
-  root = tmp_path_factory.mktemp('run')
-  config = tiny_setup.run_config(
-      'train.tokens=1024', 'train.eval_every=0', 'train.log_every=1', 'train.eval_tokens=256',
-      'model.ffn.init=gaussian', f'data.data_dir={root / "data"}', sgt=0)
-  train.Trainer(config, root / 'w').run()
-  return root / 'w'
-
-
 def test_premerge_and_generate_commands(trained_workdir, capsys):
   premerge.main(['--workdir', str(trained_workdir), '--tokens', '1,64', '--iters', '2'])
   record = json.loads((trained_workdir / 'premerge.json').read_text())
@@ -304,7 +293,8 @@ def test_premerge_and_generate_commands(trained_workdir, capsys):
   generate.main(args + ['--merge-threshold', '4096'])
   out_merged, err = capsys.readouterr()
   assert 'pre-merge on' in err and out_merged == out
-  sp_path = prepare_lib.Manifest.load(trained_workdir.parent / 'data').tokenizer_path
+  data_dir = json.loads((trained_workdir / 'config.json').read_text())['data']['data_dir']
+  sp_path = manifest_lib.Manifest.load(data_dir).tokenizer_path
   assert sp_path.is_file()
   with pytest.raises(SystemExit, match='error: no prompt'):
     generate.main(['--workdir', str(trained_workdir)])

@@ -8,6 +8,8 @@ without breaking another. The test reads every module's imports, those inside fu
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -72,3 +74,34 @@ def test_no_module_imports_a_command(name):
   bad = sorted(m for m in imported_modules(name) if m in COMMANDS and m != name)
   assert not bad, (f'{name} imports the command module(s) {bad}; move what it needs into a '
                    'library module and import that instead.')
+
+
+def test_the_config_loads_no_jax():
+  """The schema and its checks are a leaf: a config file, `info` and the data preparation read
+  them without loading JAX (a fresh interpreter, so no other test's imports count)."""
+  code = ('import sys, structffn_jax.config; '
+          "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax')); "
+          'assert not loaded, loaded')
+  subprocess.run([sys.executable, '-c', code], cwd=REPO, check=True)
+
+
+def _design_module_map() -> str:
+  text = (REPO / 'docs' / 'design.md').read_text()
+  start = text.index('## 9. The modules')
+  end = text.find('\n## ', start + 1)
+  return text[start:end if end > 0 else None]
+
+
+def test_the_module_map_in_the_design_notes_names_files_that_exist():
+  """Every `x.py` in docs/design.md §9 is a file of the package, and every library module of the
+  package (commands and benchmarks aside) has its line there."""
+  import re  # pylint: disable=g-import-not-at-top
+  section = _design_module_map()
+  named = set(re.findall(r'`((?:[a-z_]+/)?[a-z_]+\.py)`', section)) - {'tests/test_imports.py'}
+  assert named, 'no module named in design.md §9'
+  missing = sorted(n for n in named if not (PACKAGE / n).is_file())
+  assert not missing, f'docs/design.md §9 names {missing}, which do not exist under {PACKAGE}'
+  on_disk = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob('*.py')
+             if p.name != '__init__.py' and p.parts[-2] != 'bench'}
+  unnamed = sorted(on_disk - named)
+  assert not unnamed, f'docs/design.md §9 does not say what {unnamed} owns'

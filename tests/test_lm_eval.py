@@ -19,7 +19,6 @@ harness = pytest.importorskip('lm_eval', reason="lm-evaluation-harness is not in
                               "(pip install '.[eval]')")
 
 from structffn_jax import lm_eval as adapter  # noqa: E402
-from structffn_jax import train  # noqa: E402
 from structffn_jax.data import prepare as prepare_lib  # noqa: E402
 from tests import tiny_setup  # noqa: E402
 
@@ -171,17 +170,6 @@ def test_unknown_task_is_a_one_line_error(tmp_path):
   manager = adapter.task_manager(str(tmp_path), include_defaults=False)
   with pytest.raises(ValueError, match=r"no lm-eval task named 'no_such_task'"):
     adapter.check_tasks(['no_such_task'], manager)
-
-
-@pytest.fixture(scope='module')
-def trained_workdir(tmp_path_factory, data_dir):
-  """A tiny LowRank run, trained for 2 steps."""
-  root = tmp_path_factory.mktemp('run')
-  config = tiny_setup.run_config(
-      'train.tokens=1024', 'train.eval_every=0', 'train.log_every=1', 'train.eval_tokens=256',
-      'model.ffn.init=gaussian', f'data.data_dir={data_dir}', sgt=0)
-  train.Trainer(config, root / 'w').run()
-  return root / 'w'
 
 
 def test_command_writes_results_next_to_the_run(trained_workdir, tmp_path, capsys):

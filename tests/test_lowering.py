@@ -197,7 +197,8 @@ def _lower_steps(out_dir):
   """Script mode: every STEPS entry for every platform into out_dir (text or the error)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
-  from structffn_jax import accounting, optim, sharding, steps  # pylint: disable=g-import-not-at-top
+  from structffn_jax import optim, sharding, steps  # pylint: disable=g-import-not-at-top
+  from structffn_jax import sgt as sgt_lib  # pylint: disable=g-import-not-at-top
   from structffn_jax.model import GPT  # pylint: disable=g-import-not-at-top
   from tests import tiny_setup  # pylint: disable=g-import-not-at-top
 
@@ -205,7 +206,8 @@ def _lower_steps(out_dir):
   for name, (method, sgt, overrides) in STEPS.items():
     config = tiny_setup.run_config(*overrides, method=method, sgt=sgt)
     mesh, rules = sharding.make_mesh(config), sharding.rules_of(config)
-    total, guided = accounting.schedule_steps(config)
+    counts = sgt_lib.step_counts(config)
+    total, guided = counts.total, counts.guided
     tx = optim.make_optimizer(config, total, guided)
     new_model = lambda c=config: GPT(c.model, guide=c.sgt.enabled, reduce_flop=c.sgt.reduce_flop,
                                      rngs=nnx.Rngs(params=0))

@@ -22,7 +22,7 @@ from jax.sharding import AbstractMesh
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from structffn_jax import accounting, evaluate, metrics, optim, sharding, steps, train  # noqa: E402
+from structffn_jax import evaluate, metrics, optim, sgt, sharding, steps, train  # noqa: E402
 from structffn_jax import config as config_lib  # noqa: E402
 from structffn_jax.model import GPT  # noqa: E402
 from tests import tiny_setup  # noqa: E402
@@ -105,7 +105,8 @@ def expected_spec(path: str, method: str):
 
 
 def abstract_state(config):
-  total, guided = accounting.schedule_steps(config)
+  counts = sgt.step_counts(config)
+  total, guided = counts.total, counts.guided
   tx = optim.make_optimizer(config, total, guided)
 
   def init():

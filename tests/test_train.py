@@ -1,19 +1,15 @@
-"""The trainer: exact resume, the self-guided Optax transformation, fixed-FLOP replay, bad runs."""
+"""The trainer: exact resume across the hand-over, the guides dropped, the learning-rate schedule,
+bad runs and the command (the self-guided rules themselves: test_sgt.py)."""
 
 import json
-import math
 import pathlib
 import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
 import pytest
 
 from structffn_jax import metrics, optim, sgt, train
-from structffn_jax import plan as plan_lib
 from tests import tiny_setup
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -37,6 +33,7 @@ RUN = ('train.tokens=12288', 'train.log_every=1', 'train.eval_every=0', 'train.c
        'train.eval_tokens=512')
 
 
+@pytest.mark.slow
 def test_resume_is_exact_across_the_handover(tmp_path, data_dir):
   overrides = RUN + (f'data.data_dir={data_dir}', 'sgt.reduce_flop=true')
   full = train.Trainer(tiny(*overrides), tmp_path / 'full')
@@ -78,46 +75,6 @@ def test_guides_and_their_optimizer_state_are_dropped(tmp_path, data_dir):
   assert seen == run_losses(tmp_path / 'w')
 
 
-def test_one_hand_over_rule_and_alpha_at_the_end_of_the_optimizer_state():
-  c = tiny('train.tokens=3072')  # S = 6, G = 3
-  counts = sgt.step_counts(c)
-  assert (counts.base, counts.guided, counts.total) == (6, 3, 6)
-  assert [sgt.is_guided(t, counts.guided) for t in range(6)] == [True] * 3 + [False] * 3
-  params = {'guide': jnp.ones(2), 'u': jnp.ones(2)}
-  state = optim.make_optimizer(c, counts.total, counts.guided).init(params)
-  assert isinstance(state[-1], sgt.SelfGuidedState) and float(sgt.alpha_of(state)) == 1.0
-  assert sgt.alpha_of(optim.make_optimizer(tiny(sgt=0), 6, 0).init(params)) is None
-  assert sgt.guide_cost(tiny('sgt.reduce_flop=true')) == 0.5 and sgt.guide_cost(c) == 1.0
-
-
-def test_alpha_schedule_closed_forms():
-  g = 40
-  cos = sgt.alpha_schedule('cosine', g)
-  lin = sgt.alpha_schedule('linear', g)
-  for t in (0, 1, 7, 20, 39, 40, 41, 100):
-    expect_cos = 0.5 * (1 + math.cos(math.pi * t / g)) if t < g else 0.0
-    expect_lin = 1 - t / g if t < g else 0.0
-    assert float(cos(t)) == pytest.approx(expect_cos, abs=1e-6)
-    assert float(lin(t)) == pytest.approx(expect_lin, abs=1e-6)
-  assert float(cos(0)) == 1.0
-
-
-def test_self_guided_transform_freezes_guides_after_g():
-  g = 3
-  params = {'guide': jnp.ones((2, 2)), 'u': jnp.ones((2,))}
-  tx = sgt.self_guided(sgt.alpha_schedule('linear', g), g, sgt.guide_mask)
-  state = tx.init(params)
-  assert int(state.step) == 0 and float(state.alpha) == 1.0
-  grads = {'guide': jnp.full((2, 2), 0.5), 'u': jnp.full((2,), 0.25)}
-  for t in range(6):
-    updates, state = tx.update(grads, state, params)
-    assert int(state.step) == t + 1
-    assert float(state.alpha) == pytest.approx(max(0.0, 1 - (t + 1) / g))
-    np.testing.assert_array_equal(updates['u'], grads['u'])
-    expected_guide = grads['guide'] if t < g else np.zeros((2, 2))
-    np.testing.assert_array_equal(updates['guide'], expected_guide)
-
-
 def test_lr_schedule_warmup_then_cosine_to_a_tenth():
   c = tiny()
   lr = optim.lr_schedule(c.train, 100)
@@ -128,26 +85,6 @@ def test_lr_schedule_warmup_then_cosine_to_a_tenth():
   mid = 10 + 45
   assert float(lr(mid)) == pytest.approx(0.1 * peak + 0.9 * peak * 0.5, rel=1e-5)
   assert float(lr(100)) == pytest.approx(0.1 * peak, rel=1e-6)
-
-
-def test_fixedflop_plan_replays_the_guided_batches():
-  c = tiny('sgt.mode=fixedflop', 'sgt.ratio=0.25', 'train.tokens=20480')  # S = 40
-  plan = plan_lib.make_plan(c)
-  assert (plan.base_steps, plan.guided_steps, plan.total_steps) == (40, 10, 50)
-  indices = [plan.data_index(t) for t in range(plan.total_steps)]
-  assert indices[:40] == list(range(40))
-  assert indices[40:] == list(range(10))
-
-
-def test_transplant_keeps_surviving_moments():
-  tx = optax.adam(1e-3)
-  big = {'a': jnp.arange(3.0), 'guide': jnp.ones(2)}
-  small = {'a': jnp.zeros(3)}
-  s_big = tx.init(big)
-  s_big = tx.update(big, s_big, big)[1]
-  moved = sgt.transplant(s_big, tx.init(small))
-  np.testing.assert_array_equal(moved[0].mu['a'], s_big[0].mu['a'])
-  assert int(moved[0].count) == 1
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, data_dir):
@@ -172,6 +109,7 @@ def test_workdir_of_another_config_is_refused(tmp_path, data_dir):
   assert (workdir / 'config.json').read_text() == before
 
 
+@pytest.mark.slow
 def test_cli_trains_profiles_and_evaluates(tmp_path, data_dir):
   workdir = tmp_path / 'w'
   cmd = [sys.executable, '-m', 'structffn_jax.train', '--config',

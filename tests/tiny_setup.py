@@ -91,3 +91,15 @@ def random_model(cfg, seed: int = 0, **kw):
         new = 1.5 * rng.standard_normal(v.shape) / math.sqrt(v.shape[-1])
       v.set_value(jnp.asarray(new, jnp.float32))
   return model
+
+
+# 6 steps of 8 sequences, a checkpoint every 2; self-guided for the first 3 (hand-over at 3), so
+# checkpoint 2 still has its guides and 4 and 6 do not. The checkpoint, workdir and fault tests
+# run it.
+CHECKPOINTED_RUN = ('train.tokens=3072', 'train.log_every=1', 'train.eval_every=0',
+                    'train.ckpt_every=2', 'train.eval_tokens=512')
+
+
+def checkpointed_run(data_dir, *overrides, sgt=1):
+  """`CHECKPOINTED_RUN` on the prepared `data_dir`, with more overrides."""
+  return run_config(*CHECKPOINTED_RUN, f'data.data_dir={data_dir}', *overrides, sgt=sgt)

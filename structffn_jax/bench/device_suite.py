@@ -228,8 +228,7 @@ def counted_step_flops(spec: str, global_batch: int) -> dict:
   t, m = config.train, config.model
   t.global_batch, t.micro_batch = global_batch, 0
   acc = accounting.account(config)
-  new_model = lambda: GPT(m, guide=config.sgt.enabled, reduce_flop=config.sgt.reduce_flop,
-                          rngs=nnx.Rngs(params=0))
+  new_model = lambda: GPT.from_config(config)
   model = nnx.eval_shape(new_model)
   graphdef, params = nnx.split(model, nnx.Param)
   tokens = jax.ShapeDtypeStruct((global_batch, m.seq_len + 1), jnp.int32)

@@ -53,8 +53,7 @@ def prepare(spec, overrides, global_batch, micro_batch):
   micro = t.global_batch // plan.micro_batches
   acc = accounting.account(config)
   tx = optim.make_optimizer(config, plan.total_steps, plan.guided_steps)
-  new_model = lambda: GPT(config.model, guide=config.sgt.enabled,
-                          reduce_flop=config.sgt.reduce_flop, rngs=nnx.Rngs(params=t.seed))
+  new_model = lambda: GPT.from_config(config, seed=t.seed)
   graphdef = nnx.split(nnx.eval_shape(new_model), nnx.Param)[0]
   holder = {'state': jax.jit(lambda: steps.init_state(new_model(), tx)[1])()}
   step = jax.jit(steps.make_train_step(graphdef, tx, plan.micro_batches), donate_argnums=0)

@@ -2,8 +2,12 @@
 
   sources    documents from plain text / JSON lines / Hugging Face datasets / the Python stdlib
   tokenizer  SentencePiece `.model` and Hugging Face `tokenizer.json` behind one interface
-  prepare    tokenizer + sharded rows of seq_len + 1 ids + manifest.json, written once, by one
-             or many jobs, over parallel worker processes; resumable
+  manifest   a prepared directory read: manifest.json, the .bin shards and their size checks
+             (no tokenizer library)
+  prepare    the writer: tokenizer + sharded rows of seq_len + 1 ids + manifest.json, written
+             once, by one or many jobs, over parallel worker processes; resumable
+  encode     the writer's tokenizing half: documents to splits, ids on worker processes, rows
+  rows_bin   a manifest over rows tokenized elsewhere (the authors' .bin files)
   pipeline   grain pipeline: global batch d is a pure function of d (exact resume, replay)
 
 Names are imported on first use, so `python -m structffn_jax.data.prepare` does not load the
@@ -20,13 +24,13 @@ _EXPORTS = {
     'make_train_iterator': 'pipeline',
     'num_eval_batches': 'pipeline',
     'open_split': 'pipeline',
-    'Manifest': 'prepare',
+    'Manifest': 'manifest',
     'PendingJobs': 'prepare',
-    'as_manifest': 'prepare',
+    'as_manifest': 'manifest',
     'load_tokenizer': 'prepare',
     'prepare': 'prepare',
-    'resolve_data_dir': 'prepare',
-    'token_dtype': 'prepare',
+    'resolve_data_dir': 'manifest',
+    'token_dtype': 'manifest',
 }
 
 __all__ = sorted(_EXPORTS)

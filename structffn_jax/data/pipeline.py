@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 import grain
 import numpy as np
 
-from structffn_jax.data.prepare import Manifest, as_manifest
+from structffn_jax.data.manifest import Manifest, as_manifest, file_rows
 
 
 class TokenRows:
@@ -36,9 +36,8 @@ class TokenRows:
   worker processes.
   """
 
-  def __init__(
-      self, paths: str | os.PathLike | Sequence[str | os.PathLike], seq_len: int, dtype: Any
-  ):
+  def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], seq_len: int,
+               dtype: Any):
     single = isinstance(paths, (str, os.PathLike))
     self.paths = [Path(p) for p in ([paths] if single else paths)]
     if not self.paths:
@@ -46,20 +45,7 @@ class TokenRows:
     self.path = self.paths[0]  # The file, for a single-file split (and messages).
     self.seq_len = int(seq_len)
     self.dtype = np.dtype(dtype)
-    row_bytes = (self.seq_len + 1) * self.dtype.itemsize
-    counts = []
-    for path in self.paths:
-      if not path.is_file():
-        raise FileNotFoundError(
-            f'token file not found: {path} (prepare the data directory first)'
-        )
-      size = path.stat().st_size
-      if size == 0 or size % row_bytes:
-        raise ValueError(
-            f'{path} is {size} bytes, not a positive multiple of a row '
-            f'({self.seq_len + 1} x {self.dtype.name})'
-        )
-      counts.append(size // row_bytes)
+    counts = [file_rows(path, self.seq_len, self.dtype) for path in self.paths]
     self.shard_rows = counts
     self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     self._len = int(self._offsets[-1])
@@ -102,15 +88,16 @@ class TokenRows:
   def file_max_id(self, k: int, chunk_rows: int = 1 << 16) -> int:
     """Largest token id of file k."""
     rows = self._maps()[k]
-    return max(int(rows[i : i + chunk_rows].max()) for i in range(0, len(rows), chunk_rows))
+    return max(int(rows[i:i + chunk_rows].max()) for i in range(0, len(rows), chunk_rows))
 
   def __getstate__(self) -> dict[str, Any]:
     return {**self.__dict__, '_arrays': None}
 
 
-def open_split(
-    manifest: Manifest | str | os.PathLike, split: str, *, verify_ids: bool = True
-) -> TokenRows:
+def open_split(manifest: Manifest | str | os.PathLike,
+               split: str,
+               *,
+               verify_ids: bool = True) -> TokenRows:
   """Opens `split` of a prepared directory, checking its size and (optionally) its token ids.
 
   The id check raises naming the file if an id does not fit the manifest's vocab, which would
@@ -123,8 +110,7 @@ def open_split(
   rows = TokenRows(m.split_files(split), m.seq_len, m.dtype)
   if len(rows) != m.rows(split):
     raise ValueError(
-        f'{rows.path} holds {len(rows)} rows but the manifest says {m.rows(split)}; prepare again'
-    )
+        f'{rows.path} holds {len(rows)} rows but the manifest says {m.rows(split)}; prepare again')
   if verify_ids:
     shards = m.split_info(split)['shards']
     recorded = [shard.get('max_id') for shard in shards]
@@ -133,8 +119,7 @@ def open_split(
     for path, top in zip(rows.paths, _max_ids(rows, recorded)):
       if top >= m.vocab_size:
         raise ValueError(
-            f"{path} contains token id {top}, outside the tokenizer's vocab of {m.vocab_size}"
-        )
+            f"{path} contains token id {top}, outside the tokenizer's vocab of {m.vocab_size}")
   return rows
 
 
@@ -187,8 +172,7 @@ class BatchStream:
     if global_batch <= 0 or global_batch % process_count:
       raise ValueError(
           f'train.global_batch={global_batch} must be a positive multiple of the process '
-          f'count {process_count}'
-      )
+          f'count {process_count}')
     if not 0 <= process_index < process_count:
       raise ValueError(f'process_index={process_index} outside [0, {process_count})')
     self.manifest = as_manifest(manifest)
@@ -201,16 +185,11 @@ class BatchStream:
       raise ValueError(
           f'split {split!r} has {len(self.rows)} rows, fewer than train.global_batch={global_batch}'
       )
-    self._share = slice(
-        process_index * self.per_process_batch, (process_index + 1) * self.per_process_batch
-    )
+    self._share = slice(process_index * self.per_process_batch,
+                        (process_index + 1) * self.per_process_batch)
     # Element d: the row ids of global batch d (int64 [global_batch]); epochs reshuffle.
-    self._row_ids = (
-        grain.MapDataset.range(len(self.rows))
-        .shuffle(seed=_shuffle_seed(seed))
-        .batch(global_batch, drop_remainder=True)
-        .repeat()
-    )
+    self._row_ids = (grain.MapDataset.range(len(self.rows)).shuffle(seed=_shuffle_seed(seed)).batch(
+        global_batch, drop_remainder=True).repeat())
 
   def global_row_ids(self, batch_index: int) -> np.ndarray:
     """Row ids of all of global batch `batch_index`: int64 [global_batch]."""
@@ -321,9 +300,10 @@ def make_train_iterator(
   return stream.iterate(start_index, index_fn, num_threads=num_threads, prefetch=prefetch)
 
 
-def num_eval_batches(
-    manifest: Manifest | str | os.PathLike, split: str, batch_size: int, max_rows: int | None = None
-) -> int:
+def num_eval_batches(manifest: Manifest | str | os.PathLike,
+                     split: str,
+                     batch_size: int,
+                     max_rows: int | None = None) -> int:
   """How many batches `eval_batches` yields."""
   rows = as_manifest(manifest).rows(split)
   rows = rows if max_rows is None else min(rows, max_rows)
@@ -348,8 +328,7 @@ def eval_batches(
   if batch_size <= 0 or batch_size % process_count:
     raise ValueError(
         f'eval batch size {batch_size} must be a positive multiple of the process count '
-        f'{process_count}'
-    )
+        f'{process_count}')
   m = as_manifest(manifest)
   rows = open_split(m, split)
   n = len(rows) if max_rows is None else min(len(rows), max_rows)

@@ -59,59 +59,59 @@ shorthand of one data field, are applied over it and the whole is validated as b
 
 from __future__ import annotations
 
-import argparse
 import collections
-import concurrent.futures
-import contextlib
-import dataclasses
-import hashlib
 import io
-import itertools
 import json
 import logging
-import multiprocessing
 import os
-import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import ml_collections
-import numpy as np
 import sentencepiece as spm
 
 from structffn_jax import schema
-from structffn_jax.data import sources
+from structffn_jax.data import rows_bin, sources
+# The tokenizing half, used here (and its names read from here by the tests).
+from structffn_jax.data.encode import (_chunks, _encoding, _Encoder, _RowWriter, _route, _Stream,
+                                       resolve_num_workers)
 from structffn_jax.data import tokenizer as tokenizer_lib
+# The reader's names, used here and read from here by older callers.
+from structffn_jax.data.manifest import (FORMAT_VERSION, MANIFEST_NAME, REQUIRED, Manifest,
+                                         as_manifest, atomic_write, check_model_vocab,
+                                         check_tokenizer_given, file_rows, json_bytes,
+                                         resolve_data_dir, sha256_file, token_dtype)
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = 'manifest.json'
 JOBS_DIR = 'jobs'
 TOKENIZER_NAME = tokenizer_lib.FILE_NAMES[tokenizer_lib.SENTENCEPIECE]
-# 2: splits in shards, jobs; 1 (read still): one <split>.bin per split.
-FORMAT_VERSION = 2
 # Bumped when the tokenizer training options below change, so old directories are not reused.
 TOKENIZER_RECIPE = 1
 DEFAULT_TOKENIZER_TRAIN_BYTES = 32_000_000
-# A config's placeholder for a tokenizer the user must supply (`data.tokenizer`).
-REQUIRED = 'required'
 _PROGRESS_SECONDS = 10.0
 _MAX_CHUNK_CHARS = 1 << 20  # text per task sent to a worker
 _AUTO_FRACTION = 0.01  # held-out fraction when only a token count is given and no cap on train
 _FRACTION_MARGIN = 1.25  # held-out fraction = margin x its share of the caps
 
-
 # The paper's data: RefinedWeb (train only, so 0.7B validation tokens are carved from it by
 # document hash) tokenized with the LLaMA SentencePiece model, whose path the user supplies; 65B
 # train tokens in rows of seq_len + 1 = 1025. `local`: the stdlib, to try a config here.
 DATA_RECIPES = {
-    'refinedweb': dict(
-        source='hf', hf_name='tiiuae/falcon-refinedweb', text_field='content', tokenizer=REQUIRED,
-        max_tokens=65_000_000_000, valid_tokens=700_000_000, num_workers=-1,
-    ),
-    'local': dict(source='stdlib'),
+    'refinedweb':
+        dict(
+            source='hf',
+            hf_name='tiiuae/falcon-refinedweb',
+            text_field='content',
+            tokenizer=REQUIRED,
+            max_tokens=65_000_000_000,
+            valid_tokens=700_000_000,
+            num_workers=-1,
+        ),
+    'local':
+        dict(source='stdlib'),
 }
 
 
@@ -121,138 +121,8 @@ def apply_recipe(cfg_data: ml_collections.ConfigDict, recipe: dict[str, Any]) ->
     cfg_data[name] = value
 
 
-def resolve_data_dir(cfg_data: Any, workdir: str | os.PathLike) -> Path:
-  """`data.data_dir`, or `<workdir>/data` when it is empty."""
-  data_dir = schema.data_section(cfg_data).data_dir
-  return Path(data_dir) if data_dir else Path(workdir) / 'data'
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-  """Storage type of token ids: uint16 when every id fits (vocab <= 65535), else uint32."""
-  return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
-
-
 class PendingJobs(ValueError):
   """Raised when this job has finished but others of `data.num_shards` have not."""
-
-
-# --------------------------------------------------------------------------------- manifest
-
-
-@dataclasses.dataclass
-class Manifest:
-  """What `prepare` wrote into `dir`; file names are relative so the directory can be moved.
-
-  `splits[name]` holds: rows, tokens (= rows * (seq_len + 1)), dropped_tokens (the partial rows
-  left at the ends of pieces), docs, shards (a list of {file, rows, sha256, max_id: the largest
-  token id}, in row order; a `rows_bin` file is named by its absolute path and has neither) and
-  source (the input's identity from `sources.describe`). `settings` records how the directory
-  was made.
-  """
-
-  dir: Path
-  seq_len: int
-  vocab_size: int
-  dtype: str
-  tokenizer_file: str
-  tokenizer_sha256: str
-  tokenizer_source: str
-  eos_id: int
-  bos_id: int
-  splits: dict[str, dict[str, Any]]
-  settings: dict[str, Any]
-  tokenizer_kind: str = tokenizer_lib.SENTENCEPIECE
-
-  @property
-  def tokenizer_path(self) -> Path:
-    if not self.tokenizer_file:
-      raise FileNotFoundError(
-          f'{self.dir / MANIFEST_NAME} names no tokenizer: prepare it again with data.tokenizer'
-      )
-    return self.dir / self.tokenizer_file
-
-  def load_tokenizer(self) -> tokenizer_lib.Tokenizer:
-    """The directory's tokenizer, with the EOS the rows were written with."""
-    tok = tokenizer_lib.load(self.tokenizer_path, field=f'{self.dir} tokenizer')
-    tok.eos_id = self.eos_id
-    return tok
-
-  def split_files(self, split: str) -> list[Path]:
-    """The shard files of `split`, in row order."""
-    return [self.dir / shard['file'] for shard in self.split_info(split)['shards']]
-
-  def rows(self, split: str) -> int:
-    return int(self.split_info(split)['rows'])
-
-  def split_info(self, split: str) -> dict[str, Any]:
-    if split not in self.splits:
-      raise KeyError(
-          f'{self.dir / MANIFEST_NAME} has no split {split!r} (has {sorted(self.splits)})'
-      )
-    return self.splits[split]
-
-  def to_json(self) -> dict[str, Any]:
-    d = dataclasses.asdict(self)
-    d.pop('dir')
-    return {'format': FORMAT_VERSION, **d}
-
-  @classmethod
-  def load(cls, data_dir: str | os.PathLike) -> 'Manifest':
-    path = Path(data_dir) / MANIFEST_NAME
-    if not path.is_file():
-      raise FileNotFoundError(
-          f'no {MANIFEST_NAME} in {data_dir}: run structffn_jax.data.prepare first'
-      )
-    d = json.loads(path.read_text())
-    version = d.pop('format', None)
-    if version == 1:  # One file per split.
-      for info in d['splits'].values():
-        info['shards'] = [
-            {'file': info.pop('file'), 'rows': info['rows'], 'sha256': info.get('sha256')}
-        ]
-    elif version != FORMAT_VERSION:
-      raise ValueError(f'{path} has an unknown format; delete the directory and prepare again')
-    return cls(dir=Path(data_dir), **d)
-
-  def save(self) -> None:
-    _atomic_write(self.dir / MANIFEST_NAME, _json_bytes(self.to_json()))
-
-
-def as_manifest(manifest_or_dir: 'Manifest | str | os.PathLike') -> Manifest:
-  """Accepts a Manifest or a prepared directory."""
-  return (
-      manifest_or_dir if isinstance(manifest_or_dir, Manifest) else Manifest.load(manifest_or_dir)
-  )
-
-
-# -------------------------------------------------------------------------------- files
-
-
-def _tmp_name(path: Path) -> Path:
-  # Host and pid: jobs on several hosts may write the same file of a shared directory at once.
-  return path.with_name(f'.{path.name}.tmp-{socket.gethostname()}-{os.getpid()}')
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-  """Writes `data` to `path` via a temporary file and rename: readers see all of it or none."""
-  tmp = _tmp_name(path)
-  with open(tmp, 'wb') as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def _json_bytes(obj: Any) -> bytes:
-  return (json.dumps(obj, indent=1) + '\n').encode()
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 22), b''):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------- tokenizer
@@ -311,35 +181,22 @@ def train_tokenizer(
     )
   except RuntimeError as e:
     raise ValueError(
-        f'training a SentencePiece tokenizer with data.vocab_size={vocab_size} failed: {e}'
-    ) from e
+        f'training a SentencePiece tokenizer with data.vocab_size={vocab_size} failed: {e}') from e
   return model.getvalue()
 
 
-def load_tokenizer(
-    path: str | os.PathLike, *, field: str = 'data.tokenizer', eos_token: str = ''
-) -> tokenizer_lib.Tokenizer:
+def load_tokenizer(path: str | os.PathLike,
+                   *,
+                   field: str = 'data.tokenizer',
+                   eos_token: str = '') -> tokenizer_lib.Tokenizer:
   """Loads a SentencePiece `.model` or Hugging Face `tokenizer.json`, errors naming `field`."""
   return tokenizer_lib.load(path, field=field, eos_token=eos_token)
-
-
-def _check_model_vocab(tokenizer_vocab: int, model_vocab_size: int | None, what: str) -> None:
-  if model_vocab_size is not None and tokenizer_vocab > model_vocab_size:
-    raise ValueError(
-        f'{what} has {tokenizer_vocab} tokens, more than model.vocab_size={model_vocab_size}: '
-        f'raise model.vocab_size to at least {tokenizer_vocab} or use a smaller tokenizer'
-    )
 
 
 def _tokenizer_settings(cfg_data: Any, tokenizer_train_bytes: int) -> dict[str, Any]:
   """What identifies the tokenizer: the file's sha256, or the training recipe."""
   src = cfg_data.tokenizer
-  if src == REQUIRED:
-    raise ValueError(
-        'data.tokenizer is required by this config (the paper tokenizes with the LLaMA '
-        'SentencePiece model): add --set data.tokenizer=/path/to/tokenizer.model, or use the '
-        "config's data=local variant"
-    )
+  check_tokenizer_given(src)
   if src:
     path = Path(src).expanduser()
     if not path.is_file():
@@ -359,31 +216,6 @@ def _tokenizer_settings(cfg_data: Any, tokenizer_train_bytes: int) -> dict[str, 
 
 
 # ------------------------------------------------------------------------------ the plan
-
-
-@dataclasses.dataclass(frozen=True)
-class _Stream:
-  """One input read once: its documents go to `split`, or by hash to a split in `carve`."""
-
-  split: str
-  carve: tuple[tuple[str, float], ...] = ()
-
-  @property
-  def outputs(self) -> tuple[str, ...]:
-    return (self.split,) + tuple(s for s, _ in self.carve)
-
-
-def _route(doc: str, stream: _Stream) -> str:
-  """The split of a document of `stream`: a fixed function of its text."""
-  if not stream.carve:
-    return stream.split
-  digest = hashlib.blake2b(doc.encode('utf-8', 'surrogatepass'), digest_size=8).digest()
-  u, bound = int.from_bytes(digest, 'big') / 2**64, 0.0
-  for split, fraction in stream.carve:
-    bound += fraction
-    if u < bound:
-      return split
-  return stream.split
 
 
 def _cap_tokens(cfg_data: Any, split: str) -> tuple[int, str]:
@@ -406,18 +238,14 @@ def _plan(cfg_data: Any, seq_len: int) -> tuple[list[_Stream], dict[str, int | N
     tokens = int(cfg_data[f'{split}_tokens'])
     if split in available:
       if fraction:
-        raise ValueError(
-            f'data.{split}_fraction={fraction} carves {split} from train, but '
-            f'{sources.paths_field(split)} already gives it inputs: set one of them'
-        )
+        raise ValueError(f'data.{split}_fraction={fraction} carves {split} from train, but '
+                         f'{sources.paths_field(split)} already gives it inputs: set one of them')
       continue
     if not fraction and tokens:
       train_cap = int(cfg_data.max_tokens)
       others = tokens + int(cfg_data['valid_tokens' if split == 'test' else 'test_tokens'])
-      fraction = (
-          min(0.5, _FRACTION_MARGIN * tokens / (train_cap + others)) if train_cap
-          else _AUTO_FRACTION
-      )
+      fraction = (min(0.5, _FRACTION_MARGIN * tokens /
+                      (train_cap + others)) if train_cap else _AUTO_FRACTION)
     if fraction:
       if not 0 < fraction < 1:
         raise ValueError(f'data.{split}_fraction={fraction} must lie in (0, 1)')
@@ -436,9 +264,8 @@ def _plan(cfg_data: Any, seq_len: int) -> tuple[list[_Stream], dict[str, int | N
   return streams, caps
 
 
-def _settings(
-    cfg_data: Any, seq_len: int, tokenizer_train_bytes: int, num_jobs: int
-) -> tuple[list[_Stream], dict[str, Any]]:
+def _settings(cfg_data: Any, seq_len: int, tokenizer_train_bytes: int,
+              num_jobs: int) -> tuple[list[_Stream], dict[str, Any]]:
   """The plan and everything the contents of a job's files depend on, as JSON-normal data."""
   streams, caps = _plan(cfg_data, seq_len)
   shard_tokens = int(cfg_data.shard_tokens)
@@ -450,8 +277,10 @@ def _settings(
       'source': cfg_data.source,
       'tokenizer': _tokenizer_settings(cfg_data, tokenizer_train_bytes),
       'streams': {
-          st.split: {'input': sources.describe(cfg_data, st.split), 'carve': dict(st.carve)}
-          for st in streams
+          st.split: {
+              'input': sources.describe(cfg_data, st.split),
+              'carve': dict(st.carve)
+          } for st in streams
       },
       'max_rows': caps,
       'shard_rows': max(1, shard_tokens // (seq_len + 1)),
@@ -475,188 +304,7 @@ def _short_diff(old: Any, new: Any) -> str:
   return '; '.join(lines[:3]) + (f'; and {len(lines) - 3} more' if len(lines) > 3 else '')
 
 
-# ------------------------------------------------------------------------------ token rows
-
-
-class _RowWriter:
-  """Appends token ids and writes them out in whole rows of `row_len`, hashing what it writes.
-
-  With `max_rows` it keeps only the first max_rows rows and drops the rest.
-  """
-
-  def __init__(
-      self, path: Path, row_len: int, dtype: np.dtype, vocab_size: int,
-      max_rows: int | None = None,
-  ):
-    self.path, self.row_len, self.dtype, self.vocab_size = path, row_len, dtype, vocab_size
-    self.max_rows = max_rows
-    self.tmp = _tmp_name(path)
-    self.file = open(self.tmp, 'wb')
-    self.digest = hashlib.sha256()
-    self.pending: list[np.ndarray] = []
-    self.pending_len = 0
-    self.rows = 0
-    self.docs = 0
-    self.max_id = -1
-
-  @property
-  def tokens(self) -> int:
-    """Tokens taken so far, whole rows and the pending partial one."""
-    return self.rows * self.row_len + self.pending_len
-
-  @property
-  def full(self) -> bool:
-    return self.max_rows is not None and self.tokens >= self.max_rows * self.row_len
-
-  def add(self, ids: np.ndarray, docs: int = 1) -> None:
-    if self.max_rows is not None:
-      ids = ids[: max(0, self.max_rows * self.row_len - self.tokens)]
-    if not len(ids):
-      return
-    self.docs += docs
-    self.pending.append(ids)
-    self.pending_len += len(ids)
-    if self.pending_len >= 64 * self.row_len:
-      self._flush()
-
-  def _flush(self) -> None:
-    flat = np.concatenate(self.pending) if self.pending else np.zeros(0, np.int64)
-    n_rows = len(flat) // self.row_len
-    full, rest = flat[: n_rows * self.row_len], flat[n_rows * self.row_len :]
-    if len(full):
-      top = int(full.max())
-      if full.min() < 0 or top >= self.vocab_size:
-        raise ValueError(f'token id outside [0, {self.vocab_size}) while writing {self.path}')
-      self.max_id = max(self.max_id, top)
-      data = full.astype(self.dtype).tobytes()
-      self.file.write(data)
-      self.digest.update(data)
-      self.rows += n_rows
-    self.pending, self.pending_len = [rest], len(rest)
-
-  def finish(self) -> dict[str, Any]:
-    """Closes and renames into place (a file without rows is not kept); its piece entry."""
-    self._flush()
-    self.file.flush()
-    os.fsync(self.file.fileno())
-    self.file.close()
-    if self.rows:
-      os.replace(self.tmp, self.path)
-    else:
-      self.tmp.unlink()
-    return {
-        'file': self.path.name if self.rows else None,
-        'rows': self.rows,
-        'sha256': self.digest.hexdigest() if self.rows else None,
-        'max_id': self.max_id,
-        'docs': self.docs,
-        'dropped_tokens': self.pending_len,
-    }
-
-  def abort(self) -> None:
-    self.file.close()
-    self.tmp.unlink(missing_ok=True)
-
-
-def _chunks(
-    docs: sources.Documents, max_chars: int
-) -> Iterator[tuple[int, list[str], dict[str, Any]]]:
-  """(documents read, the non-empty ones, `docs.state()` after them) in chunks of about
-  `max_chars` characters."""
-  batch, size, count = [], 0, 0
-  for doc in docs:
-    count += 1
-    if doc:
-      batch.append(doc)
-      size += len(doc)
-    if size >= max_chars:
-      yield count, batch, docs.state()
-      batch, size, count = [], 0, 0
-  if count:
-    yield count, batch, docs.state()
-
-
-class _Encoder:
-  """Tokenizes a chunk of a stream's documents: per split, the ids with EOS after each document."""
-
-  def __init__(self, tok: tokenizer_lib.Tokenizer):
-    self.tok = tok
-
-  def __call__(self, task: tuple[_Stream, int, list[str]]):
-    stream, count, docs = task
-    routed: dict[str, list[str]] = {split: [] for split in stream.outputs}
-    for doc in docs:
-      routed[_route(doc, stream)].append(doc)
-    eos, out = self.tok.eos_id, {}
-    for split, split_docs in routed.items():
-      encoded = self.tok.encode_batch(split_docs) if split_docs else []
-      flat = np.fromiter(
-          itertools.chain.from_iterable(itertools.chain(ids, (eos,)) for ids in encoded),
-          dtype=np.uint32,
-          count=sum(len(ids) for ids in encoded) + len(encoded),
-      )
-      out[split] = (flat, len(split_docs))
-    return count, out
-
-
-_WORKER_ENCODER: _Encoder | None = None
-
-
-def _init_worker(data: bytes, kind: str, eos_token: str, eos_id: int) -> None:
-  # One thread per process: the processes are the parallelism.
-  os.environ['TOKENIZERS_PARALLELISM'] = 'false'
-  global _WORKER_ENCODER
-  tok = tokenizer_lib.from_bytes(data, kind, eos_token=eos_token)
-  tok.num_threads, tok.eos_id = 1, eos_id
-  _WORKER_ENCODER = _Encoder(tok)
-
-
-def _encode_in_worker(task):
-  return _WORKER_ENCODER(task)
-
-
-def resolve_num_workers(num_workers: int) -> int:
-  """`data.num_workers`, with -1 meaning one per CPU core."""
-  num_workers = int(num_workers)
-  if num_workers == -1:
-    return os.cpu_count() or 1
-  if num_workers < 0:
-    raise ValueError(f'data.num_workers={num_workers}: expected 0, a positive count or -1')
-  return num_workers
-
-
-@contextlib.contextmanager
-def _encoding(tok: tokenizer_lib.Tokenizer, num_workers: int, num_threads: int):
-  """A function mapping an iterable of tasks to their results, in order, lazily.
-
-  With workers, at most 2 tasks per worker are in flight, so a stream of any length is read
-  only as fast as it is tokenized.
-  """
-  if num_workers == 0:
-    tok.num_threads = num_threads
-    encoder = _Encoder(tok)
-    yield lambda tasks: map(encoder, tasks)
-    return
-  executor = concurrent.futures.ProcessPoolExecutor(
-      num_workers,
-      mp_context=multiprocessing.get_context('spawn'),
-      initializer=_init_worker,
-      initargs=(tok.data, tok.kind, tok.eos_token, tok.eos_id),
-  )
-
-  def run(tasks):
-    window: collections.deque = collections.deque()
-    for task in tasks:
-      window.append(executor.submit(_encode_in_worker, task))
-      if len(window) > 2 * num_workers:
-        yield window.popleft().result()
-    while window:
-      yield window.popleft().result()
-
-  try:
-    yield run
-  finally:
-    executor.shutdown(wait=True, cancel_futures=True)
+# ------------------------------------------------------------------------------ progress
 
 
 def _human(x: float) -> str:
@@ -687,10 +335,8 @@ class _Progress:
       return
     self.last = now
     rate = self.tokens / max(now - self.start, 1e-9)
-    line = (
-        f'{self.name}: {_human(self.docs)} docs, {_human(self.tokens)} tokens, '
-        f'{_human(rate)} tokens/s'
-    )
+    line = (f'{self.name}: {_human(self.docs)} docs, {_human(self.tokens)} tokens, '
+            f'{_human(rate)} tokens/s')
     if self.cap and not final:
       left = max(0, self.cap - self.done - self.tokens)
       eta = _duration(left / max(rate, 1e-9))
@@ -743,7 +389,9 @@ def _run_stream(
   if resume:
     log.info(
         '%s: resuming after %d finished pieces (%d documents, not tokenized again)',
-        stream.split, len(state['pieces']), state['doc_end'],
+        stream.split,
+        len(state['pieces']),
+        state['doc_end'],
     )
   docs = sources.documents(cfg_data, stream.split, shard=(job, num_jobs), resume=resume)
   cap = caps[stream.split]
@@ -758,11 +406,14 @@ def _run_stream(
   def open_piece():
     index = len(state['pieces'])
     return {
-        s: _RowWriter(
-            out_dir / f'{s}-{job:05d}-{index:05d}.bin', row_len, dtype, vocab,
-            None if caps[s] is None else caps[s] - taken[s],
-        )
-        for s in stream.outputs
+        s:
+            _RowWriter(
+                out_dir / f'{s}-{job:05d}-{index:05d}.bin',
+                row_len,
+                dtype,
+                vocab,
+                None if caps[s] is None else caps[s] - taken[s],
+            ) for s in stream.outputs
     }
 
   def close_piece(doc_end: int, position: dict[str, Any]):
@@ -772,7 +423,7 @@ def _run_stream(
     state['doc_end'] = doc_end
     for s, entry in entries.items():
       taken[s] += entry['rows']
-    _atomic_write(_job_path(out_dir, job, num_jobs), _json_bytes(record))
+    atomic_write(_job_path(out_dir, job, num_jobs), json_bytes(record))
 
   doc_end, position = state['doc_end'], resume
   positions: collections.deque = collections.deque()  # Of the chunks sent, in order.
@@ -806,10 +457,13 @@ def _run_stream(
     if caps[split] is not None and taken[split] < caps[split]:
       log.warning(
           '%s carved from train ended at %d of its %d rows: raise data.%s_fraction for more',
-          split, taken[split], caps[split], split,
+          split,
+          taken[split],
+          caps[split],
+          split,
       )
   state['done'] = True
-  _atomic_write(_job_path(out_dir, job, num_jobs), _json_bytes(record))
+  atomic_write(_job_path(out_dir, job, num_jobs), json_bytes(record))
 
 
 def _setup_tokenizer(
@@ -825,13 +479,13 @@ def _setup_tokenizer(
   src, spec = cfg_data.tokenizer, settings['tokenizer']
   if src:
     tok = load_tokenizer(src, eos_token=spec['eos_token'])
-    _check_model_vocab(tok.vocab_size, model_vocab_size, f'data.tokenizer={src!r}')
+    check_model_vocab(tok.vocab_size, model_vocab_size, f'data.tokenizer={src!r}')
     dst = out_dir / tok.file_name
     if not (dst.is_file() and sha256_file(dst) == spec['file_sha256']):
-      _atomic_write(dst, tok.data)
+      atomic_write(dst, tok.data)
   else:
     vocab_size = spec['trained']['vocab_size']
-    _check_model_vocab(vocab_size, model_vocab_size, f'data.vocab_size={vocab_size}')
+    check_model_vocab(vocab_size, model_vocab_size, f'data.vocab_size={vocab_size}')
     dst, marker = out_dir / TOKENIZER_NAME, out_dir / JOBS_DIR / 'tokenizer.json'
     done = {'settings': spec, 'sha256': sha256_file(dst) if dst.is_file() else None}
     if marker.is_file() and json.loads(marker.read_text()) == done:
@@ -840,29 +494,31 @@ def _setup_tokenizer(
       log.info('training a %d-token SentencePiece model on the train split', vocab_size)
       t0 = time.monotonic()
       train_docs = (
-          d for d in sources.documents(cfg_data, 'train') if _route(d, streams[0]) == 'train'
-      )
+          d for d in sources.documents(cfg_data, 'train') if _route(d, streams[0]) == 'train')
       model = train_tokenizer(
           train_docs,
           vocab_size,
           max_train_bytes=spec['trained']['max_train_bytes'],
           num_threads=num_threads,
       )
-      _atomic_write(dst, model)
-      _atomic_write(marker, _json_bytes({'settings': spec, 'sha256': sha256_file(dst)}))
+      atomic_write(dst, model)
+      atomic_write(marker, json_bytes({'settings': spec, 'sha256': sha256_file(dst)}))
       log.info('tokenizer trained in %.1f s', time.monotonic() - t0)
     tok = tokenizer_lib.SentencePieceTokenizer(model, name=str(dst))
   if tok.eos_id < 0:
     raise ValueError(
         f'tokenizer {src or dst} defines no EOS id; documents need one as separator (set '
-        'data.eos_token)'
-    )
+        'data.eos_token)')
   return tok, dst
 
 
 def _merge(
-    out_dir: Path, settings: dict[str, Any], streams: list[_Stream],
-    tok: tokenizer_lib.Tokenizer, tok_path: Path, tokenizer_source: str,
+    out_dir: Path,
+    settings: dict[str, Any],
+    streams: list[_Stream],
+    tok: tokenizer_lib.Tokenizer,
+    tok_path: Path,
+    tokenizer_source: str,
 ) -> Manifest:
   """Writes the manifest once every job has finished; raises PendingJobs before that."""
   num_jobs, records, pending = settings['num_jobs'], [], []
@@ -875,14 +531,12 @@ def _merge(
     if record['settings'] != settings:
       raise ValueError(
           f'{path} was prepared with other settings than this job '
-          f'({_short_diff(record["settings"], settings)}): run every job with the same settings'
-      )
+          f'({_short_diff(record["settings"], settings)}): run every job with the same settings')
     records.append(record)
   if pending:
     raise PendingJobs(
         f'{out_dir}: jobs {pending} of data.num_shards={num_jobs} have not finished; run them '
-        f'(prepare --shard i --num-shards {num_jobs}): the last one to finish writes the manifest'
-    )
+        f'(prepare --shard i --num-shards {num_jobs}): the last one to finish writes the manifest')
   if len({r['tokenizer_sha256'] for r in records}) > 1:
     raise ValueError(f'the jobs in {out_dir / JOBS_DIR} used different tokenizers; prepare again')
   row_len = settings['seq_len'] + 1
@@ -897,13 +551,10 @@ def _merge(
       rows = sum(e['rows'] for e in entries)
       dropped = sum(e['dropped_tokens'] for e in entries)
       if rows == 0:
-        field = (
-            sources.paths_field(split) if split == stream.split else f'data.{split}_fraction'
-        )
+        field = (sources.paths_field(split) if split == stream.split else f'data.{split}_fraction')
         raise ValueError(
             f'split {split!r} has {dropped} tokens, fewer than one row of seq_len+1={row_len}; '
-            f'add text to {field} or lower the sequence length'
-        )
+            f'add text to {field} or lower the sequence length')
       source = settings['streams'][stream.split]['input']
       if split != stream.split:
         source = {'carved_from': source, 'fraction': dict(stream.carve)[split]}
@@ -912,10 +563,12 @@ def _merge(
           'tokens': rows * row_len,
           'dropped_tokens': dropped,
           'docs': sum(e['docs'] for e in entries),
-          'shards': [
-              {'file': e['file'], 'rows': e['rows'], 'sha256': e['sha256'], 'max_id': e['max_id']}
-              for e in entries if e['rows']
-          ],
+          'shards': [{
+              'file': e['file'],
+              'rows': e['rows'],
+              'sha256': e['sha256'],
+              'max_id': e['max_id']
+          } for e in entries if e['rows']],
           'source': source,
       }
   manifest = Manifest(
@@ -939,126 +592,70 @@ def _merge(
 # --------------------------------------------------------------------------------- prepare
 
 
-def _reuse(
-    manifest: Manifest, cfg_data: Any, seq_len: int, model_vocab_size: int | None
-) -> Manifest:
+def _reuse(manifest: Manifest, cfg_data: Any, seq_len: int,
+           model_vocab_size: int | None) -> Manifest:
   """Checks that a finished directory fits this run (seq_len, tokenizer) and is intact."""
   m = manifest
   if m.seq_len != seq_len:
     raise ValueError(
         f'{m.dir} holds rows for seq_len={m.seq_len} ({m.seq_len + 1} tokens), not '
         f'model.seq_len={seq_len}: set data.data_dir to a directory prepared for {seq_len}, or '
-        f'delete {m.dir}'
-    )
+        f'delete {m.dir}')
   src = cfg_data.tokenizer
   if src and src != REQUIRED:
     path = Path(src).expanduser()
     if not path.is_file():
       raise FileNotFoundError(f'data.tokenizer: tokenizer file not found: {src!r}')
     if sha256_file(path) != m.tokenizer_sha256:
-      raise ValueError(
-          f'data.tokenizer={src!r} is not the tokenizer {m.dir} was prepared with '
-          f'({m.tokenizer_source}): use that one, or another data.data_dir'
-      )
+      raise ValueError(f'data.tokenizer={src!r} is not the tokenizer {m.dir} was prepared with '
+                       f'({m.tokenizer_source}): use that one, or another data.data_dir')
   elif not src and m.tokenizer_file and cfg_data.format == 'tokens':
     vocab_size = int(cfg_data.vocab_size)
     if m.vocab_size != vocab_size:
       raise ValueError(
           f'{m.dir} was prepared with a {m.vocab_size}-token tokenizer, not '
           f'data.vocab_size={vocab_size}: set data.vocab_size={m.vocab_size} to use it, or '
-          'another data.data_dir'
-      )
+          'another data.data_dir')
   if m.tokenizer_file and sha256_file(m.tokenizer_path) != m.tokenizer_sha256:
-    raise ValueError(
-        f'{m.tokenizer_path} does not match its sha256 in the manifest; delete '
-        f'{m.dir} and prepare again'
-    )
-  row_bytes = (m.seq_len + 1) * np.dtype(m.dtype).itemsize
+    raise ValueError(f'{m.tokenizer_path} does not match its sha256 in the manifest; delete '
+                     f'{m.dir} and prepare again')
   for split in m.splits:
     for shard, path in zip(m.split_info(split)['shards'], m.split_files(split)):
-      expected = int(shard['rows']) * row_bytes
-      if not path.is_file() or path.stat().st_size != expected:
+      try:
+        intact = file_rows(path, m.seq_len, m.dtype) == int(shard['rows'])
+      except (OSError, ValueError):
+        intact = False
+      if not intact:
         raise ValueError(
-            f'{path} is missing or not {expected} bytes as the manifest says; delete '
-            f'{m.dir} and prepare again'
-        )
-  _check_model_vocab(m.vocab_size, model_vocab_size, f'tokenizer of {m.dir}')
+            f'{path} is missing or not the {shard["rows"]} rows the manifest says; delete '
+            f'{m.dir} and prepare again')
+  check_model_vocab(m.vocab_size, model_vocab_size, f'tokenizer of {m.dir}')
   log.info('reusing prepared data in %s', m.dir)
   return m
 
 
-def _prepare_rows_bin(
-    cfg_data: Any, out_dir: Path, seq_len: int, model_vocab_size: int | None
-) -> Manifest:
-  """A manifest for token rows written elsewhere (`data.*_paths`), read where they are."""
-  dtype_name = cfg_data.rows_dtype
-  if dtype_name not in ('uint16', 'uint32'):
-    raise ValueError(f"data.rows_dtype={dtype_name!r}: expected 'uint16' or 'uint32'")
-  dtype, row_len = np.dtype(dtype_name), seq_len + 1
-  row_bytes = row_len * dtype.itemsize
-  splits = {}
-  for split in sources.SPLITS:
-    field = sources.paths_field(split)
-    paths = cfg_data[f'{split}_paths'] or []
-    shards = []
-    for p in [paths] if isinstance(paths, (str, Path)) else paths:
-      path = Path(p).expanduser().resolve()
-      if not path.is_file():
-        raise FileNotFoundError(f'{field}: file not found: {str(p)!r} (resolved to {path})')
-      size = path.stat().st_size
-      if size == 0 or size % row_bytes:
-        raise ValueError(
-            f'{field}: {str(p)!r} is {size} bytes, not whole rows of seq_len+1={row_len} '
-            f'{dtype.name} tokens ({row_bytes} bytes each): set model.seq_len (and '
-            'data.rows_dtype) to what the rows were written with'
-        )
-      shards.append({'file': str(path), 'rows': size // row_bytes, 'sha256': None})
-    if shards:
-      rows = sum(s['rows'] for s in shards)
-      splits[split] = {
-          'rows': rows, 'tokens': rows * row_len, 'dropped_tokens': 0, 'docs': None,
-          'shards': shards,
-          'source': {'kind': 'rows_bin', 'files': [{'path': s['file']} for s in shards]},
-      }
-  if 'train' not in splits:
-    raise ValueError("data.format='rows_bin' needs data.train_paths: the .bin file(s) of train")
-  src = cfg_data.tokenizer
-  if src == REQUIRED:
-    _tokenizer_settings(cfg_data, 0)  # Raises, saying what to set.
-  out_dir.mkdir(parents=True, exist_ok=True)
-  tok = None
-  if src:
-    tok = load_tokenizer(src, eos_token=cfg_data.eos_token)
-    _check_model_vocab(tok.vocab_size, model_vocab_size, f'data.tokenizer={src!r}')
-    _atomic_write(out_dir / tok.file_name, tok.data)
-    vocab_size = tok.vocab_size
-  elif model_vocab_size is None:
-    raise ValueError(
-        "data.format='rows_bin' without data.tokenizer needs the model's vocabulary size "
-        '(model.vocab_size, or --model-vocab-size) to check the token ids'
-    )
-  else:
-    vocab_size = model_vocab_size
-  if dtype == np.uint16 and vocab_size > 65536:
-    raise ValueError(
-        f'a {vocab_size}-token vocabulary does not fit uint16 rows: set data.rows_dtype=uint32'
-    )
-  manifest = Manifest(
-      dir=out_dir,
-      seq_len=int(seq_len),
-      vocab_size=int(vocab_size),
-      dtype=dtype.name,
-      tokenizer_file=tok.file_name if tok else '',
-      tokenizer_sha256=hashlib.sha256(tok.data).hexdigest() if tok else '',
-      tokenizer_source=str(Path(src).expanduser().resolve()) if tok else '',
-      eos_id=int(tok.eos_id) if tok else -1,
-      bos_id=int(tok.bos_id) if tok else -1,
-      splits=splits,
-      settings={'format': FORMAT_VERSION, 'seq_len': int(seq_len), 'data_format': 'rows_bin',
-                'rows_dtype': dtype.name},
-      tokenizer_kind=tok.kind if tok else '',
-  )
-  manifest.save()
+def prepare_for_run(config: ml_collections.ConfigDict,
+                    workdir,
+                    *,
+                    is_main: bool = True,
+                    barrier: Callable[[], None] = lambda: None,
+                    log=print) -> 'Manifest':
+  """The data of a run in `workdir`: prepared by the main process (`is_main`); every process
+  then passes `barrier` and the others load (and check) its manifest."""
+  data_dir = resolve_data_dir(config.data, workdir)
+  log(f'data: {data_dir}')
+  manifest = None
+  if is_main:
+    manifest = prepare(config.data,
+                       data_dir,
+                       config.model.seq_len,
+                       model_vocab_size=config.model.vocab_size)
+  barrier()
+  if manifest is None:
+    manifest = prepare(config.data,
+                       data_dir,
+                       config.model.seq_len,
+                       model_vocab_size=config.model.vocab_size)
   return manifest
 
 
@@ -1094,7 +691,7 @@ def prepare(
   if data_format not in schema.DATA_FORMATS:
     raise ValueError(f'data.format={data_format!r} is not one of {schema.DATA_FORMATS}')
   if data_format == 'rows_bin':
-    return _prepare_rows_bin(cfg_data, out_dir, seq_len, model_vocab_size)
+    return rows_bin.prepare_rows_bin(cfg_data, out_dir, seq_len, model_vocab_size)
   job, num_jobs = _job_of(cfg_data)
   num_workers = resolve_num_workers(cfg_data.num_workers)
   streams, settings = _settings(cfg_data, seq_len, tokenizer_train_bytes, num_jobs)
@@ -1104,16 +701,19 @@ def prepare(
     raise ValueError(
         f'{out_dir} holds an unfinished preparation with other settings '
         f'({_short_diff(record["settings"], settings)}): finish it with the same settings, or '
-        f'delete {out_dir}'
-    )
+        f'delete {out_dir}')
   (out_dir / JOBS_DIR).mkdir(parents=True, exist_ok=True)
-  tok, tok_path = _setup_tokenizer(
-      cfg_data, out_dir, settings, streams, model_vocab_size, tokenizer_train_bytes, num_threads
-  )
+  tok, tok_path = _setup_tokenizer(cfg_data, out_dir, settings, streams, model_vocab_size,
+                                   tokenizer_train_bytes, num_threads)
   tok_sha = sha256_file(tok_path)
   if record is None:
-    record = {'job': job, 'settings': settings, 'tokenizer_sha256': tok_sha, 'streams': {},
-              'complete': False}
+    record = {
+        'job': job,
+        'settings': settings,
+        'tokenizer_sha256': tok_sha,
+        'streams': {},
+        'complete': False
+    }
   elif record['tokenizer_sha256'] != tok_sha:
     raise ValueError(f'{tok_path} changed since {record_path} was started; delete {out_dir}')
   if not record['complete']:
@@ -1121,10 +721,14 @@ def prepare(
       for stream in streams:
         _run_stream(stream, cfg_data, out_dir, record, encode, tok)
     record['complete'] = True
-    _atomic_write(record_path, _json_bytes(record))
+    atomic_write(record_path, json_bytes(record))
   src = cfg_data.tokenizer
   return _merge(
-      out_dir, settings, streams, tok, tok_path,
+      out_dir,
+      settings,
+      streams,
+      tok,
+      tok_path,
       str(Path(src).expanduser().resolve()) if src else 'trained',
   )
 
@@ -1133,11 +737,10 @@ def prepare(
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(
-      prog='python -m structffn_jax.data.prepare', description=__doc__.split('\n\n')[0],
-      epilog='Each data flag sets one field of the data section (--source is --set '
-      'data.source=...), after --set; --set data.<field>=value reaches any field.',
-  )
+  from structffn_jax import cli  # pylint: disable=g-import-not-at-top
+  p = cli.parser(__doc__, 'structffn_jax.data.prepare')
+  p.epilog += ('\n\nEach data flag sets one field of the data section (--source is --set '
+               'data.source=...), after --set; --set data.<field>=value reaches any field.')
 
   def data_flag(flag, field, **kwargs):
     """A flag that sets data.<field>, typed like the schema's default (see _main)."""
@@ -1145,57 +748,80 @@ def main(argv: list[str] | None = None) -> int:
       kwargs['metavar'] = flag[2:].upper().replace('-', '_')
     p.add_argument(flag, dest=f'data.{field}', default=None, **kwargs)
 
-  p.add_argument('--config', default='', help="a config file 'path.py:arg': its data section, "
-                 'model.seq_len and model.vocab_size')
-  p.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
-                 help='config override, repeatable (without --config: of the schema\'s '
-                 'defaults, structffn_jax/schema.py)')
+  cli.add_config_flags(
+      p,
+      required=False,
+      optional_help=(
+          'its data section, model.seq_len and model.vocab_size; without it, --set and the data '
+          "flags apply to the schema's defaults (structffn_jax/schema.py)"))
   p.add_argument('--out', default='', help='data directory to write (default: data.data_dir)')
   p.add_argument('--seq-len', type=int, help='default: model.seq_len of --config')
-  p.add_argument('--model-vocab-size', type=int,
+  p.add_argument('--model-vocab-size',
+                 type=int,
                  help='the model vocabulary the tokenizer must fit in (default: model.vocab_size)')
-  data_flag('--source', 'source', choices=sources.SOURCES,
-            help='where the text comes from')
+  data_flag('--source', 'source', choices=sources.SOURCES, help='where the text comes from')
   data_flag('--train', 'train_paths', nargs='*', help='train files (hf: split names)')
   data_flag('--valid', 'valid_paths', nargs='*', help='validation files (hf: split names)')
   data_flag('--test', 'test_paths', nargs='*', help='test files (hf: split names)')
   data_flag('--vocab-size', 'vocab_size', type=int, help='size of the tokenizer to train')
-  data_flag('--tokenizer', 'tokenizer',
+  data_flag('--tokenizer',
+            'tokenizer',
             help='existing SentencePiece .model or Hugging Face tokenizer.json')
-  data_flag('--eos-token', 'eos_token',
+  data_flag('--eos-token',
+            'eos_token',
             help="token ending each document (tokenizer.json; default: the tokenizer's own)")
   data_flag('--text-field', 'text_field', help='field holding the text (jsonl, hf)')
-  data_flag('--hf-name', 'hf_name',
+  data_flag('--hf-name',
+            'hf_name',
             help='Hugging Face hub dataset, or parquet|json|arrow|text|csv read from '
             '--hf-data-files')
   data_flag('--hf-config', 'hf_config', help='Hugging Face dataset config name')
   data_flag('--hf-path', 'hf_path', help='a directory written by datasets.save_to_disk')
-  data_flag('--hf-data-files', 'hf_data_files', nargs='*',
+  data_flag('--hf-data-files',
+            'hf_data_files',
+            nargs='*',
             help='local files or globs read by --hf-name parquet|json|...')
-  data_flag('--stdlib-max-bytes', 'stdlib_max_bytes', type=int,
+  data_flag('--stdlib-max-bytes',
+            'stdlib_max_bytes',
+            type=int,
             help='cap on standard-library text per split in bytes (0 = none)')
   data_flag('--max-tokens', 'max_tokens', type=float, help='cap per split, e.g. 65e9')
-  data_flag('--valid-tokens', 'valid_tokens', type=float,
+  data_flag('--valid-tokens',
+            'valid_tokens',
+            type=float,
             help='cap on validation tokens; carved from train when there is no valid input')
-  data_flag('--valid-fraction', 'valid_fraction', type=float,
+  data_flag('--valid-fraction',
+            'valid_fraction',
+            type=float,
             help='fraction of the train documents held out for validation')
-  data_flag('--test-tokens', 'test_tokens', type=float,
+  data_flag('--test-tokens',
+            'test_tokens',
+            type=float,
             help='cap on test tokens; carved from train when there is no test input')
-  data_flag('--test-fraction', 'test_fraction', type=float,
+  data_flag('--test-fraction',
+            'test_fraction',
+            type=float,
             help='fraction of the train documents held out for test')
   data_flag('--num-workers', 'num_workers', type=int, help='tokenizer processes (-1 = CPUs)')
   data_flag('--shard-tokens', 'shard_tokens', type=float, help='tokens per output file')
   data_flag('--shard', 'shard', type=int, help='this job (with --num-shards)')
-  data_flag('--num-shards', 'num_shards', type=int,
+  data_flag('--num-shards',
+            'num_shards',
+            type=int,
             help='jobs sharing the input (one per host); the last one writes the manifest')
-  data_flag('--format', 'format', choices=schema.DATA_FORMATS,
+  data_flag('--format',
+            'format',
+            choices=schema.DATA_FORMATS,
             help='tokens: tokenize the text; rows_bin: the inputs are token rows already')
-  data_flag('--rows-dtype', 'rows_dtype', choices=('uint16', 'uint32'),
+  data_flag('--rows-dtype',
+            'rows_dtype',
+            choices=('uint16', 'uint32'),
             help='token type of rows_bin inputs')
-  p.add_argument('--tokenizer-train-bytes', type=int, default=DEFAULT_TOKENIZER_TRAIN_BYTES,
+  p.add_argument('--tokenizer-train-bytes',
+                 type=int,
+                 default=DEFAULT_TOKENIZER_TRAIN_BYTES,
                  help='text the tokenizer is trained on, in bytes')
   p.add_argument('--num-threads', type=int, default=2, help='threads of the tokenizer training')
-  from structffn_jax import cli  # pylint: disable=g-import-not-at-top
   args = cli.parse(p, argv)
   handler = logging.StreamHandler(sys.stderr)
   handler.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
@@ -1220,9 +846,11 @@ def _main(args) -> int:
   """The run's config, from --config or the schema (`base_config()`), with --set and then the data
   flags applied and the whole validated as every command validates it."""
   from structffn_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-  flags = [f'{dest}={value!r}' if isinstance(value, list) else f'{dest}={value}'
-           for dest, value in vars(args).items()
-           if dest.startswith('data.') and value is not None]
+  flags = [
+      f'{dest}={value!r}' if isinstance(value, list) else f'{dest}={value}'
+      for dest, value in vars(args).items()
+      if dest.startswith('data.') and value is not None
+  ]
   try:
     if args.config:
       config = config_lib.load(args.config, (*args.set, *flags))
@@ -1253,11 +881,12 @@ def _main(args) -> int:
       num_threads=args.num_threads,
   )
   summary = {
-      s: {k: v for k, v in info.items() if k not in ('source', 'shards')} | {
+      s: {
+          k: v for k, v in info.items() if k not in ('source', 'shards')
+      } | {
           'files': len(info['shards']),
           'sha256': [shard['sha256'] for shard in info['shards']],
-      }
-      for s, info in manifest.splits.items()
+      } for s, info in manifest.splits.items()
   }
   print(
       json.dumps(
@@ -1268,8 +897,7 @@ def _main(args) -> int:
               'splits': summary,
           },
           indent=1,
-      )
-  )
+      ))
   return 0
 
 

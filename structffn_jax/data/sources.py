@@ -44,9 +44,9 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from structffn_jax import schema
+from structffn_jax.schema import SOURCES
 
 SPLITS = ('train', 'valid', 'test')
-SOURCES = ('stdlib', 'text', 'jsonl', 'hf')
 
 # Fractions of stdlib files (by hash of relative path) held out for validation and test.
 STDLIB_VALID_FRACTION = 0.02
@@ -100,9 +100,10 @@ def _source(cfg_data: Any) -> str:
   return source
 
 
-def documents(
-    cfg_data: Any, split: str, shard: tuple[int, int] = (0, 1), resume: dict | None = None
-) -> 'Documents':
+def documents(cfg_data: Any,
+              split: str,
+              shard: tuple[int, int] = (0, 1),
+              resume: dict | None = None) -> 'Documents':
   """The documents of `split` ('train' | 'valid' | 'test') for the configured source.
 
   `shard=(i, n)`: only job i's share of n (see the module docstring); (0, 1) is everything.
@@ -183,7 +184,9 @@ def describe(cfg_data: Any, split: str) -> dict[str, Any]:
       digest.update(f'{key}\0{size}\n'.encode())
     return {
         'kind': 'stdlib',
-        'roots': {label: str(path) for label, path in corpus_roots(options['site_packages']).items()},
+        'roots': {
+            label: str(path) for label, path in corpus_roots(options['site_packages']).items()
+        },
         'python': sys.version.split()[0],
         **options,
         'files': len(files),
@@ -221,10 +224,11 @@ def describe(cfg_data: Any, split: str) -> dict[str, Any]:
     files = [Path(f) for f in hf_data_file_list(data_files)]
     desc.update(
         builder=cfg_data.hf_name,
-        files=[
-            {'path': str(f), 'bytes': f.stat().st_size, 'mtime_ns': f.stat().st_mtime_ns}
-            for f in files
-        ],
+        files=[{
+            'path': str(f),
+            'bytes': f.stat().st_size,
+            'mtime_ns': f.stat().st_mtime_ns
+        } for f in files],
     )
   else:
     desc.update(
@@ -286,9 +290,10 @@ def text_documents(paths: Iterable[str], *, field: str = 'data.train_paths') -> 
         yield ''.join(lines)
 
 
-def jsonl_documents(
-    paths: Iterable[str], text_field: str = 'text', *, field: str = 'data.train_paths'
-) -> Iterator[str]:
+def jsonl_documents(paths: Iterable[str],
+                    text_field: str = 'text',
+                    *,
+                    field: str = 'data.train_paths') -> Iterator[str]:
   """Documents of JSON-lines files: `obj[text_field]` of every non-blank line, in order."""
   for path in paths:
     with _open_text(path, field) as f:
@@ -303,8 +308,7 @@ def jsonl_documents(
           keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
           raise ValueError(
               f'{path}:{lineno} has no string field {text_field!r} (set data.text_field to the '
-              f'field that holds the text; keys present: {keys})'
-          )
+              f'field that holds the text; keys present: {keys})')
         yield obj[text_field]
 
 
@@ -316,8 +320,7 @@ def _import_datasets():
     import datasets  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise ImportError(
-        "data.source='hf' needs the Hugging Face `datasets` package: pip install datasets"
-    ) from e
+        "data.source='hf' needs the Hugging Face `datasets` package: pip install datasets") from e
   return datasets
 
 
@@ -338,8 +341,7 @@ def _hf_error(name: str, e: Exception) -> ValueError:
   first = str(e).strip().splitlines()[0] if str(e).strip() else ''
   return ValueError(
       f'data.hf_name={name!r}: cannot open the dataset ({type(e).__name__}: {first}); check the '
-      'name, data.hf_config and network access, or use data.hf_path / data.hf_data_files'
-  )
+      'name, data.hf_config and network access, or use data.hf_path / data.hf_data_files')
 
 
 def hf_documents(
@@ -379,8 +381,7 @@ def hf_documents(
         parts.append(saved)
       else:
         raise ValueError(
-            f'data.hf_path={path!r} holds a single Dataset; split {split!r} needs a DatasetDict'
-        )
+            f'data.hf_path={path!r} holds a single Dataset; split {split!r} needs a DatasetDict')
     if count > 1:
       parts = [p.shard(num_shards=count, index=index, contiguous=True) for p in parts]
   else:
@@ -390,15 +391,12 @@ def hf_documents(
     if data_files:
       if name not in HF_FILE_BUILDERS:
         raise ValueError(
-            f'data.hf_data_files needs data.hf_name to be one of {HF_FILE_BUILDERS}, not {name!r}'
-        )
+            f'data.hf_data_files needs data.hf_name to be one of {HF_FILE_BUILDERS}, not {name!r}')
       kwargs['data_files'] = {'train': hf_data_file_list(data_files)}
     parts = []
     for s in splits:
       try:
-        parts.append(
-            datasets.load_dataset(name, config or None, split=s, streaming=True, **kwargs)
-        )
+        parts.append(datasets.load_dataset(name, config or None, split=s, streaming=True, **kwargs))
       except (ImportError, KeyboardInterrupt):
         raise
       except Exception as e:  # pylint: disable=broad-except  # hub, network and builder errors
@@ -406,8 +404,7 @@ def hf_documents(
     if count > 1:
       import datasets.distributed  # pylint: disable=import-outside-toplevel
       parts = [
-          datasets.distributed.split_dataset_by_node(p, rank=index, world_size=count)
-          for p in parts
+          datasets.distributed.split_dataset_by_node(p, rank=index, world_size=count) for p in parts
       ]
   return _HFDocuments(splits, parts, text_field, streaming=not path, resume=resume)
 
@@ -431,10 +428,8 @@ class _HFDocuments(Documents):
       self.part = k
       for example in self.parts[k]:
         if self.text_field not in example:
-          raise ValueError(
-              f'hf split {self.splits[k]!r} has no field {self.text_field!r} (set '
-              f'data.text_field; fields: {sorted(example)})'
-          )
+          raise ValueError(f'hf split {self.splits[k]!r} has no field {self.text_field!r} (set '
+                           f'data.text_field; fields: {sorted(example)})')
         yield example[self.text_field]
 
   def state(self) -> dict[str, Any]:
@@ -539,7 +534,8 @@ def stdlib_files(
   """
   if split not in SPLITS:
     raise ValueError(f'unknown split {split!r}; expected one of {SPLITS}')
-  candidates = [(key, size) for key, size in _corpus_listing(bool(tests), bool(site_packages))
+  candidates = [(key, size)
+                for key, size in _corpus_listing(bool(tests), bool(site_packages))
                 if stdlib_split_of(key) == split]
   candidates.sort(key=lambda item: (hashlib.sha256(b'order:' + item[0].encode()).digest(), item[0]))
   if max_bytes <= 0:

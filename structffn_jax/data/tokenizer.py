@@ -60,8 +60,12 @@ class Tokenizer:
     raise NotImplementedError
 
   def __getstate__(self):
-    return {'data': self.data, 'name': self.name, 'eos_token': self.eos_token,
-            'num_threads': self.num_threads}
+    return {
+        'data': self.data,
+        'name': self.name,
+        'eos_token': self.eos_token,
+        'num_threads': self.num_threads
+    }
 
   def __setstate__(self, state):
     num_threads = state.pop('num_threads')
@@ -135,8 +139,7 @@ class HuggingFaceTokenizer(Tokenizer):
       if not found:
         raise ValueError(
             f'{name} has none of the usual end-of-document tokens {list(EOS_CANDIDATES)}: set '
-            'data.eos_token to the token that ends a document'
-        )
+            'data.eos_token to the token that ends a document')
       self.eos_id = vocab[found[0]]
     bos = [t for t in BOS_CANDIDATES if t in vocab]
     self.bos_id = vocab[bos[0]] if bos else -1
@@ -149,14 +152,19 @@ class HuggingFaceTokenizer(Tokenizer):
     return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
-def from_bytes(data: bytes, kind: str, *, name: str = 'tokenizer',
+def from_bytes(data: bytes,
+               kind: str,
+               *,
+               name: str = 'tokenizer',
                eos_token: str = '') -> Tokenizer:
   """A tokenizer of `kind` ('sentencepiece' | 'huggingface') from its file's contents."""
   cls = {SENTENCEPIECE: SentencePieceTokenizer, HUGGINGFACE: HuggingFaceTokenizer}[kind]
   return cls(data, name=name, eos_token=eos_token)
 
 
-def load(path: str | os.PathLike, *, field: str = 'data.tokenizer',
+def load(path: str | os.PathLike,
+         *,
+         field: str = 'data.tokenizer',
          eos_token: str = '') -> Tokenizer:
   """Loads a `.model` (SentencePiece) or `.json` (Hugging Face) file; errors name `field`."""
   path = Path(path).expanduser()

@@ -33,9 +33,9 @@ import functools
 
 import jax
 
+from structffn_jax import sharding
 from structffn_jax.kernels import reference, xla
-
-IMPLEMENTATIONS = ('auto', 'xla', 'pallas')
+from structffn_jax.schema import FFN_IMPLEMENTATIONS as IMPLEMENTATIONS
 _ALL = IMPLEMENTATIONS + ('reference',)
 
 # Device kinds (jax.Device.device_kind) on which the Pallas kernels beat the XLA path, per op.
@@ -115,21 +115,10 @@ def on_mesh(fn, args, axes, out_axes):
   rules `sharding.constrain` reads; out_axes likewise for the result. A logical name whose mesh
   axes do not divide every dimension that carries it stays whole.
   """
-  from structffn_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from structffn_jax import sharding  # pylint: disable=g-import-not-at-top
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(sharding.MESH_AXES) <= set(mesh.axis_names):
+  if not sharding.mesh_is_set():
     return fn(*args)
-  rules = sharding._ACTIVE_RULES.get() or sharding.rules_of(config_lib.base_config())  # pylint: disable=protected-access
-  names = {n for a in (*axes, out_axes) for n in a if n is not None}
-  target = {n: sharding.logical_to_spec((n,), rules)[0] for n in names}
-  for arg, arg_axes in zip(args, axes):
-    for size, name in zip(arg.shape, arg_axes):
-      if name is not None and size % sharding._axis_size(mesh, target[name]):  # pylint: disable=protected-access
-        target[name] = None
-  spec = lambda a: jax.sharding.PartitionSpec(*(None if n is None else target[n] for n in a))
-  return jax.shard_map(fn, in_specs=tuple(spec(a) for a in axes), out_specs=spec(out_axes),
-                       check_vma=False)(*args)
+  in_specs, out_specs = sharding.per_device_specs([arg.shape for arg in args], axes, out_axes)
+  return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
 
 
 def _dispatch(op, x, factors, implementation):
