@@ -49,12 +49,6 @@ def _size(p) -> int:
   return int(np.prod(p.shape))
 
 
-def schedule_steps(config: ml_collections.ConfigDict) -> tuple[int, int]:
-  """(total optimizer steps, guided steps G) of `sgt.step_counts`, as the accounting reads them."""
-  counts = sgt.step_counts(config)
-  return counts.total, counts.guided
-
-
 def account(config: ml_collections.ConfigDict, model: GPT | None = None) -> Accounting:
   m = config.model
   model = abstract_model(config) if model is None else model

@@ -1,7 +1,7 @@
 """Fit loss against training FLOPs per method: `python -m structffn_jax.scaling RUN_DIR... --out F.png`.
 
 Each run contributes one point: its final validation loss L and its training FLOPs C (the paper's
-accounting, docs/design.md §4). Runs are grouped by FFN structure (method and its share of the
+accounting, docs/design.md §5). Runs are grouped by FFN structure (method and its share of the
 dense FFN's parameters, e.g. "lowrank 32%"), and every group gets the curve
 
     L(C) = a · (C / C0)^(-b) + c,     C0 = 1e12 FLOPs,

@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from structffn_jax import accounting, metrics
+from structffn_jax import accounting, metrics, sgt
 
 SWEEP_FILE = 'sweep.json'
 LOG_FILE = 'train.log'
@@ -93,7 +93,7 @@ def record_run(workdir, record_dir) -> pathlib.Path:
 def run_status(config, workdir) -> Status:
   """Where the run of `config` in `workdir` stands (see the module docstring)."""
   workdir = pathlib.Path(workdir)
-  total = accounting.schedule_steps(config)[0]
+  total = sgt.step_counts(config).total
   recs = records(workdir)
   step = max((int(r['step']) for r in recs), default=0)
   if any(int(r['step']) == total and 'valid_loss' in r for r in recs):

@@ -220,7 +220,7 @@ def counted_step_flops(spec: str, global_batch: int) -> dict:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
-  from structffn_jax import accounting, optim, steps  # pylint: disable=g-import-not-at-top
+  from structffn_jax import accounting, optim, sgt, steps  # pylint: disable=g-import-not-at-top
   from structffn_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from structffn_jax.model import GPT  # pylint: disable=g-import-not-at-top
   config = config_lib.load(spec, ('model.attention.implementation=xla',
@@ -233,7 +233,8 @@ def counted_step_flops(spec: str, global_batch: int) -> dict:
   graphdef, params = nnx.split(model, nnx.Param)
   tokens = jax.ShapeDtypeStruct((global_batch, m.seq_len + 1), jnp.int32)
   forward = jax.make_jaxpr(lambda p, b: nnx.merge(graphdef, p)(b[:, :-1]))(params, tokens)
-  total, guided = accounting.schedule_steps(config)
+  counts = sgt.step_counts(config)
+  total, guided = counts.total, counts.guided
   tx = optim.make_optimizer(config, total, guided)
   state = jax.eval_shape(lambda: steps.init_state(new_model(), tx)[1])
   key = jax.eval_shape(lambda: jax.random.key(0))
