@@ -352,7 +352,7 @@ def convert(source_path, spec: str, workdir, sets=(), mode: str = 'guided',
   _FILLED.clear()
   # our path -> numpy array (stacked layers: preallocated, filled per layer)
   if mode == 'scratch':
-    values = jax.tree.map(lambda a: np.asarray(a, np.float32), shapes)
+    values = jax.tree.map(lambda a: np.array(a, np.float32), shapes)
   else:
     values = jax.tree.map(lambda a: np.zeros(a.shape, np.float32), shapes)
 
@@ -459,7 +459,7 @@ def _check_filled(values, mode, stacked: int):
 def _train_state(config, model, values):
   """{'params', 'opt_state'} of the converted model, the optimizer freshly initialised."""
   params = nnx.state(model, nnx.Param)
-  params.replace_by_pure_dict(jax.tree.map(jnp.asarray, values))
+  nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, values))
   counts = sgt.step_counts(config)
   tx = optim.make_optimizer(config, counts.total, counts.guided)
   return {'params': params, 'opt_state': tx.init(params)}

@@ -142,7 +142,8 @@ def model_fields(fam: Family, hf: dict, where: str) -> dict:
                 num_layers=hf['n_layer'], num_heads=heads, num_kv_heads=heads, attn_dim=d,
                 norm='layernorm', norm_eps=float(hf.get('layer_norm_epsilon', 1e-5)),
                 activation='gelu', use_bias=True, qkv_bias=False, position='absolute',
-                tie_embeddings=True, max_positions=hf['n_positions'], sliding_window=None)
+                tie_embeddings=True, max_positions=hf['n_positions'], sliding_window=None,
+                rope_base=10000.0, rope_scaling={'type': 'none'})
   d, heads = hf['hidden_size'], hf['num_attention_heads']
   head_dim = hf.get('head_dim') or d // heads
   window = hf.get('sliding_window')
