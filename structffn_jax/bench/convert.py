@@ -113,13 +113,15 @@ def compare(root: pathlib.Path, out):
 
 
 def time_shape(shape: str, method: str, rank: int, blocks: int, mode: str, root: pathlib.Path,
-               out):
-  """A random checkpoint of `shape` (float32, bfloat16 on disk), converted and timed."""
+               out, layers: int = 0):
+  """A random checkpoint of `shape` (bfloat16 on disk), converted and timed; `layers` > 0:
+  only that many of its blocks (a machine without the memory for the whole train state)."""
   import ml_dtypes
   from safetensors.numpy import save_file
   from structffn_jax import convert, hf_families
-  model_type, d, f, layers, heads, kv, vocab = SHAPES[shape]
-  src = root / f'{shape}-src'
+  model_type, d, f, full_layers, heads, kv, vocab = SHAPES[shape]
+  layers = layers or full_layers
+  src = root / f'{shape}-{layers}-src'
   if not (src / 'config.json').is_file():
     src.mkdir(parents=True, exist_ok=True)
     hf = dict(model_type=model_type, vocab_size=vocab, hidden_size=d, intermediate_size=f,
@@ -147,10 +149,12 @@ def time_shape(shape: str, method: str, rank: int, blocks: int, mode: str, root:
   start = time.perf_counter()
   record = convert.convert(src, 'configs/tiny.py:method=lowrank', root / f'{shape}-new', sets,
                            mode, overwrite=True)
+  import shutil
+  shutil.rmtree(root / f'{shape}-new')
   total = time.perf_counter() - start
   per_layer = [e['seconds'] for e in record['layers']]
   result = {'part': 'time', 'shape': shape, 'method': method, 'rank': rank, 'blocks': blocks,
-            'mode': mode, 'seconds_total': total, 'seconds_per_structured_layer':
+            'mode': mode, 'seconds_total': total, 'full_layers': full_layers, 'seconds_per_structured_layer':
             float(np.median(per_layer[1:])), 'layers': len(per_layer),
             'mean_relative_error_fc1': float(np.mean([e['fc1']['relative_error']
                                                       for e in record['layers'][1:]]))}
@@ -186,6 +190,7 @@ def main(argv=None):
   p.add_argument('--rank', type=int, default=512)
   p.add_argument('--blocks', type=int, default=1)
   p.add_argument('--mode', default='guided')
+  p.add_argument('--layers', type=int, default=0, help='convert only this many blocks')
   p.add_argument('--out', default='')
   a = p.parse_args(argv)
   root = pathlib.Path(a.dir)
@@ -194,7 +199,7 @@ def main(argv=None):
   elif a.part == 'compare':
     compare(root, a.out)
   else:
-    time_shape(a.shape, a.method, a.rank, a.blocks, a.mode, root, a.out)
+    time_shape(a.shape, a.method, a.rank, a.blocks, a.mode, root, a.out, a.layers)
 
 
 if __name__ == '__main__':
