@@ -372,14 +372,13 @@ def convert(source_path, spec: str, workdir, sets=(), mode: str = 'guided',
         if mode == 'scratch':
           factors = None
         else:
-          factors = projection.project(method, w, rank=m.ffn.rank, blocks=m.ffn.blocks)
+          factors, best = projection.nearest(method, w, rank=m.ffn.rank, blocks=m.ffn.blocks)
           for leaf, f in factors.items():
             _put(values, (where, 'ffn', fc, leaf), index, np.asarray(f, np.float32))
         if config.sgt.enabled:
           _put(values, (where, 'ffn', fc, 'guide'), index, w)
         if factors is not None:
           err = projection.relative_error(method, w, factors)
-          best = projection.optimal_error(method, w, rank=m.ffn.rank, blocks=m.ffn.blocks)
           entry[fc] = {'relative_error': err, 'optimum': best}
           line.append(f'{fc} {method} rel. error {err:.4f} (optimum {best:.4f})')
         continue

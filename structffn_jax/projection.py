@@ -5,6 +5,7 @@
   factors = projection.project('blockshuffle', w_MN, blocks=C)      # {'w1', 'w2'}
   err = projection.relative_error('lowrank', w_MN, factors)         # ‖W − D‖ / ‖W‖
   best = projection.optimal_error('lowrank', w_MN, rank=R)          # from the singular values
+  factors, best = projection.nearest('lowrank', w_MN, rank=R)       # both from one SVD
 
 Every method is a truncated SVD of independent pieces of W, and optimal by Eckart–Young:
   LowRank       W itself, rank R.
@@ -55,21 +56,31 @@ def check(method: str, n: int, m: int, *, rank: int = 0, blocks: int = 1, where:
                      f'{n}->{m} BlockDense matrix; lower model.ffn.rank.')
 
 
-def lowrank(w_MN, rank: int) -> dict:
-  """U (M, R) = U_R √S_R, V (R, N) = √S_R Vh_R: the rank-R truncated SVD."""
+def _discarded(sv, kept):
+  """Σ of the squared singular values past `kept` (per piece), float64 on the host."""
+  sv = np.asarray(sv, np.float64)
+  return float(np.sum(np.where(np.arange(sv.shape[-1]) >= np.asarray(kept)[..., None], sv ** 2,
+                               0.0)))
+
+
+def lowrank(w_MN, rank: int, *, tail: bool = False):
+  """U (M, R) = U_R √S_R, V (R, N) = √S_R Vh_R: the rank-R truncated SVD. With `tail`, also the
+  discarded squared singular values' sum (the optimum's squared error)."""
   u, s, vh = _svd(w_MN)
   root = jnp.sqrt(s[:rank])
-  return {'u': u[:, :rank] * root[None, :], 'v': root[:, None] * vh[:rank]}
+  factors = {'u': u[:, :rank] * root[None, :], 'v': root[:, None] * vh[:rank]}
+  return (factors, _discarded(s, rank)) if tail else factors
 
 
-def blockdense(w_MN, rank: int, blocks: int) -> dict:
+def blockdense(w_MN, rank: int, blocks: int, *, tail: bool = False):
   """V (C, R/C, N/C), U (M, R): a rank-R/C truncated SVD of each column block of W."""
   m, n = w_MN.shape
   c, r, p = blocks, rank // blocks, n // blocks
   u, s, vh = _svd(jnp.asarray(w_MN).reshape(m, c, p).transpose(1, 0, 2))  # (C, M, p) blocks
   root = jnp.sqrt(s[:, :r])                                         # (C, r)
   u_CMr = u[:, :, :r] * root[:, None, :]
-  return {'v': root[:, :, None] * vh[:, :r], 'u': u_CMr.transpose(1, 0, 2).reshape(m, c * r)}
+  factors = {'v': root[:, :, None] * vh[:, :r], 'u': u_CMr.transpose(1, 0, 2).reshape(m, c * r)}
+  return (factors, _discarded(s, np.full(c, r))) if tail else factors
 
 
 def _shuffle_units(n: int, m: int, blocks: int):
@@ -83,7 +94,7 @@ def _shuffle_units(n: int, m: int, blocks: int):
   return i, b, j, a, (f - first) // c
 
 
-def blockshuffle(w_MN, blocks: int) -> dict:
+def blockshuffle(w_MN, blocks: int, *, tail: bool = False):
   """W1 (C, q, N/C), W2 (C, M/C, q): per (output group j, input block i) sub-block of W, a
   truncated SVD of the rank that sub-block's hidden units give it."""
   m, n = w_MN.shape
@@ -96,7 +107,11 @@ def blockshuffle(w_MN, blocks: int) -> dict:
   root = jnp.sqrt(sv[j, i, k])                                      # (C·q,)
   w1 = jnp.zeros((c, q, p), jnp.float32).at[i, b].set(root[:, None] * vh[j, i, k])
   w2 = jnp.zeros((c, s, q), jnp.float32).at[j, :, a].set(u[j, i, :, k] * root[:, None])
-  return {'w1': w1, 'w2': w2}
+  if not tail:
+    return {'w1': w1, 'w2': w2}
+  kept = np.zeros((c, c), int)
+  np.add.at(kept, (j, i), 1)
+  return {'w1': w1, 'w2': w2}, _discarded(sv, kept)
 
 
 def project(method: str, w_MN, *, rank: int = 0, blocks: int = 1) -> dict:
@@ -111,6 +126,23 @@ def project(method: str, w_MN, *, rank: int = 0, blocks: int = 1) -> dict:
     return blockshuffle(w_MN, blocks)
   raise ValueError(f'projection: model.ffn.method={method!r} has no factors; use one of '
                    f'{structured.METHODS[1:]}.')
+
+
+def nearest(method: str, w_MN, *, rank: int = 0, blocks: int = 1) -> tuple[dict, float]:
+  """(`project`'s factors, the optimal relative error from the same SVD's singular values)."""
+  m, n = w_MN.shape
+  check(method, n, m, rank=rank, blocks=blocks)
+  w = jnp.asarray(w_MN, jnp.float32)
+  norm2 = float(jnp.sum(w.astype(jnp.float32) ** 2))
+  if method == 'lowrank':
+    factors, tail = lowrank(w, rank, tail=True)
+  elif method == 'blockdense':
+    factors, tail = blockdense(w, rank, blocks, tail=True)
+  elif method == 'blockshuffle':
+    factors, tail = blockshuffle(w, blocks, tail=True)
+  else:
+    raise ValueError(f'projection: model.ffn.method={method!r} has no factors.')
+  return factors, float(np.sqrt(tail / norm2))
 
 
 def dense_of(method: str, factors: dict, n: int, m: int) -> jax.Array:

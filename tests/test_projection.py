@@ -107,6 +107,10 @@ def _assert_optimal(method, w, factors, shapes, closed_form):
   """Projection error = the closed form, and no brute-force start gets below it."""
   err = projection.relative_error(method, w, factors)
   assert err == pytest.approx(closed_form, rel=1e-4, abs=1e-6)
+  again, best = projection.nearest(method, w, **_args(method, shapes))  # one SVD, both answers
+  assert best == pytest.approx(closed_form, rel=1e-4, abs=1e-6)
+  for name, value in again.items():
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(factors[name]))
   assert projection.optimal_error(method, w, **_args(method, shapes)) == pytest.approx(
       closed_form, rel=1e-9, abs=1e-12)
   brute = _brute(method, w, shapes)
