@@ -7,8 +7,8 @@
 SRC is a workdir of this project (its newest readable checkpoint; a structured or self-guided one
 counts as the dense matrices it applies) or a Hugging Face model directory: config.json, the
 weights as model.safetensors or shards with model.safetensors.index.json, and tokenizer.json (it
-comes along: NEW's data section tokenizes with it, so train, generate, evaluate and lm_eval use
-it). Families: structffn_jax/hf_families.py (Llama and its relatives, Mistral without a sliding
+comes along as NEW/tokenizer.json and NEW's data.tokenizer: the data the run prepares, and
+generate, evaluate and lm_eval on NEW, use the source's vocabulary). Families: structffn_jax/hf_families.py (Llama and its relatives, Mistral without a sliding
 window, Qwen2, Starcoder2, GPT-2).
 
 The new run's config is CFG with the source's architecture (width, depth, heads, norms,
