@@ -19,7 +19,6 @@ FFN 8192, 24 layers; llama-1b: Llama 3.2 1B's shape) and times `convert` with th
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import platform
@@ -91,7 +90,7 @@ def write(root: pathlib.Path, seed: int = 0):
 
 def compare(root: pathlib.Path, out):
   import jax.numpy as jnp
-  from structffn_jax import convert, run as run_lib
+  from structffn_jax import conversion as convert, run as run_lib
   rows = []
   for name in FAMILIES:
     src = root / name
@@ -118,7 +117,7 @@ def time_shape(shape: str, method: str, rank: int, blocks: int, mode: str, root:
   only that many of its blocks (a machine without the memory for the whole train state)."""
   import ml_dtypes
   from safetensors.numpy import save_file
-  from structffn_jax import convert, hf_families
+  from structffn_jax import conversion as convert, hf_families
   model_type, d, f, full_layers, heads, kv, vocab = SHAPES[shape]
   layers = layers or full_layers
   src = root / f'{shape}-{layers}-src'
@@ -182,16 +181,19 @@ def _write(out, result):
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--part', choices=('write', 'compare', 'time'), required=True)
-  p.add_argument('--dir', default='/tmp/structffn_convert_bench')
-  p.add_argument('--shape', choices=tuple(SHAPES), default='xl')
-  p.add_argument('--method', default='lowrank')
-  p.add_argument('--rank', type=int, default=512)
-  p.add_argument('--blocks', type=int, default=1)
-  p.add_argument('--mode', default='guided')
+  from structffn_jax import cli
+  p = cli.parser(__doc__)
+  p.add_argument('--part', choices=('write', 'compare', 'time'), required=True,
+                 help='write (torch venv), compare or time (see above)')
+  p.add_argument('--dir', default='/tmp/structffn_convert_bench',
+                 help='where the models and checkpoints go')
+  p.add_argument('--shape', choices=tuple(SHAPES), default='xl', help='--part time: the shape')
+  p.add_argument('--method', default='lowrank', help='--part time: model.ffn.method')
+  p.add_argument('--rank', type=int, default=512, help='--part time: model.ffn.rank')
+  p.add_argument('--blocks', type=int, default=1, help='--part time: model.ffn.blocks')
+  p.add_argument('--mode', default='guided', help='--part time: the hand-over mode')
   p.add_argument('--layers', type=int, default=0, help='convert only this many blocks')
-  p.add_argument('--out', default='')
+  p.add_argument('--out', default='', help='the JSON file to write')
   a = p.parse_args(argv)
   root = pathlib.Path(a.dir)
   if a.part == 'write':
