@@ -44,15 +44,16 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from structffn_jax import cli, structured
+from structffn_jax import cli, hf_families, structured
 from structffn_jax.model import GPT
 
 WEIGHTS = 'model.safetensors'
 FACTORS = 'structured.safetensors'
-# Our layer names -> the architecture's, per block: (ours, Starcoder2, Llama).
-_NORMS = (('norm1', 'input_layernorm'), ('norm2', 'post_attention_layernorm'))
-_FFN = {'starcoder2': {'fc1': 'mlp.c_fc', 'fc2': 'mlp.c_proj'},
-        'llama': {'fc1': ('mlp.gate_proj', 'mlp.up_proj'), 'fc2': 'mlp.down_proj'}}
+# Our layer names -> the architecture's, per block, from the families' shared name table.
+_NORMS = hf_families.FAMILIES['llama'].norms
+assert _NORMS == hf_families.FAMILIES['starcoder2'].norms
+_FFN = {arch: {'fc1': hf_families.FAMILIES[arch].fc1, 'fc2': hf_families.FAMILIES[arch].fc2}
+        for arch in ('starcoder2', 'llama')}
 
 
 def _safetensors():

@@ -3,7 +3,8 @@
 Pre-norm blocks, fused QKV, grouped-query attention with an attention width independent of the
 model width, RoPE (rotate-half) or learned absolute positions, causal softmax attention, an FFN
 whose fc1/fc2 use the configured structure (the first block's FFN stays dense by default), a final
-norm and an LM head tied to the token embedding.
+norm and an LM head tied to the token embedding (or untied, `model.tie_embeddings`). Imported
+models add q/k/v-only biases (`model.qkv_bias`) and RoPE frequency scaling (`model.rope_scaling`).
 
 Blocks 1..L-1 are identical in structure, so they are stored stacked (leading `layers` axis) and
 applied with one `lax.scan`: the model compiles once however deep it is. Parameters are float32;
@@ -32,11 +33,39 @@ from structffn_jax import sharding, structured
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
-def rope(x_BTHE, positions_BT, base: float):
-  """Rotary position embedding, rotate-half convention, computed in float32 (queries (B, T, H, E)
-  or keys (B, T, K, E))."""
-  e = x_BTHE.shape[-1]
+ROPE_SCALINGS = ('none', 'linear', 'llama3')
+
+
+def rope_frequencies(e: int, base: float, scaling=None):
+  """The E/2 inverse frequencies of RoPE over a head of width e, float32; `scaling` (the
+  model.rope_scaling section) divides them by its factor ('linear') or, 'llama3', divides the
+  long wavelengths, keeps the short ones and blends the band between (Llama 3.1)."""
   inv_freq = base ** (-jnp.arange(0, e // 2, dtype=jnp.float32) * 2 / e)
+  scaling = ml_collections.ConfigDict(dict(scaling or {'type': 'none'}))
+  kind = scaling.type
+  if kind == 'none':
+    return inv_freq
+  if kind == 'linear':
+    return inv_freq / scaling.factor
+  if kind != 'llama3':
+    raise ValueError(f'model.rope_scaling.type={kind!r} is not supported; use one of '
+                     f'{ROPE_SCALINGS}.')
+  low = scaling.original_len / scaling.low_freq_factor  # wavelengths above: scaled
+  high = scaling.original_len / scaling.high_freq_factor  # wavelengths below: kept
+  wavelen = 2 * jnp.pi / inv_freq
+  scaled = jnp.where(wavelen > low, inv_freq / scaling.factor, inv_freq)
+  smooth = (scaling.original_len / wavelen - scaling.low_freq_factor) / (
+      scaling.high_freq_factor - scaling.low_freq_factor)
+  blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+  medium = (wavelen >= high) & (wavelen <= low)
+  return jnp.where(medium, blended, scaled)
+
+
+def rope(x_BTHE, positions_BT, base: float, scaling=None):
+  """Rotary position embedding, rotate-half convention, computed in float32 (queries (B, T, H, E)
+  or keys (B, T, K, E)); `scaling`: see `rope_frequencies`."""
+  e = x_BTHE.shape[-1]
+  inv_freq = rope_frequencies(e, base, scaling)
   angles = positions_BT[..., None].astype(jnp.float32) * inv_freq  # (B, T, E/2)
   cos = jnp.cos(angles)[:, :, None, :]
   sin = jnp.sin(angles)[:, :, None, :]
@@ -80,10 +109,16 @@ class Attention(nnx.Module):
     self.implementation = cfg.attention.implementation
     self.head_dim = cfg.attn_dim // cfg.num_heads
     self.position, self.rope_base = cfg.position, cfg.rope_base
+    scaling = cfg.get('rope_scaling')
+    self.rope_scaling = None  # static: the section's items, hashable
+    if scaling is not None and scaling.type != 'none':
+      self.rope_scaling = tuple(sorted(scaling.items()))
+      rope_frequencies(2, 1.0, self.rope_scaling)  # an unknown type fails here, not in a trace
     qkv_width = (cfg.num_heads + 2 * cfg.num_kv_heads) * self.head_dim
     common = dict(use_bias=cfg.use_bias, std=cfg.init_std, dtype=dtype, rngs=rngs)
+    qkv_bias = cfg.use_bias or cfg.get('qkv_bias', False)
     self.qkv = structured.Dense(cfg.hidden_dim, qkv_width, in_axis='embed', out_axis='qkv',
-                                **common)
+                                **{**common, 'use_bias': qkv_bias})
     self.out = structured.Dense(cfg.attn_dim, cfg.hidden_dim, in_axis='heads', out_axis='embed',
                                 **common)
 
@@ -96,8 +131,8 @@ class Attention(nnx.Module):
     k_BTKE = qkv[..., h * e:(h + k) * e].reshape(b, t, k, e)
     v_BTKE = qkv[..., (h + k) * e:].reshape(b, t, k, e)
     if self.position == 'rope':
-      q_BTHE = rope(q_BTHE, positions_BT, self.rope_base)
-      k_BTKE = rope(k_BTKE, positions_BT, self.rope_base)
+      q_BTHE = rope(q_BTHE, positions_BT, self.rope_base, self.rope_scaling)
+      k_BTKE = rope(k_BTKE, positions_BT, self.rope_base, self.rope_scaling)
     return q_BTHE, k_BTKE, v_BTKE
 
   def __call__(self, x_BTD, positions_BT):
@@ -230,6 +265,11 @@ class GPT(nnx.Module):
         return Block(cfg, method, self.dtype, guide=guide, reduce_flop=reduce_flop, rngs=rngs)
       self.stack = make_stack(rngs)
     self.final_norm = _norm(cfg, self.dtype, rngs)
+    self.head = nnx.data(None)  # the LM head: the embedding itself unless untied
+    if not cfg.get('tie_embeddings', True):
+      self.head = nnx.Param(
+          cfg.init_std * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_dim)),
+          **structured.logical('vocab', 'embed'))
 
   @property
   def has_guide(self) -> bool:
@@ -281,9 +321,10 @@ class GPT(nnx.Module):
     return x_BTD
 
   def _logits(self, x_BTD):
-    """Final norm and the tied head: float32 logits (B, T, V)."""
+    """Final norm and the head (tied: the embedding): float32 logits (B, T, V)."""
+    head = self.embedding if self.head is None else self.head
     return jnp.einsum('btd,vd->btv', self.final_norm(x_BTD),
-                      self.embedding[...].astype(self.dtype), preferred_element_type=jnp.float32)
+                      head[...].astype(self.dtype), preferred_element_type=jnp.float32)
 
   # --------------------------------------------------------------------------- inference
 

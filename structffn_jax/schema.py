@@ -45,6 +45,7 @@ CHOICES = {  # field -> the values it may take
     'model.position': ('rope', 'absolute'),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'model.remat': ('none', 'dots', 'full'),
+    'model.rope_scaling.type': ('none', 'linear', 'llama3'),
     'model.ffn.method': METHODS,
     'model.ffn.init': INITS,
     'model.ffn.implementation': FFN_IMPLEMENTATIONS,
@@ -62,6 +63,10 @@ RANGES = {
     'model.norm_eps': (lambda v: v > 0, 'must be > 0; e.g. 1e-5'),
     'model.rope_base': (lambda v: v > 0, 'must be > 0; e.g. 10000'),
     'model.init_std': (lambda v: v > 0, 'must be > 0; e.g. 0.02'),
+    'model.rope_scaling.factor': (lambda v: v > 0, 'must be > 0; e.g. 8.0'),
+    'model.rope_scaling.low_freq_factor': (lambda v: v > 0, 'must be > 0; e.g. 1.0'),
+    'model.rope_scaling.high_freq_factor': (lambda v: v > 0, 'must be > 0; e.g. 4.0'),
+    'model.rope_scaling.original_len': (lambda v: v >= 1, 'must be >= 1; e.g. 8192'),
     'model.ffn.rank': (lambda v: v >= 0, 'must be >= 0 (0 for dense and blockshuffle)'),
     'model.ffn.blocks': (lambda v: v >= 1, 'must be >= 1 (1 for dense and lowrank)'),
     'model.ffn.merge_threshold': (lambda v: v >= -1,
@@ -152,8 +157,16 @@ def base_config() -> ml_collections.ConfigDict:
   m.norm_eps = 1e-5  # Normalisation epsilon.
   m.activation = 'gelu'  # 'gelu' (tanh approximation) or 'swiglu'.
   m.use_bias = True  # Biases on every projection (and LayerNorm).
+  m.qkv_bias = False  # Biases on the q/k/v projection even when use_bias is off (Qwen2).
+  m.tie_embeddings = True  # LM head tied to the token embedding; False: its own (V, D) matrix.
   m.position = 'rope'  # 'rope' (rotate-half) or 'absolute' (learned).
   m.rope_base = 10000.0  # RoPE frequency base.
+  r = m.rope_scaling = ml_collections.ConfigDict()  # RoPE frequency scaling (imported models).
+  r.type = 'none'  # 'none', 'linear' (positions / factor) or 'llama3' (Llama 3.1 wavelength bands).
+  r.factor = 1.0  # Scaling factor.
+  r.low_freq_factor = 1.0  # llama3: wavelengths above original_len / low_freq_factor are scaled.
+  r.high_freq_factor = 4.0  # llama3: wavelengths below original_len / high_freq_factor are kept.
+  r.original_len = 8192  # llama3: the context the frequencies were trained for.
   m.init_std = 0.02  # Std of every Gaussian initialiser.
   m.first_layer_dense = True  # Keep the first block's FFN dense.
   m.dtype = 'bfloat16'  # Compute dtype: 'bfloat16', 'float32' or 'float16'; params are float32.
