@@ -10,8 +10,11 @@ DIR gets:
                           layer as its merged dense matrix (its exact `to_dense()`)
   structured.safetensors  the structured layers' own factors (u, v / w1, w2, bias), as trained
                           (only when the model has structured layers)
-  tokenizer files         tokenizer.model (SentencePiece) or tokenizer.json, tokenizer_config.json
-                          and special_tokens_map.json
+  tokenizer.json          the run's tokenizer for `tokenizers` / AutoTokenizer alone (a SentencePiece
+                          run's converted, same ids; hf_tokenizer.py); tokenizer.model beside it
+                          for a SentencePiece run
+  tokenizer_config.json   PreTrainedTokenizerFast; BOS = EOS = the end-of-document token, which
+                          preceded every training document (no token is added to an encoding)
 
 The architecture is an existing `transformers` one whose forward is this model's:
   - layernorm + GELU(tanh) + RoPE (the paper's model): Starcoder2. Pre-LN blocks with LayerNorm,
@@ -184,36 +187,36 @@ def _structured_layers(model) -> dict:
   return kinds
 
 
-def _write_tokenizer(tokenizer_path, out: pathlib.Path, eos_id: int, bos_id: int, seq_len: int):
-  """The run's tokenizer file with a tokenizer_config.json transformers can load."""
+def _write_tokenizer(tokenizer_path, out: pathlib.Path, eos_id: int, seq_len: int):
+  """tokenizer.json (hf_tokenizer: the encoding training used, no token added), the run's
+  SentencePiece tokenizer.model where it has one, and a tokenizer_config.json whose BOS is the
+  EOS: the token before every training document, so that a harness that puts the BOS before a
+  text (lm-eval's prefix token) gives the model what training gave it."""
+  import tokenizers
+
+  from structffn_jax import hf_tokenizer
   tokenizer_path = pathlib.Path(tokenizer_path)
   for stale in ('tokenizer.json', 'tokenizer.model'):  # of an earlier export into `out`
     (out / stale).unlink(missing_ok=True)
-  if tokenizer_path.suffix == '.json':
-    import tokenizers
-    tok = tokenizers.Tokenizer.from_file(str(tokenizer_path))
-    shutil.copyfile(tokenizer_path, out / 'tokenizer.json')
-    piece = tok.id_to_token
-    tokenizer_class = 'PreTrainedTokenizerFast'
-  else:
-    import sentencepiece as spm
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+  hf_tokenizer.write(tokenizer_path, out / 'tokenizer.json')
+  if tokenizer_path.suffix != '.json':
     shutil.copyfile(tokenizer_path, out / 'tokenizer.model')
-    piece = sp.id_to_piece
-    tokenizer_class = 'LlamaTokenizer'
-  special = {'eos_token': piece(eos_id)}
-  if bos_id >= 0:
-    special['bos_token'] = piece(bos_id)
-  config = {'tokenizer_class': tokenizer_class, 'add_bos_token': False, 'add_eos_token': False,
-            'add_prefix_space': False, 'legacy': False, 'clean_up_tokenization_spaces': False,
-            'model_max_length': seq_len, **special}
+  eos = tokenizers.Tokenizer.from_file(str(out / 'tokenizer.json')).id_to_token(eos_id)
+  special = {'bos_token': eos, 'eos_token': eos}
+  config = {'tokenizer_class': 'PreTrainedTokenizerFast', 'add_bos_token': False,
+            'add_eos_token': False, 'add_prefix_space': False,
+            'clean_up_tokenization_spaces': False, 'model_max_length': seq_len, **special}
   (out / 'tokenizer_config.json').write_text(json.dumps(config, indent=1) + '\n')
   (out / 'special_tokens_map.json').write_text(json.dumps(special, indent=1) + '\n')
 
 
-def export_model(model, out, *, eos_id: int, bos_id: int = -1, tokenizer_path=None,
+def export_model(model, out, *, eos_id: int, tokenizer_path=None,
                  info: dict | None = None) -> pathlib.Path:
-  """Write `model` (a GPT without guides) as a Hugging Face directory `out`; returns it."""
+  """Write `model` (a GPT without guides) as a Hugging Face directory `out`; returns it.
+
+  eos_id: the token that ends (and so precedes) every training document; it is declared as both
+  the EOS and the BOS, since no other token ever started a text in training.
+  """
   st = _safetensors()
   out = pathlib.Path(out)
   weights, factors = tensors(model)
@@ -223,13 +226,13 @@ def export_model(model, out, *, eos_id: int, bos_id: int = -1, tokenizer_path=No
   (out / FACTORS).unlink(missing_ok=True)
   if factors:
     st.save_file(factors, str(out / FACTORS), metadata=meta)
-  config = hf_config(model.cfg, eos_id, bos_id)
+  config = hf_config(model.cfg, eos_id, eos_id)
   config['structffn'] = {**(info or {}), 'model': model.cfg.to_dict(),
                          'layers': _structured_layers(model),
                          'factors': FACTORS if factors else None}
   (out / 'config.json').write_text(json.dumps(config, indent=1) + '\n')
   if tokenizer_path is not None:
-    _write_tokenizer(tokenizer_path, out, eos_id, bos_id, model.cfg.seq_len)
+    _write_tokenizer(tokenizer_path, out, eos_id, model.cfg.seq_len)
   return out
 
 
@@ -247,8 +250,7 @@ def export_run(workdir, out, mesh: str | None = None) -> pathlib.Path:
   step = ckpt.latest_step()
   ckpt.close()
   info = {'name': config.name, 'step': int(step), 'workdir': str(pathlib.Path(workdir).resolve())}
-  return export_model(model, out, eos_id=manifest.eos_id, bos_id=manifest.bos_id,
-                      tokenizer_path=manifest.tokenizer_path, info=info)
+  return export_model(model, out, eos_id=manifest.eos_id, tokenizer_path=manifest.tokenizer_path, info=info)
 
 
 # ----------------------------------------------------------------------------- reading back
@@ -350,14 +352,16 @@ def verify(out, *, seq: int = 64, batch: int = 2, seed: int = 0) -> dict:
             'max_abs_logit': float(np.abs(ours).max()),
             'max_abs_diff': float(np.abs(ours - theirs).max()),
             'transformers': transformers.__version__, 'torch': torch.__version__}
-  if any((pathlib.Path(out) / f).is_file() for f in ('tokenizer.model', 'tokenizer.json')):
+  out = pathlib.Path(out)
+  if (out / 'tokenizer.json').is_file():
     from structffn_jax.data import tokenizer as tokenizer_lib
     text = 'The game was released in 1996 , and it sold  well .\n= = Reception = =\n'
-    mine = [p for p in pathlib.Path(out).iterdir() if p.name in ('tokenizer.model',
-                                                                 'tokenizer.json')][0]
+    mine = out / 'tokenizer.model' if (out / 'tokenizer.model').is_file() else \
+        out / 'tokenizer.json'
     tok = transformers.AutoTokenizer.from_pretrained(out)
-    result['tokenizer_equal'] = (tok.encode(text, add_special_tokens=False)
-                                 == tokenizer_lib.load(mine).encode(text))
+    result['tokenizer'] = type(tok).__name__
+    result['tokenizer_equal'] = (tok.encode(text) == tokenizer_lib.load(mine).encode(text))
+    result['bos_is_eos'] = tok.bos_token_id == tok.eos_token_id == hf.config.eos_token_id
   return result
 
 

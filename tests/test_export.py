@@ -148,26 +148,82 @@ def test_refused_inputs(tmp_path):
     export.load(tmp_path)
 
 
+HELD_OUT = ('Il était une fois, en 1996 :  naïve café — 東京 🙂\n\tdef f(x):\n    return x ** 2\n'
+            '= = Reception = =\n  trailing  ')
+
+
 def test_tokenizer_json_is_exported_for_the_fast_tokenizer_class(tmp_path):
-  """A run on a Hugging Face tokenizer.json exports that file as it is."""
+  """A run on a Hugging Face tokenizer.json exports that file, less a post-processor that would
+  add a BOS training never saw; BOS = EOS."""
   tokenizers = pytest.importorskip('tokenizers')
-  from tokenizers import decoders, models, pre_tokenizers, trainers
+  from tokenizers import decoders, models, pre_tokenizers, processors, trainers
   tok = tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
   tok.train_from_iterator(['the game was released in 1996 , and it sold well .'] * 20,
-                          trainers.BpeTrainer(vocab_size=300, special_tokens=['<|endoftext|>'],
+                          trainers.BpeTrainer(vocab_size=300, special_tokens=['<|endoftext|>',
+                                                                              '<|begin_of_text|>'],
                                               show_progress=False,
                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.save(str(tmp_path / 'plain.json'))
+  tok.post_processor = processors.TemplateProcessing(
+      single='<|begin_of_text|> $A', special_tokens=[('<|begin_of_text|>', 1)])
   tok.save(str(tmp_path / 'tokenizer.json'))
+  assert tok.encode('the game').ids[0] == 1  # the source adds a BOS
   cfg = tiny_setup.model_config('dense', seq_len=SEQ_LEN)
   out = export.export_model(random_model(cfg), tmp_path / 'hf', eos_id=0,
-                            tokenizer_path=tmp_path / 'tokenizer.json')
-  assert (out / 'tokenizer.json').read_bytes() == (tmp_path / 'tokenizer.json').read_bytes()
+                            tokenizer_path=tmp_path / 'plain.json')
+  assert (out / 'tokenizer.json').read_bytes() == (tmp_path / 'plain.json').read_bytes()
   assert not (out / 'tokenizer.model').exists()
+  out = export.export_model(random_model(cfg), tmp_path / 'hf', eos_id=0,
+                            tokenizer_path=tmp_path / 'tokenizer.json')
+  exported = tokenizers.Tokenizer.from_file(str(out / 'tokenizer.json'))
+  text = 'the game was released in 1996'
+  assert exported.encode(text).ids == tok.encode(text, add_special_tokens=False).ids
   config = json.loads((out / 'tokenizer_config.json').read_text())
   assert config['tokenizer_class'] == 'PreTrainedTokenizerFast'
-  assert config['eos_token'] == '<|endoftext|>' and 'bos_token' not in config
+  assert config['eos_token'] == config['bos_token'] == '<|endoftext|>'
+  hf = json.loads((out / 'config.json').read_text())
+  assert hf['bos_token_id'] == hf['eos_token_id'] == 0
+
+
+def test_sentencepiece_tokenizer_json_encodes_as_the_run(data_dir, tmp_path):
+  """A SentencePiece run gets a tokenizer.json of its own model: the same ids as SentencePiece
+  on text the tokenizer never saw (byte fallback included), decoding back to the text."""
+  tokenizers = pytest.importorskip('tokenizers')
+  import inspect
+  import json.encoder
+  import sentencepiece as spm
+  manifest = prepare_lib.Manifest.load(data_dir)
+  sp = spm.SentencePieceProcessor(model_file=str(manifest.tokenizer_path))
+  cfg = tiny_setup.model_config('dense', seq_len=SEQ_LEN)
+  out = export.export_model(random_model(cfg), tmp_path / 'hf', eos_id=manifest.eos_id,
+                            tokenizer_path=manifest.tokenizer_path)
+  tok = tokenizers.Tokenizer.from_file(str(out / 'tokenizer.json'))
+  texts = [HELD_OUT, inspect.getsource(json.decoder), inspect.getsource(json.encoder), ' ', '']
+  for text in texts:
+    ids = sp.encode(text)
+    assert tok.encode(text).ids == ids  # the default encode: no token added
+    assert tok.decode(ids, skip_special_tokens=False) == text
+  assert tok.get_vocab_size() == sp.get_piece_size()
+  config = json.loads((out / 'tokenizer_config.json').read_text())
+  assert config['bos_token'] == config['eos_token'] == sp.id_to_piece(manifest.eos_id)
+  assert manifest.bos_id != manifest.eos_id  # the model file's own <s>, never used in training
+  assert json.loads((out / 'config.json').read_text())['bos_token_id'] == manifest.eos_id
+
+
+def test_unconvertible_sentencepiece_model_is_refused(tmp_path):
+  """A SentencePiece model whose encoding a tokenizer.json would not reproduce (a dummy prefix)
+  is refused with one line."""
+  import sentencepiece as spm
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(['the game was released in 1996 , and it sold well .'] * 50),
+      model_prefix=str(tmp_path / 'sp'), vocab_size=300, model_type='bpe', minloglevel=2,
+      add_dummy_prefix=True, byte_fallback=True)
+  cfg = tiny_setup.model_config('dense', seq_len=SEQ_LEN)
+  with pytest.raises(ValueError, match='would encode differently from the SentencePiece model'):
+    export.export_model(random_model(cfg), tmp_path / 'hf', eos_id=2,
+                        tokenizer_path=tmp_path / 'sp.model')
 
 
 @pytest.fixture(scope='module')
@@ -187,13 +243,15 @@ def test_command(trained_workdir, data_dir, tmp_path, capsys):
   assert 'Starcoder2ForCausalLM of tiny-blockshuffle step 2' in capsys.readouterr().out
   assert sorted(p.name for p in out.iterdir()) == [
       'config.json', 'model.safetensors', 'special_tokens_map.json', 'structured.safetensors',
-      'tokenizer.model', 'tokenizer_config.json']
+      'tokenizer.json', 'tokenizer.model', 'tokenizer_config.json']
   manifest = prepare_lib.Manifest.load(data_dir)
   assert (out / 'tokenizer.model').read_bytes() == manifest.tokenizer_path.read_bytes()
   config = json.loads((out / 'config.json').read_text())
   assert config['eos_token_id'] == manifest.eos_id
   assert config['structffn']['layers']['stack'] == {'fc1': 'BlockShuffle', 'fc2': 'BlockShuffle'}
-  assert json.loads((out / 'tokenizer_config.json').read_text())['eos_token'] == '</s>'
+  tokenizer_config = json.loads((out / 'tokenizer_config.json').read_text())
+  assert tokenizer_config['eos_token'] == tokenizer_config['bos_token'] == '</s>'
+  assert config['bos_token_id'] == manifest.eos_id
   back = export.load(out, dtype='float32')
   tokens = jnp.asarray(np.arange(12, dtype=np.int32)[None] % 50)
   from structffn_jax import generate
