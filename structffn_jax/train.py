@@ -48,6 +48,7 @@ from structffn_jax import config as config_lib
 from structffn_jax import evaluation
 from structffn_jax.data import pipeline
 from structffn_jax.data import prepare as prepare_lib
+from structffn_jax.data import shortfall
 from structffn_jax.plan import make_plan
 
 
@@ -73,6 +74,8 @@ def prepare_data(config, workdir: pathlib.Path, log=print):
   if manifest is None:
     manifest = prepare_lib.prepare(config.data, data_dir, config.model.seq_len,
                                    model_vocab_size=config.model.vocab_size)
+  for line in shortfall.messages(config.data, manifest):
+    log(line)
   return manifest
 
 
