@@ -1,6 +1,6 @@
 """Export a trained run as a Hugging Face model directory, and read such a directory back.
 
-  pip install '.[export]'
+  pip install -e '.[export]'
   python -m structffn_jax.export --workdir runs/quickstart --out hf/quickstart
 
 DIR gets:
@@ -62,7 +62,7 @@ def _safetensors():
   try:
     from safetensors import numpy as st
   except ImportError as e:
-    raise ImportError(f"export needs the safetensors package ({e}): pip install '.[export]'.")
+    raise ImportError(f"export needs the safetensors package ({e}): pip install -e '.[export]'.")
   return st
 
 

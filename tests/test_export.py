@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 st = pytest.importorskip('safetensors.numpy', reason="safetensors is not installed "
-                         "(pip install '.[export]')")
+                         "(pip install -e '.[export]')")
 
 from structffn_jax import export, train  # noqa: E402
 from structffn_jax.data import prepare as prepare_lib  # noqa: E402
