@@ -29,6 +29,20 @@ v_proj, head-major as our reshape reads it. config.json gives `head_dim` (attn_d
 which transformers reads for both architectures (checked with 5.24; a version that ignores it
 loads only models with attn_dim == hidden_dim).
 
+--structured writes the FFN as it was trained instead, so that transformers runs the factors
+(the paper's FFN speed-up) rather than merged matrices:
+  config.json             model_type structffn_starcoder2 / structffn_llama, with auto_map to
+                          the shipped file, structffn_layers (per layer: fc1/fc2 kind and shape)
+  model.safetensors       the architecture's tensors, each FFN projection as its own parameters
+                          (model.layers.<i>.mlp.fc1.u, .v, .bias / .w1, .w2 / .kernel)
+  modeling_structffn.py   structffn_jax/hf_modeling/: the transformers architecture with its MLP
+                          replaced (torch and transformers only)
+loaded with AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True). A serving engine
+needs more: vLLM and TGI accept no trust_remote_code modeling file for their optimized paths;
+each would need the model registered in the engine (vLLM: a plugin model class whose MLP runs
+the structured projections, ideally with fused kernels, and the weight loader's name mapping;
+TGI: a custom model in its server code). Until then, serve the merged export.
+
 `load(DIR)` builds this project's GPT from such a directory: the structured layers from their
 factors (identical parameters, identical logits), or with structured=False every FFN dense from
 the merged matrices.
@@ -187,6 +201,49 @@ def _structured_layers(model) -> dict:
   return kinds
 
 
+MODELING = 'modeling_structffn.py'  # structffn_jax/hf_modeling/, shipped by a structured export
+_KINDS = {'Dense': 'dense', 'LowRank': 'lowrank', 'BlockDense': 'blockdense',
+          'BlockShuffle': 'blockshuffle'}
+
+
+def structured_tensors(model) -> tuple[dict, list]:
+  """(tensors, FFN layer specs) of a structured export: the architecture's tensors less the
+  merged FFN matrices, each FFN projection as its own parameters (kernel / u, v / w1, w2; bias)
+  under model.layers.<i>.mlp.fc1.<name>, and per layer {'fc1': {'kind', 'in', 'out', 'rank'?,
+  'blocks'?}, 'fc2': ...} for hf_modeling/modeling_structffn.py."""
+  weights, _ = tensors(model)
+  weights = {k: v for k, v in weights.items() if '.mlp.' not in k}
+  specs = []
+  for layer, (params, ffn, _) in enumerate(_blocks(model)):
+    spec = {}
+    for fc in ('fc1', 'fc2'):
+      obj = ffn[fc]
+      spec[fc] = {'kind': _KINDS[type(obj).__name__], 'in': int(obj.in_features),
+                  'out': int(obj.out_features)}
+      spec[fc].update({a: int(getattr(obj, a)) for a in ('rank', 'blocks') if hasattr(obj, a)})
+      for name, value in params['ffn'][fc].items():
+        weights[f'model.layers.{layer}.mlp.{fc}.{name}'] = np.ascontiguousarray(
+            np.asarray(value, np.float32))
+    specs.append(spec)
+  return weights, specs
+
+
+def structured_config(cfg, eos_id: int, specs: list) -> dict:
+  """config.json of a structured export: the architecture's, as a custom model type whose
+  classes (auto_map) are in the shipped modeling_structffn.py."""
+  config = hf_config(cfg, eos_id, eos_id)
+  name = {'starcoder2': 'Starcoder2', 'llama': 'Llama'}[architecture(cfg)]
+  module = MODELING[:-len('.py')]
+  config.update({
+      'architectures': [f'StructFFN{name}ForCausalLM'],
+      'model_type': f'structffn_{config["model_type"]}',
+      'auto_map': {'AutoConfig': f'{module}.StructFFN{name}Config',
+                   'AutoModelForCausalLM': f'{module}.StructFFN{name}ForCausalLM'},
+      'structffn_layers': specs, 'structffn_bias': bool(cfg.use_bias),
+      'structffn_activation': 'swiglu' if cfg.activation == 'swiglu' else 'gelu'})
+  return config
+
+
 def _write_tokenizer(tokenizer_path, out: pathlib.Path, eos_id: int, seq_len: int):
   """tokenizer.json (hf_tokenizer: the encoding training used, no token added), the run's
   SentencePiece tokenizer.model where it has one, and a tokenizer_config.json whose BOS is the
@@ -211,7 +268,7 @@ def _write_tokenizer(tokenizer_path, out: pathlib.Path, eos_id: int, seq_len: in
 
 
 def export_model(model, out, *, eos_id: int, tokenizer_path=None,
-                 info: dict | None = None) -> pathlib.Path:
+                 info: dict | None = None, structured: bool = False) -> pathlib.Path:
   """Write `model` (a GPT without guides) as a Hugging Face directory `out`; returns it.
 
   eos_id: the token that ends (and so precedes) every training document; it is declared as both
@@ -219,24 +276,33 @@ def export_model(model, out, *, eos_id: int, tokenizer_path=None,
   """
   st = _safetensors()
   out = pathlib.Path(out)
-  weights, factors = tensors(model)
+  if structured:
+    (weights, specs), factors = structured_tensors(model), {}
+  else:
+    weights, factors = tensors(model)
   out.mkdir(parents=True, exist_ok=True)
   meta = {'format': 'pt'}  # what transformers expects of a safetensors file
   st.save_file(weights, str(out / WEIGHTS), metadata=meta)
-  (out / FACTORS).unlink(missing_ok=True)
+  for stale in (FACTORS, MODELING):
+    (out / stale).unlink(missing_ok=True)
   if factors:
     st.save_file(factors, str(out / FACTORS), metadata=meta)
-  config = hf_config(model.cfg, eos_id, eos_id)
+  if structured:
+    config = structured_config(model.cfg, eos_id, specs)
+    shutil.copyfile(pathlib.Path(__file__).parent / 'hf_modeling' / MODELING, out / MODELING)
+  else:
+    config = hf_config(model.cfg, eos_id, eos_id)
   config['structffn'] = {**(info or {}), 'model': model.cfg.to_dict(),
                          'layers': _structured_layers(model),
-                         'factors': FACTORS if factors else None}
+                         'factors': FACTORS if factors else None,
+                         'format': 'structured' if structured else 'merged'}
   (out / 'config.json').write_text(json.dumps(config, indent=1) + '\n')
   if tokenizer_path is not None:
     _write_tokenizer(tokenizer_path, out, eos_id, model.cfg.seq_len)
   return out
 
 
-def export_run(workdir, out, mesh: str | None = None) -> pathlib.Path:
+def export_run(workdir, out, mesh: str | None = None, structured: bool = False) -> pathlib.Path:
   """Export the newest checkpoint of a training workdir (see the module docstring)."""
   from structffn_jax import decoding
 
@@ -275,6 +341,10 @@ def load(path, *, structured_layers: bool = True, dtype: str | None = None) -> G
   cfg = ml_collections.ConfigDict(config['structffn']['model'])
   if dtype:
     cfg.dtype = dtype
+  fmt = config['structffn'].get('format', 'merged')
+  if fmt == 'structured' and not structured_layers:
+    raise ValueError(f'{path} is a structured export (--structured): it holds no merged FFN '
+                     'matrices; load it with structured_layers=True.')
   if not structured_layers:
     cfg.ffn.method = 'dense'
   arch = architecture(cfg)
@@ -298,6 +368,11 @@ def load(path, *, structured_layers: bool = True, dtype: str | None = None) -> G
     ours[('attn', 'out', 'kernel')] = weights[p + 'self_attn.o_proj.weight']
     ours[('attn', 'out', 'bias')] = weights.get(p + 'self_attn.o_proj.bias')
     for fc in ('fc1', 'fc2'):
+      if fmt == 'structured':  # the layer's own parameters, under mlp.<fc>.<name>
+        prefix = p + f'mlp.{fc}.'
+        ours.update({('ffn', fc, k[len(prefix):]): v for k, v in weights.items()
+                     if k.startswith(prefix)})
+        continue
       names = _FFN[arch][fc]
       names = names if isinstance(names, tuple) else (names,)
       ours[('ffn', fc, 'kernel')] = np.concatenate([weights[p + n + '.weight'] for n in names])
@@ -345,7 +420,8 @@ def verify(out, *, seq: int = 64, batch: int = 2, seed: int = 0) -> dict:
   tokens = np.random.default_rng(seed).integers(0, model.cfg.vocab_size, (batch, seq))
   ours = np.asarray(nnx.jit(lambda m, t: m(t))(model, jnp.asarray(tokens, jnp.int32)),
                     np.float64)
-  hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  hf = transformers.AutoModelForCausalLM.from_pretrained(
+      out, dtype=torch.float32, trust_remote_code=(pathlib.Path(out) / MODELING).is_file()).eval()
   with torch.no_grad():
     theirs = hf(torch.tensor(tokens, dtype=torch.long)).logits.double().numpy()
   result = {'architecture': type(hf).__name__, 'tokens': list(tokens.shape),
@@ -371,11 +447,13 @@ def main(argv=None):
   parser.add_argument('--out', required=True, help='the Hugging Face directory to write')
   parser.add_argument('--mesh', default=None, metavar='D,F,T',
                       help="mesh sizes (data, fsdp, tensor) to restore onto, e.g. 1,1,1")
+  parser.add_argument('--structured', action='store_true',
+                      help='FFN as its factors, a custom architecture (trust_remote_code)')
   parser.add_argument('--verify', action='store_true',
                       help='then compare logits with transformers (needs torch; by hand)')
   args = parser.parse_args(argv)
   try:
-    out = export_run(args.workdir, args.out, args.mesh)
+    out = export_run(args.workdir, args.out, args.mesh, structured=args.structured)
     config = json.loads((out / 'config.json').read_text())
     files = sorted(p.name for p in out.iterdir())
     print(f'{config["architectures"][0]} of {config["structffn"]["name"]} step '

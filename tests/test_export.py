@@ -37,7 +37,7 @@ def hf_forward(out_dir, tokens):
   from config.json and model.safetensors alone."""
   c = json.loads((out_dir / 'config.json').read_text())
   w = {k: v.astype(np.float64) for k, v in st.load_file(str(out_dir / 'model.safetensors')).items()}
-  llama = c['model_type'] == 'llama'
+  llama = c['model_type'] in ('llama', 'structffn_llama')
   eps = c['rms_norm_eps'] if llama else c['norm_epsilon']
 
   def norm(x, name):
@@ -73,7 +73,16 @@ def hf_forward(out_dir, tokens):
     o = np.einsum('bnqk,bknh->bqnh', s / s.sum(-1, keepdims=True), v).reshape(b, t, n * h)
     x = x + linear(o, p + 'self_attn.o_proj')
     m = norm(x, p + 'post_attention_layernorm')
-    if llama:
+    if 'structffn_layers' in c:  # a structured export: the FFN from its factors
+      spec = c['structffn_layers'][i]
+      u = structured_linear(m, spec['fc1'], w, p + 'mlp.fc1')
+      if c['structffn_activation'] == 'swiglu':
+        g, up = np.split(u, 2, axis=-1)
+        f = structured_linear(g / (1 + np.exp(-g)) * up, spec['fc2'], w, p + 'mlp.fc2')
+      else:
+        gelu = 0.5 * u * (1 + np.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u ** 3)))
+        f = structured_linear(gelu, spec['fc2'], w, p + 'mlp.fc2')
+    elif llama:
       g = linear(m, p + 'mlp.gate_proj')
       f = linear(g / (1 + np.exp(-g)) * linear(m, p + 'mlp.up_proj'), p + 'mlp.down_proj')
     else:
@@ -82,6 +91,31 @@ def hf_forward(out_dir, tokens):
       f = linear(gelu, p + 'mlp.c_proj')
     x = x + f
   return norm(x, 'model.norm') @ w['model.embed_tokens.weight'].T  # tied head
+
+
+def structured_linear(x, spec, w, name):
+  """One projection of a structured export, float64, from the definitions in structured.py's
+  docstrings (the BlockShuffle shuffle and interleave as explicit index maps)."""
+  kind, lead = spec['kind'], x.shape[:-1]
+  if kind == 'dense':
+    y = x @ w[name + '.kernel'].T
+  elif kind == 'lowrank':
+    y = (x @ w[name + '.v'].T) @ w[name + '.u'].T
+  elif kind == 'blockdense':
+    v = w[name + '.v']
+    c, r, p = v.shape
+    h = np.concatenate([x[..., b * p:(b + 1) * p] @ v[b].T for b in range(c)], -1)
+    y = h @ w[name + '.u'].T
+  else:
+    w1, w2 = w[name + '.w1'], w[name + '.w2']
+    c, q, p = w1.shape
+    s = w2.shape[1]
+    flat = np.concatenate([x[..., b * p:(b + 1) * p] @ w1[b].T for b in range(c)], -1)
+    y = np.zeros(lead + (c * s,))
+    for j in range(c):
+      u = flat[..., [a * c + j for a in range(q)]] @ w2[j].T  # block j reads flat(h)[a·C + j]
+      y[..., [a * c + j for a in range(s)]] = u  # y[a·C + j] = u[j, a]
+  return y + w[name + '.bias'] if name + '.bias' in w else y
 
 
 CASES = {
@@ -134,6 +168,49 @@ def test_export_layout_forward_and_round_trip(case, tmp_path):
   dense = export.load(out, structured_layers=False)
   np.testing.assert_allclose(np.asarray(_forward(dense, jnp.asarray(tokens))), logits,
                              rtol=1e-5, atol=1e-5 * np.abs(logits).max())
+
+
+@pytest.mark.parametrize('case', ['blockdense-mha', 'blockshuffle', 'llama-lowrank'])
+def test_structured_export_layout_and_forward(case, tmp_path):
+  """--structured: a custom model type with auto_map to the shipped modeling file, each FFN
+  projection as its own factors; the forward from config.json and those tensors alone (float64)
+  is ours, and the directory reads back with identical logits."""
+  cfg = tiny_setup.model_config(seq_len=SEQ_LEN, **CASES[case])
+  model = random_model(cfg, seed=4)
+  tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, (2, SEQ_LEN)).astype(np.int32)
+  logits = np.asarray(_forward(model, jnp.asarray(tokens)))
+  out = export.export_model(model, tmp_path / 'hf', eos_id=2, structured=True)
+  config = json.loads((out / 'config.json').read_text())
+  name = 'Llama' if case.startswith('llama') else 'Starcoder2'
+  assert config['architectures'] == [f'StructFFN{name}ForCausalLM']
+  assert config['model_type'] == f'structffn_{name.lower()}'
+  assert config['auto_map'] == {
+      'AutoConfig': f'modeling_structffn.StructFFN{name}Config',
+      'AutoModelForCausalLM': f'modeling_structffn.StructFFN{name}ForCausalLM'}
+  assert (out / 'modeling_structffn.py').read_bytes() == (
+      export.pathlib.Path(export.__file__).parent / 'hf_modeling' / 'modeling_structffn.py'
+  ).read_bytes()
+  assert not (out / 'structured.safetensors').exists()
+  weights = st.load_file(str(out / 'model.safetensors'))
+  assert not any(k.endswith(('c_fc.weight', 'gate_proj.weight', 'down_proj.weight'))
+                 for k in weights)
+  layers = config['structffn_layers']
+  assert len(layers) == cfg.num_layers
+  kind = {'blockdense-mha': 'blockdense', 'blockshuffle': 'blockshuffle',
+          'llama-lowrank': 'lowrank'}[case]
+  assert layers[0]['fc1']['kind'] == ('dense' if cfg.first_layer_dense else kind)
+  assert layers[2]['fc1']['kind'] == layers[2]['fc2']['kind'] == kind
+  fc1 = model.stack.ffn.fc1
+  for factor in {'lowrank': ('u', 'v'), 'blockdense': ('u', 'v'),
+                 'blockshuffle': ('w1', 'w2')}[kind] + ('bias',):
+    np.testing.assert_array_equal(weights[f'model.layers.2.mlp.fc1.{factor}'],
+                                  np.asarray(getattr(fc1, factor)[...][1]))
+  reference = hf_forward(out, tokens)
+  np.testing.assert_allclose(logits, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+  back = export.load(out)
+  np.testing.assert_array_equal(np.asarray(_forward(back, jnp.asarray(tokens))), logits)
+  with pytest.raises(ValueError, match='is a structured export'):
+    export.load(out, structured_layers=False)
 
 
 def test_refused_inputs(tmp_path):
