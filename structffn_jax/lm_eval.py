@@ -358,6 +358,85 @@ def evaluate(workdir, tasks: Sequence[str], *, num_fewshot: int | None = None,
   return path, record
 
 
+def scalars(results: dict, prefix: str = 'lm_eval') -> dict:
+  """{'lm_eval/<task>/<metric>': value} of a harness result: the numeric metrics and their
+  stderrs, the filter name dropped when it is the default ('none')."""
+  out = {}
+  for task, metrics in results.get('results', {}).items():
+    for key, value in metrics.items():
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or key.startswith('sample'):
+        continue
+      metric, _, filt = key.partition(',')
+      out[f'{prefix}/{task}/{metric}' + (f',{filt}' if filt and filt != 'none' else '')] = \
+          float(value)
+  return out
+
+
+class LMEvalHook:
+  """The training loop's lm-eval hook (train.Hook): the harness's tasks `eval.lm_eval_tasks`
+  every `eval.lm_eval_every` steps and after the last one, on the parameters being trained (no
+  checkpoint round trip), with the run's tokenizer. The scores go to metrics.jsonl, TensorBoard
+  and W&B as lm_eval/<task>/<metric> (the run's Reporter, which writes on process 0 only; every
+  process evaluates, since the model is sharded over all of them), and the last ones join
+  run()'s result."""
+
+  def __init__(self, config):
+    e = config.eval
+    self.tasks = [t.strip() for t in str(e.lm_eval_tasks).split(',') if t.strip()]
+    self.every = int(e.lm_eval_every)
+    self.limit = float(e.lm_eval_limit) or None
+    self.batch_size = int(e.lm_eval_batch_size)
+    self.include_path = str(e.lm_eval_include_path) or None
+    self.last_step = None
+
+  def begin(self, trainer):
+    require_harness()
+    self.manager = task_manager(self.include_path)
+    try:
+      check_tasks(self.tasks, self.manager)
+    except ValueError as e:
+      raise ValueError(str(e).replace('--tasks', 'eval.lm_eval_tasks').replace(
+          '--include-path DIR', 'eval.lm_eval_include_path=DIR')) from None
+    self.tokenizer = trainer.manifest.load_tokenizer()
+
+  def before_step(self, trainer):
+    pass
+
+  def after_step(self, trainer, m):
+    if self.every and trainer.step % self.every == 0 and trainer.step < trainer.plan.total_steps:
+      self._evaluate(trainer)
+
+  def on_metrics(self, trainer, step, record):
+    pass
+
+  def end(self, trainer):
+    if self.last_step == trainer.step:  # evaluated at this step already
+      return {}
+    return self._evaluate(trainer)
+
+  def close(self, trainer):
+    pass
+
+  def _evaluate(self, trainer) -> dict:
+    from structffn_jax import sgt, sharding
+    trainer.flush_metrics()
+    with sharding.use_mesh(trainer.mesh, trainer.rules):
+      model = nnx.merge(trainer.graphdef, trainer.state['params'])
+      alpha = sgt.alpha_of(trainer.state['opt_state']) if trainer.guides else None
+      lm = StructFFNLM(model, self.tokenizer, trainer.manifest.eos_id, alpha=alpha,
+                       batch_size=self.batch_size, seed=0)
+      results = harness.simple_evaluate(
+          model=lm, tasks=self.tasks, limit=self.limit, task_manager=self.manager,
+          bootstrap_iters=0, log_samples=False, random_seed=0, numpy_random_seed=0,
+          fewshot_random_seed=0)
+    record = scalars(results)
+    self.last_step = trainer.step
+    trainer.report.write(trainer.step, record)
+    trainer.report.log(f'step {trainer.step:>6}  lm_eval  ' + '  '.join(
+        f'{k[len("lm_eval/"):]} {v:.4f}' for k, v in record.items() if '_stderr' not in k))
+    return record
+
+
 def summary(record: dict) -> list[str]:
   """One line per task and metric: value (± stderr)."""
   lines = []

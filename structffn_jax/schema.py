@@ -115,6 +115,12 @@ def base_config() -> ml_collections.ConfigDict:
   d.format = 'tokens'  # 'tokens': tokenize the source; 'rows_bin': data.*_paths are token rows.
   d.rows_dtype = 'uint16'  # Token type of rows_bin files ('uint16' | 'uint32').
 
+  e = c.eval = ml_collections.ConfigDict()  # lm-eval in the training loop (lm_eval.LMEvalHook).
+  e.lm_eval_tasks = ''  # Comma-separated harness task names ('' = off), e.g. 'arc_easy,piqa'.
+  e.lm_eval_every = 0  # Steps between evaluations (0 = only after the last step).
+  e.lm_eval_limit = 0.0  # Documents per task (0 = all; < 1 = a fraction).
+  e.lm_eval_batch_size = 16  # Requests per forward pass.
+  e.lm_eval_include_path = ''  # A folder of task YAMLs of your own (a local jsonl: offline).
   c.log = ml_collections.ConfigDict()  # Where metrics go besides metrics.jsonl and TensorBoard.
   c.log.wandb = ''  # Weights & Biases project ('' = off; pip install '.[wandb]').
 

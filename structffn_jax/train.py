@@ -128,8 +128,13 @@ class Trainer:
     self.stop_signal = None  # set by the signal handler of StopHook
     self.stop_at = None  # run(stop_at)
     self._metrics = MetricsHook()
+    lm_eval_hook = ()
+    if (config.get('eval') or {}).get('lm_eval_tasks'):  # the harness in the loop: lm_eval.py
+      from structffn_jax import lm_eval
+      lm_eval_hook = (lm_eval.LMEvalHook(config),)
     self.hooks = (self._metrics, SaveStatusHook(), ProfilerHook(*self.profile), HandOverHook(),
-                  ThroughputHook(), EvalHook(), CheckpointHook(), StopHook(), *self.extra_hooks)
+                  ThroughputHook(), EvalHook(), *lm_eval_hook, CheckpointHook(), StopHook(),
+                  *self.extra_hooks)
     self.ckpt = checkpoint.Checkpointer(self.workdir, config.train.keep_ckpts, cleanup=True,
                                         log=self.report.log)
     self._build_state()

@@ -351,3 +351,46 @@ def test_registered_model_through_the_harness_command_line(trained_workdir, tmp_
   assert run(exported, tmp_path / 'by_export') == wrapper
   with pytest.raises(ValueError, match='give pretrained=WORKDIR_OR_EXPORT_DIR'):
     adapter.StructFFNLM.create_from_arg_string('', {'batch_size': 2})
+
+
+def test_lm_eval_during_training_on_local_tasks(data_dir, tmp_path):
+  """eval.lm_eval_tasks / eval.lm_eval_every: the harness runs inside the loop on the parameters
+  being trained; the scores are in metrics.jsonl and TensorBoard at those steps and in run()'s
+  result, and the last equal what the command gives on the final checkpoint."""
+  tasks = tmp_path / 'tasks'
+  tasks.mkdir()
+  rng = np.random.default_rng(7)
+  write_task(tasks, 'tiny_rolling', [{'text': phrase(rng, n)} for n in (5, 30)], [
+      'output_type: loglikelihood_rolling', 'doc_to_text: ""', 'doc_to_target: "{{text}}"',
+      'metric_list:', '  - metric: bits_per_byte'])
+  write_task(tasks, 'tiny_choice', [
+      {'question': 'the game was', 'choices': [' released', ' album'], 'label': 0},
+      {'question': 'the band', 'choices': [' toured', ' week'], 'label': 1}], [
+          'output_type: multiple_choice', 'doc_to_text: "{{question}}"', 'target_delimiter: ""',
+          'doc_to_target: "{{label}}"', 'doc_to_choice: "{{choices}}"', 'metric_list:',
+          '  - metric: acc'])
+  config = tiny_setup.run_config(
+      'train.tokens=2048', 'train.eval_every=0', 'train.log_every=1', 'train.eval_tokens=256',
+      'model.ffn.init=gaussian', f'data.data_dir={data_dir}', 'eval.lm_eval_every=2',
+      'eval.lm_eval_tasks=tiny_rolling,tiny_choice', f'eval.lm_eval_include_path={tasks}',
+      'eval.lm_eval_batch_size=2', sgt=0)
+  workdir = tmp_path / 'w'
+  result = train.Trainer(config, workdir).run()
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  scored = [r for r in records if 'lm_eval/tiny_rolling/bits_per_byte' in r]
+  assert [r['step'] for r in scored] == [2, 4]  # every 2 steps; the last step once
+  assert all(r['lm_eval/tiny_choice/acc'] in (0.0, 0.5, 1.0) for r in scored)
+  assert scored[0]['lm_eval/tiny_rolling/bits_per_byte'] != scored[1][
+      'lm_eval/tiny_rolling/bits_per_byte']  # trained in between
+  assert result['lm_eval/tiny_rolling/bits_per_byte'] == scored[1][
+      'lm_eval/tiny_rolling/bits_per_byte']
+  events = b''.join(f.read_bytes() for f in (workdir / 'tb').rglob('events.out.tfevents.*'))
+  assert b'lm_eval/tiny_rolling/bits_per_byte' in events and b'lm_eval/tiny_choice/acc' in events
+  _, record = adapter.evaluate(workdir, ['tiny_rolling'], include_path=tasks, batch_size=2,
+                               bootstrap_iters=0, out=tmp_path / 'after.json')
+  assert record['results']['tiny_rolling']['bits_per_byte,none'] == pytest.approx(
+      scored[1]['lm_eval/tiny_rolling/bits_per_byte'], rel=1e-6)
+  bad = tiny_setup.run_config(f'data.data_dir={data_dir}', 'eval.lm_eval_tasks=nope',
+                              f'eval.lm_eval_include_path={tasks}', sgt=0)
+  with pytest.raises(ValueError, match="eval.lm_eval_tasks: no lm-eval task named 'nope'"):
+    train.Trainer(bad, tmp_path / 'bad').run()
