@@ -316,7 +316,8 @@ def export_run(workdir, out, mesh: str | None = None, structured: bool = False) 
   step = ckpt.latest_step()
   ckpt.close()
   info = {'name': config.name, 'step': int(step), 'workdir': str(pathlib.Path(workdir).resolve())}
-  return export_model(model, out, eos_id=manifest.eos_id, tokenizer_path=manifest.tokenizer_path, info=info)
+  return export_model(model, out, eos_id=manifest.eos_id, tokenizer_path=manifest.tokenizer_path,
+                      info=info, structured=structured)
 
 
 # ----------------------------------------------------------------------------- reading back
@@ -434,7 +435,8 @@ def verify(out, *, seq: int = 64, batch: int = 2, seed: int = 0) -> dict:
     text = 'The game was released in 1996 , and it sold  well .\n= = Reception = =\n'
     mine = out / 'tokenizer.model' if (out / 'tokenizer.model').is_file() else \
         out / 'tokenizer.json'
-    tok = transformers.AutoTokenizer.from_pretrained(out)
+    tok = transformers.AutoTokenizer.from_pretrained(
+        out, trust_remote_code=(out / MODELING).is_file())
     result['tokenizer'] = type(tok).__name__
     result['tokenizer_equal'] = (tok.encode(text) == tokenizer_lib.load(mine).encode(text))
     result['bos_is_eos'] = tok.bos_token_id == tok.eos_token_id == hf.config.eos_token_id

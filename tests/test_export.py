@@ -335,6 +335,11 @@ def test_command(trained_workdir, data_dir, tmp_path, capsys):
   _, model, _, _ = generate.load(trained_workdir, merge_threshold=0)
   np.testing.assert_array_equal(np.asarray(_forward(back, tokens)),
                                 np.asarray(_forward(model, tokens)))
+  export.main(['--workdir', str(trained_workdir), '--out', str(tmp_path / 'hf_s'), '--structured'])
+  assert 'StructFFNStarcoder2ForCausalLM of tiny-blockshuffle' in capsys.readouterr().out
+  assert (tmp_path / 'hf_s' / 'modeling_structffn.py').is_file()
+  np.testing.assert_array_equal(np.asarray(_forward(export.load(tmp_path / 'hf_s'), tokens)),
+                                np.asarray(_forward(model, tokens)))
   # Bad inputs: one-line errors.
   with pytest.raises(SystemExit, match='config.json not found'):
     export.main(['--workdir', str(tmp_path), '--out', str(tmp_path / 'x')])

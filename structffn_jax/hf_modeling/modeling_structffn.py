@@ -85,23 +85,24 @@ class StructFFNMLP(nn.Module):
     return self.fc2(h)
 
 
-def _structffn_config(base):
-  class Config(base):
-    def __init__(self, structffn_layers=None, structffn_activation='gelu',
-                 structffn_bias=True, **kwargs):
-      self.structffn_layers = list(structffn_layers or [])
-      self.structffn_activation = structffn_activation
-      self.structffn_bias = structffn_bias
-      super().__init__(**kwargs)
-  return Config
-
-
-class StructFFNStarcoder2Config(_structffn_config(Starcoder2Config)):
+class StructFFNStarcoder2Config(Starcoder2Config):
   model_type = 'structffn_starcoder2'
 
+  def __init__(self, structffn_layers=None, structffn_activation='gelu', structffn_bias=True,
+               **kwargs):
+    self.structffn_layers = list(structffn_layers or [])
+    self.structffn_activation, self.structffn_bias = structffn_activation, structffn_bias
+    super().__init__(**kwargs)
 
-class StructFFNLlamaConfig(_structffn_config(LlamaConfig)):
+
+class StructFFNLlamaConfig(LlamaConfig):
   model_type = 'structffn_llama'
+
+  def __init__(self, structffn_layers=None, structffn_activation='swiglu', structffn_bias=False,
+               **kwargs):
+    self.structffn_layers = list(structffn_layers or [])
+    self.structffn_activation, self.structffn_bias = structffn_activation, structffn_bias
+    super().__init__(**kwargs)
 
 
 def _with_structured_mlp(model, config):
