@@ -77,6 +77,9 @@ _RANGES = {
     'train.eval_tokens': (lambda v: v >= 0, 'must be >= 0 tokens'),
     'train.eval_every': (lambda v: v >= 0, 'must be >= 0 steps (0 = only at the end)'),
     'train.eval_batch': (lambda v: v >= 0, 'must be >= 0 (0 = micro_batch or global_batch)'),
+    'eval.lm_eval_every': (lambda v: v >= 0, 'must be >= 0 steps (0 = only at the end)'),
+    'eval.lm_eval_limit': (lambda v: v >= 0, 'must be >= 0 (0 = all; < 1 = a fraction)'),
+    'eval.lm_eval_batch_size': (lambda v: v >= 1, 'must be >= 1 request per forward'),
     'train.log_every': (lambda v: v >= 1, 'must be >= 1 step'),
     'train.ckpt_every': (lambda v: v >= 1, 'must be >= 1 step'),
     'train.keep_ckpts': (lambda v: v >= 1, 'must be >= 1; keep 2 or more so that a damaged '

@@ -31,6 +31,9 @@ Results go to <workdir>/lm_eval/step<N>_<tasks>.json (or --out) and a summary is
 are the harness's registry names; --include-path DIR adds task YAMLs of your own (a local jsonl
 works offline). The harness fetches its standard tasks' datasets from the Hugging Face Hub.
 
+`LMEvalHook` runs tasks inside the training loop (config `eval.lm_eval_tasks`,
+`eval.lm_eval_every`) on the parameters being trained, the scores logged as lm_eval/<task>/<metric>.
+
 This module is `structffn_jax.lm_eval`; `import lm_eval` in it is the harness (absolute imports).
 """
 
