@@ -1,6 +1,6 @@
 """Export a trained run as a Hugging Face model directory, and read such a directory back.
 
-  pip install '.[export]'
+  pip install -e '.[export]'
   python -m structffn_jax.export --workdir runs/quickstart --out hf/quickstart
 
 DIR gets:
@@ -10,8 +10,11 @@ DIR gets:
                           layer as its merged dense matrix (its exact `to_dense()`)
   structured.safetensors  the structured layers' own factors (u, v / w1, w2, bias), as trained
                           (only when the model has structured layers)
-  tokenizer files         tokenizer.model (SentencePiece) or tokenizer.json, tokenizer_config.json
-                          and special_tokens_map.json
+  tokenizer.json          the run's tokenizer for `tokenizers` / AutoTokenizer alone (a SentencePiece
+                          run's converted, same ids; hf_tokenizer.py); tokenizer.model beside it
+                          for a SentencePiece run
+  tokenizer_config.json   PreTrainedTokenizerFast; BOS = EOS = the end-of-document token, which
+                          preceded every training document (no token is added to an encoding)
 
 The architecture is an existing `transformers` one whose forward is this model's:
   - layernorm + GELU(tanh) + RoPE (the paper's model): Starcoder2. Pre-LN blocks with LayerNorm,
@@ -25,6 +28,20 @@ exact counterpart and are refused. Our fused QKV projection is split into q_proj
 v_proj, head-major as our reshape reads it. config.json gives `head_dim` (attn_dim / num_heads),
 which transformers reads for both architectures (checked with 5.24; a version that ignores it
 loads only models with attn_dim == hidden_dim).
+
+--structured writes the FFN as it was trained instead, so that transformers runs the factors
+(the paper's FFN speed-up) rather than merged matrices:
+  config.json             model_type structffn_starcoder2 / structffn_llama, with auto_map to
+                          the shipped file, structffn_layers (per layer: fc1/fc2 kind and shape)
+  model.safetensors       the architecture's tensors, each FFN projection as its own parameters
+                          (model.layers.<i>.mlp.fc1.u, .v, .bias / .w1, .w2 / .kernel)
+  modeling_structffn.py   structffn_jax/hf_modeling/: the transformers architecture with its MLP
+                          replaced (torch and transformers only)
+loaded with AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True). A serving engine
+needs more: vLLM and TGI accept no trust_remote_code modeling file for their optimized paths;
+each would need the model registered in the engine (vLLM: a plugin model class whose MLP runs
+the structured projections, ideally with fused kernels, and the weight loader's name mapping;
+TGI: a custom model in its server code). Until then, serve the merged export.
 
 `load(DIR)` builds this project's GPT from such a directory: the structured layers from their
 factors (identical parameters, identical logits), or with structured=False every FFN dense from
@@ -60,7 +77,7 @@ def _safetensors():
   try:
     from safetensors import numpy as st
   except ImportError as e:
-    raise ImportError(f"export needs the safetensors package ({e}): pip install '.[export]'.")
+    raise ImportError(f"export needs the safetensors package ({e}): pip install -e '.[export]'.")
   return st
 
 
@@ -185,56 +202,108 @@ def _structured_layers(model) -> dict:
   return kinds
 
 
-def _write_tokenizer(tokenizer_path, out: pathlib.Path, eos_id: int, bos_id: int, seq_len: int):
-  """The run's tokenizer file with a tokenizer_config.json transformers can load."""
+MODELING = 'modeling_structffn.py'  # structffn_jax/hf_modeling/, shipped by a structured export
+_KINDS = {'Dense': 'dense', 'LowRank': 'lowrank', 'BlockDense': 'blockdense',
+          'BlockShuffle': 'blockshuffle'}
+
+
+def structured_tensors(model) -> tuple[dict, list]:
+  """(tensors, FFN layer specs) of a structured export: the architecture's tensors less the
+  merged FFN matrices, each FFN projection as its own parameters (kernel / u, v / w1, w2; bias)
+  under model.layers.<i>.mlp.fc1.<name>, and per layer {'fc1': {'kind', 'in', 'out', 'rank'?,
+  'blocks'?}, 'fc2': ...} for hf_modeling/modeling_structffn.py."""
+  weights, _ = tensors(model)
+  weights = {k: v for k, v in weights.items() if '.mlp.' not in k}
+  specs = []
+  for layer, (params, ffn, _) in enumerate(_blocks(model)):
+    spec = {}
+    for fc in ('fc1', 'fc2'):
+      obj = ffn[fc]
+      spec[fc] = {'kind': _KINDS[type(obj).__name__], 'in': int(obj.in_features),
+                  'out': int(obj.out_features)}
+      spec[fc].update({a: int(getattr(obj, a)) for a in ('rank', 'blocks') if hasattr(obj, a)})
+      for name, value in params['ffn'][fc].items():
+        weights[f'model.layers.{layer}.mlp.{fc}.{name}'] = np.ascontiguousarray(
+            np.asarray(value, np.float32))
+    specs.append(spec)
+  return weights, specs
+
+
+def structured_config(cfg, eos_id: int, specs: list) -> dict:
+  """config.json of a structured export: the architecture's, as a custom model type whose
+  classes (auto_map) are in the shipped modeling_structffn.py."""
+  config = hf_config(cfg, eos_id, eos_id)
+  name = {'starcoder2': 'Starcoder2', 'llama': 'Llama'}[architecture(cfg)]
+  module = MODELING[:-len('.py')]
+  config.update({
+      'architectures': [f'StructFFN{name}ForCausalLM'],
+      'model_type': f'structffn_{config["model_type"]}',
+      'auto_map': {'AutoConfig': f'{module}.StructFFN{name}Config',
+                   'AutoModelForCausalLM': f'{module}.StructFFN{name}ForCausalLM'},
+      'structffn_layers': specs, 'structffn_bias': bool(cfg.use_bias),
+      'structffn_activation': 'swiglu' if cfg.activation == 'swiglu' else 'gelu'})
+  return config
+
+
+def _write_tokenizer(tokenizer_path, out: pathlib.Path, eos_id: int, seq_len: int):
+  """tokenizer.json (hf_tokenizer: the encoding training used, no token added), the run's
+  SentencePiece tokenizer.model where it has one, and a tokenizer_config.json whose BOS is the
+  EOS: the token before every training document, so that a harness that puts the BOS before a
+  text (lm-eval's prefix token) gives the model what training gave it."""
+  import tokenizers
+
+  from structffn_jax import hf_tokenizer
   tokenizer_path = pathlib.Path(tokenizer_path)
   for stale in ('tokenizer.json', 'tokenizer.model'):  # of an earlier export into `out`
     (out / stale).unlink(missing_ok=True)
-  if tokenizer_path.suffix == '.json':
-    import tokenizers
-    tok = tokenizers.Tokenizer.from_file(str(tokenizer_path))
-    shutil.copyfile(tokenizer_path, out / 'tokenizer.json')
-    piece = tok.id_to_token
-    tokenizer_class = 'PreTrainedTokenizerFast'
-  else:
-    import sentencepiece as spm
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+  hf_tokenizer.write(tokenizer_path, out / 'tokenizer.json')
+  if tokenizer_path.suffix != '.json':
     shutil.copyfile(tokenizer_path, out / 'tokenizer.model')
-    piece = sp.id_to_piece
-    tokenizer_class = 'LlamaTokenizer'
-  special = {'eos_token': piece(eos_id)}
-  if bos_id >= 0:
-    special['bos_token'] = piece(bos_id)
-  config = {'tokenizer_class': tokenizer_class, 'add_bos_token': False, 'add_eos_token': False,
-            'add_prefix_space': False, 'legacy': False, 'clean_up_tokenization_spaces': False,
-            'model_max_length': seq_len, **special}
+  eos = tokenizers.Tokenizer.from_file(str(out / 'tokenizer.json')).id_to_token(eos_id)
+  special = {'bos_token': eos, 'eos_token': eos}
+  config = {'tokenizer_class': 'PreTrainedTokenizerFast', 'add_bos_token': False,
+            'add_eos_token': False, 'add_prefix_space': False,
+            'clean_up_tokenization_spaces': False, 'model_max_length': seq_len, **special}
   (out / 'tokenizer_config.json').write_text(json.dumps(config, indent=1) + '\n')
   (out / 'special_tokens_map.json').write_text(json.dumps(special, indent=1) + '\n')
 
 
-def export_model(model, out, *, eos_id: int, bos_id: int = -1, tokenizer_path=None,
-                 info: dict | None = None) -> pathlib.Path:
-  """Write `model` (a GPT without guides) as a Hugging Face directory `out`; returns it."""
+def export_model(model, out, *, eos_id: int, tokenizer_path=None,
+                 info: dict | None = None, structured: bool = False) -> pathlib.Path:
+  """Write `model` (a GPT without guides) as a Hugging Face directory `out`; returns it.
+
+  eos_id: the token that ends (and so precedes) every training document; it is declared as both
+  the EOS and the BOS, since no other token ever started a text in training.
+  """
   st = _safetensors()
   out = pathlib.Path(out)
-  weights, factors = tensors(model)
+  if structured:
+    (weights, specs), factors = structured_tensors(model), {}
+  else:
+    weights, factors = tensors(model)
   out.mkdir(parents=True, exist_ok=True)
   meta = {'format': 'pt'}  # what transformers expects of a safetensors file
   st.save_file(weights, str(out / WEIGHTS), metadata=meta)
-  (out / FACTORS).unlink(missing_ok=True)
+  for stale in (FACTORS, MODELING):
+    (out / stale).unlink(missing_ok=True)
   if factors:
     st.save_file(factors, str(out / FACTORS), metadata=meta)
-  config = hf_config(model.cfg, eos_id, bos_id)
+  if structured:
+    config = structured_config(model.cfg, eos_id, specs)
+    shutil.copyfile(pathlib.Path(__file__).parent / 'hf_modeling' / MODELING, out / MODELING)
+  else:
+    config = hf_config(model.cfg, eos_id, eos_id)
   config['structffn'] = {**(info or {}), 'model': model.cfg.to_dict(),
                          'layers': _structured_layers(model),
-                         'factors': FACTORS if factors else None}
+                         'factors': FACTORS if factors else None,
+                         'format': 'structured' if structured else 'merged'}
   (out / 'config.json').write_text(json.dumps(config, indent=1) + '\n')
   if tokenizer_path is not None:
-    _write_tokenizer(tokenizer_path, out, eos_id, bos_id, model.cfg.seq_len)
+    _write_tokenizer(tokenizer_path, out, eos_id, model.cfg.seq_len)
   return out
 
 
-def export_run(workdir, out, mesh: str | None = None) -> pathlib.Path:
+def export_run(workdir, out, mesh: str | None = None, structured: bool = False) -> pathlib.Path:
   """Export the newest checkpoint of a training workdir (see the module docstring)."""
   from structffn_jax import decoding
 
@@ -248,8 +317,8 @@ def export_run(workdir, out, mesh: str | None = None) -> pathlib.Path:
   step = ckpt.latest_step()
   ckpt.close()
   info = {'name': config.name, 'step': int(step), 'workdir': str(pathlib.Path(workdir).resolve())}
-  return export_model(model, out, eos_id=manifest.eos_id, bos_id=manifest.bos_id,
-                      tokenizer_path=manifest.tokenizer_path, info=info)
+  return export_model(model, out, eos_id=manifest.eos_id, tokenizer_path=manifest.tokenizer_path,
+                      info=info, structured=structured)
 
 
 # ----------------------------------------------------------------------------- reading back
@@ -274,6 +343,10 @@ def load(path, *, structured_layers: bool = True, dtype: str | None = None) -> G
   cfg = ml_collections.ConfigDict(config['structffn']['model'])
   if dtype:
     cfg.dtype = dtype
+  fmt = config['structffn'].get('format', 'merged')
+  if fmt == 'structured' and not structured_layers:
+    raise ValueError(f'{path} is a structured export (--structured): it holds no merged FFN '
+                     'matrices; load it with structured_layers=True.')
   if not structured_layers:
     cfg.ffn.method = 'dense'
   arch = architecture(cfg)
@@ -297,6 +370,11 @@ def load(path, *, structured_layers: bool = True, dtype: str | None = None) -> G
     ours[('attn', 'out', 'kernel')] = weights[p + 'self_attn.o_proj.weight']
     ours[('attn', 'out', 'bias')] = weights.get(p + 'self_attn.o_proj.bias')
     for fc in ('fc1', 'fc2'):
+      if fmt == 'structured':  # the layer's own parameters, under mlp.<fc>.<name>
+        prefix = p + f'mlp.{fc}.'
+        ours.update({('ffn', fc, k[len(prefix):]): v for k, v in weights.items()
+                     if k.startswith(prefix)})
+        continue
       names = _FFN[arch][fc]
       names = names if isinstance(names, tuple) else (names,)
       ours[('ffn', fc, 'kernel')] = np.concatenate([weights[p + n + '.weight'] for n in names])
@@ -344,21 +422,25 @@ def verify(out, *, seq: int = 64, batch: int = 2, seed: int = 0) -> dict:
   tokens = np.random.default_rng(seed).integers(0, model.cfg.vocab_size, (batch, seq))
   ours = np.asarray(nnx.jit(lambda m, t: m(t))(model, jnp.asarray(tokens, jnp.int32)),
                     np.float64)
-  hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  hf = transformers.AutoModelForCausalLM.from_pretrained(
+      out, dtype=torch.float32, trust_remote_code=(pathlib.Path(out) / MODELING).is_file()).eval()
   with torch.no_grad():
     theirs = hf(torch.tensor(tokens, dtype=torch.long)).logits.double().numpy()
   result = {'architecture': type(hf).__name__, 'tokens': list(tokens.shape),
             'max_abs_logit': float(np.abs(ours).max()),
             'max_abs_diff': float(np.abs(ours - theirs).max()),
             'transformers': transformers.__version__, 'torch': torch.__version__}
-  if any((pathlib.Path(out) / f).is_file() for f in ('tokenizer.model', 'tokenizer.json')):
+  out = pathlib.Path(out)
+  if (out / 'tokenizer.json').is_file():
     from structffn_jax.data import tokenizer as tokenizer_lib
     text = 'The game was released in 1996 , and it sold  well .\n= = Reception = =\n'
-    mine = [p for p in pathlib.Path(out).iterdir() if p.name in ('tokenizer.model',
-                                                                 'tokenizer.json')][0]
-    tok = transformers.AutoTokenizer.from_pretrained(out)
-    result['tokenizer_equal'] = (tok.encode(text, add_special_tokens=False)
-                                 == tokenizer_lib.load(mine).encode(text))
+    mine = out / 'tokenizer.model' if (out / 'tokenizer.model').is_file() else \
+        out / 'tokenizer.json'
+    tok = transformers.AutoTokenizer.from_pretrained(
+        out, trust_remote_code=(out / MODELING).is_file())
+    result['tokenizer'] = type(tok).__name__
+    result['tokenizer_equal'] = (tok.encode(text) == tokenizer_lib.load(mine).encode(text))
+    result['bos_is_eos'] = tok.bos_token_id == tok.eos_token_id == hf.config.eos_token_id
   return result
 
 
@@ -368,11 +450,13 @@ def main(argv=None):
   parser.add_argument('--out', required=True, help='the Hugging Face directory to write')
   parser.add_argument('--mesh', default=None, metavar='D,F,T',
                       help="mesh sizes (data, fsdp, tensor) to restore onto, e.g. 1,1,1")
+  parser.add_argument('--structured', action='store_true',
+                      help='FFN as its factors, a custom architecture (trust_remote_code)')
   parser.add_argument('--verify', action='store_true',
                       help='then compare logits with transformers (needs torch; by hand)')
   args = parser.parse_args(argv)
   try:
-    out = export_run(args.workdir, args.out, args.mesh)
+    out = export_run(args.workdir, args.out, args.mesh, structured=args.structured)
     config = json.loads((out / 'config.json').read_text())
     files = sorted(p.name for p in out.iterdir())
     print(f'{config["architectures"][0]} of {config["structffn"]["name"]} step '

@@ -1,6 +1,6 @@
 """Zero-shot (and few-shot) evaluation of a trained run with EleutherAI's lm-evaluation-harness.
 
-  pip install '.[eval]'
+  pip install -e '.[eval]'
   python -m structffn_jax.lm_eval --workdir runs/quickstart --tasks arc_easy,hellaswag,piqa
 
 `StructFFNLM` is the harness's `LM` interface over a restored run (decoding.load: the newest
@@ -12,11 +12,27 @@ checkpoint, its tokenizer, pre-merge where configured):
     tokens (the harness's rolling windows, the first one after an EOS), through the same forward.
   - generate_until: greedy (or sampled, with do_sample) decoding on the KV cache
     (decoding.generate), cut at the first `until` string.
-Every text follows an EOS, as every document but the first does in training.
+Texts are encoded as the harness's Hugging Face model (`--model hf`) encodes them for a model
+exported by structffn_jax.export, whose BOS is the EOS: the EOS starts a rolling window and
+stands for an empty context, and nothing is added before a non-empty one. Both give one score.
+
+The harness's own command line, with this adapter registered as the model `structffn` (its
+--log_samples, --use_cache, --output_path layout, every option):
+
+  python -m structffn_jax.lm_eval run --model structffn --model_args pretrained=runs/quickstart \
+      --tasks arc_easy --output_path out/ --log_samples
+
+`pretrained=` (or `workdir=`) is a training workdir or a directory written by
+structffn_jax.export. Importing this module registers the model in `lm_eval.api.registry`;
+lm-eval 0.4.13's `lm_eval` command discovers no model outside its own package (it reads no entry
+points), so its command line is reached through this module: the same subcommands and flags.
 
 Results go to <workdir>/lm_eval/step<N>_<tasks>.json (or --out) and a summary is printed. Tasks
 are the harness's registry names; --include-path DIR adds task YAMLs of your own (a local jsonl
 works offline). The harness fetches its standard tasks' datasets from the Hugging Face Hub.
+
+`LMEvalHook` runs tasks inside the training loop (config `eval.lm_eval_tasks`,
+`eval.lm_eval_every`) on the parameters being trained, the scores logged as lm_eval/<task>/<metric>.
 
 This module is `structffn_jax.lm_eval`; `import lm_eval` in it is the harness (absolute imports).
 """
@@ -57,7 +73,7 @@ def require_harness():
   """Raise a one-line ImportError when lm-evaluation-harness is not installed."""
   if harness is None:
     raise ImportError(f'lm-evaluation-harness is not installed ({_IMPORT_ERROR}): '
-                      "pip install '.[eval]' (or pip install lm_eval).")
+                      "pip install -e '.[eval]' (or pip install lm_eval).")
 
 
 @nnx.jit
@@ -90,22 +106,67 @@ class StructFFNLM(_LM):
     self.alpha, self.batch_size, self.seed = alpha, int(batch_size), seed
     self.seq_len = int(model.cfg.seq_len)
 
+  @classmethod
+  def from_path(cls, pretrained=None, *, workdir=None, merge_threshold=None, mesh=None,
+                batch_size=16, seed=0, **ignored) -> 'StructFFNLM':
+    """The adapter over a training workdir (its newest checkpoint) or an exported directory
+    (structffn_jax.export): what `--model structffn --model_args pretrained=PATH` builds.
+    `workdir=` is the same as `pretrained=`; the harness's device and max_batch_size are
+    ignored (the run's mesh places the model)."""
+    del ignored
+    path = pretrained or workdir
+    if not path:
+      raise ValueError('--model_args: give pretrained=WORKDIR_OR_EXPORT_DIR (a training workdir '
+                       'or a directory written by structffn_jax.export).')
+    batch_size = 16 if batch_size in (None, 'auto') or str(batch_size).startswith('auto') \
+        else int(batch_size)
+    path = pathlib.Path(path)
+    exported = path / 'config.json'
+    if exported.is_file() and 'structffn' in json.loads(exported.read_text()):
+      from structffn_jax import export
+      from structffn_jax.data import tokenizer as tokenizer_lib
+      model = export.load(path)
+      eos = int(json.loads(exported.read_text())['eos_token_id'])
+      file = path / 'tokenizer.model' if (path / 'tokenizer.model').is_file() else \
+          path / 'tokenizer.json'
+      tok = tokenizer_lib.load(file, field='--model_args pretrained')
+      tok.eos_id = eos
+      return cls(model, tok, eos, batch_size=batch_size, seed=int(seed))
+    _, model, alpha, manifest = decoding.load(
+        path, None if merge_threshold is None else int(merge_threshold), mesh)
+    return cls(model, manifest.load_tokenizer(), manifest.eos_id, alpha=alpha,
+               batch_size=batch_size, seed=int(seed))
+
+  @classmethod
+  def create_from_arg_obj(cls, arg_dict, additional_config=None):
+    extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+    return cls.from_path(**{**extra, **arg_dict})
+
+  @classmethod
+  def create_from_arg_string(cls, arg_string, additional_config=None):
+    return cls.create_from_arg_obj(lm_eval.utils.simple_parse_args_string(arg_string),
+                                   additional_config)
+
   # ------------------------------------------------------------------------- token sequences
 
   def _pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids after an EOS, continuation ids): trailing spaces of the context move to the
-    continuation, and the split point is where the context's own encoding ends inside the
-    encoding of the whole text, so that tokens merged across the boundary are not lost."""
+    """(context ids, continuation ids), as the harness's Hugging Face model makes them, so that
+    a model exported with structffn_jax.export scores the same under `--model hf`: trailing
+    spaces of the context move to the continuation; the continuation's ids are those of the
+    whole text past the context's own ids; an empty context is the EOS (the harness's prefix
+    token: the exported BOS is the EOS)."""
+    if not context:
+      cont = self.tokenizer.encode(continuation)
+      return ([self.eos_id], cont) if not cont or cont[0] != self.eos_id else (cont[:1], cont[1:])
     spaces = len(context) - len(context.rstrip())
     if spaces:
       context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole = self.tokenizer.encode(context + continuation)
-    n = len(self.tokenizer.encode(context)) if context else 0
-    ctx, cont = whole[:n], whole[n:]
-    if not cont or whole[:n] != self.tokenizer.encode(context)[:n]:
-      ctx, cont = self.tokenizer.encode(context) if context else [], \
-          self.tokenizer.encode(continuation)
-    return [self.eos_id] + ctx, cont
+    ctx = self.tokenizer.encode(context)
+    cont = whole[len(ctx):]
+    if not cont:  # the context's ids ran past the whole text's: score the continuation alone
+      cont = self.tokenizer.encode(continuation)
+    return ctx, cont
 
   def _bucket(self, n: int) -> int:
     """The padded length of a forward over n tokens: a power of two, at most seq_len."""
@@ -178,7 +239,7 @@ class StructFFNLM(_LM):
       max_new = max(1, min(max_new, self.seq_len - 1))
       temperature = float(kwargs.pop('temperature', 0.0)) if kwargs.pop('do_sample', False) \
           else 0.0
-      prompt = ([self.eos_id] + self.tokenizer.encode(context))[-(self.seq_len - max_new + 1):]
+      prompt = (self.tokenizer.encode(context) or [self.eos_id])[-(self.seq_len - max_new):]
       settings.append((prompt, until))
       groups.setdefault((max_new, temperature), []).append(i)
     out: list[Any] = [None] * len(requests)
@@ -199,6 +260,39 @@ class StructFFNLM(_LM):
           out[i] = text
           self.cache_hook.add_partial('generate_until', requests[i].args, text)
     return out
+
+
+MODEL_NAME = 'structffn'  # the adapter's name in the harness's model registry
+
+
+def register() -> None:
+  """Register StructFFNLM as the harness's model 'structffn' (again: nothing happens)."""
+  require_harness()
+  import importlib
+  import lm_eval.api.registry
+  # The harness's own names first: its lookup fills the registry only when it is empty.
+  importlib.import_module('lm_eval.models')
+  registry = lm_eval.api.registry.model_registry
+  if registry.get(MODEL_NAME, None) is not StructFFNLM:
+    registry.register(MODEL_NAME)(StructFFNLM)
+
+
+def harness_cli(argv: Sequence[str]) -> None:
+  """The harness's own command line (`lm_eval run|ls|validate ...`) with 'structffn' registered:
+  --model structffn --model_args pretrained=WORKDIR_OR_EXPORT_DIR, and every harness option
+  (--log_samples, --use_cache, --output_path and its layout)."""
+  register()
+  from lm_eval.__main__ import cli_evaluate
+  saved = sys.argv
+  sys.argv = ['lm_eval', *argv]
+  try:
+    cli_evaluate()
+  finally:
+    sys.argv = saved
+
+
+if harness is not None:
+  register()
 
 
 # ----------------------------------------------------------------------------- a trained run
@@ -267,6 +361,85 @@ def evaluate(workdir, tasks: Sequence[str], *, num_fewshot: int | None = None,
   return path, record
 
 
+def scalars(results: dict, prefix: str = 'lm_eval') -> dict:
+  """{'lm_eval/<task>/<metric>': value} of a harness result: the numeric metrics and their
+  stderrs, the filter name dropped when it is the default ('none')."""
+  out = {}
+  for task, metrics in results.get('results', {}).items():
+    for key, value in metrics.items():
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or key.startswith('sample'):
+        continue
+      metric, _, filt = key.partition(',')
+      out[f'{prefix}/{task}/{metric}' + (f',{filt}' if filt and filt != 'none' else '')] = \
+          float(value)
+  return out
+
+
+class LMEvalHook:
+  """The training loop's lm-eval hook (train.Hook): the harness's tasks `eval.lm_eval_tasks`
+  every `eval.lm_eval_every` steps and after the last one, on the parameters being trained (no
+  checkpoint round trip), with the run's tokenizer. The scores go to metrics.jsonl, TensorBoard
+  and W&B as lm_eval/<task>/<metric> (the run's Reporter, which writes on process 0 only; every
+  process evaluates, since the model is sharded over all of them), and the last ones join
+  run()'s result."""
+
+  def __init__(self, config):
+    e = config.eval
+    self.tasks = [t.strip() for t in str(e.lm_eval_tasks).split(',') if t.strip()]
+    self.every = int(e.lm_eval_every)
+    self.limit = float(e.lm_eval_limit) or None
+    self.batch_size = int(e.lm_eval_batch_size)
+    self.include_path = str(e.lm_eval_include_path) or None
+    self.last_step = None
+
+  def begin(self, trainer):
+    require_harness()
+    self.manager = task_manager(self.include_path)
+    try:
+      check_tasks(self.tasks, self.manager)
+    except ValueError as e:
+      raise ValueError(str(e).replace('--tasks', 'eval.lm_eval_tasks').replace(
+          '--include-path DIR', 'eval.lm_eval_include_path=DIR')) from None
+    self.tokenizer = trainer.manifest.load_tokenizer()
+
+  def before_step(self, trainer):
+    pass
+
+  def after_step(self, trainer, m):
+    if self.every and trainer.step % self.every == 0 and trainer.step < trainer.plan.total_steps:
+      self._evaluate(trainer)
+
+  def on_metrics(self, trainer, step, record):
+    pass
+
+  def end(self, trainer):
+    if self.last_step == trainer.step:  # evaluated at this step already
+      return {}
+    return self._evaluate(trainer)
+
+  def close(self, trainer):
+    pass
+
+  def _evaluate(self, trainer) -> dict:
+    from structffn_jax import sgt, sharding
+    trainer.flush_metrics()
+    with sharding.use_mesh(trainer.mesh, trainer.rules):
+      model = nnx.merge(trainer.graphdef, trainer.state['params'])
+      alpha = sgt.alpha_of(trainer.state['opt_state']) if trainer.guides else None
+      lm = StructFFNLM(model, self.tokenizer, trainer.manifest.eos_id, alpha=alpha,
+                       batch_size=self.batch_size, seed=0)
+      results = harness.simple_evaluate(
+          model=lm, tasks=self.tasks, limit=self.limit, task_manager=self.manager,
+          bootstrap_iters=0, log_samples=False, random_seed=0, numpy_random_seed=0,
+          fewshot_random_seed=0)
+    record = scalars(results)
+    self.last_step = trainer.step
+    trainer.report.write(trainer.step, record)
+    trainer.report.log(f'step {trainer.step:>6}  lm_eval  ' + '  '.join(
+        f'{k[len("lm_eval/"):]} {v:.4f}' for k, v in record.items() if '_stderr' not in k))
+    return record
+
+
 def summary(record: dict) -> list[str]:
   """One line per task and metric: value (± stderr)."""
   lines = []
@@ -281,7 +454,17 @@ def summary(record: dict) -> list[str]:
   return lines
 
 
+HARNESS_COMMANDS = ('run', 'ls', 'validate')
+
+
 def main(argv=None):
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv and argv[0] in HARNESS_COMMANDS:
+    try:
+      require_harness()
+    except ImportError as e:
+      sys.exit(f'error: {e}')
+    return harness_cli(argv)
   parser = cli.parser(__doc__)
   parser.add_argument('--workdir', required=True, help='a training workdir')
   parser.add_argument('--tasks', required=True, help='comma-separated lm-eval task names')

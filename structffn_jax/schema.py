@@ -88,6 +88,9 @@ RANGES = {
     'train.eval_tokens': (lambda v: v >= 0, 'must be >= 0 tokens'),
     'train.eval_every': (lambda v: v >= 0, 'must be >= 0 steps (0 = only at the end)'),
     'train.eval_batch': (lambda v: v >= 0, 'must be >= 0 (0 = micro_batch or global_batch)'),
+    'eval.lm_eval_every': (lambda v: v >= 0, 'must be >= 0 steps (0 = only at the end)'),
+    'eval.lm_eval_limit': (lambda v: v >= 0, 'must be >= 0 (0 = all; < 1 = a fraction)'),
+    'eval.lm_eval_batch_size': (lambda v: v >= 1, 'must be >= 1 request per forward'),
     'train.log_every': (lambda v: v >= 1, 'must be >= 1 step'),
     'train.ckpt_every': (lambda v: v >= 1, 'must be >= 1 step'),
     'train.keep_ckpts': (lambda v: v >= 1, 'must be >= 1; keep 2 or more so that a damaged '
@@ -243,6 +246,12 @@ def base_config() -> ml_collections.ConfigDict:
   d.format = 'tokens'  # 'tokens': tokenize the source; 'rows_bin': data.*_paths are token rows.
   d.rows_dtype = 'uint16'  # Token type of rows_bin files ('uint16' | 'uint32').
 
+  e = c.eval = ml_collections.ConfigDict()  # lm-eval in the training loop (lm_eval.LMEvalHook).
+  e.lm_eval_tasks = ''  # Comma-separated harness task names ('' = off), e.g. 'arc_easy,piqa'.
+  e.lm_eval_every = 0  # Steps between evaluations (0 = only after the last step).
+  e.lm_eval_limit = 0.0  # Documents per task (0 = all; < 1 = a fraction).
+  e.lm_eval_batch_size = 16  # Requests per forward pass.
+  e.lm_eval_include_path = ''  # A folder of task YAMLs of your own (a local jsonl: offline).
   c.log = ml_collections.ConfigDict()  # Where metrics go besides metrics.jsonl and TensorBoard.
   c.log.wandb = ''  # Weights & Biases project ('' = off; pip install '.[wandb]').
 

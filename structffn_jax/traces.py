@@ -5,6 +5,8 @@
 
 Reads the `.xplane.pb` that `train --profile K:N` writes. On GPUs/TPUs it sums the device's
 'XLA Ops' line; on CPU, the XLA executor threads of the host plane (Python-side events excluded).
+Times are self times: an event that encloses others on its line (a fusion wrapper, a thunk
+executor around its ops) counts only the time none of them covers, so the shares add up to 100%.
 """
 
 from __future__ import annotations
@@ -34,8 +36,32 @@ def _device_lines(plane):
   return ops or lines
 
 
+def self_times(events) -> list[tuple[str, float]]:
+  """(name, self ns) of each (name, start_ns, end_ns) event of one trace line: its duration less
+  the time of the events directly inside it (a child reaching past its parent's end counts only
+  up to that end)."""
+  order = sorted(range(len(events)), key=lambda i: (events[i][1], -events[i][2]))
+  own = [float(end - start) for _, start, end in events]
+  stack: list[int] = []
+  for i in order:
+    _, start, end = events[i]
+    while stack and events[stack[-1]][2] <= start:
+      stack.pop()
+    if stack:
+      own[stack[-1]] -= min(end, events[stack[-1]][2]) - start
+    stack.append(i)
+  return [(events[i][0], own[i]) for i in range(len(events))]
+
+
+def _add_line(line, where, totals, counts):
+  for name, ns in self_times([(ev.name, ev.start_ns, ev.start_ns + ev.duration_ns)
+                              for ev in line.events]):
+    totals[(name, where)] += ns
+    counts[(name, where)] += 1
+
+
 def top_ops(path, top: int = 15) -> list[dict]:
-  """[{op, where, total_ms, count, share}] sorted by total time, for the trace at `path`."""
+  """[{op, where, total_ms, count, share}] sorted by self time, for the trace at `path`."""
   from jax.profiler import ProfileData
   data = ProfileData.from_file(str(find_trace(path)))
   totals = collections.Counter()
@@ -43,9 +69,7 @@ def top_ops(path, top: int = 15) -> list[dict]:
   devices = [p for p in data.planes if p.name.startswith('/device:')]
   for plane in devices:
     for line in _device_lines(plane):
-      for ev in line.events:
-        totals[(ev.name, plane.name)] += ev.duration_ns
-        counts[(ev.name, plane.name)] += 1
+      _add_line(line, plane.name, totals, counts)
   if not totals:  # CPU backend: XLA work runs on the host's executor threads
     for plane in data.planes:
       if plane.name != '/host:CPU':
@@ -53,9 +77,7 @@ def top_ops(path, top: int = 15) -> list[dict]:
       for line in plane.lines:
         if line.name == 'python' or not line.name.startswith('tf_XLA'):
           continue
-        for ev in line.events:
-          totals[(ev.name, 'host CPU')] += ev.duration_ns
-          counts[(ev.name, 'host CPU')] += 1
+        _add_line(line, 'host CPU', totals, counts)
   grand = sum(totals.values()) or 1
   return [{'op': name, 'where': where, 'total_ms': ns / 1e6, 'count': counts[(name, where)],
            'share': ns / grand} for (name, where), ns in totals.most_common(top)]
@@ -64,7 +86,7 @@ def top_ops(path, top: int = 15) -> list[dict]:
 def format_table(rows) -> str:
   width = max([len(r['op']) for r in rows] + [2])
   width = min(width, 60)
-  out = [f'{"op":<{width}}  {"total ms":>10}  {"calls":>6}  {"share":>6}']
+  out = [f'{"op":<{width}}  {"self ms":>10}  {"calls":>6}  {"share":>6}']
   for r in rows:
     out.append(f'{r["op"][:width]:<{width}}  {r["total_ms"]:>10.3f}  {r["count"]:>6}  '
                f'{100 * r["share"]:>5.1f}%')

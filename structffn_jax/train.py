@@ -48,6 +48,7 @@ from structffn_jax import config as config_lib
 from structffn_jax import evaluation
 from structffn_jax.data import pipeline
 from structffn_jax.data import prepare as prepare_lib
+from structffn_jax.data import shortfall
 from structffn_jax.model import GPT
 from structffn_jax.plan import make_plan
 
@@ -108,12 +109,19 @@ class Trainer:
     self.manifest = prepare_lib.prepare_for_run(
         config, self.workdir, is_main=self.is_main,
         barrier=lambda: distributed.barrier('data prepared'), log=self.report.log)
+    for line in shortfall.messages(config.data, self.manifest):
+      self.report.log(line)
     self.profile = profile or (config.train.profile_start, config.train.profile_steps)
     self.stop_signal = None  # set by the signal handler of StopHook
     self.stop_at = None  # run(stop_at)
     self._metrics = MetricsHook()
+    lm_eval_hook = ()
+    if (config.get('eval') or {}).get('lm_eval_tasks'):  # the harness in the loop: lm_eval.py
+      from structffn_jax import lm_eval
+      lm_eval_hook = (lm_eval.LMEvalHook(config),)
     self.hooks = (self._metrics, SaveStatusHook(), ProfilerHook(*self.profile), HandOverHook(),
-                  ThroughputHook(), EvalHook(), CheckpointHook(), StopHook(), *extra_hooks)
+                  ThroughputHook(), EvalHook(), *lm_eval_hook, CheckpointHook(), StopHook(),
+                  *extra_hooks)
     self.ckpt = checkpoint.Checkpointer(self.workdir, config.train.keep_ckpts, cleanup=True,
                                         log=self.report.log)
     self._build_state()

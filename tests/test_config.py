@@ -222,6 +222,7 @@ def test_config_error_is_a_value_error():
 # of the wrong type. A field of the schema missing here fails the walk below until it is added.
 INVALID = {
     'name': '',
+    'eval.lm_eval_every': -1, 'eval.lm_eval_limit': -0.5, 'eval.lm_eval_batch_size': 0,
     'model.vocab_size': 0, 'model.seq_len': 0, 'model.hidden_dim': 0, 'model.ffn_dim': -1,
     'model.num_layers': 0, 'model.num_heads': 0, 'model.num_kv_heads': 0, 'model.attn_dim': 0,
     'model.norm': 'batchnorm', 'model.norm_eps': 0.0, 'model.activation': 'relu',

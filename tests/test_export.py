@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 st = pytest.importorskip('safetensors.numpy', reason="safetensors is not installed "
-                         "(pip install '.[export]')")
+                         "(pip install -e '.[export]')")
 
 from structffn_jax import export, train  # noqa: E402
 from structffn_jax.data import prepare as prepare_lib  # noqa: E402
@@ -37,7 +37,7 @@ def hf_forward(out_dir, tokens):
   from config.json and model.safetensors alone."""
   c = json.loads((out_dir / 'config.json').read_text())
   w = {k: v.astype(np.float64) for k, v in st.load_file(str(out_dir / 'model.safetensors')).items()}
-  llama = c['model_type'] == 'llama'
+  llama = c['model_type'] in ('llama', 'structffn_llama')
   eps = c['rms_norm_eps'] if llama else c['norm_epsilon']
 
   def norm(x, name):
@@ -73,7 +73,16 @@ def hf_forward(out_dir, tokens):
     o = np.einsum('bnqk,bknh->bqnh', s / s.sum(-1, keepdims=True), v).reshape(b, t, n * h)
     x = x + linear(o, p + 'self_attn.o_proj')
     m = norm(x, p + 'post_attention_layernorm')
-    if llama:
+    if 'structffn_layers' in c:  # a structured export: the FFN from its factors
+      spec = c['structffn_layers'][i]
+      u = structured_linear(m, spec['fc1'], w, p + 'mlp.fc1')
+      if c['structffn_activation'] == 'swiglu':
+        g, up = np.split(u, 2, axis=-1)
+        f = structured_linear(g / (1 + np.exp(-g)) * up, spec['fc2'], w, p + 'mlp.fc2')
+      else:
+        gelu = 0.5 * u * (1 + np.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u ** 3)))
+        f = structured_linear(gelu, spec['fc2'], w, p + 'mlp.fc2')
+    elif llama:
       g = linear(m, p + 'mlp.gate_proj')
       f = linear(g / (1 + np.exp(-g)) * linear(m, p + 'mlp.up_proj'), p + 'mlp.down_proj')
     else:
@@ -82,6 +91,31 @@ def hf_forward(out_dir, tokens):
       f = linear(gelu, p + 'mlp.c_proj')
     x = x + f
   return norm(x, 'model.norm') @ w['model.embed_tokens.weight'].T  # tied head
+
+
+def structured_linear(x, spec, w, name):
+  """One projection of a structured export, float64, from the definitions in structured.py's
+  docstrings (the BlockShuffle shuffle and interleave as explicit index maps)."""
+  kind, lead = spec['kind'], x.shape[:-1]
+  if kind == 'dense':
+    y = x @ w[name + '.kernel'].T
+  elif kind == 'lowrank':
+    y = (x @ w[name + '.v'].T) @ w[name + '.u'].T
+  elif kind == 'blockdense':
+    v = w[name + '.v']
+    c, r, p = v.shape
+    h = np.concatenate([x[..., b * p:(b + 1) * p] @ v[b].T for b in range(c)], -1)
+    y = h @ w[name + '.u'].T
+  else:
+    w1, w2 = w[name + '.w1'], w[name + '.w2']
+    c, q, p = w1.shape
+    s = w2.shape[1]
+    flat = np.concatenate([x[..., b * p:(b + 1) * p] @ w1[b].T for b in range(c)], -1)
+    y = np.zeros(lead + (c * s,))
+    for j in range(c):
+      u = flat[..., [a * c + j for a in range(q)]] @ w2[j].T  # block j reads flat(h)[a·C + j]
+      y[..., [a * c + j for a in range(s)]] = u  # y[a·C + j] = u[j, a]
+  return y + w[name + '.bias'] if name + '.bias' in w else y
 
 
 CASES = {
@@ -136,6 +170,49 @@ def test_export_layout_forward_and_round_trip(case, tmp_path):
                              rtol=1e-5, atol=1e-5 * np.abs(logits).max())
 
 
+@pytest.mark.parametrize('case', ['blockdense-mha', 'blockshuffle', 'llama-lowrank'])
+def test_structured_export_layout_and_forward(case, tmp_path):
+  """--structured: a custom model type with auto_map to the shipped modeling file, each FFN
+  projection as its own factors; the forward from config.json and those tensors alone (float64)
+  is ours, and the directory reads back with identical logits."""
+  cfg = tiny_setup.model_config(seq_len=SEQ_LEN, **CASES[case])
+  model = random_model(cfg, seed=4)
+  tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, (2, SEQ_LEN)).astype(np.int32)
+  logits = np.asarray(_forward(model, jnp.asarray(tokens)))
+  out = export.export_model(model, tmp_path / 'hf', eos_id=2, structured=True)
+  config = json.loads((out / 'config.json').read_text())
+  name = 'Llama' if case.startswith('llama') else 'Starcoder2'
+  assert config['architectures'] == [f'StructFFN{name}ForCausalLM']
+  assert config['model_type'] == f'structffn_{name.lower()}'
+  assert config['auto_map'] == {
+      'AutoConfig': f'modeling_structffn.StructFFN{name}Config',
+      'AutoModelForCausalLM': f'modeling_structffn.StructFFN{name}ForCausalLM'}
+  assert (out / 'modeling_structffn.py').read_bytes() == (
+      export.pathlib.Path(export.__file__).parent / 'hf_modeling' / 'modeling_structffn.py'
+  ).read_bytes()
+  assert not (out / 'structured.safetensors').exists()
+  weights = st.load_file(str(out / 'model.safetensors'))
+  assert not any(k.endswith(('c_fc.weight', 'gate_proj.weight', 'down_proj.weight'))
+                 for k in weights)
+  layers = config['structffn_layers']
+  assert len(layers) == cfg.num_layers
+  kind = {'blockdense-mha': 'blockdense', 'blockshuffle': 'blockshuffle',
+          'llama-lowrank': 'lowrank'}[case]
+  assert layers[0]['fc1']['kind'] == ('dense' if cfg.first_layer_dense else kind)
+  assert layers[2]['fc1']['kind'] == layers[2]['fc2']['kind'] == kind
+  fc1 = model.stack.ffn.fc1
+  for factor in {'lowrank': ('u', 'v'), 'blockdense': ('u', 'v'),
+                 'blockshuffle': ('w1', 'w2')}[kind] + ('bias',):
+    np.testing.assert_array_equal(weights[f'model.layers.2.mlp.fc1.{factor}'],
+                                  np.asarray(getattr(fc1, factor)[...][1]))
+  reference = hf_forward(out, tokens)
+  np.testing.assert_allclose(logits, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+  back = export.load(out)
+  np.testing.assert_array_equal(np.asarray(_forward(back, jnp.asarray(tokens))), logits)
+  with pytest.raises(ValueError, match='is a structured export'):
+    export.load(out, structured_layers=False)
+
+
 def test_refused_inputs(tmp_path):
   cfg = tiny_setup.model_config('dense', seq_len=SEQ_LEN, position='absolute')
   with pytest.raises(ValueError, match="model.position='absolute' has no transformers"):
@@ -148,26 +225,82 @@ def test_refused_inputs(tmp_path):
     export.load(tmp_path)
 
 
+HELD_OUT = ('Il était une fois, en 1996 :  naïve café — 東京 🙂\n\tdef f(x):\n    return x ** 2\n'
+            '= = Reception = =\n  trailing  ')
+
+
 def test_tokenizer_json_is_exported_for_the_fast_tokenizer_class(tmp_path):
-  """A run on a Hugging Face tokenizer.json exports that file as it is."""
+  """A run on a Hugging Face tokenizer.json exports that file, less a post-processor that would
+  add a BOS training never saw; BOS = EOS."""
   tokenizers = pytest.importorskip('tokenizers')
-  from tokenizers import decoders, models, pre_tokenizers, trainers
+  from tokenizers import decoders, models, pre_tokenizers, processors, trainers
   tok = tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
   tok.train_from_iterator(['the game was released in 1996 , and it sold well .'] * 20,
-                          trainers.BpeTrainer(vocab_size=300, special_tokens=['<|endoftext|>'],
+                          trainers.BpeTrainer(vocab_size=300, special_tokens=['<|endoftext|>',
+                                                                              '<|begin_of_text|>'],
                                               show_progress=False,
                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.save(str(tmp_path / 'plain.json'))
+  tok.post_processor = processors.TemplateProcessing(
+      single='<|begin_of_text|> $A', special_tokens=[('<|begin_of_text|>', 1)])
   tok.save(str(tmp_path / 'tokenizer.json'))
+  assert tok.encode('the game').ids[0] == 1  # the source adds a BOS
   cfg = tiny_setup.model_config('dense', seq_len=SEQ_LEN)
   out = export.export_model(random_model(cfg), tmp_path / 'hf', eos_id=0,
-                            tokenizer_path=tmp_path / 'tokenizer.json')
-  assert (out / 'tokenizer.json').read_bytes() == (tmp_path / 'tokenizer.json').read_bytes()
+                            tokenizer_path=tmp_path / 'plain.json')
+  assert (out / 'tokenizer.json').read_bytes() == (tmp_path / 'plain.json').read_bytes()
   assert not (out / 'tokenizer.model').exists()
+  out = export.export_model(random_model(cfg), tmp_path / 'hf', eos_id=0,
+                            tokenizer_path=tmp_path / 'tokenizer.json')
+  exported = tokenizers.Tokenizer.from_file(str(out / 'tokenizer.json'))
+  text = 'the game was released in 1996'
+  assert exported.encode(text).ids == tok.encode(text, add_special_tokens=False).ids
   config = json.loads((out / 'tokenizer_config.json').read_text())
   assert config['tokenizer_class'] == 'PreTrainedTokenizerFast'
-  assert config['eos_token'] == '<|endoftext|>' and 'bos_token' not in config
+  assert config['eos_token'] == config['bos_token'] == '<|endoftext|>'
+  hf = json.loads((out / 'config.json').read_text())
+  assert hf['bos_token_id'] == hf['eos_token_id'] == 0
+
+
+def test_sentencepiece_tokenizer_json_encodes_as_the_run(data_dir, tmp_path):
+  """A SentencePiece run gets a tokenizer.json of its own model: the same ids as SentencePiece
+  on text the tokenizer never saw (byte fallback included), decoding back to the text."""
+  tokenizers = pytest.importorskip('tokenizers')
+  import inspect
+  import json.encoder
+  import sentencepiece as spm
+  manifest = prepare_lib.Manifest.load(data_dir)
+  sp = spm.SentencePieceProcessor(model_file=str(manifest.tokenizer_path))
+  cfg = tiny_setup.model_config('dense', seq_len=SEQ_LEN)
+  out = export.export_model(random_model(cfg), tmp_path / 'hf', eos_id=manifest.eos_id,
+                            tokenizer_path=manifest.tokenizer_path)
+  tok = tokenizers.Tokenizer.from_file(str(out / 'tokenizer.json'))
+  texts = [HELD_OUT, inspect.getsource(json.decoder), inspect.getsource(json.encoder), ' ', '']
+  for text in texts:
+    ids = sp.encode(text)
+    assert tok.encode(text).ids == ids  # the default encode: no token added
+    assert tok.decode(ids, skip_special_tokens=False) == text
+  assert tok.get_vocab_size() == sp.get_piece_size()
+  config = json.loads((out / 'tokenizer_config.json').read_text())
+  assert config['bos_token'] == config['eos_token'] == sp.id_to_piece(manifest.eos_id)
+  assert manifest.bos_id != manifest.eos_id  # the model file's own <s>, never used in training
+  assert json.loads((out / 'config.json').read_text())['bos_token_id'] == manifest.eos_id
+
+
+def test_unconvertible_sentencepiece_model_is_refused(tmp_path):
+  """A SentencePiece model whose encoding a tokenizer.json would not reproduce (a dummy prefix)
+  is refused with one line."""
+  import sentencepiece as spm
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(['the game was released in 1996 , and it sold well .'] * 50),
+      model_prefix=str(tmp_path / 'sp'), vocab_size=300, model_type='bpe', minloglevel=2,
+      add_dummy_prefix=True, byte_fallback=True)
+  cfg = tiny_setup.model_config('dense', seq_len=SEQ_LEN)
+  with pytest.raises(ValueError, match='would encode differently from the SentencePiece model'):
+    export.export_model(random_model(cfg), tmp_path / 'hf', eos_id=2,
+                        tokenizer_path=tmp_path / 'sp.model')
 
 
 @pytest.fixture(scope='module')
@@ -187,18 +320,25 @@ def test_command(trained_workdir, data_dir, tmp_path, capsys):
   assert 'Starcoder2ForCausalLM of tiny-blockshuffle step 2' in capsys.readouterr().out
   assert sorted(p.name for p in out.iterdir()) == [
       'config.json', 'model.safetensors', 'special_tokens_map.json', 'structured.safetensors',
-      'tokenizer.model', 'tokenizer_config.json']
+      'tokenizer.json', 'tokenizer.model', 'tokenizer_config.json']
   manifest = prepare_lib.Manifest.load(data_dir)
   assert (out / 'tokenizer.model').read_bytes() == manifest.tokenizer_path.read_bytes()
   config = json.loads((out / 'config.json').read_text())
   assert config['eos_token_id'] == manifest.eos_id
   assert config['structffn']['layers']['stack'] == {'fc1': 'BlockShuffle', 'fc2': 'BlockShuffle'}
-  assert json.loads((out / 'tokenizer_config.json').read_text())['eos_token'] == '</s>'
+  tokenizer_config = json.loads((out / 'tokenizer_config.json').read_text())
+  assert tokenizer_config['eos_token'] == tokenizer_config['bos_token'] == '</s>'
+  assert config['bos_token_id'] == manifest.eos_id
   back = export.load(out, dtype='float32')
   tokens = jnp.asarray(np.arange(12, dtype=np.int32)[None] % 50)
   from structffn_jax import generate
   _, model, _, _ = generate.load(trained_workdir, merge_threshold=0)
   np.testing.assert_array_equal(np.asarray(_forward(back, tokens)),
+                                np.asarray(_forward(model, tokens)))
+  export.main(['--workdir', str(trained_workdir), '--out', str(tmp_path / 'hf_s'), '--structured'])
+  assert 'StructFFNStarcoder2ForCausalLM of tiny-blockshuffle' in capsys.readouterr().out
+  assert (tmp_path / 'hf_s' / 'modeling_structffn.py').is_file()
+  np.testing.assert_array_equal(np.asarray(_forward(export.load(tmp_path / 'hf_s'), tokens)),
                                 np.asarray(_forward(model, tokens)))
   # Bad inputs: one-line errors.
   with pytest.raises(SystemExit, match='config.json not found'):

@@ -16,7 +16,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = REPO / 'structffn_jax'
 # Library modules that also have a command line of their own: others may import them.
-LIBRARY_WITH_MAIN = {'structffn_jax.data.prepare'}
+LIBRARY_WITH_MAIN = {'structffn_jax.data.prepare', 'structffn_jax.export', 'structffn_jax.lm_eval'}
 
 
 def module_name(path: pathlib.Path) -> str:

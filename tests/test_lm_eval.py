@@ -16,11 +16,11 @@ import pytest
 from flax import nnx
 
 harness = pytest.importorskip('lm_eval', reason="lm-evaluation-harness is not installed "
-                              "(pip install '.[eval]')")
+                              "(pip install -e '.[eval]')")
 
 from structffn_jax import lm_eval as adapter  # noqa: E402
 from structffn_jax.data import prepare as prepare_lib  # noqa: E402
-from tests import tiny_setup  # noqa: E402
+from tests import test_export, tiny_setup  # noqa: E402
 
 SEQ_LEN = 48
 WORDS = ('the game was released in 1996 , and it sold well . the album reached number one on '
@@ -48,10 +48,13 @@ class Reference:
     return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
 
   def continuation(self, context, continuation):
-    """log p(continuation | EOS + context), the continuation's tokens being those of the whole
-    text past the context's own tokens."""
-    whole = [self.eos] + self.tok.encode(context + continuation)
-    n = 1 + len(self.tok.encode(context))
+    """log p(continuation | context), the continuation's tokens being those of the whole text
+    past the context's own tokens; an empty context is the EOS."""
+    if context:
+      whole = self.tok.encode(context + continuation)
+      n = len(self.tok.encode(context))
+    else:
+      whole, n = [self.eos] + self.tok.encode(continuation), 1
     assert len(whole) <= SEQ_LEN + 1
     lp = self.logprobs(whole[:-1])
     return sum(lp[i - 1, whole[i]] for i in range(n, len(whole)))
@@ -70,8 +73,8 @@ class Reference:
     return total
 
   def greedy(self, prompt, new):
-    seq = [self.eos] + self.tok.encode(prompt)
-    assert len(seq) + new - 1 <= SEQ_LEN  # no truncation of the prompt
+    seq = self.tok.encode(prompt)
+    assert len(seq) + new <= SEQ_LEN  # no truncation of the prompt
     out = []
     for _ in range(new):
       token = int(np.argmax(self.logprobs(seq)[-1]))
@@ -166,6 +169,106 @@ def test_scores_match_the_models_own_logits(setup, tmp_path):
   np.testing.assert_allclose(rolling, ll, rtol=2e-5)
 
 
+class ExportedLM(harness.api.model.TemplateLM):
+  """What the harness's Hugging Face model (`--model hf`, lm_eval/models/huggingface.py) does with
+  a directory written by structffn_jax.export, without torch: the tokenizer is the exported
+  tokenizer.json as `tokenizers` reads it (what transformers' PreTrainedTokenizerFast wraps) and
+  its default encode; the prefix token is the tokenizer_config's BOS (HFLM.prefix_token_id); the
+  max length is config.json's max_position_embeddings; the forward is the exported
+  architecture's in float64 numpy (test_export.hf_forward), one request at a time."""
+
+  def __init__(self, out):
+    super().__init__()
+    import tokenizers
+    self.out = out
+    self.tok = tokenizers.Tokenizer.from_file(str(out / 'tokenizer.json'))
+    special = json.loads((out / 'tokenizer_config.json').read_text())
+    self.bos = self.tok.token_to_id(special['bos_token'])
+    self.eos = self.tok.token_to_id(special['eos_token'])
+    self.max_length = json.loads((out / 'config.json').read_text())['max_position_embeddings']
+
+  @property
+  def eot_token_id(self):
+    return self.eos
+
+  @property
+  def prefix_token_id(self):
+    return self.bos
+
+  def tok_encode(self, string, add_special_tokens=None, **kwargs):
+    return self.tok.encode(string, add_special_tokens=add_special_tokens is not False).ids
+
+  def _loglikelihood_tokens(self, requests, disable_tqdm=False):
+    out = []
+    for _, context_enc, continuation_enc in requests:
+      inp = (context_enc + continuation_enc)[-(self.max_length + 1):][:-1]
+      logits = test_export.hf_forward(self.out, np.asarray([inp]))[0]
+      logp = logits - logits.max(-1, keepdims=True)
+      logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+      n = len(continuation_enc)
+      rows = np.arange(len(inp) - n, len(inp))
+      out.append((float(logp[rows, continuation_enc].sum()),
+                  bool((logp[rows].argmax(-1) == continuation_enc).all())))
+    return out
+
+  def loglikelihood_rolling(self, requests, disable_tqdm=False):
+    totals = []
+    for (string,) in [r.args for r in requests]:
+      windows = [harness.utils.make_disjoint_window(w) for w in harness.utils.get_rolling_token_windows(
+          token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+          max_seq_len=self.max_length, context_len=1)]
+      totals.append(sum(ll for ll, _ in self._loglikelihood_tokens([(None,) + w for w in windows])))
+    return totals
+
+  def generate_until(self, requests, disable_tqdm=False):
+    raise NotImplementedError
+
+
+def test_exported_model_scores_as_ours_under_the_harness_hf_convention(setup, data_dir, tmp_path):
+  """A default `--model hf` evaluation of the export (its tokenizer.json, its BOS as the prefix
+  token, its weights in the transformers architecture) gives our adapter's scores, on a rolling
+  task and a multiple-choice one with empty and non-empty contexts."""
+  export = pytest.importorskip('structffn_jax.export')
+  pytest.importorskip('safetensors')
+  model, tok, eos, _ = setup
+  manifest = prepare_lib.Manifest.load(data_dir)
+  out = export.export_model(model, tmp_path / 'hf', eos_id=eos,
+                            tokenizer_path=manifest.tokenizer_path)
+  rng = np.random.default_rng(5)
+  texts = [phrase(rng, n) for n in (4, 25, 70)]
+  assert max(len(tok.encode(t)) for t in texts) > 2 * SEQ_LEN
+  write_task(tmp_path, 'tiny_rolling', [{'text': t} for t in texts], [
+      'output_type: loglikelihood_rolling', 'doc_to_text: ""', 'doc_to_target: "{{text}}"',
+      'metric_list:', '  - metric: word_perplexity', '  - metric: bits_per_byte'])
+  docs = [{'question': phrase(rng, 3) if i % 3 else '', 'choices': [phrase(rng, n) for n in (1, 3)],
+           'label': i % 2} for i in range(6)]
+  write_task(tmp_path, 'tiny_choice', docs, [
+      'output_type: multiple_choice', 'doc_to_text: "{{question}}"', 'target_delimiter: ""',
+      'doc_to_target: "{{label}}"', 'doc_to_choice: "{{choices}}"', 'metric_list:',
+      '  - metric: acc'])
+  manager = adapter.task_manager(str(tmp_path), include_defaults=False)
+  ours_lm, theirs_lm = adapter.StructFFNLM(model, tok, eos, batch_size=4), ExportedLM(out)
+  kwargs = dict(tasks=['tiny_rolling', 'tiny_choice'], task_manager=manager, bootstrap_iters=0,
+                log_samples=True)
+  ours = harness.simple_evaluate(model=ours_lm, **kwargs)
+  theirs = harness.simple_evaluate(model=theirs_lm, **kwargs)
+  for metric in ('bits_per_byte,none', 'word_perplexity,none'):
+    assert ours['results']['tiny_rolling'][metric] == pytest.approx(
+        theirs['results']['tiny_rolling'][metric], rel=1e-5)
+  assert ours['results']['tiny_choice']['acc,none'] == theirs['results']['tiny_choice']['acc,none']
+  # Request by request: the same log-likelihoods.
+  def lls(samples):  # rolling: resps [[ll]]; multiple choice: [[(ll, is_greedy)], ...]
+    return [float(np.ravel(np.asarray(r[0], dtype=object))[0]) for s in samples for r in s['resps']]
+  for task in ('tiny_rolling', 'tiny_choice'):
+    np.testing.assert_allclose(lls(ours['samples'][task]), lls(theirs['samples'][task]),
+                               rtol=2e-5, atol=1e-4)
+  pairs = [(d['question'], c) for d in docs for c in d['choices']]
+  assert any(not q for q, _ in pairs)
+  for q, c in pairs:
+    assert ours_lm._pair(q, c) == theirs_lm._encode_pair(q, c) if q else \
+        ours_lm._pair(q, c) == ([theirs_lm.prefix_token_id], theirs_lm.tok_encode(c))
+
+
 def test_unknown_task_is_a_one_line_error(tmp_path):
   manager = adapter.task_manager(str(tmp_path), include_defaults=False)
   with pytest.raises(ValueError, match=r"no lm-eval task named 'no_such_task'"):
@@ -194,3 +297,88 @@ def test_command_writes_results_next_to_the_run(trained_workdir, tmp_path, capsy
     adapter.main(args + ['--tasks', 'tiny_choice,nope'])
   with pytest.raises(SystemExit, match='config.json not found'):
     adapter.main(['--workdir', str(tmp_path), '--tasks', 'tiny_choice'])
+
+
+def test_registered_model_through_the_harness_command_line(trained_workdir, tmp_path, capsys):
+  """`python -m structffn_jax.lm_eval run --model structffn ...` is the harness's command line
+  with the adapter registered: its output layout, --log_samples and --use_cache, the score of
+  the thin wrapper; and the same with an exported directory as `pretrained`."""
+  registry = harness.api.registry
+  assert registry.get_model(adapter.MODEL_NAME) is adapter.StructFFNLM
+  assert 'hf' in registry.model_registry  # the harness's own models are still there
+  tasks = tmp_path / 'tasks'
+  tasks.mkdir()
+  write_task(tasks, 'tiny_choice', [
+      {'question': 'the game was', 'choices': [' released', ' album'], 'label': 0},
+      {'question': 'the band', 'choices': [' toured', ' week'], 'label': 1},
+      {'question': '', 'choices': ['the', 'album'], 'label': 0}], [
+          'output_type: multiple_choice', 'doc_to_text: "{{question}}"', 'target_delimiter: ""',
+          'doc_to_target: "{{label}}"', 'doc_to_choice: "{{choices}}"', 'metric_list:',
+          '  - metric: acc'])
+  _, record = adapter.evaluate(trained_workdir, ['tiny_choice'], include_path=tasks,
+                               include_defaults=False, batch_size=2, bootstrap_iters=0,
+                               out=tmp_path / 'wrapper.json')
+  wrapper = record['results']['tiny_choice']['acc,none']
+
+  def run(pretrained, out):
+    adapter.main(['run', '--model', 'structffn', '--model_args', f'pretrained={pretrained}',
+                  '--tasks', 'tiny_choice', '--include_path', str(tasks), '--batch_size', '2',
+                  '--output_path', str(out), '--log_samples', '--use_cache',
+                  str(tmp_path / 'cache' / out.name)])
+    results = sorted(out.rglob('results_*.json'))
+    samples = sorted(out.rglob('samples_tiny_choice_*.jsonl'))
+    assert len(results) == 1 and len(samples) == 1, sorted(out.rglob('*'))
+    assert len(samples[0].read_text().splitlines()) == 3
+    return json.loads(results[0].read_text())['results']['tiny_choice']['acc,none']
+
+  assert run(trained_workdir, tmp_path / 'by_workdir') == wrapper
+  assert list((tmp_path / 'cache').glob('by_workdir*'))  # the harness's request cache
+  pytest.importorskip('safetensors')
+  from structffn_jax import export
+  exported = export.export_run(trained_workdir, tmp_path / 'hf')
+  assert run(exported, tmp_path / 'by_export') == wrapper
+  with pytest.raises(ValueError, match='give pretrained=WORKDIR_OR_EXPORT_DIR'):
+    adapter.StructFFNLM.create_from_arg_string('', {'batch_size': 2})
+
+
+def test_lm_eval_during_training_on_local_tasks(data_dir, tmp_path):
+  """eval.lm_eval_tasks / eval.lm_eval_every: the harness runs inside the loop on the parameters
+  being trained; the scores are in metrics.jsonl and TensorBoard at those steps and in run()'s
+  result, and the last equal what the command gives on the final checkpoint."""
+  tasks = tmp_path / 'tasks'
+  tasks.mkdir()
+  rng = np.random.default_rng(7)
+  write_task(tasks, 'tiny_rolling', [{'text': phrase(rng, n)} for n in (5, 30)], [
+      'output_type: loglikelihood_rolling', 'doc_to_text: ""', 'doc_to_target: "{{text}}"',
+      'metric_list:', '  - metric: bits_per_byte'])
+  write_task(tasks, 'tiny_choice', [
+      {'question': 'the game was', 'choices': [' released', ' album'], 'label': 0},
+      {'question': 'the band', 'choices': [' toured', ' week'], 'label': 1}], [
+          'output_type: multiple_choice', 'doc_to_text: "{{question}}"', 'target_delimiter: ""',
+          'doc_to_target: "{{label}}"', 'doc_to_choice: "{{choices}}"', 'metric_list:',
+          '  - metric: acc'])
+  config = tiny_setup.run_config(
+      'train.tokens=2048', 'train.eval_every=0', 'train.log_every=1', 'train.eval_tokens=256',
+      'model.ffn.init=gaussian', f'data.data_dir={data_dir}', 'eval.lm_eval_every=2',
+      'eval.lm_eval_tasks=tiny_rolling,tiny_choice', f'eval.lm_eval_include_path={tasks}',
+      'eval.lm_eval_batch_size=2', sgt=0)
+  workdir = tmp_path / 'w'
+  result = train.Trainer(config, workdir).run()
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  scored = [r for r in records if 'lm_eval/tiny_rolling/bits_per_byte' in r]
+  assert [r['step'] for r in scored] == [2, 4]  # every 2 steps; the last step once
+  assert all(r['lm_eval/tiny_choice/acc'] in (0.0, 0.5, 1.0) for r in scored)
+  assert scored[0]['lm_eval/tiny_rolling/bits_per_byte'] != scored[1][
+      'lm_eval/tiny_rolling/bits_per_byte']  # trained in between
+  assert result['lm_eval/tiny_rolling/bits_per_byte'] == scored[1][
+      'lm_eval/tiny_rolling/bits_per_byte']
+  events = b''.join(f.read_bytes() for f in (workdir / 'tb').rglob('events.out.tfevents.*'))
+  assert b'lm_eval/tiny_rolling/bits_per_byte' in events and b'lm_eval/tiny_choice/acc' in events
+  _, record = adapter.evaluate(workdir, ['tiny_rolling'], include_path=tasks, batch_size=2,
+                               bootstrap_iters=0, out=tmp_path / 'after.json')
+  assert record['results']['tiny_rolling']['bits_per_byte,none'] == pytest.approx(
+      scored[1]['lm_eval/tiny_rolling/bits_per_byte'], rel=1e-6)
+  bad = tiny_setup.run_config(f'data.data_dir={data_dir}', 'eval.lm_eval_tasks=nope',
+                              f'eval.lm_eval_include_path={tasks}', sgt=0)
+  with pytest.raises(ValueError, match="eval.lm_eval_tasks: no lm-eval task named 'nope'"):
+    train.Trainer(bad, tmp_path / 'bad').run()
