@@ -5,6 +5,7 @@ unfinished or lost checkpoint. It guards every change to the loop and the checkp
 Bounded in time: each attempt has a deadline, and the kill schedule is drawn from a fixed seed.
 """
 
+import json
 import os
 import pathlib
 import signal
@@ -38,7 +39,7 @@ def _losses(workdir) -> dict[int, float]:
 
 def _attempt(cmd, kill_at_step: int | None, sig, startup_delay: float | None):
   """Run `cmd` until it reaches `kill_at_step` (or `startup_delay` seconds, before its first
-  step), then send `sig`; None for both: run to the end. Returns (exit code, output)."""
+  step), then send `sig`; None for both: run to the end. Returns (exit code, output, pid)."""
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           cwd=REPO, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
   out, start = [], time.time()
@@ -62,7 +63,7 @@ def _attempt(cmd, kill_at_step: int | None, sig, startup_delay: float | None):
     if proc.poll() is None:
       proc.kill()
       proc.wait()
-  return proc.returncode, ''.join(out)
+  return proc.returncode, ''.join(out), proc.pid
 
 
 def _check_checkpoints(workdir):
@@ -75,7 +76,7 @@ def _check_checkpoints(workdir):
 @pytest.mark.slow
 def test_random_kills_resume_bitwise_equal(tmp_path, data_dir):
   reference = tmp_path / 'reference'
-  rc, out = _attempt(_cmd(reference, data_dir), None, None, None)
+  rc, out, _ = _attempt(_cmd(reference, data_dir), None, None, None)
   assert rc == 0, out[-3000:]
   expected = _losses(reference)
   assert sorted(expected) == list(range(1, STEPS + 1))
@@ -87,10 +88,10 @@ def test_random_kills_resume_bitwise_equal(tmp_path, data_dir):
   for i in range(KILLS):
     sig = signal.SIGKILL if i % 2 == 0 else signal.SIGTERM
     if i % 5 == 4:  # during start-up: importing, preparing, restoring, compiling
-      rc, out = _attempt(cmd, None, sig, startup_delay=float(rng.uniform(0.5, 6.0)))
+      rc, out, pid = _attempt(cmd, None, sig, startup_delay=float(rng.uniform(0.5, 6.0)))
     else:
       target = min(STEPS - 1, reached + int(rng.integers(3, 2 * STEPS // KILLS)))
-      rc, out = _attempt(cmd, target, sig, None)
+      rc, out, pid = _attempt(cmd, target, sig, None)
     log.append((i, sig.name, rc))
     assert 'Traceback' not in out, out[-3000:]
     if sig == signal.SIGTERM and rc not in (None, -signal.SIGTERM):
@@ -101,9 +102,10 @@ def test_random_kills_resume_bitwise_equal(tmp_path, data_dir):
       saved = checkpoint.saved_steps(workdir)  # which the next start removes; none is lost
       assert max(saved, default=0) >= newest, (log, saved, newest)
       newest = max(saved, default=0)
-    if (workdir / 'lock').exists() and sig == signal.SIGTERM:
-      pytest.fail(f'attempt {i}: SIGTERM left the lock behind: {out[-2000:]}')
-  rc, out = _attempt(cmd, None, None, None)  # the last resume runs to the end
+    lock = workdir / 'lock'  # a kill -9 leaves its lock (the next start takes it over); SIGTERM not
+    if sig == signal.SIGTERM and lock.exists() and json.loads(lock.read_text()).get('pid') == pid:
+      pytest.fail(f'attempt {i}: SIGTERM left its lock behind: {out[-2000:]}')
+  rc, out, _ = _attempt(cmd, None, None, None)  # the last resume runs to the end
   assert rc == 0, (log, out[-3000:])
   got = _losses(workdir)
   assert sorted(got) == sorted(expected)
@@ -114,8 +116,8 @@ def test_random_kills_resume_bitwise_equal(tmp_path, data_dir):
 
 def _prepare_cmd(out, tokenizer=None):
   cmd = [sys.executable, '-m', 'structffn_jax.data.prepare', '--out', str(out), '--seq-len', '64',
-         '--source', 'stdlib', '--stdlib-max-bytes', '3000000', '--vocab-size', '512',
-         '--shard-tokens', '20000', '--set', 'data.stdlib_tests=false']
+         '--source', 'stdlib', '--stdlib-max-bytes', '10000000', '--vocab-size', '512',
+         '--shard-tokens', '20000']
   return cmd + (['--tokenizer', str(tokenizer)] if tokenizer else [])
 
 
@@ -123,11 +125,20 @@ def _shards(out: pathlib.Path) -> dict[str, bytes]:
   return {p.name: p.read_bytes() for p in sorted(out.glob('*.bin'))}
 
 
+def _pieces(out: pathlib.Path) -> int:
+  """Finished pieces of every split, as the job's record says (0 before it has one)."""
+  try:
+    record = json.loads(next((out / 'jobs').glob('*.json')).read_text())
+  except (StopIteration, FileNotFoundError, json.JSONDecodeError):
+    return 0
+  return sum(len(s['pieces']) for s in record['streams'].values())
+
+
 @pytest.mark.slow
 def test_prepare_killed_at_random_resumes_to_identical_shards(tmp_path):
-  """kill -9 at random while tokenizing into shards (the tokenizer given, as a job of a
-  multi-host preparation has it), then the same command until it finishes: the shards and the
-  manifest's checksums are those of an uninterrupted preparation."""
+  """kill -9 at random points while tokenizing into shards (after a random number of finished
+  pieces; the tokenizer given, as a job of a multi-host preparation has it), then the same
+  command to the end: the shards are those of an uninterrupted preparation, byte for byte."""
   reference = tmp_path / 'reference'
   done = subprocess.run(_prepare_cmd(reference), capture_output=True, text=True, cwd=REPO,
                         timeout=ATTEMPT_S)
@@ -138,26 +149,27 @@ def test_prepare_killed_at_random_resumes_to_identical_shards(tmp_path):
                         cwd=REPO, timeout=ATTEMPT_S)
   assert done.returncode == 0, done.stderr[-3000:]
   expected = _shards(given)
-  assert len(expected) >= 10  # many pieces, so that kills land between and inside them
+  total = _pieces(given)
+  assert len(expected) >= 10 and total >= 50  # many pieces: kills land between and inside them
 
   out = tmp_path / 'killed'
   rng = np.random.default_rng(7)
+  targets = sorted(rng.choice(np.arange(1, total - 5), size=8, replace=False))
   kills = 0
-  for _ in range(12):
+  for target in targets:
     proc = subprocess.Popen(_prepare_cmd(out, tokenizer), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, cwd=REPO)
-    try:
-      proc.wait(timeout=float(rng.uniform(2.0, 8.0)))
-    except subprocess.TimeoutExpired:
+    deadline = time.time() + ATTEMPT_S
+    while proc.poll() is None and _pieces(out) < target and time.time() < deadline:
+      time.sleep(0.005)
+    if proc.poll() is None:
       proc.kill()
       kills += 1
     _, err = proc.communicate(timeout=ATTEMPT_S)
     assert 'Traceback' not in err, err[-3000:]
-    if proc.returncode == 0:
-      break
   final = subprocess.run(_prepare_cmd(out, tokenizer), capture_output=True, text=True, cwd=REPO,
                          timeout=ATTEMPT_S)
   assert final.returncode == 0, final.stderr[-3000:]
-  assert kills >= 3, 'the preparation finished before it could be killed: lower the delays'
+  assert kills == len(targets)
   assert _shards(out) == expected
-  assert not list(out.rglob('*.tmp*')), 'a temporary file was left behind'
+  assert not [p for p in out.rglob('*') if 'tmp' in p.name], 'a temporary file was left behind'

@@ -179,6 +179,26 @@ def tmp_name(path: Path) -> Path:
   return path.with_name(f'.{path.name}.tmp-{socket.gethostname()}-{os.getpid()}')
 
 
+def remove_dead_tmp(directory: Path) -> list[Path]:
+  """Delete the temporary files that writers on this host left when they died (a kill -9 of a
+  preparation); those of a live process, or of another host, stay. Returns what was removed."""
+  host, removed = socket.gethostname(), []
+  for p in Path(directory).glob('.*.tmp-*'):
+    who, _, pid = p.name.rpartition('.tmp-')[2].rpartition('-')
+    if who != host or not pid.isdigit() or int(pid) == os.getpid():
+      continue
+    try:
+      os.kill(int(pid), 0)
+      continue  # alive: still writing
+    except ProcessLookupError:
+      pass
+    except PermissionError:
+      continue  # alive, another user's
+    p.unlink(missing_ok=True)
+    removed.append(p)
+  return removed
+
+
 def atomic_write(path: Path, data: bytes) -> None:
   """Writes `data` to `path` via a temporary file and rename: readers see all of it or none."""
   tmp = tmp_name(path)

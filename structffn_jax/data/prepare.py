@@ -82,7 +82,8 @@ from structffn_jax.data import tokenizer as tokenizer_lib
 from structffn_jax.data.manifest import (FORMAT_VERSION, MANIFEST_NAME, REQUIRED, Manifest,
                                          as_manifest, atomic_write, check_model_vocab,
                                          check_tokenizer_given, file_rows, json_bytes,
-                                         resolve_data_dir, sha256_file, token_dtype)
+                                         remove_dead_tmp, resolve_data_dir, sha256_file,
+                                         token_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -703,6 +704,8 @@ def prepare(
         f'({_short_diff(record["settings"], settings)}): finish it with the same settings, or '
         f'delete {out_dir}')
   (out_dir / JOBS_DIR).mkdir(parents=True, exist_ok=True)
+  for p in remove_dead_tmp(out_dir) + remove_dead_tmp(out_dir / JOBS_DIR):
+    log.info('%s: removed, left by a writer that died', p.name)
   tok, tok_path = _setup_tokenizer(cfg_data, out_dir, settings, streams, model_vocab_size,
                                    tokenizer_train_bytes, num_threads)
   tok_sha = sha256_file(tok_path)
