@@ -83,6 +83,15 @@ def _safetensors():
 
 def architecture(cfg) -> str:
   """'starcoder2' or 'llama': the transformers architecture whose forward is this model's."""
+  scaling = (cfg.get('rope_scaling') or {}).get('type', 'none')
+  unwritten = [f'{field}={value!r}' for field, value, default in (
+      ('model.tie_embeddings', cfg.get('tie_embeddings', True), True),
+      ('model.qkv_bias', cfg.get('qkv_bias', False), False),
+      ('model.rope_scaling.type', scaling, 'none')) if value != default]
+  if unwritten:  # features an imported model may have, which the export does not write yet
+    raise ValueError(f'export: {", ".join(unwritten)} is not written by the export yet (it '
+                     'writes a tied head, biases on all or no projections, and unscaled RoPE); '
+                     'export a model without it.')
   key = (cfg.norm, cfg.activation, cfg.position)
   if key == ('layernorm', 'gelu', 'rope'):
     return 'starcoder2'

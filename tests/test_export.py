@@ -348,3 +348,17 @@ def test_command(trained_workdir, data_dir, tmp_path, capsys):
   shutil.copy(trained_workdir / 'config.json', empty / 'config.json')
   with pytest.raises(SystemExit, match='holds no checkpoint yet'):
     export.main(['--workdir', str(empty), '--out', str(tmp_path / 'y')])
+
+
+@pytest.mark.parametrize('field,value', [('tie_embeddings', False), ('qkv_bias', True)])
+def test_features_the_export_does_not_write_are_refused(field, value):
+  """An imported model's untied head, q/k/v-only biases or scaled RoPE would be written wrong:
+  refused in one line naming the field, before anything is written."""
+  cfg = tiny_setup.run_config().model
+  cfg[field] = value
+  with pytest.raises(ValueError, match=f'model.{field}={value!r} is not written'):
+    export.architecture(cfg)
+  cfg[field] = not value
+  cfg.rope_scaling.type = 'llama3'
+  with pytest.raises(ValueError, match="model.rope_scaling.type='llama3'"):
+    export.architecture(cfg)
