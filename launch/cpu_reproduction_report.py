@@ -422,11 +422,19 @@ def report_scaling(module, runs, out, resamples: int = BOOTSTRAP) -> tuple[str, 
     except (scaling.ScalingError, ValueError, RuntimeError):
       continue
   rows = []
+  # The bootstrap's spread is the seeds': it needs every seed of every size of both curves.
+  full = {g: all(len(cells.get((g, w), {})) == len(module.SEEDS) for w in module.WIDTHS)
+          for g in fits}
   for g, f in fits.items():
     row = [g, f['points'], f['a'], f['b'], f['c'], f['rmse']]
     if g != 'dense' and 'dense' in fits:
       db = f['b'] - fits['dense']['b']
-      v = decisions.bootstrap_difference(db, [b[g] - b['dense'] for b in boots], +1)
+      if full[g] and full['dense']:
+        v = decisions.bootstrap_difference(db, [b[g] - b['dense'] for b in boots], +1)
+      else:
+        v = decisions.Verdict(decisions.INCONCLUSIVE, decisions.BOOTSTRAP_RULE,
+                              f'estimate {db:+.4f}; the bootstrap needs all {len(module.SEEDS)} '
+                              f'seeds at all {len(module.WIDTHS)} widths of both curves', db)
       verdicts.append((f'F1: {g} steeper than dense (b - b_dense > 0)', v))
       row += [f'{db:+.3f} ± {v.se:.3f}' if v.se is not None else f'{db:+.3f}']
     else:
@@ -479,7 +487,13 @@ def report_lr(module, runs, out) -> tuple[str, list]:
   count = {v: {lr: cell[(v, lr)]['spikes'] for lr in ended} for v in variants}
   dense_diverged = {lr: cell[('dense', lr)]['state'] == 'diverged' for lr in ended}
   verdicts = []
-  if ended:
+  if len(ended) < len(module.LR_GRID):  # the rules count spikes over the whole grid
+    why = f'{len(ended)} of the {len(module.LR_GRID)} LRs have all three runs ended'
+    verdicts = [('F3a: LowRank 32% spikes more than dense',
+                 decisions.Verdict(decisions.INCONCLUSIVE, decisions.SPIKES_MORE_RULE, why)),
+                ('F3b: SGT removes LowRank\'s spikes',
+                 decisions.Verdict(decisions.INCONCLUSIVE, decisions.SPIKES_REMOVED_RULE, why))]
+  else:
     more = decisions.spikes_more(count['lowrank'], count['dense'], dense_diverged)
     trains = [lr for lr in ended if not dense_diverged[lr]]
     verdicts = [('F3a: LowRank 32% spikes more than dense', more),

@@ -87,6 +87,9 @@ def bootstrap_difference(estimate: float, resamples: Sequence[float], sign: int)
     return Verdict(INCONCLUSIVE, BOOTSTRAP_RULE, 'fewer than 2 bootstrap resamples fitted',
                    float(estimate), None, int(boot.size))
   se = float(boot.std(ddof=1))
+  if not se > 1e-12 * max(1.0, abs(float(estimate))):  # equal resamples, up to rounding
+    return Verdict(INCONCLUSIVE, BOOTSTRAP_RULE, 'the resamples do not vary: no seed noise to '
+                   'weigh the estimate against', float(estimate), se, int(boot.size))
   lo, hi = np.percentile(boot, [2.5, 97.5])
   why = (f'estimate {estimate:+.4f}, bootstrap se {se:.4f}, 95% interval [{lo:+.4f}, '
          f'{hi:+.4f}] over {boot.size} resamples')

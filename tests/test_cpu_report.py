@@ -90,10 +90,11 @@ def test_sgt_and_wide_verdicts(report, study, tmp_path):
 
 
 def test_lr_verdicts_count_divergence_as_a_spike(report, study, tmp_path):
+  study.LR_GRID = study.LR_GRID[:4]  # a grid of four LRs
   runs = []
   spikes = {'dense': (0, 0, 0, 1), 'lowrank': (0, 1, 2, 3), 'lowrank_sgt': (0, 0, 0, 1)}
   for v, counts in spikes.items():
-    for lr, n in zip((2e-3, 4e-3, 8e-3, 1.6e-2), counts):
+    for lr, n in zip(study.LR_GRID[:4], counts):
       r = _run(study.LR_WIDTH, 'dense', 100, 1, 3.0, variant={'variant': v}, lr=lr, spikes=n,
                _curve=[[1, 5.0], [2, 4.0]], step=100)
       runs.append(r)
@@ -102,6 +103,9 @@ def test_lr_verdicts_count_divergence_as_a_spike(report, study, tmp_path):
   runs[3]['state'] = 'diverged'  # dense at the top LR: that LR drops out of both claims
   _, verdicts = report.report_lr(study, runs, tmp_path)
   assert verdicts[0][1].n == 3
+  _, verdicts = report.report_lr(study, [r for r in runs if r['lr'] != study.LR_GRID[0]],
+                                 tmp_path)
+  assert {v.verdict for _, v in verdicts} == {decisions.INCONCLUSIVE}  # a part of the grid
 
 
 def test_probe_check_refuses_a_tuned_lr_that_is_not_the_best(report, study, tmp_path):

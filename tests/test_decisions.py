@@ -57,6 +57,8 @@ def test_bootstrap_rule_reaches_each_outcome():
   assert decisions.bootstrap_difference(0.03, 0.03 + boot, 1).verdict == decisions.INCONCLUSIVE
   assert decisions.bootstrap_difference(0.1, [0.1, math.nan], 1).verdict == \
       decisions.INCONCLUSIVE  # one finite resample has no spread
+  assert decisions.bootstrap_difference(0.1, [0.1] * 50, 1).verdict == \
+      decisions.INCONCLUSIVE  # one seed per point: no spread, no evidence
   v = decisions.bootstrap_difference(0.1, 0.1 + boot, 1)
   assert math.isclose(v.se, float(np.std(0.1 + boot, ddof=1)))
 
