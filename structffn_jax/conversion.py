@@ -17,6 +17,8 @@ from structffn_jax import checkpoint, hf_families, optim, plan as plan_lib, proj
 from structffn_jax import config as config_lib
 from structffn_jax import run as run_lib
 from structffn_jax import sgt, structured
+from structffn_jax import workdir as workdir_lib
+from structffn_jax.model import GPT
 
 MODES = ('guided', 'projection', 'scratch')
 # The model fields a source fixes (the rest of model.* comes from CFG).
@@ -319,9 +321,9 @@ def convert(source_path, spec: str, workdir, sets=(), mode: str = 'guided',
 
   # The target's parameters: shapes only, or (scratch) the structure's random init.
   if mode == 'scratch':
-    model = run_lib.new_model(config, guides=True, seed=config.train.seed)
+    model = GPT.from_config(config, guides=True, seed=config.train.seed)
   else:
-    model = nnx.eval_shape(lambda: run_lib.new_model(config, guides=True))
+    model = nnx.eval_shape(lambda: GPT.from_config(config, guides=True))
   shapes = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   _FILLED.clear()
   # our path -> numpy array (stacked layers: preallocated, filled per layer)
@@ -384,7 +386,7 @@ def convert(source_path, spec: str, workdir, sets=(), mode: str = 'guided',
     ckpt.wait()
   finally:
     ckpt.close()
-  checkpoint.write_workdir_config(new, config)
+  workdir_lib.write_workdir_config(new, config)
   (new / 'config.py').write_text(CONFIG_PY)
   record['seconds'] = time.perf_counter() - start
   (new / 'convert.json').write_text(json.dumps(record, indent=1) + '\n')

@@ -48,7 +48,6 @@ from structffn_jax import config as config_lib
 from structffn_jax import evaluation
 from structffn_jax.data import pipeline
 from structffn_jax.data import prepare as prepare_lib
-from structffn_jax.data import shortfall
 from structffn_jax.model import GPT
 from structffn_jax.plan import make_plan
 
@@ -109,8 +108,6 @@ class Trainer:
     self.manifest = prepare_lib.prepare_for_run(
         config, self.workdir, is_main=self.is_main,
         barrier=lambda: distributed.barrier('data prepared'), log=self.report.log)
-    for line in shortfall.messages(config.data, self.manifest):
-      self.report.log(line)
     self.profile = profile or (config.train.profile_start, config.train.profile_steps)
     self.stop_signal = None  # set by the signal handler of StopHook
     self.stop_at = None  # run(stop_at)

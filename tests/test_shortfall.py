@@ -1,7 +1,6 @@
 """A split smaller than its data.valid_tokens cap is said in the run's first lines, with the
 fix; one that fills its cap (to whole rows) is not."""
 
-from structffn_jax import train
 from structffn_jax.data import prepare as prepare_lib
 from tests import tiny_setup
 
@@ -9,7 +8,7 @@ from tests import tiny_setup
 def test_short_valid_split_is_a_warning_in_the_runs_first_lines(tmp_path):
   config = tiny_setup.run_config(f'data.data_dir={tmp_path / "data"}', 'data.valid_tokens=5000000')
   lines = []
-  manifest = train.prepare_data(config, tmp_path / 'w', log=lines.append)
+  manifest = prepare_lib.prepare_for_run(config, tmp_path / 'w', log=lines.append)
   got = manifest.splits['valid']['tokens']
   assert 0 < got < 5_000_000
   warning = [line for line in lines if line.startswith('warning: data.valid_tokens=5,000,000')]

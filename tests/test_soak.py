@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from structffn_jax import checkpoint, metrics
+from structffn_jax import metrics, workdir as workdir_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 240  # 240 steps of 8 x 64 tokens, self-guided for the first half (a hand-over at 120)
@@ -70,7 +70,7 @@ def _check_checkpoints(workdir):
   names = sorted(p.name for p in (workdir / 'checkpoints').iterdir())
   unfinished = [n for n in names if not n.isdigit()]
   assert not unfinished, f'unfinished or set-aside checkpoint directories: {unfinished}'
-  return checkpoint.saved_steps(workdir)
+  return workdir_lib.saved_steps(workdir)
 
 
 @pytest.mark.slow
@@ -99,7 +99,7 @@ def test_random_kills_resume_bitwise_equal(tmp_path, data_dir):
     if (workdir / 'metrics.jsonl').exists():
       reached = max(_losses(workdir), default=0)
     if (workdir / 'checkpoints').exists():  # a kill -9 mid-save may leave a temporary directory,
-      saved = checkpoint.saved_steps(workdir)  # which the next start removes; none is lost
+      saved = workdir_lib.saved_steps(workdir)  # which the next start removes; none is lost
       assert max(saved, default=0) >= newest, (log, saved, newest)
       newest = max(saved, default=0)
     lock = workdir / 'lock'  # a kill -9 leaves its lock (the next start takes it over); SIGTERM not

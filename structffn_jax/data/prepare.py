@@ -79,6 +79,7 @@ from structffn_jax.data.encode import (_chunks, _encoding, _Encoder, _RowWriter,
                                        resolve_num_workers)
 from structffn_jax.data import tokenizer as tokenizer_lib
 # The reader's names, used here and read from here by older callers.
+from structffn_jax.data import shortfall
 from structffn_jax.data.manifest import (FORMAT_VERSION, MANIFEST_NAME, REQUIRED, Manifest,
                                          as_manifest, atomic_write, check_model_vocab,
                                          check_tokenizer_given, file_rows, json_bytes,
@@ -657,6 +658,8 @@ def prepare_for_run(config: ml_collections.ConfigDict,
                        data_dir,
                        config.model.seq_len,
                        model_vocab_size=config.model.vocab_size)
+  for line in shortfall.messages(config.data, manifest):  # a split smaller than asked
+    log(line)
   return manifest
 
 
