@@ -19,6 +19,7 @@ harness = pytest.importorskip('lm_eval', reason="lm-evaluation-harness is not in
                               "(pip install -e '.[eval]')")
 
 from structffn_jax import lm_eval as adapter  # noqa: E402
+from structffn_jax import train  # noqa: E402
 from structffn_jax.data import prepare as prepare_lib  # noqa: E402
 from tests import test_export, tiny_setup  # noqa: E402
 
