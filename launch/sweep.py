@@ -73,10 +73,14 @@ def expand(variants: list[str], grid: list[str]) -> list[str]:
 
 def command(launcher: str, config_arg: str, workdir: str, sets: list[str], args) -> list[str]:
   train = ['--config', config_arg, '--workdir', workdir] + [a for s in sets for a in ('--set', s)]
-  if launcher in ('plain', 'slurm-array'):  # slurm-array: one line of the array's table
+  # Runs started here use this sweep's own interpreter (its venv, whatever PATH says); a SLURM
+  # array's lines run on other nodes, under the job's environment.
+  if launcher == 'plain':
+    return [sys.executable, '-m', 'structffn_jax.train'] + train
+  if launcher == 'slurm-array':
     return ['python', '-m', 'structffn_jax.train'] + train
   if launcher == 'local':
-    return ['launch/local.sh', str(args.processes), 'python', '-m',
+    return ['launch/local.sh', str(args.processes), sys.executable, '-m',
             'structffn_jax.train'] + train
   if launcher == 'slurm':
     name = pathlib.Path(workdir).name
@@ -179,13 +183,20 @@ def main(argv=None) -> int:
     rc, wall = studies.run_logged(cmd, workdir, cwd=REPO)
     status = studies.run_status(config, workdir)
     failed += status.state != 'finished'
-    if recorded is not None and done(status, False):
-      studies.record_run(workdir, args.record)  # finished, or failed: both are results
+    if recorded is not None and recordable(status):
+      studies.record_run(workdir, args.record)
     print(f'[{i}/{len(runs)}] {config.name}: {status.describe()} (exit {rc}, '
           f'{studies.duration(wall)})', flush=True)
   if args.summary:
     print(studies.format_table(studies.summary_rows(runs)))
   return 1 if failed else 0
+
+
+def recordable(status: studies.Status) -> bool:
+  """Whether --record keeps this ended run: finished, or failed in training (diverged, say), both
+  results. A run that failed before its first step (a missing package, a full disk) is not a
+  result; it stays unrecorded, so that the next sweep runs it again."""
+  return status.state == 'finished' or (status.state == 'failed' and status.step > 0)
 
 
 def done(status: studies.Status, retry_failed: bool) -> bool:

@@ -86,7 +86,9 @@ def record_run(workdir, record_dir) -> pathlib.Path:
     if (workdir / name).exists():
       shutil.copyfile(workdir / name, dest / name)
   # mtime 0: the same metrics give the same bytes, so a rerun of the copy changes nothing.
-  (dest / (METRICS + '.gz')).write_bytes(gzip.compress((workdir / METRICS).read_bytes(), mtime=0))
+  metrics = workdir / METRICS
+  if metrics.exists():
+    (dest / (METRICS + '.gz')).write_bytes(gzip.compress(metrics.read_bytes(), mtime=0))
   return dest
 
 

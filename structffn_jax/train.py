@@ -553,8 +553,19 @@ def _terminate_startup(signum, frame):
 
 def main(argv=None):
   # From the first line on, SIGTERM unwinds like SIGINT; the training loop's hook replaces both
-  # handlers with its save-and-stop one once training starts.
+  # handlers with its save-and-stop one once training starts. A signal may land anywhere in
+  # start-up (parsing flags included), so the whole of it runs inside the handler below.
   signal.signal(signal.SIGTERM, _terminate_startup)
+  try:
+    _main(argv)
+  except KeyboardInterrupt as e:
+    name = 'SIGTERM' if isinstance(e, StartupTerminated) else 'SIGINT'
+    print(f'error: {name} before training started; nothing was saved. Run the same command '
+          f'to start again.', file=sys.stderr)
+    sys.exit(EXIT_PREEMPTED if name == 'SIGTERM' else 130)
+
+
+def _main(argv):
   parser = cli.parser(__doc__, 'structffn_jax.train')
   cli.add_config_flags(parser)
   parser.add_argument('--workdir', required=True,
@@ -588,11 +599,6 @@ def main(argv=None):
     extra = f'; {workdir_lib.free_space(args.workdir)} in {args.workdir}' \
         if workdir_lib.is_disk_full(e) else ''
     sys.exit(f'error: {e}{extra}')
-  except KeyboardInterrupt as e:
-    name = 'SIGTERM' if isinstance(e, StartupTerminated) else 'SIGINT'
-    print(f'error: {name} before training started; nothing was saved. Run the same command '
-          f'to start again.', file=sys.stderr)
-    sys.exit(EXIT_PREEMPTED if name == 'SIGTERM' else 130)
   if result.get('stopped'):
     sys.exit(EXIT_PREEMPTED)
 

@@ -86,3 +86,21 @@ def test_sweep_skips_finished_resumes_interrupted_and_records_divergence(tmp_pat
 
   listing = _sweep(config, root)  # without --run: the commands, one per line
   assert listing.returncode == 0 and listing.stdout.count('structffn_jax.train') == 3
+
+
+def test_runs_use_this_interpreter_and_start_up_failures_stay_unrecorded():
+  sys.path.insert(0, str(REPO / 'launch'))
+  try:
+    import sweep  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.remove(str(REPO / 'launch'))
+  from structffn_jax import studies  # pylint: disable=import-outside-toplevel
+  cmd = sweep.command('plain', 'c.py', 'runs/x', ['train.tokens=8'], None)
+  # The sweep's own interpreter, not whichever `python` PATH finds first (which may lack JAX).
+  assert cmd[:3] == [sys.executable, '-m', 'structffn_jax.train'], cmd
+  assert cmd[3:] == ['--config', 'c.py', '--workdir', 'runs/x', '--set', 'train.tokens=8']
+  assert sweep.command('slurm-array', 'c.py', 'runs/x', [], None)[0] == 'python'
+  assert sweep.recordable(studies.Status('finished', 12, 12))
+  assert sweep.recordable(studies.Status('failed', 5, 12, 'non-finite loss'))
+  assert not sweep.recordable(studies.Status('failed', 0, 12, "No module named 'jax'"))
+  assert not sweep.recordable(studies.Status('partial', 4, 12))
