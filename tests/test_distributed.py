@@ -75,41 +75,6 @@ def test_two_processes_train_in_lockstep_like_one(tmp_path, data_dir):
   assert 'step      6/6' in out0 and 'step ' not in out1
 
 
-def test_sweep_turns_variants_into_commands():
-  out = subprocess.run(
-      [sys.executable, 'launch/sweep.py', 'configs/tiny.py', '--grid', 'method=dense,lowrank',
-       '--grid', 'sgt=0,1', '--set', 'mesh.fsdp=2', '--launcher', 'slurm', '--root', '/r'],
-      capture_output=True, text=True, cwd=REPO, timeout=120)
-  assert out.returncode == 0, out.stderr
-  assert out.stdout.splitlines()[:2] == [
-      'sbatch --job-name=tiny-dense launch/slurm.sbatch configs/tiny.py:method=dense,sgt=0 '
-      '/r/tiny-dense --set mesh.fsdp=2',
-      'sbatch --job-name=tiny-dense-2 launch/slurm.sbatch configs/tiny.py:method=dense,sgt=1 '
-      '/r/tiny-dense-2 --set mesh.fsdp=2']
-  assert len(out.stdout.splitlines()) == 4
-  bad = subprocess.run(
-      [sys.executable, 'launch/sweep.py', 'configs/tiny.py', '--grid', 'method=dense,bogus'],
-      capture_output=True, text=True, cwd=REPO, timeout=120)
-  assert bad.returncode == 2 and "error: method='bogus' is not allowed" in bad.stderr
-  assert bad.stdout == ''  # nothing printed (or run) before every variant is valid
-
-
-def test_paper_configs_sweep_their_table_rows():
-  def sweep(*args):
-    out = subprocess.run([sys.executable, 'launch/sweep.py', *args], capture_output=True,
-                         text=True, cwd=REPO, timeout=120)
-    assert out.returncode == 0, out.stderr
-    return [line.rsplit(' --workdir ', 1)[1] for line in out.stdout.splitlines()]
-  assert sweep('configs/structured_ffn.py') == [
-      'runs/xl-dense', 'runs/xl-lowrank63', 'runs/xl-blockdense63', 'runs/xl-blockshuffle63',
-      'runs/xl-lowrank32', 'runs/xl-blockdense32', 'runs/xl-blockshuffle32']
-  assert sweep('configs/structured_ffn.py', '--grid', 'method=lowrank,blockdense,blockshuffle',
-               '--grid', 'fraction=32', '--grid', 'sgt=fixedflop') == [
-      f'runs/xl-{m}32-sgt-fixedflop' for m in ('lowrank', 'blockdense', 'blockshuffle')]
-  assert len(set(sweep('configs/wide_structured.py'))) == 8
-  assert len(set(sweep('configs/wikitext103_small.py', '--grid', 'scale=cpu'))) == 7
-
-
 def driver(workdir: pathlib.Path, data_dir: str, out_dir: pathlib.Path) -> None:
   """One of the two processes: train to STOP, resume in a new trainer, finish, report."""
   from structffn_jax import distributed, sharding

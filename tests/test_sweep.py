@@ -1,4 +1,5 @@
-"""launch/sweep.py on one machine: finished runs are skipped, an interrupted run resumes from its
+"""launch/sweep.py: variants become one command per run for every launcher (a bad one fails before
+any is printed); on one machine, finished runs are skipped, an interrupted run resumes from its
 checkpoint, a diverging run is recorded and the sweep goes on; the summary reads the workdirs."""
 
 import json
@@ -104,3 +105,38 @@ def test_runs_use_this_interpreter_and_start_up_failures_stay_unrecorded():
   assert sweep.recordable(studies.Status('failed', 5, 12, 'non-finite loss'))
   assert not sweep.recordable(studies.Status('failed', 0, 12, "No module named 'jax'"))
   assert not sweep.recordable(studies.Status('partial', 4, 12))
+
+
+def test_sweep_turns_variants_into_commands():
+  out = subprocess.run(
+      [sys.executable, 'launch/sweep.py', 'configs/tiny.py', '--grid', 'method=dense,lowrank',
+       '--grid', 'sgt=0,1', '--set', 'mesh.fsdp=2', '--launcher', 'slurm', '--root', '/r'],
+      capture_output=True, text=True, cwd=REPO, timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.splitlines()[:2] == [
+      'sbatch --job-name=tiny-dense launch/slurm.sbatch configs/tiny.py:method=dense,sgt=0 '
+      '/r/tiny-dense --set mesh.fsdp=2',
+      'sbatch --job-name=tiny-dense-2 launch/slurm.sbatch configs/tiny.py:method=dense,sgt=1 '
+      '/r/tiny-dense-2 --set mesh.fsdp=2']
+  assert len(out.stdout.splitlines()) == 4
+  bad = subprocess.run(
+      [sys.executable, 'launch/sweep.py', 'configs/tiny.py', '--grid', 'method=dense,bogus'],
+      capture_output=True, text=True, cwd=REPO, timeout=120)
+  assert bad.returncode == 2 and "error: method='bogus' is not allowed" in bad.stderr
+  assert bad.stdout == ''  # nothing printed (or run) before every variant is valid
+
+
+def test_paper_configs_sweep_their_table_rows():
+  def sweep(*args):
+    out = subprocess.run([sys.executable, 'launch/sweep.py', *args], capture_output=True,
+                         text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [line.rsplit(' --workdir ', 1)[1] for line in out.stdout.splitlines()]
+  assert sweep('configs/structured_ffn.py') == [
+      'runs/xl-dense', 'runs/xl-lowrank63', 'runs/xl-blockdense63', 'runs/xl-blockshuffle63',
+      'runs/xl-lowrank32', 'runs/xl-blockdense32', 'runs/xl-blockshuffle32']
+  assert sweep('configs/structured_ffn.py', '--grid', 'method=lowrank,blockdense,blockshuffle',
+               '--grid', 'fraction=32', '--grid', 'sgt=fixedflop') == [
+      f'runs/xl-{m}32-sgt-fixedflop' for m in ('lowrank', 'blockdense', 'blockshuffle')]
+  assert len(set(sweep('configs/wide_structured.py'))) == 8
+  assert len(set(sweep('configs/wikitext103_small.py', '--grid', 'scale=cpu'))) == 7
