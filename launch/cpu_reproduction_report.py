@@ -44,6 +44,26 @@ def _plt():
   return plt
 
 
+def _axes(ax, xlabel, ylabel, title=None, *, logx=False, legend_size=8):
+  """The labels, grid and legend (when anything was drawn) every plot of the report shares."""
+  if logx:
+    ax.set_xscale('log')
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  if title:
+    ax.set_title(title)
+  ax.grid(alpha=0.3)
+  if ax.lines:
+    ax.legend(fontsize=legend_size)
+
+
+def _save(fig, path):
+  plt = _plt()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def label(method: str, fraction: int) -> str:
   return 'dense' if method == 'dense' else f'{method} {fraction}%'
 
@@ -232,17 +252,10 @@ def report_probe(module, runs, out) -> tuple[str, list[str], dict]:
                  if (r['method'], r['fraction']) == (method, fraction))
     if pts:
       ax.plot(*zip(*pts), 'o-', label=label(method, fraction))
-  ax.set_xscale('log')
-  ax.set_xlabel('peak learning rate')
-  ax.set_ylabel('final validation loss')
-  ax.set_title(f'LR probe, width {module.PROBE_WIDTH}, {module.PROBE_BUDGET:g} of the '
-               'compute-optimal tokens')
-  ax.grid(alpha=0.3)
-  if ax.lines:
-    ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(out / 'probe.png', dpi=120)
-  plt.close(fig)
+  _axes(ax, 'peak learning rate', 'final validation loss',
+        f'LR probe, width {module.PROBE_WIDTH}, {module.PROBE_BUDGET:g} of the compute-optimal '
+        'tokens', logx=True)
+  _save(fig, out / 'probe.png')
   text = _md(['structure'] + [f'lr {lr:g}' for lr in lrs] + ['best'], rows)
   if problems:
     text += '\n\n' + '\n'.join(f'- **{p}**' for p in problems)
@@ -375,15 +388,9 @@ def report_table1(module, runs, out) -> tuple[str, list]:
                   "paper's gap (xl)", 'gap keeps its sign from'], rows), '',
              _verdict_table([_verdict_row(c, v) for c, v in claims]), '']
     ax.axhline(0, color='k', lw=0.8)
-    ax.set_xlabel('training tokens (M)')
-    ax.set_ylabel('mean paired gap to dense (nats)')
-    ax.set_title(f'Table 1, width {width}: structure − dense along training')
-    ax.grid(alpha=0.3)
-    if ax.lines:
-      ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(out / 'table1.png', dpi=120)
-  plt.close(fig)
+    _axes(ax, 'training tokens (M)', 'mean paired gap to dense (nats)',
+          f'Table 1, width {width}: structure − dense along training')
+  _save(fig, out / 'table1.png')
   (out / 'table1.json').write_text(_json({'runs': runs, 'verdicts': dict(verdicts)}))
   return '\n'.join(text) + _missing(runs), verdicts
 
@@ -504,12 +511,7 @@ def report_lr(module, runs, out) -> tuple[str, list]:
   for v in variants:
     xs = [lr for lr in lrs if (v, lr) in cell and cell[(v, lr)]['state'] == 'finished']
     axes[0].plot(xs, [cell[(v, lr)]['valid_loss'] for lr in xs], 'o-', label=v)
-  axes[0].set_xscale('log')
-  axes[0].set_xlabel('peak learning rate')
-  axes[0].set_ylabel('final validation loss')
-  axes[0].grid(alpha=0.3)
-  if axes[0].lines:
-    axes[0].legend()
+  _axes(axes[0], 'peak learning rate', 'final validation loss', logx=True, legend_size=10)
   top = [lr for lr in lrs if ('dense', lr) in cell and cell[('dense', lr)]['_curve']][-2:]
   for v in variants:
     for lr, style in zip(top, ('-', '--')):
@@ -517,15 +519,9 @@ def report_lr(module, runs, out) -> tuple[str, list]:
       if r and r['_curve']:
         c = np.array(r['_curve'])
         axes[1].plot(c[:, 0], c[:, 1], style, lw=0.7, label=f'{v} lr {lr:g}')
-  axes[1].set_xlabel('step')
-  axes[1].set_ylabel('training loss')
-  axes[1].set_title('training loss at the two highest learning rates run')
-  axes[1].grid(alpha=0.3)
-  if axes[1].lines:
-    axes[1].legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(out / 'lr.png', dpi=120)
-  plt.close(fig)
+  _axes(axes[1], 'step', 'training loss', 'training loss at the two highest learning rates run',
+        legend_size=7)
+  _save(fig, out / 'lr.png')
   (out / 'lr.json').write_text(_json({'runs': runs, 'verdicts': dict(verdicts),
                                       'curves': {r['run']: r['_curve'] for r in runs}}))
   text = ('### Final validation loss / spikes (a divergence counts one), by peak LR\n\n'
@@ -615,15 +611,8 @@ def _flops_plot(runs, path, title):
       c = np.array(r['valid_curve'], dtype=np.float64)
       per_token = r['train_flops'] / r['tokens']
       ax.plot(c[:, 0] * per_token, c[:, 1], 'o-', ms=3, label=r['run'])
-  ax.set_xlabel('training FLOPs (at each evaluation)')
-  ax.set_ylabel('validation loss')
-  ax.set_title(title)
-  if ax.lines:
-    ax.legend(fontsize=7)
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _axes(ax, 'training FLOPs (at each evaluation)', 'validation loss', title, legend_size=7)
+  _save(fig, path)
 
 
 def first_design_budget(path: str) -> list[dict]:
