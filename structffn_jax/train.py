@@ -116,8 +116,10 @@ class Trainer:
     if (config.get('eval') or {}).get('lm_eval_tasks'):  # the harness in the loop: lm_eval.py
       from structffn_jax import lm_eval
       lm_eval_hook = (lm_eval.LMEvalHook(config),)
+    # The checkpoint hook comes before the evaluations: the last step's checkpoint is final
+    # before the final evaluation starts, so that no evaluation failure can lose a finished run.
     self.hooks = (self._metrics, SaveStatusHook(), ProfilerHook(*self.profile), HandOverHook(),
-                  ThroughputHook(), EvalHook(), *lm_eval_hook, CheckpointHook(), StopHook(),
+                  ThroughputHook(), CheckpointHook(), EvalHook(), *lm_eval_hook, StopHook(),
                   *extra_hooks)
     self.ckpt = checkpoint.Checkpointer(self.workdir, config.train.keep_ckpts, cleanup=True,
                                         log=self.report.log)

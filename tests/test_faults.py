@@ -97,3 +97,21 @@ def test_sigterm_saves_waits_for_the_checkpoint_and_exits_75(tmp_path, data_dir)
   assert f'checkpoint step {step} final after' in out  # waited for, before exiting
   assert workdir_lib.saved_steps(workdir) == [step]
   assert not (workdir / 'lock').exists()
+
+
+# ----------------------------------------------------------------------------- the final evaluation
+
+
+def test_a_failed_final_evaluation_keeps_the_last_steps_checkpoint(tmp_path, data_dir,
+                                                                    monkeypatch):
+  """6 steps, a checkpoint every 4: step 6 is saved only at the end. The final save comes before
+  the final evaluation, so an evaluation that fails cannot lose the finished run."""
+  def broken(*args, **kwargs):
+    raise RuntimeError('the validation rows cannot be read')
+
+  monkeypatch.setattr(train.evaluation, 'mean_loss', broken)
+  workdir = tmp_path / 'w'
+  with pytest.raises(RuntimeError, match='validation rows'):
+    train.Trainer(tiny(data_dir, 'train.ckpt_every=4', sgt=0), workdir).run()
+  assert workdir_lib.saved_steps(workdir) == [4, 6]
+  assert max(losses(workdir)) == 6
