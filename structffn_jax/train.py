@@ -40,7 +40,8 @@ import time
 import jax
 import numpy as np
 
-from structffn_jax import accounting, checkpoint, cli, distributed, hostmem, metrics, optim
+from structffn_jax import accounting, checkpoint, cli, distributed, hostmem, memory, metrics
+from structffn_jax import optim
 from structffn_jax import run as run_lib
 from structffn_jax import sgt, sharding, steps
 from structffn_jax import workdir as workdir_lib
@@ -78,6 +79,7 @@ class Trainer:
     config_lib.validate(config)
     allow_change = workdir_lib.check_allow_change(allow_change)
     self.mesh = sharding.make_mesh(config)
+    memory.check(config, dict(self.mesh.shape), list(self.mesh.devices.flat))  # before any build
     self.rules = sharding.rules_of(config)
     self.plan = make_plan(config)
     sharding.check_batch(config, self.mesh, jax.process_count())
