@@ -115,3 +115,21 @@ def test_a_failed_final_evaluation_keeps_the_last_steps_checkpoint(tmp_path, dat
     train.Trainer(tiny(data_dir, 'train.ckpt_every=4', sgt=0), workdir).run()
   assert workdir_lib.saved_steps(workdir) == [4, 6]
   assert max(losses(workdir)) == 6
+
+
+def test_hand_edited_metrics_lines_of_the_wrong_type_are_skipped(tmp_path, capsys):
+  """`{"step": "61"}` made the plot fail with a TypeError traceback (sorting str with int)."""
+  workdir = tmp_path / 'w'
+  workdir.mkdir()
+  write_records(workdir / 'metrics.jsonl', 3, torn=False)
+  with open(workdir / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": "61", "loss": 4.0}\n{"step": 62, "loss": "low"}\n{"step": 63}\n')
+  records = metrics.read_metrics(workdir)
+  assert [r['step'] for r in records] == [1, 2, 3, 63]
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1
+  assert ("skipped 2 metrics line(s) of the wrong type (line 4: step='61' is not an integer; "
+          "line 5: loss='low' is not a number); fix or delete them") in err
+  out = tmp_path / 'loss.png'
+  plot.main([str(workdir), '--out', str(out)])
+  assert out.stat().st_size > 0
