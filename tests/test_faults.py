@@ -133,3 +133,30 @@ def test_hand_edited_metrics_lines_of_the_wrong_type_are_skipped(tmp_path, capsy
   out = tmp_path / 'loss.png'
   plot.main([str(workdir), '--out', str(out)])
   assert out.stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------- values too big
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('override, words', [
+    ('train.tokens=inf', 'error: train.tokens=inf: must be a finite number'),
+    ('train.eval_tokens=inf', 'error: train.eval_tokens=inf: must be a finite number'),
+    ('train.seed=1e30', 'error: train.seed=1000000000000000019884624838656: too large'),
+    ('train.global_batch=1e12', 'error: memory: this run needs at least'),
+    ('model.num_layers=1e9', 'error: memory: this run needs at least'),
+], ids=['tokens-inf', 'eval-tokens-inf', 'seed', 'global-batch', 'num-layers'])
+def test_the_train_command_refuses_what_cannot_be_held_in_one_line(tmp_path, data_dir, override,
+                                                                   words):
+  """Each ended in a traceback (OverflowError, MemoryError, out of memory), some after
+  config.json was written or after every step had been trained."""
+  workdir = tmp_path / 'w'
+  cmd = [sys.executable, '-m', 'structffn_jax.train', '--config', f'{REPO}/configs/tiny.py',
+         '--workdir', str(workdir), '--set', f'data.data_dir={data_dir}',
+         '--set', 'train.tokens=30720', '--set', 'train.ckpt_every=10', '--set',
+         'train.log_every=5', '--set', 'train.eval_every=0', '--set', override]
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().startswith(words) and proc.stderr.strip().count('\n') == 0, \
+      proc.stderr
+  assert not (workdir / 'config.json').exists()
