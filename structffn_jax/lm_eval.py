@@ -468,7 +468,8 @@ def main(argv=None):
   parser = cli.parser(__doc__)
   parser.add_argument('--workdir', required=True, help='a training workdir')
   parser.add_argument('--tasks', required=True, help='comma-separated lm-eval task names')
-  parser.add_argument('--num-fewshot', type=cli.integer(0), default=None, help='default: each task\'s own')
+  parser.add_argument('--num-fewshot', type=cli.integer(0), default=None,
+                      help='default: each task\'s own')
   parser.add_argument('--limit', type=cli.real(0), default=None,
                       help='documents per task (a fraction when < 1), for a quick look')
   parser.add_argument('--batch-size', type=cli.integer(1), default=16,

@@ -827,7 +827,8 @@ def main(argv: list[str] | None = None) -> int:
                  type=cli.integer(1, 2**62),
                  default=DEFAULT_TOKENIZER_TRAIN_BYTES,
                  help='text the tokenizer is trained on, in bytes')
-  p.add_argument('--num-threads', type=cli.integer(1), default=2, help='threads of the tokenizer training')
+  p.add_argument('--num-threads', type=cli.integer(1), default=2,
+                 help='threads of the tokenizer training')
   args = cli.parse(p, argv)
   handler = logging.StreamHandler(sys.stderr)
   handler.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
