@@ -13,7 +13,9 @@ low on purpose, so that it refuses only what clearly cannot fit:
                                                         mesh's fsdp x tensor devices
   activations at the per-device batch                   the residual stream of every layer (kept
                                                         even with model.remat=full) and the
-                                                        logits, in the compute dtype
+                                                        logits, in the compute dtype; or, when
+                                                        larger, one residual stream and the
+                                                        logits at train.eval_batch
 
 Biases, norms, attention scores, the FFN's inner activations and XLA's temporaries are left out.
 The memory available is the device's `bytes_limit` (memory_stats) on an accelerator, and the
@@ -72,6 +74,7 @@ class Estimate:
   state_bytes: int  # parameters, gradients, AdamW moments (guides included), per device
   activation_bytes: int  # residual stream and logits at the per-device batch
   device_batch: int  # sequences per device per forward pass
+  eval_batch: bool = False  # the activations are the evaluation's (train.eval_batch)
 
   @property
   def total(self) -> int:
@@ -88,8 +91,15 @@ def estimate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> E
   batch = -(-(t.micro_batch or t.global_batch) // batch_split)
   tokens = batch * m.seq_len
   width = _DTYPE_BYTES.get(m.dtype, 4)
+  vocab_split = max(1, mesh_shape.get('tensor', 1))
   residual = tokens * m.hidden_dim * (m.num_layers + 1) * width
-  logits = tokens * m.vocab_size * width // max(1, mesh_shape.get('tensor', 1))
+  logits = tokens * m.vocab_size * width // vocab_split
+  # An evaluation forward holds one residual stream and its logits at train.eval_batch.
+  eval_batch = -(-t.eval_batch // batch_split)
+  eval_tokens = eval_batch * m.seq_len
+  evaluation = eval_tokens * width * (m.hidden_dim + m.vocab_size // vocab_split)
+  if evaluation > residual + logits:
+    return Estimate(state, evaluation, eval_batch, eval_batch=True)
   return Estimate(state, residual + logits, batch)
 
 
@@ -128,7 +138,9 @@ def check(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], devices
   if limit is None or est.total <= limit:
     return est
   t = config.train
-  if est.activation_bytes >= est.state_bytes:
+  if est.activation_bytes >= est.state_bytes and est.eval_batch:
+    fix = f'lower train.eval_batch={t.eval_batch} (0 = the training batch)'
+  elif est.activation_bytes >= est.state_bytes:
     if est.device_batch > 1:
       fix = (f'lower train.global_batch={t.global_batch}, or set train.micro_batch to a divisor '
              f'of it (gradient accumulation), or model.seq_len={config.model.seq_len}')

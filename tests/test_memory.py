@@ -22,7 +22,8 @@ def test_the_parameter_count_is_a_lower_bound_of_the_models(method, sgt):
     ('train.global_batch=1000000000000', 'lower train.global_batch=1000000000000'),
     ('model.num_layers=1000000000', 'lower model.num_layers=1000000000'),
     ('model.hidden_dim=4000000', 'lower model.num_layers=3, model.hidden_dim=4000000'),
-], ids=['global-batch', 'num-layers', 'hidden-dim'])
+    ('train.eval_batch=1000000000000', 'lower train.eval_batch=1000000000000'),
+], ids=['global-batch', 'num-layers', 'hidden-dim', 'eval-batch'])
 def test_a_run_that_cannot_fit_is_refused_before_anything_is_written(tmp_path, data_dir,
                                                                      override, words):
   """These ended in an OverflowError, a MemoryError or an out-of-memory error from XLA."""
