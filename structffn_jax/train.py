@@ -587,8 +587,11 @@ def _main(argv):
   if args.profile:
     try:
       k, n = (int(x) for x in args.profile.split(':'))
+      if k < 0 or n < 1:
+        raise ValueError
     except ValueError:
-      sys.exit(f'error: --profile {args.profile!r}: expected K:N, e.g. --profile 10:5')
+      sys.exit(f'error: --profile {args.profile!r}: expected K:N, the first step K >= 0 and N >= 1 '
+               f'steps, e.g. --profile 10:5')
     profile = (k, n)
   try:
     config = config_lib.load(args.config, tuple(args.set))

@@ -246,3 +246,20 @@ def test_flags_the_run_cannot_honour_are_refused_in_one_line(trained_workdir, ca
     assert str(e.value).startswith(words) and '\n' not in str(e.value), (flags, str(e.value))
   assert not (trained_workdir / 'eval.jsonl').exists() or 'max-tokens' not in \
       (trained_workdir / 'eval.jsonl').read_text()
+
+
+@pytest.mark.parametrize('profile', ['5:0', '-1:3', '2:x'])
+def test_train_profile_flag_out_of_range_is_one_error_line(tmp_path, profile):
+  """`--profile 5:0` (no step traced) and `-1:3` were accepted silently."""
+  import signal  # pylint: disable=import-outside-toplevel
+  from structffn_jax import train  # pylint: disable=import-outside-toplevel
+  handler = signal.getsignal(signal.SIGTERM)
+  try:
+    with pytest.raises(SystemExit) as e:
+      train.main(['--config', f'{REPO}/configs/tiny.py', '--workdir', str(tmp_path / 'w'),
+                  f'--profile={profile}'])
+  finally:
+    signal.signal(signal.SIGTERM, handler)
+  assert str(e.value) == (f'error: --profile {profile!r}: expected K:N, the first step K >= 0 and '
+                          f'N >= 1 steps, e.g. --profile 10:5')
+  assert not (tmp_path / 'w').exists()
