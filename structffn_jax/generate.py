@@ -23,13 +23,12 @@ import pathlib
 import sys
 import time
 
+import jax
 from flax import nnx
 
-import jax
-
 from structffn_jax import cli, memory, structured
-from structffn_jax.schema import SEED_MAX
 from structffn_jax.decoding import generate, load, sample  # noqa: F401 (sample: public here too)
+from structffn_jax.schema import SEED_MAX
 
 
 
@@ -67,7 +66,7 @@ def check_flags(config, args, ids):
     fits = max(1, room - longest)
     raise ValueError(f'--max-new-tokens {args.max_new_tokens}: its KV cache of {cache_len:,} '
                      f'positions x {len(ids)} prompt(s) needs '
-                     f'{memory.human_bytes(per_token * cache_len)}, more than the device has '
+                     f'{memory.human_bytes(per_token * cache_len)}, more than one device holds '
                      f'({where}); give at most {fits:,} (the model was trained on '
                      f'{m.seq_len} tokens).')
 
