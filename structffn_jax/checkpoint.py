@@ -25,6 +25,7 @@ import contextlib
 import datetime
 import gc
 import logging
+import math
 import pathlib
 import sys
 import time
@@ -32,7 +33,7 @@ import time
 import jax
 import orbax.checkpoint as ocp
 
-from structffn_jax import distributed
+from structffn_jax import distributed, schema
 from structffn_jax.workdir import free_space, saved_steps, why
 
 
@@ -109,6 +110,15 @@ def _quiet_orbax_failures():
     logger = logging.getLogger(name)
     if _FILTER not in logger.filters:
       logger.addFilter(_FILTER)
+
+
+def lower_lr(peak_lr: float) -> str:
+  """The peak_lr the non-finite-loss advice suggests: a tenth of the run's, always a finite
+  positive number (the schema's default when the run's is not one)."""
+  lr = peak_lr / 10 if math.isfinite(peak_lr) and peak_lr > 0 else 0.0
+  if not lr > 0:  # not finite, not positive, or so small that a tenth of it is 0
+    lr = schema.base_config().train.peak_lr
+  return f'{lr:.3g}'
 
 
 class Checkpointer:
@@ -296,7 +306,7 @@ class Checkpointer:
                    f'resume from it with a lower learning rate, run')
     else:
       parts.append('No good checkpoint was saved, so the run starts again from step 0; run')
-    parts.append(f'the same command with --set train.peak_lr={peak_lr / 10:.3g} --allow-change '
+    parts.append(f'the same command with --set train.peak_lr={lower_lr(peak_lr)} --allow-change '
                  f'train.peak_lr (or raise train.warmup_frac the same way).')
     return ' '.join(parts)
 

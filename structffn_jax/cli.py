@@ -22,6 +22,7 @@ and one-line `error: ...` messages that name the field.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 
@@ -102,3 +103,57 @@ def parse(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
   except ValueError as e:
     sys.exit(f'error: {e}')
   return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- numeric flags
+# `type=` of argparse flags: a bad value is one `error: argument --FLAG: ...` line, as a config
+# field's is, never a traceback or a silent substitute.
+
+# The largest integer a flag takes without a bound of its own (int32, what XLA counts in).
+INT32_MAX = 2**31 - 1
+
+
+def integer(minimum: int, maximum: int = INT32_MAX, what: str = ''):
+  """An argparse `type`: an integer in [minimum, maximum]; `what` explains the range (e.g.
+  '0 = all') in the error."""
+  def parse_integer(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      try:
+        number = float(text)
+      except ValueError:
+        number = math.nan
+      if not (math.isfinite(number) and number.is_integer()):
+        raise argparse.ArgumentTypeError(f'{text!r} is not an integer; give one in '
+                                         f'[{minimum}, {maximum}]{_why(what)}.') from None
+      value = int(number)
+    if not minimum <= value <= maximum:
+      raise argparse.ArgumentTypeError(f'{text!r} is out of range; give an integer in '
+                                       f'[{minimum}, {maximum}]{_why(what)}.')
+    return value
+  return parse_integer
+
+
+def real(minimum: float, *, above: bool = False, maximum: float = math.inf, what: str = ''):
+  """An argparse `type`: a finite float >= minimum (> minimum with `above`), <= maximum."""
+  bound = f'> {minimum:g}' if above else f'>= {minimum:g}'
+  if math.isfinite(maximum):
+    bound += f' and <= {maximum:g}'
+
+  def parse_real(text: str) -> float:
+    try:
+      value = float(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f'{text!r} is not a number; give a finite number '
+                                       f'{bound}{_why(what)}.') from None
+    low_ok = value > minimum if above else value >= minimum
+    if not (math.isfinite(value) and low_ok and value <= maximum):
+      raise argparse.ArgumentTypeError(f'{text!r} is out of range; give a finite number '
+                                       f'{bound}{_why(what)}.')
+    return value
+  return parse_real
+
+
+def _why(what: str) -> str:
+  return f' ({what})' if what else ''

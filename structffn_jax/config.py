@@ -9,6 +9,7 @@ allowed, before anything is built or compiled.
 from __future__ import annotations
 
 import ast
+import math
 
 import ml_collections
 
@@ -67,6 +68,24 @@ def _type_error(field, value, default):
           f'default {default!r}.')
 
 
+# The largest magnitude of an integer field: int64, what NumPy and XLA hold.
+INT_LIMIT = 2**63 - 1
+
+
+def _size_error(field, value, default):
+  """Why a number of the right type cannot be held (None when it can): a non-finite float
+  (inf, nan) anywhere, or an integer beyond int64."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    return None
+  if isinstance(value, float) and not math.isfinite(value):
+    return (f'{field}={value!r}: must be a finite number; set it like the default '
+            f'{default!r}.')
+  if isinstance(value, int) and abs(value) > INT_LIMIT:
+    return (f'{field}={value!r}: too large to hold (an integer must fit in 64 bits, '
+            f'|value| <= {INT_LIMIT}); set it like the default {default!r}.')
+  return None
+
+
 def _validate_fields(config):
   """The type of every field of the schema (`base_config()`), then the choices; returns
   {field: value} of every field."""
@@ -77,7 +96,7 @@ def _validate_fields(config):
     except (KeyError, AttributeError):
       raise ConfigError(f'{field}: missing; a config starts from base_config(), which has every '
                         f'field (a config.json read back goes through from_dict).') from None
-    error = _type_error(field, value, default)
+    error = _type_error(field, value, default) or _size_error(field, value, default)
     if error:
       raise ConfigError(error)
     values[field] = value
@@ -103,12 +122,21 @@ def _validate_ranges(values):
   return values
 
 
+# The most optimizer steps a run may have: Optax counts them in int32.
+MAX_STEPS = 2**31 - 1
+
+
 def _validate_relations(config):
   """Fields that must agree with each other (train, sgt, data and mesh sections)."""
   t = config.train
   if t.micro_batch and t.global_batch % t.micro_batch:
     raise ConfigError(f'train.micro_batch={t.micro_batch}: must divide train.global_batch='
                       f'{t.global_batch}; pick a divisor such as {t.global_batch // 2 or 1}.')
+  steps = t.tokens / (t.global_batch * config.model.seq_len)
+  if steps > MAX_STEPS:
+    raise ConfigError(f'train.tokens={t.tokens!r}: {steps:.3g} steps of train.global_batch='
+                      f'{t.global_batch} x model.seq_len={config.model.seq_len} tokens, more than '
+                      f'the {MAX_STEPS} a step counter holds; lower train.tokens.')
   d = config.data
   if d.source in ('text', 'jsonl') and not d.train_paths:
     raise ConfigError(f'data.train_paths=[]: source={d.source!r} needs at least one training '

@@ -31,6 +31,12 @@ def evaluate(workdir, split='valid', max_tokens=None, batch_size=None, mesh=None
   if split not in manifest.splits:
     raise ValueError(f'split {split!r} was not prepared for this run (has '
                      f'{sorted(manifest.splits)}); set data.{split}_paths in the config.')
+  if max_tokens is not None and not max_tokens >= config.model.seq_len:
+    raise ValueError(f'--max-tokens {max_tokens:g}: less than one row of model.seq_len='
+                     f'{config.model.seq_len} tokens; give at least {config.model.seq_len} (or '
+                     f'leave it out for the whole split).')
+  if batch_size is not None and batch_size < 1:
+    raise ValueError(f'--batch-size {batch_size}: give at least 1 sequence per forward pass.')
   graphdef, params = nnx.split(model, nnx.Param)
   batch_size = batch_size or config.train.eval_batch or config.train.micro_batch or \
       config.train.global_batch
@@ -43,7 +49,7 @@ def evaluate(workdir, split='valid', max_tokens=None, batch_size=None, mesh=None
                       in_shardings=(params_sh, sharding.replicated(device_mesh), batch_sh, mask_sh),
                       out_shardings=sharding.replicated(device_mesh))
   alpha = sgt.alpha_of(opt_state) if not meta.get('guides_dropped') else None
-  max_rows = None if max_tokens is None else max(1, int(max_tokens // config.model.seq_len))
+  max_rows = None if max_tokens is None else int(max_tokens // config.model.seq_len)
   with sharding.use_mesh(device_mesh, rules):
     loss, count = evaluation.mean_loss(eval_step, params, alpha, manifest, split, batch_size,
                                        max_rows, batch_sh, mask_sh)
@@ -61,9 +67,9 @@ def main(argv=None):
                       'newest checkpoint)')
   parser.add_argument('--split', default='valid', choices=SPLITS,
                       help='which prepared split to evaluate on (default: valid)')
-  parser.add_argument('--max-tokens', type=float, default=None,
+  parser.add_argument('--max-tokens', type=cli.real(0, above=True), default=None,
                       help='evaluate on the first this many tokens of the split (default: all)')
-  parser.add_argument('--batch-size', type=int, default=None,
+  parser.add_argument('--batch-size', type=cli.integer(1), default=None,
                       help="sequences per forward pass (default: the run's eval_batch, "
                            'micro_batch or global_batch)')
   parser.add_argument('--mesh', default=None, metavar='D,F,T',

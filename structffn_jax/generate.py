@@ -23,10 +23,12 @@ import pathlib
 import sys
 import time
 
+import jax
 from flax import nnx
 
-from structffn_jax import cli, structured
+from structffn_jax import cli, memory, structured
 from structffn_jax.decoding import generate, load, sample  # noqa: F401 (sample: public here too)
+from structffn_jax.schema import SEED_MAX
 
 
 
@@ -38,21 +40,54 @@ def _read_prompts(args):
   return prompts
 
 
+MERGE_WHAT = '0 = off, -1 = config / premerge.json'
+
+
+def check_flags(config, args, ids):
+  """Refuse flags the run cannot honour, in one line naming the flag: --top-k beyond the
+  vocabulary, and a --max-new-tokens whose KV cache (every layer's keys and values for the
+  longest prompt and the new tokens, at each prompt) cannot fit in one device's memory."""
+  m = config.model
+  if args.top_k > m.vocab_size:
+    raise ValueError(f'--top-k {args.top_k}: more than the {m.vocab_size} tokens of the '
+                     f'vocabulary; give at most {m.vocab_size} (0 = all).')
+  longest = max(len(p) for p in ids)
+  cache_len = longest + args.max_new_tokens
+  if m.position == 'absolute' and cache_len - 1 > m.seq_len:
+    raise ValueError(f'--max-new-tokens {args.max_new_tokens}: the prompt ({longest} tokens) and '
+                     f'the new tokens exceed the {m.seq_len} learned positions of the model; give '
+                     f'at most {max(1, m.seq_len - longest + 1)}.')
+  kv = m.attn_dim // m.num_heads * m.num_kv_heads
+  width = {'float32': 4}.get(m.dtype, 2)
+  per_token = 2 * m.num_layers * kv * width * len(ids)
+  limit, where = memory.available(jax.devices())
+  if cache_len >= cli.INT32_MAX or (limit is not None and per_token * cache_len > limit):
+    room = cli.INT32_MAX - 1 if limit is None else min(limit // per_token, cli.INT32_MAX - 1)
+    fits = max(1, room - longest)
+    raise ValueError(f'--max-new-tokens {args.max_new_tokens}: its KV cache of {cache_len:,} '
+                     f'positions x {len(ids)} prompt(s) needs '
+                     f'{memory.human_bytes(per_token * cache_len)}, more than one device holds '
+                     f'({where}); give at most {fits:,} (the model was trained on '
+                     f'{m.seq_len} tokens).')
+
+
 def main(argv=None):
   parser = cli.parser(__doc__, 'structffn_jax.generate')
   parser.add_argument('--workdir', required=True, help='a training workdir')
   parser.add_argument('--prompt', action='append', default=[],
                       help='text to continue; repeat for a batch')
   parser.add_argument('--prompt-file', default='', help='a file of prompts, one per non-empty line')
-  parser.add_argument('--max-new-tokens', type=int, default=64,
+  parser.add_argument('--max-new-tokens', type=cli.integer(1), default=64,
                       help='tokens to generate per prompt at most (default: 64)')
-  parser.add_argument('--temperature', type=float, default=0.0,
+  parser.add_argument('--temperature', type=cli.real(0, what='0 = greedy'), default=0.0,
                       help='sampling temperature; 0 = greedy (default)')
-  parser.add_argument('--top-k', type=int, default=0, help='sample among the k likeliest; 0 = all')
-  parser.add_argument('--seed', type=int, default=0, help='seed of the sampling draws')
+  parser.add_argument('--top-k', type=cli.integer(0, what='0 = all'), default=0,
+                      help='sample among the k likeliest; 0 = all')
+  parser.add_argument('--seed', type=cli.integer(0, SEED_MAX), default=0,
+                      help='seed of the sampling draws')
   parser.add_argument('--no-stop-at-eos', action='store_true',
                       help='keep generating after the end-of-document token')
-  parser.add_argument('--merge-threshold', type=int, default=None,
+  parser.add_argument('--merge-threshold', type=cli.integer(-1, what=MERGE_WHAT), default=None,
                       help='pre-merge threshold in tokens (0 = off, -1 = config / premerge.json)')
   parser.add_argument('--mesh', default=None, metavar='D,F,T',
                       help="mesh sizes (data, fsdp, tensor) instead of the run's, e.g. 1,1,1 to "
@@ -65,6 +100,7 @@ def main(argv=None):
     config, model, alpha, manifest = load(args.workdir, args.merge_threshold, args.mesh)
     sp = manifest.load_tokenizer()  # SentencePiece or tokenizer.json, as the data was made
     ids = [[manifest.eos_id] + sp.encode(p) for p in prompts]
+    check_flags(config, args, ids)
     start = time.perf_counter()
     completions = generate(model, ids, args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, seed=args.seed, alpha=alpha,

@@ -468,20 +468,22 @@ def main(argv=None):
   parser = cli.parser(__doc__)
   parser.add_argument('--workdir', required=True, help='a training workdir')
   parser.add_argument('--tasks', required=True, help='comma-separated lm-eval task names')
-  parser.add_argument('--num-fewshot', type=int, default=None, help='default: each task\'s own')
-  parser.add_argument('--limit', type=float, default=None,
+  parser.add_argument('--num-fewshot', type=cli.integer(0), default=None,
+                      help='default: each task\'s own')
+  parser.add_argument('--limit', type=cli.real(0), default=None,
                       help='documents per task (a fraction when < 1), for a quick look')
-  parser.add_argument('--batch-size', type=int, default=16,
+  parser.add_argument('--batch-size', type=cli.integer(1), default=16,
                       help='requests per forward pass (default: 16)')
   parser.add_argument('--include-path', default=None, help='a folder of extra task YAMLs')
-  parser.add_argument('--bootstrap-iters', type=int, default=100000,
+  parser.add_argument('--bootstrap-iters', type=cli.integer(0), default=100000,
                       help='for the stderr of non-mean metrics; 0 = none')
-  parser.add_argument('--merge-threshold', type=int, default=None,
+  parser.add_argument('--merge-threshold', type=cli.integer(-1), default=None,
                       help='pre-merge threshold in tokens (0 = off, -1 = config / premerge.json)')
   parser.add_argument('--mesh', default=None, metavar='D,F,T',
                       help="mesh sizes (data, fsdp, tensor) instead of the run's, e.g. 1,1,1")
   parser.add_argument('--out', default=None, help='results JSON (default: <workdir>/lm_eval/)')
-  parser.add_argument('--seed', type=int, default=0, help='seed of sampled generations')
+  parser.add_argument('--seed', type=cli.integer(0), default=0,
+                      help='seed of sampled generations')
   args = parser.parse_args(argv)
   try:
     path, record = evaluate(

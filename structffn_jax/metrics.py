@@ -149,12 +149,13 @@ def _ends_with_newline(path: pathlib.Path) -> bool:
     return f.read(1) == b'\n'
 
 
-def read_jsonl(path, what: str = 'record') -> list[dict]:
+def read_jsonl(path, what: str = 'record', check=None) -> list[dict]:
   """The JSON objects of a JSON-lines file, one a line. A line that is not one (the partial
   record a kill leaves at the end, or in the middle once a resumed run appended after it) is
-  skipped with a warning on stderr naming the file and line."""
+  skipped with a warning on stderr naming the file and line. `check(record)`: why a record of
+  the right syntax cannot be used (None when it can); such lines are skipped the same way."""
   path = pathlib.Path(path)
-  records, torn = [], []
+  records, torn, wrong = [], [], []
   for number, line in enumerate(path.read_text(errors='replace').splitlines(), 1):
     if not line.strip():
       continue
@@ -162,20 +163,44 @@ def read_jsonl(path, what: str = 'record') -> list[dict]:
       record = json.loads(line)
     except ValueError:
       record = None
-    if isinstance(record, dict):
-      records.append(record)
-    else:
+    if not isinstance(record, dict):
       torn.append(number)
+    elif check is not None and check(record):
+      wrong.append(f'line {number}: {check(record)}')
+    else:
+      records.append(record)
   if torn:
     shown = ', '.join(map(str, torn[:5])) + (', ...' if len(torn) > 5 else '')
     print(f'warning: {path}: skipped {len(torn)} incomplete {what} line(s) (line {shown}; a '
           f'write cut short, e.g. by a kill)', file=sys.stderr)
+  if wrong:
+    print(f'warning: {path}: skipped {len(wrong)} {what} line(s) of the wrong type ('
+          f'{"; ".join(wrong[:3])}{"; ..." if len(wrong) > 3 else ""}); fix or delete them',
+          file=sys.stderr)
   return records
 
 
+# The fields of a metrics record that are read back (plots, studies), and the types they need.
+_NUMERIC_FIELDS = ('loss', 'valid_loss', 'tokens', 'train_flops')
+
+
+def metrics_record_error(record: dict) -> str | None:
+  """Why a metrics record cannot be read back (None when it can): its step must be an integer,
+  its loss, valid_loss, tokens and train_flops numbers (a hand-edited '"step": "61"' is not)."""
+  step = record.get('step')
+  if isinstance(step, bool) or not isinstance(step, int):
+    return f'step={step!r} is not an integer'
+  for field in _NUMERIC_FIELDS:
+    value = record.get(field, 0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      return f'{field}={value!r} is not a number'
+  return None
+
+
 def read_metrics(workdir) -> list[dict]:
-  """All records of <workdir>/metrics.jsonl (the last record of a step wins on resume)."""
+  """All records of <workdir>/metrics.jsonl (the last record of a step wins on resume); a line
+  that is not a usable record is skipped with a warning."""
   path = pathlib.Path(workdir) / 'metrics.jsonl'
   if not path.exists():
     raise FileNotFoundError(f'{path}: no metrics; is {workdir} a training workdir?')
-  return read_jsonl(path, 'metrics')
+  return read_jsonl(path, 'metrics', check=metrics_record_error)

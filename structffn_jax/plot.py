@@ -91,7 +91,7 @@ def main(argv=None):
                       help='the horizontal axis (default: steps)')
   parser.add_argument('--out', default='loss.png', help='the PNG to write (default: loss.png)')
   parser.add_argument('--title', default=None, help='a title above the plot')
-  parser.add_argument('--smooth', type=int, default=1,
+  parser.add_argument('--smooth', type=cli.integer(1), default=1,
                       help='moving average of the training loss over this many records')
   args = cli.parse(parser, argv)
   try:

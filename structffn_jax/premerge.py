@@ -44,7 +44,8 @@ def main(argv=None):
   parser.add_argument('--workdir', required=True, help='a training workdir (its config.json)')
   parser.add_argument('--tokens', default=','.join(map(str, DEFAULT_TOKENS)),
                       help='comma-separated token counts to time')
-  parser.add_argument('--iters', type=int, default=10, help='timed calls per form and count')
+  parser.add_argument('--iters', type=cli.integer(1), default=10,
+                      help='timed calls per form and count')
   parser.add_argument('--out', default='', help=f'where to write the result (default: '
                       f'<workdir>/{FILE}, where generate finds it)')
   args = cli.parse(parser, argv)

@@ -58,6 +58,10 @@ CHOICES = {  # field -> the values it may take
     'mesh.distributed': ('auto', 'on', 'off'),
 }
 
+# The largest seed: seeds are uint32 (the JAX PRNG key, the data order); train.seed + 1 seeds the
+# reduce_flop draws.
+SEED_MAX = 2**32 - 2
+
 # Ranges of the numeric fields: field -> (holds(value), what it must be; how to fix it).
 RANGES = {
     'model.norm_eps': (lambda v: v > 0, 'must be > 0; e.g. 1e-5'),
@@ -82,9 +86,11 @@ RANGES = {
     'train.b2': (lambda v: 0 <= v < 1, 'must be in [0, 1); e.g. 0.999'),
     'train.weight_decay': (lambda v: v >= 0, 'must be >= 0; e.g. 0.1'),
     'train.grad_clip': (lambda v: v > 0, 'must be > 0 (a global-norm bound); e.g. 1.0'),
-    'train.seed': (lambda v: v >= 0, 'must be >= 0'),
+    'train.seed': (lambda v: 0 <= v <= SEED_MAX, f'must be in [0, {SEED_MAX}] (uint32, the '
+                   'JAX and data-order seeds)'),
     'train.data_start': (lambda v: v >= 0, 'must be >= 0: a global batch index'),
-    'train.data_seed': (lambda v: v >= -1, 'must be >= 0, or -1 for train.seed'),
+    'train.data_seed': (lambda v: -1 <= v <= SEED_MAX,
+                        f'must be in [0, {SEED_MAX}] (uint32), or -1 for train.seed'),
     'train.eval_tokens': (lambda v: v >= 0, 'must be >= 0 tokens'),
     'train.eval_every': (lambda v: v >= 0, 'must be >= 0 steps (0 = only at the end)'),
     'train.eval_batch': (lambda v: v >= 0, 'must be >= 0 (0 = micro_batch or global_batch)'),

@@ -96,7 +96,8 @@ def format_table(rows) -> str:
 def main(argv=None):
   parser = cli.parser(__doc__, 'structffn_jax.traces')
   parser.add_argument('path', help='workdir, profile directory or .xplane.pb file')
-  parser.add_argument('--top', type=int, default=15, help='how many ops to list (default: 15)')
+  parser.add_argument('--top', type=cli.integer(1), default=15,
+                      help='how many ops to list (default: 15)')
   parser.add_argument('--json', action='store_true', help='print JSON rows instead of a table')
   args = cli.parse(parser, argv)
   try:

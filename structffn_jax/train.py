@@ -40,7 +40,8 @@ import time
 import jax
 import numpy as np
 
-from structffn_jax import accounting, checkpoint, cli, distributed, hostmem, metrics, optim
+from structffn_jax import accounting, checkpoint, cli, distributed, hostmem, memory, metrics
+from structffn_jax import optim
 from structffn_jax import run as run_lib
 from structffn_jax import sgt, sharding, steps
 from structffn_jax import workdir as workdir_lib
@@ -78,6 +79,7 @@ class Trainer:
     config_lib.validate(config)
     allow_change = workdir_lib.check_allow_change(allow_change)
     self.mesh = sharding.make_mesh(config)
+    memory.check(config, dict(self.mesh.shape), list(self.mesh.devices.flat))  # before any build
     self.rules = sharding.rules_of(config)
     self.plan = make_plan(config)
     sharding.check_batch(config, self.mesh, jax.process_count())
@@ -116,8 +118,10 @@ class Trainer:
     if (config.get('eval') or {}).get('lm_eval_tasks'):  # the harness in the loop: lm_eval.py
       from structffn_jax import lm_eval
       lm_eval_hook = (lm_eval.LMEvalHook(config),)
+    # The checkpoint hook comes before the evaluations: the last step's checkpoint is final
+    # before the final evaluation starts, so that no evaluation failure can lose a finished run.
     self.hooks = (self._metrics, SaveStatusHook(), ProfilerHook(*self.profile), HandOverHook(),
-                  ThroughputHook(), EvalHook(), *lm_eval_hook, CheckpointHook(), StopHook(),
+                  ThroughputHook(), CheckpointHook(), EvalHook(), *lm_eval_hook, StopHook(),
                   *extra_hooks)
     self.ckpt = checkpoint.Checkpointer(self.workdir, config.train.keep_ckpts, cleanup=True,
                                         log=self.report.log)
@@ -583,8 +587,11 @@ def _main(argv):
   if args.profile:
     try:
       k, n = (int(x) for x in args.profile.split(':'))
+      if k < 0 or n < 1:
+        raise ValueError
     except ValueError:
-      sys.exit(f'error: --profile {args.profile!r}: expected K:N, e.g. --profile 10:5')
+      sys.exit(f'error: --profile {args.profile!r}: expected K:N, the first step K >= 0 and N >= 1 '
+               f'steps, e.g. --profile 10:5')
     profile = (k, n)
   try:
     config = config_lib.load(args.config, tuple(args.set))

@@ -4,6 +4,7 @@ is recorded, a full disk stops the run at the failed save, and a non-finite loss
 checkpoints that reproduce it."""
 
 import json
+import math
 import pathlib
 import shutil
 import subprocess
@@ -194,3 +195,16 @@ def test_non_finite_loss_advice_resumes_from_the_last_good_checkpoint(tmp_path, 
   assert history[-1]['step'] == 1 and history[-1]['changes'] == {'train.peak_lr': [1e30, 3e-3]}
   assert json.loads((workdir / 'config.json').read_text())['train']['peak_lr'] == 3e-3
   assert float(value) < 1e30
+
+
+@pytest.mark.parametrize('peak_lr, advised', [(3e-3, '0.0003'), (math.inf, '0.0006'),
+                                              (math.nan, '0.0006'), (1e-323, '0.0006')],
+                         ids=['finite', 'inf', 'nan', 'underflow'])
+def test_non_finite_loss_advice_is_always_a_finite_learning_rate(tmp_path, peak_lr, advised):
+  """A tenth of an inf peak_lr was advised as `--set train.peak_lr=inf`."""
+  ckpt = checkpoint.Checkpointer(tmp_path / 'w', 2)
+  try:
+    message = ckpt.set_aside_non_finite(1, math.nan, peak_lr)
+  finally:
+    ckpt.close()
+  assert f'--set train.peak_lr={advised} --allow-change train.peak_lr' in message

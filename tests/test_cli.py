@@ -186,3 +186,81 @@ def test_a_wrong_typed_override_exits_without_a_traceback():
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('error: ') and 'model.ffn' in lines[0], \
       proc.stderr
+
+
+# ----------------------------------------------------------------------------- numeric flags
+
+
+FLAG_ERRORS = [  # (command, flags, the error line's words)
+    ('generate', ['--temperature', '-1'], "argument --temperature: '-1' is out of range"),
+    ('generate', ['--temperature', 'nan'], "argument --temperature: 'nan' is out of range"),
+    ('generate', ['--temperature', 'inf'], "argument --temperature: 'inf' is out of range"),
+    ('generate', ['--top-k', '-5'], "argument --top-k: '-5' is out of range; give an integer in "
+                                    '[0, 2147483647] (0 = all)'),
+    ('generate', ['--max-new-tokens', '0'], "argument --max-new-tokens: '0' is out of range"),
+    ('generate', ['--seed', '1e30'], "argument --seed: '1e30' is out of range"),
+    ('generate', ['--merge-threshold', '-2'], "argument --merge-threshold: '-2' is out of range"),
+    ('evaluate', ['--max-tokens', '0'], "argument --max-tokens: '0' is out of range; give a "
+                                        'finite number > 0'),
+    ('evaluate', ['--max-tokens', '-5'], "argument --max-tokens: '-5' is out of range"),
+    ('evaluate', ['--max-tokens', 'nan'], "argument --max-tokens: 'nan' is out of range"),
+    ('evaluate', ['--batch-size', '-2'], "argument --batch-size: '-2' is out of range"),
+    ('evaluate', ['--batch-size', 'two'], "argument --batch-size: 'two' is not an integer"),
+    ('plot', ['--smooth', '0'], "argument --smooth: '0' is out of range"),
+    ('premerge', ['--iters', '0'], "argument --iters: '0' is out of range"),
+    ('traces', ['--top', '-1'], "argument --top: '-1' is out of range"),
+    ('lm_eval', ['--tasks', 'x', '--batch-size', '0'], "argument --batch-size: '0' is out of"),
+    ('lm_eval', ['--tasks', 'x', '--limit', 'inf'], "argument --limit: 'inf' is out of range"),
+]
+
+
+@pytest.mark.parametrize('command, flags, words', FLAG_ERRORS,
+                         ids=[f'{c}{"".join(f)}' for c, f, _ in FLAG_ERRORS])
+def test_a_bad_numeric_flag_is_one_error_line(tmp_path, capsys, command, flags, words):
+  """These were accepted silently (a negative temperature or top-k, --max-tokens 0 evaluating 64
+  tokens), or failed later with a traceback (`length should not be negative`)."""
+  module = importlib.import_module(f'structffn_jax.{command}')
+  positional = [str(tmp_path)] if command in ('plot', 'traces') else []
+  workdir = [] if positional else ['--workdir', str(tmp_path)]
+  with pytest.raises(SystemExit) as e:
+    module.main(positional + workdir + flags)
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert words in err.splitlines()[-1] and 'Traceback' not in err
+
+
+def test_flags_the_run_cannot_honour_are_refused_in_one_line(trained_workdir, capsys):
+  from structffn_jax import evaluate, generate  # pylint: disable=import-outside-toplevel
+  run = ['--workdir', str(trained_workdir)]
+  cases = [
+      (generate, ['--prompt', 'x', '--max-new-tokens', '1000000000'],
+       'error: --max-new-tokens 1000000000: its KV cache of 1,000,000,00'),
+      (generate, ['--prompt', 'x', '--top-k', '100000'],
+       'error: --top-k 100000: more than the 512 tokens of the vocabulary'),
+      (evaluate, ['--max-tokens', '10'],
+       'error: --max-tokens 10: less than one row of model.seq_len=64 tokens; give at least 64'),
+  ]
+  evaluations = trained_workdir / 'eval.jsonl'
+  before = evaluations.read_text() if evaluations.exists() else None
+  for module, flags, words in cases:
+    with pytest.raises(SystemExit) as e:
+      module.main(run + flags)
+    assert str(e.value).startswith(words) and '\n' not in str(e.value), (flags, str(e.value))
+  assert (evaluations.read_text() if evaluations.exists() else None) == before
+
+
+@pytest.mark.parametrize('profile', ['5:0', '-1:3', '2:x'])
+def test_train_profile_flag_out_of_range_is_one_error_line(tmp_path, profile):
+  """`--profile 5:0` (no step traced) and `-1:3` were accepted silently."""
+  import signal  # pylint: disable=import-outside-toplevel
+  from structffn_jax import train  # pylint: disable=import-outside-toplevel
+  handler = signal.getsignal(signal.SIGTERM)
+  try:
+    with pytest.raises(SystemExit) as e:
+      train.main(['--config', f'{REPO}/configs/tiny.py', '--workdir', str(tmp_path / 'w'),
+                  f'--profile={profile}'])
+  finally:
+    signal.signal(signal.SIGTERM, handler)
+  assert str(e.value) == (f'error: --profile {profile!r}: expected K:N, the first step K >= 0 and '
+                          f'N >= 1 steps, e.g. --profile 10:5')
+  assert not (tmp_path / 'w').exists()

@@ -4,6 +4,7 @@ Every error must name the field and say what is allowed, before anything is buil
 turns it into `error: ...` on stderr with a non-zero exit status and no traceback.
 """
 
+import math
 import re
 import subprocess
 import sys
@@ -349,3 +350,44 @@ def test_parse_arg_types_each_value_like_its_default():
     config_lib.parse_arg('n=x', n=1)
   with pytest.raises(config_lib.ConfigError, match="'m' is unknown; keys: n"):
     config_lib.parse_arg('m=1', n=1)
+
+
+def _numeric_fields(kind):
+  return [f for f in _schema_fields()
+          if type(config_lib._get(config_lib.base_config(), f)) is kind]
+
+
+@pytest.mark.parametrize('value', [math.inf, -math.inf, math.nan], ids=['inf', '-inf', 'nan'])
+@pytest.mark.parametrize('field', _numeric_fields(float))
+def test_no_float_field_takes_a_non_finite_value(field, value):
+  """inf passed every range of the form `v > 0` (train.tokens, train.eval_tokens,
+  train.peak_lr, ...) and failed later, deep in a run."""
+  with pytest.raises(config_lib.ConfigError) as info:
+    config_lib.validate(_with(field, value))
+  message = str(info.value)
+  assert '\n' not in message and message.startswith(f'{field}=') and 'finite' in message
+
+
+@pytest.mark.parametrize('field', _numeric_fields(int))
+def test_no_int_field_takes_a_value_beyond_int64(field):
+  with pytest.raises(config_lib.ConfigError) as info:
+    config_lib.validate(_with(field, 10**30))
+  message = str(info.value)
+  assert '\n' not in message and message.startswith(f'{field}=')
+
+
+@pytest.mark.parametrize('overrides, words', [
+    (('train.tokens=inf',), 'train.tokens=inf: must be a finite number'),
+    (('train.eval_tokens=inf',), 'train.eval_tokens=inf: must be a finite number'),
+    (('train.peak_lr=inf',), 'train.peak_lr=inf: must be a finite number'),
+    (('train.peak_lr=nan',), 'train.peak_lr=nan: must be a finite number'),
+    (('train.seed=1e30',), 'train.seed='),
+    (('train.seed=4294967295',), 'train.seed=4294967295: must be in [0, 4294967294]'),
+    (('train.data_seed=4294967295',), 'train.data_seed=4294967295: must be in'),
+    (('train.tokens=1e300',), 'more than the 2147483647 a step counter holds'),
+], ids=['tokens-inf', 'eval-tokens-inf', 'peak-lr-inf', 'peak-lr-nan', 'seed-1e30',
+        'seed-uint32', 'data-seed-uint32', 'steps-int32'])
+def test_overrides_the_hardware_cannot_hold_are_refused(repo_root, overrides, words):
+  with pytest.raises(config_lib.ConfigError) as info:
+    config_lib.load(f'{repo_root}/configs/tiny.py', overrides)
+  assert words in str(info.value) and '\n' not in str(info.value)

@@ -206,7 +206,7 @@ def main(argv=None):
                       help='what to measure (see above; default: all)')
   parser.add_argument('--dtype', default='bfloat16' if gpu else 'float32', choices=sorted(DTYPES),
                       help='compute dtype (default: bfloat16 on a GPU, else float32)')
-  parser.add_argument('--iters', type=int, default=20 if gpu else 5,
+  parser.add_argument('--iters', type=cli.integer(1), default=20 if gpu else 5,
                       help='timed calls per variant (median)')
   parser.add_argument('--widths', default='1536,2048,3072,4096,5120,6144' if gpu else '512,1024',
                       help='ffn: comma-separated model widths')
@@ -218,9 +218,11 @@ def main(argv=None):
                       help=f'table2: comma-separated variants among {", ".join(TABLE2_VARIANTS)}')
   parser.add_argument('--batches', default='32,64,128,256,512' if gpu else '1,8,32',
                       help='table2: comma-separated batch sizes; the best one counts')
-  parser.add_argument('--gen-len', type=int, default=256, help='table2: tokens generated per row')
-  parser.add_argument('--prompt-len', type=int, default=1, help='table2: prompt tokens per row')
-  parser.add_argument('--scale', type=float, default=1.0 if gpu else 0.25,
+  parser.add_argument('--gen-len', type=cli.integer(1), default=256,
+                      help='table2: tokens generated per row')
+  parser.add_argument('--prompt-len', type=cli.integer(1), default=1,
+                      help='table2: prompt tokens per row')
+  parser.add_argument('--scale', type=cli.real(0, above=True), default=1.0 if gpu else 0.25,
                       help="table2: shrink widths and depth by this factor (default: 0.25 on a "
                            "CPU, where the models are then smaller than the paper's)")
   parser.add_argument('--config', action='append', default=[], metavar='FILE:ARG',

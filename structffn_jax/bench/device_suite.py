@@ -381,7 +381,8 @@ def main(argv=None) -> int:
   parser.add_argument('--out', help='folder for every JSON, the logs and summary.json')
   parser.add_argument('--dry-run', action='store_true',
                       help='every step on the CPU at toy sizes (plumbing check)')
-  parser.add_argument('--budget-s', type=float, default=480.0, help='total time limit')
+  parser.add_argument('--budget-s', type=cli.real(0, above=True), default=480.0,
+                      help='total time limit')
   parser.add_argument('--env', metavar='JSON', help=argparse.SUPPRESS)  # the env step
   parser.add_argument('--mfu', nargs='+', metavar='TRAIN_JSON', help=argparse.SUPPRESS)
   parser.add_argument('--mfu-out', help=argparse.SUPPRESS)

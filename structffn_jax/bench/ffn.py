@@ -167,7 +167,8 @@ def main(argv=None):
                            'gpu on a GPU, else cpu)')
   parser.add_argument('--widths', type=lambda s: tuple(int(w) for w in s.split(',')),
                       help="comma-separated model widths instead of the preset's")
-  parser.add_argument('--tokens', type=int, help="tokens per call instead of the preset's")
+  parser.add_argument('--tokens', type=cli.integer(1),
+                      help="tokens per call instead of the preset's")
   parser.add_argument('--dtype', choices=sorted(model_lib.DTYPES),
                       help="compute dtype instead of the preset's")
   parser.add_argument('--implementation', default='auto', choices=kernels.IMPLEMENTATIONS,
@@ -176,8 +177,10 @@ def main(argv=None):
   parser.add_argument('--einsum', action='store_true',
                       help='also time the plain einsums differentiated by JAX '
                            '(always on for --preset cpu-issue)')
-  parser.add_argument('--warmup', type=int, default=2, help='untimed calls per variant first')
-  parser.add_argument('--iters', type=int, default=7, help='timed calls per variant (median)')
+  parser.add_argument('--warmup', type=cli.integer(0), default=2,
+                      help='untimed calls per variant first')
+  parser.add_argument('--iters', type=cli.integer(1), default=7,
+                      help='timed calls per variant (median)')
   parser.add_argument('--out', help='JSON path (default bench_results/ffn_<backend>.json)')
   parser.add_argument('--plot', nargs='?', const='', help='also draw a PNG (default: next to '
                       'the JSON)')

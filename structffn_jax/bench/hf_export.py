@@ -41,12 +41,16 @@ def random_model(cfg, seed: int = 0):
 def main(argv=None):
   parser = cli.parser(__doc__, 'structffn_jax.bench.hf_export')
   parser.add_argument('--config', required=True, help='FILE:ARG of the model to export')
-  parser.add_argument('--batch', type=int, default=4, help='prefill batch (default: 4)')
-  parser.add_argument('--seq', type=int, default=256, help='prefill length (default: 256)')
-  parser.add_argument('--prompt', type=int, default=32, help='prompt tokens before decoding')
-  parser.add_argument('--new', type=int, default=32, help='tokens generated')
-  parser.add_argument('--repeats', type=int, default=5, help='timed runs (median; default: 5)')
-  parser.add_argument('--threads', type=int, default=2, help='torch threads (default: 2)')
+  parser.add_argument('--batch', type=cli.integer(1), default=4, help='prefill batch (default: 4)')
+  parser.add_argument('--seq', type=cli.integer(1), default=256,
+                      help='prefill length (default: 256)')
+  parser.add_argument('--prompt', type=cli.integer(1), default=32,
+                      help='prompt tokens before decoding')
+  parser.add_argument('--new', type=cli.integer(1), default=32, help='tokens generated')
+  parser.add_argument('--repeats', type=cli.integer(1), default=5,
+                      help='timed runs (median; default: 5)')
+  parser.add_argument('--threads', type=cli.integer(1), default=2,
+                      help='torch threads (default: 2)')
   parser.add_argument('--out', default='bench_results/hf_export.json', help='the JSON written')
   args = parser.parse_args(argv)
   try:

@@ -68,7 +68,7 @@ def main(argv=None):
   parser.add_argument('--widths', type=lambda s: tuple(int(w) for w in s.split(',')),
                       default=(1024, 2048, 4096, 6144) if on_gpu else (64,),
                       help='comma-separated model widths (ffn = 4 x width)')
-  parser.add_argument('--tokens', type=int, default=30720 if on_gpu else 256,
+  parser.add_argument('--tokens', type=cli.integer(1), default=30720 if on_gpu else 256,
                       help='tokens per call')
   parser.add_argument('--dtype', default='bfloat16' if on_gpu else 'float32',
                       choices=('float32', 'bfloat16'), help='compute dtype')
@@ -77,8 +77,9 @@ def main(argv=None):
   parser.add_argument('--ops', default=','.join(OPS), help='ops to measure: a subset of '
                       + ','.join(OPS))
   parser.add_argument('--layers', default='fc1,fc2', help='layers to measure: fc1, fc2 or both')
-  parser.add_argument('--warmup', type=int, default=2, help='untimed calls per variant first')
-  parser.add_argument('--iters', type=int, default=10 if on_gpu else 3,
+  parser.add_argument('--warmup', type=cli.integer(0), default=2,
+                      help='untimed calls per variant first')
+  parser.add_argument('--iters', type=cli.integer(1), default=10 if on_gpu else 3,
                       help='timed calls per variant (median)')
   parser.add_argument('--out', help='JSON path (default bench_results/kernels_<backend>.json)')
   args = cli.parse(parser, argv)

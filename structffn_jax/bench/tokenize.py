@@ -71,11 +71,13 @@ def main(argv=None) -> int:
   p.add_argument('--kinds', default='sentencepiece,huggingface',
                  help='tokenizers to time, comma-separated: sentencepiece, huggingface')
   p.add_argument('--text', nargs='*', default=None, help='text files instead of the stdlib')
-  p.add_argument('--stdlib-max-bytes', type=int, default=16_000_000,
+  p.add_argument('--stdlib-max-bytes', type=cli.integer(1, 2**62), default=16_000_000,
                  help='standard-library text per split, in bytes')
-  p.add_argument('--vocab-size', type=int, default=32000, help='vocabulary of both tokenizers')
-  p.add_argument('--seq-len', type=int, default=1024, help='tokens per row written')
-  p.add_argument('--repeats', type=int, default=1, help='runs per cell; the fastest is kept')
+  p.add_argument('--vocab-size', type=cli.integer(2), default=32000,
+                 help='vocabulary of both tokenizers')
+  p.add_argument('--seq-len', type=cli.integer(1), default=1024, help='tokens per row written')
+  p.add_argument('--repeats', type=cli.integer(1), default=1,
+                 help='runs per cell; the fastest is kept')
   p.add_argument('--json', default='', help='also write the rows to this file')
   args = cli.parse(p, argv)
   workers = [int(w) for w in args.workers.split(',')]

@@ -118,10 +118,12 @@ def main(argv=None):
   gpu = jax.default_backend() != 'cpu'
   parser = cli.parser(__doc__, 'structffn_jax.bench.train')
   cli.add_config_flags(parser, repeat=True)
-  parser.add_argument('--global-batch', type=int, default=0, help='sequences per step (0: config)')
-  parser.add_argument('--micro-batch', type=int, default=0, help='sequences per micro-batch')
-  parser.add_argument('--steps', type=int, default=10 if gpu else 5, help='timed steps')
-  parser.add_argument('--peak-flops', type=float, default=0.0,
+  parser.add_argument('--global-batch', type=cli.integer(0), default=0,
+                      help='sequences per step (0: config)')
+  parser.add_argument('--micro-batch', type=cli.integer(0), default=0,
+                      help='sequences per micro-batch')
+  parser.add_argument('--steps', type=cli.integer(1), default=10 if gpu else 5, help='timed steps')
+  parser.add_argument('--peak-flops', type=cli.real(0), default=0.0,
                       help='peak FLOP/s of one device for the MFU column (0: look it up)')
   parser.add_argument('--out', default=timing.default_out('train'), help='JSON path')
   parser.add_argument('--plot', nargs='?', const='', default=None, metavar='PNG',

@@ -761,9 +761,9 @@ def main(argv: list[str] | None = None) -> int:
           'its data section, model.seq_len and model.vocab_size; without it, --set and the data '
           "flags apply to the schema's defaults (structffn_jax/schema.py)"))
   p.add_argument('--out', default='', help='data directory to write (default: data.data_dir)')
-  p.add_argument('--seq-len', type=int, help='default: model.seq_len of --config')
+  p.add_argument('--seq-len', type=cli.integer(1), help='default: model.seq_len of --config')
   p.add_argument('--model-vocab-size',
-                 type=int,
+                 type=cli.integer(2),
                  help='the model vocabulary the tokenizer must fit in (default: model.vocab_size)')
   data_flag('--source', 'source', choices=sources.SOURCES, help='where the text comes from')
   data_flag('--train', 'train_paths', nargs='*', help='train files (hf: split names)')
@@ -824,10 +824,11 @@ def main(argv: list[str] | None = None) -> int:
             choices=('uint16', 'uint32'),
             help='token type of rows_bin inputs')
   p.add_argument('--tokenizer-train-bytes',
-                 type=int,
+                 type=cli.integer(1, 2**62),
                  default=DEFAULT_TOKENIZER_TRAIN_BYTES,
                  help='text the tokenizer is trained on, in bytes')
-  p.add_argument('--num-threads', type=int, default=2, help='threads of the tokenizer training')
+  p.add_argument('--num-threads', type=cli.integer(1), default=2,
+                 help='threads of the tokenizer training')
   args = cli.parse(p, argv)
   handler = logging.StreamHandler(sys.stderr)
   handler.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
