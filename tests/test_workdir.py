@@ -183,3 +183,30 @@ def test_other_data_on_resume_is_refused_unless_allowed_and_then_recorded(tmp_pa
                             json.loads((workdir / workdir_lib.DATA_IDENTITY).read_text())[
                                 'data.train_sha256']]}
   assert identity != json.loads((workdir / workdir_lib.DATA_IDENTITY).read_text())
+
+
+def test_a_first_start_on_too_little_text_leaves_nothing_that_blocks_the_fixed_command(
+    tmp_path, data_dir):
+  """No text, then too little for one row: each first start fails with its reason and leaves no
+  metrics.jsonl, tb/ or config.json; its unfinished preparation in <workdir>/data is replaced by
+  the next start with other settings, which trains."""
+  workdir = tmp_path / 'w'
+  empty, short = tmp_path / 'empty.txt', tmp_path / 'short.txt'
+  empty.write_text('')
+  short.write_text(' = A = \n\n a few words .\n')
+  train_text, _ = tiny_setup.text_files()
+
+  def config(path):
+    return tiny_setup.run_config(*tiny_setup.CHECKPOINTED_RUN, 'train.tokens=1024',
+                                 f'data.tokenizer={data_dir / "tokenizer.model"}',
+                                 f'data.train_paths={path}', sgt=0)
+
+  for path, tokens in ((empty, 0), (short, None)):
+    with pytest.raises(ValueError, match=f"split 'train' has {tokens or ''}.*tokens, fewer than"):
+      train.Trainer(config(path), workdir)
+    left = sorted(p.name for p in workdir.iterdir())
+    assert left == ['data'], left
+  trainer = train.Trainer(config(train_text), workdir)
+  trainer.run()
+  assert workdir_lib.saved_steps(workdir) == [2]
+  assert json.loads((workdir / 'config.json').read_text())['data']['train_paths'] == [train_text]
