@@ -59,6 +59,8 @@ class Reporter:
     self.wandb = None  # WandbWriter when config.log.wandb is set
     self.failed = None  # the first error of a writer
     self._opened = False
+    if enabled and WandbWriter.project_of(config):
+      WandbWriter.package(WandbWriter.project_of(config))  # a missing package: now, not later
 
   def _open(self) -> None:
     self._opened = True
@@ -170,12 +172,8 @@ class WandbWriter:
   ID_FILE = 'wandb_run_id'
 
   def __init__(self, project: str, workdir: pathlib.Path, config=None):
-    try:
-      import wandb  # pylint: disable=import-outside-toplevel
-      import secrets  # pylint: disable=import-outside-toplevel
-    except ImportError:
-      raise ValueError(f"log.wandb={project!r}: the wandb package is not installed; pip install "
-                       "'.[wandb]', or set log.wandb='' to log without it.") from None
+    import secrets  # pylint: disable=import-outside-toplevel
+    wandb = self.package(project)
     id_path = pathlib.Path(workdir) / self.ID_FILE
     run_id = id_path.read_text().strip() if id_path.is_file() else secrets.token_hex(4)
     id_path.write_text(run_id + '\n')
@@ -183,10 +181,24 @@ class WandbWriter:
                           name=config.get('name') if config is not None else None,
                           config=config.to_dict() if config is not None else None)
 
+  @staticmethod
+  def package(project: str):
+    """The wandb module; a ValueError naming `log.wandb` when it is not installed."""
+    try:
+      import wandb  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      raise ValueError(f"log.wandb={project!r}: the wandb package is not installed; pip install "
+                       "'.[wandb]', or set log.wandb='' to log without it.") from None
+    return wandb
+
+  @staticmethod
+  def project_of(config) -> str:
+    return (config.get('log') or {}).get('wandb', '') if config is not None else ''
+
   @classmethod
   def from_config(cls, config, workdir) -> 'WandbWriter | None':
     """A writer when `config.log.wandb` names a project, else None."""
-    project = (config.get('log') or {}).get('wandb', '') if config is not None else ''
+    project = cls.project_of(config)
     return cls(project, workdir, config) if project else None
 
   def write(self, step: int, record: dict) -> None:

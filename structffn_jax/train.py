@@ -198,8 +198,10 @@ class Trainer:
   def tokens_at(self, step: int) -> int:
     """Tokens trained by the end of optimizer step `step`: those the checkpoint resumed from
     had trained, plus the steps since at this config's global_batch x seq_len. A change of
-    train.global_batch on resume keeps the step, the schedule and the plan (see README, "What
-    survives what"), and changes only how many tokens each step from then on trains."""
+    train.global_batch on resume keeps the step; the plan, the schedule and the data position
+    are the new config's, in optimizer steps (its total: train.tokens / (global_batch x
+    seq_len)), and each step from then on trains the new batch (README, "What survives
+    what")."""
     start, tokens, _ = getattr(self, 'resumed', (0, 0, 0.0))
     return tokens + (step - start) * self.config.train.global_batch * self.config.model.seq_len
 
