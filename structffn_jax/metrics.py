@@ -133,7 +133,11 @@ class TensorBoardWriter:
     self._event, self._scalar = event_pb2.Event, scalar
     logdir.mkdir(parents=True, exist_ok=True)
     now = time.time()
-    self.file = RecordWriter(str(logdir / f'events.out.tfevents.{int(now)}.{socket.gethostname()}'))
+    path, n = logdir / f'events.out.tfevents.{int(now)}.{socket.gethostname()}', 0
+    while path.exists():  # a resume within the same second: a file of its own, none truncated
+      n += 1
+      path = path.with_name(f'events.out.tfevents.{int(now)}.{socket.gethostname()}.{n}')
+    self.file = RecordWriter(str(path))
     self.file.write(self._event(wall_time=now, file_version='brain.Event:2').SerializeToString())
 
   @classmethod
