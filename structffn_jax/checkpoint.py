@@ -41,6 +41,25 @@ class CheckpointError(RuntimeError):
   """A checkpoint could not be written, or none of a run's checkpoints can be read."""
 
 
+def last_good(workdir, failed_step: int | None = None) -> str:
+  """The free space, the last good checkpoint of `workdir` (any but `failed_step`) and how to
+  resume: the end of every one-line report of a failed write."""
+  workdir = pathlib.Path(workdir)
+  good = [s for s in saved_steps(workdir) if s != failed_step]
+  path = (workdir / 'checkpoints').absolute() / str(good[-1]) if good else None
+  last = (f'step {good[-1]} ({path}), intact' if good else
+          'none yet (the run would start from step 0)')
+  return (f'{free_space(workdir)} in {workdir}. The last good checkpoint: {last}. '
+          f'Free space (or lower train.keep_ckpts) and run the same command to resume.')
+
+
+def disk_full(workdir, e: OSError) -> str:
+  """The one-line report of a write into `workdir` (metrics, TensorBoard, the config, the lock)
+  that found the disk full."""
+  where = getattr(e, 'filename', None) or workdir
+  return f'{where} could not be written ({why(e)}); {last_good(workdir)}'
+
+
 # ----------------------------------------------------------------------------- Orbax
 
 
@@ -200,15 +219,10 @@ class Checkpointer:
   def disk_full(self, e: OSError) -> str:
     """The one-line report of a write into the workdir (metrics, TensorBoard) that found the
     disk full."""
-    where = getattr(e, 'filename', None) or self.workdir
-    return f'{where} could not be written ({why(e)}); {self._last_good()}'
+    return disk_full(self.workdir, e)
 
   def _last_good(self, failed_step: int | None = None) -> str:
-    good = [s for s in saved_steps(self.workdir) if s != failed_step]
-    last = (f'step {good[-1]} ({self.path(good[-1])}), intact' if good else
-            'none yet (the run would start from step 0)')
-    return (f'{free_space(self.workdir)} in {self.workdir}. The last good checkpoint: {last}. '
-            f'Free space (or lower train.keep_ckpts) and run the same command to resume.')
+    return last_good(self.workdir, failed_step)
 
   def wait(self) -> dict | None:
     """Block until the save in flight is final; its outcome as for `poll`."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import socket
 import sys
 import time
 
@@ -39,44 +40,58 @@ def _duration(seconds: float) -> str:
 
 
 class Reporter:
-  """Writes metrics from process 0 only; the others stay silent."""
+  """Writes metrics from process 0 only; the others stay silent.
+
+  Every writer (metrics.jsonl, TensorBoard, W&B) is opened on its first record, so that a run
+  that fails before its first step leaves none of their files behind. A writer that fails (a
+  full disk) raises once, from `write`; after that, and in `close`, it is dropped quietly: the
+  first error is the one reported, and `close` always closes every writer (it raises the first
+  error of a close only when nothing failed before)."""
 
   def __init__(self, workdir: pathlib.Path, total_steps: int, enabled: bool = True,
                config=None):
     self.enabled = enabled
+    self.workdir = pathlib.Path(workdir)
     self.total_steps = total_steps
+    self.config = config
     self.jsonl = None
     self.tb = None
     self.wandb = None  # WandbWriter when config.log.wandb is set
-    if enabled:
-      path = workdir / 'metrics.jsonl'
-      torn = path.exists() and path.stat().st_size and not _ends_with_newline(path)
-      self.jsonl = open(path, 'a', buffering=1)
-      if torn:  # a kill cut the last record short: end it, so that the next one starts a line
-        self.jsonl.write('\n')
-      try:
-        from tensorboardX import SummaryWriter
-        self.tb = SummaryWriter(str(workdir / 'tb'))
-      except ImportError:
-        self.tb = None
-      self.wandb = WandbWriter.from_config(config, workdir)
+    self.failed = None  # the first error of a writer
+    self._opened = False
+    if enabled and WandbWriter.project_of(config):
+      WandbWriter.package(WandbWriter.project_of(config))  # a missing package: now, not later
+
+  def _open(self) -> None:
+    self._opened = True
+    path = self.workdir / 'metrics.jsonl'
+    torn = path.exists() and path.stat().st_size and not _ends_with_newline(path)
+    self.jsonl = open(path, 'a', buffering=1)  # pylint: disable=consider-using-with
+    if torn:  # a kill cut the last record short: end it, so that the next one starts a line
+      self.jsonl.write('\n')
+    self.tb = TensorBoardWriter.create(self.workdir / 'tb')
+    self.wandb = WandbWriter.from_config(self.config, self.workdir)
 
   def log(self, msg: str) -> None:
     if self.enabled:
       print(msg, flush=True, file=sys.stdout)
 
   def write(self, step: int, metrics: dict) -> None:
-    """Append one record (step + scalars) to metrics.jsonl and TensorBoard."""
-    if not self.enabled:
+    """Append one record (step + scalars) to metrics.jsonl, TensorBoard and W&B."""
+    if not self.enabled or self.failed is not None:
       return
     record = {'step': step, 'time': time.time(), **{k: _scalar(v) for k, v in metrics.items()}}
-    self.jsonl.write(json.dumps(record) + '\n')
-    if self.tb is not None:
-      for k, v in record.items():
-        if k not in ('step', 'time') and isinstance(v, (int, float)):
-          self.tb.add_scalar(k, v, step)
-    if self.wandb is not None:
-      self.wandb.write(step, record)
+    try:
+      if not self._opened:
+        self._open()
+      self.jsonl.write(json.dumps(record) + '\n')
+      if self.tb is not None:
+        self.tb.write(step, record)
+      if self.wandb is not None:
+        self.wandb.write(step, record)
+    except Exception as e:
+      self.failed = e
+      raise
 
   def progress(self, step: int, m: dict, steps_per_s: float) -> None:
     eta = (self.total_steps - step) / steps_per_s if steps_per_s > 0 else float('nan')
@@ -86,13 +101,67 @@ class Reporter:
              f'lr {m["lr"]:.2e}  {m["tokens_per_s"]:,.0f} tok/s  MFU {mfu}  '
              f'ETA {_duration(eta)}')
 
+  def close(self, quiet: bool = False) -> None:
+    """Close every writer, whatever each raises. Raises the first error of a close, unless a
+    writer failed before (that error was raised already) or `quiet` (another one is on its
+    way)."""
+    first = None
+    for writer in (self.jsonl, self.tb, self.wandb):
+      if writer is None:
+        continue
+      try:
+        writer.close()
+      except Exception as e:  # pylint: disable=broad-except
+        first = first or e
+    self.jsonl = self.tb = self.wandb = None
+    if first is not None and self.failed is None and not quiet:
+      self.failed = first
+      raise first
+
+
+class TensorBoardWriter:
+  """<workdir>/tb: one TensorBoard event file (tensorboardX's record format), written in the
+  caller's thread and flushed after every record, so that a write that fails raises there and
+  then, never from a thread of its own; `close` closes the file even when its last flush fails.
+  """
+
+  def __init__(self, logdir: pathlib.Path):
+    # pylint: disable=import-outside-toplevel
+    from tensorboardX.proto import event_pb2
+    from tensorboardX.record_writer import RecordWriter
+    from tensorboardX.summary import scalar
+    self._event, self._scalar = event_pb2.Event, scalar
+    logdir.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    path, n = logdir / f'events.out.tfevents.{int(now)}.{socket.gethostname()}', 0
+    while path.exists():  # a resume within the same second: a file of its own, none truncated
+      n += 1
+      path = path.with_name(f'events.out.tfevents.{int(now)}.{socket.gethostname()}.{n}')
+    self.file = RecordWriter(str(path))
+    self.file.write(self._event(wall_time=now, file_version='brain.Event:2').SerializeToString())
+
+  @classmethod
+  def create(cls, logdir: pathlib.Path) -> 'TensorBoardWriter | None':
+    """A writer, or None when tensorboardX is not installed."""
+    try:
+      import tensorboardX  # pylint: disable=import-outside-toplevel,unused-import
+    except ImportError:
+      return None
+    return cls(logdir)
+
+  def write(self, step: int, record: dict) -> None:
+    wall = record.get('time', time.time())
+    for k, v in record.items():
+      if k not in ('step', 'time') and isinstance(v, (int, float)):
+        event = self._event(wall_time=wall, step=step, summary=self._scalar(k, v))
+        self.file.write(event.SerializeToString())
+    self.file.flush()
+
   def close(self) -> None:
-    if self.jsonl:
-      self.jsonl.close()
-    if self.tb is not None:
-      self.tb.close()
-    if self.wandb is not None:
-      self.wandb.close()
+    try:
+      self.file.flush()
+    finally:
+      self.file.close()
 
 
 class WandbWriter:
@@ -107,12 +176,8 @@ class WandbWriter:
   ID_FILE = 'wandb_run_id'
 
   def __init__(self, project: str, workdir: pathlib.Path, config=None):
-    try:
-      import wandb  # pylint: disable=import-outside-toplevel
-      import secrets  # pylint: disable=import-outside-toplevel
-    except ImportError:
-      raise ValueError(f"log.wandb={project!r}: the wandb package is not installed; pip install "
-                       "'.[wandb]', or set log.wandb='' to log without it.") from None
+    import secrets  # pylint: disable=import-outside-toplevel
+    wandb = self.package(project)
     id_path = pathlib.Path(workdir) / self.ID_FILE
     run_id = id_path.read_text().strip() if id_path.is_file() else secrets.token_hex(4)
     id_path.write_text(run_id + '\n')
@@ -120,10 +185,24 @@ class WandbWriter:
                           name=config.get('name') if config is not None else None,
                           config=config.to_dict() if config is not None else None)
 
+  @staticmethod
+  def package(project: str):
+    """The wandb module; a ValueError naming `log.wandb` when it is not installed."""
+    try:
+      import wandb  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      raise ValueError(f"log.wandb={project!r}: the wandb package is not installed; pip install "
+                       "'.[wandb]', or set log.wandb='' to log without it.") from None
+    return wandb
+
+  @staticmethod
+  def project_of(config) -> str:
+    return (config.get('log') or {}).get('wandb', '') if config is not None else ''
+
   @classmethod
   def from_config(cls, config, workdir) -> 'WandbWriter | None':
     """A writer when `config.log.wandb` names a project, else None."""
-    project = (config.get('log') or {}).get('wandb', '') if config is not None else ''
+    project = cls.project_of(config)
     return cls(project, workdir, config) if project else None
 
   def write(self, step: int, record: dict) -> None:
@@ -133,7 +212,9 @@ class WandbWriter:
       self.run.log(scalars, step=step)
 
   def close(self) -> None:
-    self.run.finish()
+    run, self.run = self.run, None
+    if run is not None:
+      run.finish()
 
 
 def _scalar(v):

@@ -30,6 +30,7 @@ so requeue the same command to resume; 1 an error (one `error: ...` line on stde
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import pathlib
@@ -86,12 +87,14 @@ class Trainer:
     self.tx = optim.make_optimizer(config, self.plan.total_steps, self.plan.guided_steps)
     self.lr = optim.lr_schedule(config.train, self.plan.total_steps)
     self._set_abstract(guides=config.sgt.enabled)  # raises on a dimension the mesh can't split
-    self.lock = workdir_lib.lock_workdir(self.workdir)
-    self.ckpt = self.report = None
+    self.lock = self.ckpt = self.report = None
     try:
+      self.lock = workdir_lib.lock_workdir(self.workdir)
       self._start(profile, allow_change, tuple(hooks))
-    except BaseException:
+    except BaseException as e:
       self.close(quiet=True)
+      if isinstance(e, OSError) and workdir_lib.is_disk_full(e):
+        raise checkpoint.CheckpointError(checkpoint.disk_full(self.workdir, e)) from None
       raise
 
   def _start(self, profile, allow_change, extra_hooks):
@@ -110,6 +113,8 @@ class Trainer:
     self.manifest = prepare_lib.prepare_for_run(
         config, self.workdir, is_main=self.is_main,
         barrier=lambda: distributed.barrier('data prepared'), log=self.report.log)
+    changes.update(workdir_lib.check_data_identity(  # another tokenizer or other rows
+        self.workdir, self.manifest.identity(), allow_change=allow_change))
     self.profile = profile or (config.train.profile_start, config.train.profile_steps)
     self.stop_signal = None  # set by the signal handler of StopHook
     self.stop_at = None  # run(stop_at)
@@ -128,22 +133,34 @@ class Trainer:
     self._build_state()
     # The run has started: now its identity (config.json) and any accepted change are written.
     workdir_lib.record_start(self.workdir, config, changes, self.step, log=self.report.log,
-                             write=self.is_main)
+                             write=self.is_main, data_identity=self.manifest.identity())
     distributed.barrier('workdir config written')
 
   def close(self, quiet: bool = False) -> None:
     """Finish the save in flight, close the reports and release the workdir. Called by `run()`;
-    call it for a Trainer that is never run. `quiet`: another error is on its way."""
+    call it for a Trainer that is never run. `quiet`: another error is on its way.
+
+    Every step is taken whatever the one before raised (the lock is always released); then the
+    first error, if any and unless `quiet`, is raised (a full disk in one line naming the last
+    good checkpoint)."""
+    errors = []
+    ckpt, report, lock = self.ckpt, self.report, self.lock
+    self.ckpt = self.report = self.lock = None
     try:
-      if self.ckpt is not None:
-        self.ckpt.close(quiet=quiet)
-        self.ckpt = None
+      for close in (ckpt and (lambda: ckpt.close(quiet=quiet)),
+                    report and (lambda: report.close(quiet=quiet))):
+        if close:
+          try:
+            close()
+          except Exception as e:  # pylint: disable=broad-except
+            errors.append(e)
     finally:
-      if self.report is not None:
-        self.report.close()
-      if self.lock is not None:
-        self.lock.release()
-        self.lock = None
+      if lock is not None:
+        lock.release()
+    if errors and not quiet:
+      if isinstance(errors[0], OSError) and workdir_lib.is_disk_full(errors[0]):
+        raise checkpoint.CheckpointError(checkpoint.disk_full(self.workdir, errors[0])) from None
+      raise errors[0]
 
   # --------------------------------------------------------------------------- state
 
@@ -175,7 +192,27 @@ class Trainer:
       step, self.state, meta = restored
       self.step = int(meta['step'])
       self.report.log(f'resumed from {self.ckpt.path(step)} at step {self.step}')
+    # What was trained before this run(): the checkpoint's count (one saved before it kept one
+    # counts its steps at this config's batch).
+    meta = restored[2] if restored is not None else {}
+    self.resumed = (self.step, int(meta.get('tokens_trained', self.tokens_at(self.step))),
+                    float(meta.get('train_flops', self.flops_at(self.step))))
     self._compile()
+
+  def tokens_at(self, step: int) -> int:
+    """Tokens trained by the end of optimizer step `step`: those the checkpoint resumed from
+    had trained, plus the steps since at this config's global_batch x seq_len. A change of
+    train.global_batch on resume keeps the step; the plan, the schedule and the data position
+    are the new config's, in optimizer steps (its total: train.tokens / (global_batch x
+    seq_len)), and each step from then on trains the new batch (README, "What survives
+    what")."""
+    start, tokens, _ = getattr(self, 'resumed', (0, 0, 0.0))
+    return tokens + (step - start) * self.config.train.global_batch * self.config.model.seq_len
+
+  def flops_at(self, step: int) -> float:
+    """Training FLOPs by the end of optimizer step `step`, counted as `tokens_at`."""
+    start, _, flops = getattr(self, 'resumed', (0, 0, 0.0))
+    return flops + accounting.flops_between(self.config, self.acc, start, step)
 
   def _compile(self):
     mesh, rules = self.mesh, self.rules
@@ -212,7 +249,9 @@ class Trainer:
     except OSError as e:
       failed = True
       if workdir_lib.is_disk_full(e):  # metrics, TensorBoard or a checkpoint
-        raise checkpoint.CheckpointError(self.ckpt.disk_full(e)) from None
+        with contextlib.suppress(Exception):  # the save in flight: final or failed, then named
+          self.ckpt.wait()
+        raise checkpoint.CheckpointError(checkpoint.disk_full(self.workdir, e)) from None
       raise
     except BaseException:
       failed = True
@@ -234,7 +273,14 @@ class Trainer:
     try:
       for hook in self.hooks:
         hook.begin(self)
-      self.report.log(f'training from step {self.step}; the first step compiles')
+      if self.step >= self.plan.total_steps:
+        self.report.log(
+            f'step {self.step}: {"past" if self.step > self.plan.total_steps else "at"} the end '
+            f'of this config\'s {self.plan.total_steps} steps (train.tokens / (global_batch x '
+            f'seq_len)); nothing to train, {self.tokens_at(self.step):,} tokens trained. Raise '
+            f'train.tokens (--allow-change train.tokens) to train on.')
+      else:
+        self.report.log(f'training from step {self.step}; the first step compiles')
       while self.step < self.plan.total_steps:
         for hook in self.hooks:
           hook.before_step(self)
@@ -317,8 +363,8 @@ class MetricsHook(Hook):
 
   def begin(self, trainer):
     self.pending = None  # (step, metrics on the device, training FLOPs up to that step)
-    # A resumed run counts on from the FLOPs of the steps before it.
-    self.flops_done = accounting.flops_between(trainer.config, trainer.acc, 0, trainer.step)
+    # A resumed run counts on from the FLOPs of the steps before it (`Trainer.flops_at`).
+    self.flops_done = trainer.flops_at(trainer.step)
 
   def after_step(self, trainer, m):
     self.flops_done += step_flops(trainer)
@@ -334,9 +380,8 @@ class MetricsHook(Hook):
     if not np.isfinite(host['loss']):
       raise NonFiniteLoss(trainer.ckpt.set_aside_non_finite(step, host['loss'],
                                                             trainer.config.train.peak_lr))
-    t = trainer.config.train
-    record = {**host, 'tokens': step * t.global_batch * trainer.config.model.seq_len,
-              'train_flops': flops_done, **(extra or {})}
+    record = {**host, 'tokens': trainer.tokens_at(step), 'train_flops': flops_done,
+              **(extra or {})}
     written = {k: v for k, v in record.items() if v is not None}
     trainer.report.write(step, written)
     if progress is not None:
@@ -505,7 +550,8 @@ class CheckpointHook(Hook):
     meta = {'step': trainer.step,
             'guides_dropped': trainer.config.sgt.enabled and not trainer.guides,
             'data_next_index': trainer.plan.data_index(trainer.step),
-            'config': trainer.config.name}
+            'config': trainer.config.name, 'tokens_trained': trainer.tokens_at(trainer.step),
+            'train_flops': trainer.flops_at(trainer.step)}
     SaveStatusHook.check(trainer, block=True)
     trainer.ckpt.save(trainer.step, trainer.state, meta)
 

@@ -5,6 +5,10 @@
                         that differ, unless each is named by `--allow-change`; which fields may
                         change at all is the schema's (`schema.resume_change`).
   config_history.jsonl  the accepted changes, one line per resumption that made any.
+  data_identity.json    what the run trains on (`Manifest.identity`: the tokenizer's sha256 and
+                        the train rows' hash), compared on resume like a config field: another
+                        tokenizer or other data is refused unless named by `--allow-change`
+                        (`data.tokenizer_sha256`, `data.train_sha256`), and then recorded.
   lock                  which trainer (pid, host) runs there, touched by a heartbeat; a stale one
                         (its process gone, or silent from another host) is taken over.
 
@@ -33,6 +37,9 @@ from structffn_jax import distributed, schema
 from structffn_jax.errors import ConfigError
 
 HISTORY = 'config_history.jsonl'
+DATA_IDENTITY = 'data_identity.json'
+# The fields of the data's identity (not config fields: `Manifest.identity`).
+IDENTITY_FIELDS = ('data.tokenizer_sha256', 'data.train_sha256')
 LOCK = 'lock'
 
 
@@ -118,7 +125,7 @@ def check_allow_change(fields) -> tuple[str, ...]:
   """The `--allow-change` fields, each a changeable field of the schema (else ConfigError)."""
   known = _defaults()
   for field in fields:
-    if field not in known:
+    if field not in known and field not in IDENTITY_FIELDS:
       raise ConfigError(f'--allow-change {field}: no such config field.')
     if schema.resume_change(field) == 'fixed':
       raise ConfigError(
@@ -155,37 +162,94 @@ def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDic
   changes = {k: (old.get(k), new.get(k)) for k in differ}
   if not saved_steps(workdir):
     return changes
-  refused = [k for k in differ if k not in allow_change]
+  _refuse(workdir, 'of another config', changes, allow_change)
+  return changes
+
+
+def _refuse(workdir, what: str, changes: dict, allow_change) -> None:
+  refused = [k for k in changes if k not in allow_change]
   if refused:
-    shown = ', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in refused[:6])
+    shown = ', '.join(f'{k}: {changes[k][0]!r} -> {changes[k][1]!r}' for k in refused[:6])
     raise ValueError(
-        f'workdir {workdir} holds a run of another config ({shown}'
+        f'workdir {workdir} holds a run {what} ({shown}'
         f'{", ..." if len(refused) > 6 else ""}); use a new --workdir, the same config to '
         f'resume, or --allow-change FIELD to resume with a changed train.* or data.* field. '
         f'Nothing was overwritten.')
+
+
+def check_data_identity(workdir: pathlib.Path, identity: dict, *, allow_change=()) -> dict:
+  """Compare the identity of the run's data (`Manifest.identity`) with the one the run in
+  `workdir` trained on (data_identity.json); write nothing. Returns the accepted changes, as
+  `check_workdir_config` does: named in `allow_change`, or any while the workdir holds no
+  checkpoint. A workdir without the file (a run older than it) accepts any."""
+  path = workdir / DATA_IDENTITY
+  try:
+    saved = json.loads(path.read_text())
+  except FileNotFoundError:
+    return {}
+  except (OSError, ValueError) as e:
+    raise ValueError(f'{path} cannot be read ({why(e)}); restore it, or use a new --workdir.') \
+        from None
+  changes = {k: (saved.get(k), v) for k, v in identity.items()
+             if k in saved and saved.get(k) != v}
+  if changes and saved_steps(workdir):
+    _refuse(workdir, 'trained on other data (another tokenizer or other train rows, e.g. from '
+            'another data.data_dir)', changes, allow_change)
   return changes
 
 
 def write_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDict,
                          changes: dict | None = None, step: int | None = None,
-                         reason: str = '') -> None:
-  """Write config.json (atomically), and append the accepted `changes` to config_history.jsonl."""
-  path = workdir / 'config.json'
-  tmp = path.with_name(f'.{path.name}.tmp')
-  tmp.write_text(json.dumps(json.loads(config.to_json_best_effort()), indent=2, sort_keys=True))
-  tmp.replace(path)
+                         reason: str = '', data_identity: dict | None = None) -> None:
+  """Write config.json (and data_identity.json, when given) atomically, and append the accepted
+  `changes` to config_history.jsonl.
+
+  A write that fails (a full disk) leaves each as it was: the old config.json, the history
+  without a partial line."""
+  _write_atomic(workdir / 'config.json',
+                json.dumps(json.loads(config.to_json_best_effort()), indent=2, sort_keys=True))
+  if data_identity:
+    _write_atomic(workdir / DATA_IDENTITY, json.dumps(data_identity, indent=2, sort_keys=True))
   if changes:
     record = {'time': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
               'step': step, 'reason': reason,
               'changes': {k: [old, new] for k, (old, new) in changes.items()}}
-    with open(workdir / HISTORY, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+    append_line(workdir / HISTORY, json.dumps(record))
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_name(f'.{path.name}.tmp')
+  try:
+    with open(tmp, 'w') as f:
+      f.write(text)
+    tmp.replace(path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+
+
+def append_line(path: pathlib.Path, line: str) -> None:
+  """Append `line` and a newline to `path`, all or nothing: a write or close that fails (a full
+  disk) cuts the file back to its old length before the error is raised."""
+  size = path.stat().st_size if path.exists() else 0
+  f = open(path, 'a')  # pylint: disable=consider-using-with
+  try:
+    f.write(line + '\n')
+    f.close()
+  except BaseException:
+    with contextlib.suppress(OSError):
+      f.close()  # the file is closed even when its last flush fails
+    with contextlib.suppress(OSError):
+      os.truncate(path, size)
+    raise
 
 
 def record_start(workdir: pathlib.Path, config: ml_collections.ConfigDict, changes: dict,
-                 step: int, *, log=print, write: bool = True) -> None:
+                 step: int, *, log=print, write: bool = True,
+                 data_identity: dict | None = None) -> None:
   """Once the run has started (at `step`): log the accepted `changes` (from
-  `check_workdir_config`) and, where `write` (process 0), write config.json and the history."""
+  `check_workdir_config` and `check_data_identity`) and, where `write` (process 0), write
+  config.json, data_identity.json and the history."""
   reason = ''
   if changes:
     reason = ('allowed by --allow-change' if step else
@@ -193,7 +257,7 @@ def record_start(workdir: pathlib.Path, config: ml_collections.ConfigDict, chang
     shown = ', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changes.items())
     log(f'config changed ({shown}): {reason}')
   if write:
-    write_workdir_config(workdir, config, changes, step, reason)
+    write_workdir_config(workdir, config, changes, step, reason, data_identity)
 
 
 # ----------------------------------------------------------------------------- the workdir lock
@@ -263,8 +327,9 @@ class WorkdirLock:
     me = {'pid': os.getpid(), 'host': socket.gethostname(), 'start': _start_ticks(os.getpid()),
           'since': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}
     tmp = workdir / f'.{LOCK}.{me["pid"]}.tmp'
-    tmp.write_text(json.dumps(me))
     try:
+      with open(tmp, 'w') as f:  # a full disk: the error, and no temporary file left
+        f.write(json.dumps(me))
       for _ in range(3):
         try:
           os.link(tmp, lock.path)  # fails if a lock exists: create-if-absent, complete contents
@@ -325,7 +390,10 @@ class WorkdirLock:
       return
     self.held = False
     self._stop.set()
-    holder = self.holder()
+    try:
+      holder = self.holder()
+    except OSError:  # unreadable: remove it only if it is certainly this trainer's
+      return
     if holder and holder.get('pid') == os.getpid():
       self.path.unlink(missing_ok=True)
 

@@ -160,3 +160,187 @@ def test_the_train_command_refuses_what_cannot_be_held_in_one_line(tmp_path, dat
   assert proc.stderr.strip().startswith(words) and proc.stderr.strip().count('\n') == 0, \
       proc.stderr
   assert not (workdir / 'config.json').exists()
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+
+class FullDisk:
+  """The disk under the workdir's writers (metrics.jsonl, TensorBoard, config.json, the history,
+  the lock), filled on demand. A file opened through it keeps what is written in a buffer of its
+  own, passed on to the real file at a flush (a line-buffered one at each newline) and at close.
+  Once `full`, a flush or close with bytes to pass on raises ENOSPC and keeps them buffered,
+  as a real buffered file does; `fail_on` adds the first call of that kind ('write': every
+  write; 'close': a close even with nothing buffered, as a network file system reports it)."""
+
+  def __init__(self, fail_on='flush', only=None):
+    self.full, self.fail_on, self.only = False, fail_on, only
+    self.files = []
+
+  def open(self, path, mode='r', buffering=-1, **kw):
+    if 'r' in mode or (self.only and self.only not in str(path)):
+      return open(path, mode, buffering, **kw)
+    f = _DiskFile(self, open(path, mode, **kw), buffering == 1)
+    self.files.append(f)
+    return f
+
+
+class _DiskFile:
+
+  def __init__(self, disk, real, line_buffered):
+    self.disk, self.real, self.line_buffered = disk, real, line_buffered
+    self.buffer, self.closed = [], False
+
+  def _full(self):
+    import errno  # pylint: disable=import-outside-toplevel
+    return OSError(errno.ENOSPC, 'No space left on device', getattr(self.real, 'name', None))
+
+  def write(self, data):
+    if self.disk.full and self.disk.fail_on == 'write':
+      raise self._full()
+    self.buffer.append(data)
+    if self.line_buffered and '\n' in data:
+      self.flush()
+    return len(data)
+
+  def flush(self):
+    if self.buffer and self.disk.full:
+      raise self._full()
+    for data in self.buffer:
+      self.real.write(data)
+    self.buffer = []
+    self.real.flush()
+
+  def close(self):
+    if self.closed:
+      return
+    try:
+      if self.disk.full and self.disk.fail_on == 'close':
+        raise self._full()
+      self.flush()
+    finally:
+      self.closed = True
+      self.real.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+  """Make a `FullDisk` the disk of every writer of the workdir: `full_disk(fail_on, only)`."""
+  from tensorboardX import record_writer  # pylint: disable=import-outside-toplevel
+
+  def make(fail_on='flush', only=None):
+    disk = FullDisk(fail_on, only)
+    monkeypatch.setattr(metrics, 'open', disk.open, raising=False)
+    monkeypatch.setattr(workdir_lib, 'open', disk.open, raising=False)
+    monkeypatch.setattr(record_writer, 'open_file', lambda path: disk.open(path, 'wb'))
+    return disk
+  return make
+
+
+class FillTheDisk(train.Hook):
+  """Another writer fills the disk after step `at` (its checkpoint saved), or at the end."""
+
+  def __init__(self, disk, at=None):
+    self.disk, self.at = disk, at
+
+  def after_step(self, trainer, m):
+    if trainer.step == self.at:
+      self.disk.full = True
+
+  def end(self, trainer):
+    self.disk.full = True
+
+
+@pytest.mark.parametrize('only,fail_on', [('metrics.jsonl', 'flush'), ('metrics.jsonl', 'write'),
+                                          ('tfevents', 'flush'), (None, 'flush')],
+                         ids=['jsonl-buffered', 'jsonl-write', 'tb-buffered', 'every-writer'])
+def test_a_disk_filled_during_training_reports_the_first_error_and_releases_the_lock(
+    tmp_path, data_dir, full_disk, only, fail_on, capfd):
+  """The disk fills after step 4 (checkpoint 4 saved): the next record fails, and closing the
+  writers that still hold it (buffered) fails again; the first error is the one raised, in one
+  line naming the last good checkpoint, and the lock is released."""
+  workdir = tmp_path / 'w'
+  disk = full_disk(fail_on, only)
+  trainer = train.Trainer(tiny(data_dir, sgt=0), workdir, hooks=[FillTheDisk(disk, at=4)])
+  with pytest.raises(train.checkpoint.CheckpointError) as e:
+    trainer.run()
+  message = str(e.value)
+  assert '\n' not in message and 'no space left on device' in message, message
+  assert (only or 'metrics.jsonl') in message
+  assert f'The last good checkpoint: step 4 ({workdir.absolute() / "checkpoints" / "4"})' \
+      in message
+  assert workdir_lib.saved_steps(workdir) == [2, 4]
+  assert not (workdir / 'lock').exists()
+  assert all(f.closed for f in disk.files)
+  assert 'Traceback' not in capfd.readouterr().err
+  assert max(losses(workdir)) <= 5  # the record that failed (written to the writers before)
+
+
+@pytest.mark.parametrize('only', ['metrics.jsonl', 'tfevents'])
+def test_a_disk_full_at_the_last_close_is_one_line_and_the_lock_is_released(
+    tmp_path, data_dir, full_disk, only):
+  workdir = tmp_path / 'w'
+  disk = full_disk('close', only)
+  trainer = train.Trainer(tiny(data_dir, 'train.tokens=1024', sgt=0), workdir,
+                          hooks=[FillTheDisk(disk)])
+  with pytest.raises(train.checkpoint.CheckpointError) as e:
+    trainer.run()
+  message = str(e.value)
+  assert '\n' not in message and only in message
+  assert 'The last good checkpoint: step 2 (' in message
+  assert not (workdir / 'lock').exists()
+  assert all(f.closed for f in disk.files)
+
+
+def test_every_writer_is_closed_when_one_fails_and_the_first_error_wins(tmp_path):
+  import errno  # pylint: disable=import-outside-toplevel
+
+  class Run:  # a W&B run whose finish finds the disk full
+    finished = False
+
+    def log(self, scalars, step):
+      pass
+
+    def finish(self):
+      self.finished = True
+      raise OSError(errno.ENOSPC, 'No space left on device')
+
+  report = metrics.Reporter(tmp_path, 10)
+  report.write(1, {'loss': 1.0})
+  wandb = metrics.WandbWriter.__new__(metrics.WandbWriter)
+  wandb.run = run = Run()
+  report.wandb = wandb
+  with pytest.raises(OSError, match='No space left'):
+    report.close()
+  assert run.finished and report.jsonl is None and report.tb is None
+  assert metrics.read_metrics(tmp_path)[-1]['loss'] == 1.0
+  report.close()  # twice: nothing left to close
+
+
+def test_a_full_disk_leaves_the_config_the_history_and_the_lock_as_they_were(
+    tmp_path, full_disk):
+  workdir = tmp_path / 'w'
+  workdir.mkdir()
+  config = tiny_setup.run_config(sgt=0)
+  workdir_lib.write_workdir_config(workdir, config, {'train.peak_lr': (1.0, 2.0)}, 4, 'x')
+  before = {p.name: p.read_bytes() for p in workdir.iterdir()}
+  disk = full_disk('close')
+  disk.full = True
+  config.train.peak_lr = 3.0
+  with pytest.raises(OSError, match='No space left'):
+    workdir_lib.write_workdir_config(workdir, config, {'train.peak_lr': (2.0, 3.0)}, 6, 'y')
+  assert {p.name: p.read_bytes() for p in workdir.iterdir()} == before
+  disk.only = workdir_lib.HISTORY  # config.json fits, the history does not
+  with pytest.raises(OSError, match='No space left'):
+    workdir_lib.write_workdir_config(workdir, config, {'train.peak_lr': (2.0, 3.0)}, 6, 'y')
+  assert (workdir / workdir_lib.HISTORY).read_bytes() == before[workdir_lib.HISTORY]
+  disk.only = None
+  with pytest.raises(OSError, match='No space left'):
+    workdir_lib.WorkdirLock.acquire(workdir)
+  assert sorted(p.name for p in workdir.iterdir()) == sorted(before)

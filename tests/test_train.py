@@ -136,3 +136,34 @@ def test_cli_trains_profiles_and_evaluates(tmp_path, data_dir):
                         f'{REPO}/configs/tiny.py:method=lowrank', '--workdir', str(workdir)],
                        capture_output=True, text=True, cwd=REPO, timeout=300)
   assert bad.returncode != 0 and 'error:' in bad.stderr and 'Traceback' not in bad.stderr
+
+
+def test_a_batch_change_on_resume_counts_the_tokens_trained_and_the_end_says_so(
+    tmp_path, data_dir, capsys):
+  """2 steps of 8 x 64 tokens, then --allow-change train.global_batch to 4 (8 steps of the new
+  plan): the step and the schedule go on from step 2, the tokens and FLOPs from what was
+  trained. Then a batch whose plan ends before step 8: one line, nothing trained."""
+  base = (*RUN[1:], 'train.ckpt_every=2', f'data.data_dir={data_dir}')
+  workdir = tmp_path / 'w'
+  first = train.Trainer(tiny(*base, 'train.tokens=1024', sgt=0), workdir)
+  first.run()
+  records = {r['step']: r for r in metrics.read_metrics(workdir) if 'loss' in r}
+  assert records[2]['tokens'] == 1024
+  small = tiny(*base, 'train.tokens=2048', 'train.global_batch=4', sgt=0)
+  changed = ('train.global_batch', 'train.tokens')
+  resumed = train.Trainer(small, workdir, allow_change=changed)
+  assert resumed.step == 2 and resumed.plan.total_steps == 8
+  resumed.run()
+  records = {r['step']: r for r in metrics.read_metrics(workdir) if 'loss' in r}
+  assert [records[s]['tokens'] for s in range(3, 9)] == [1024 + 256 * k for k in range(1, 7)]
+  step_flops = records[2]['train_flops'] / 2 / 2  # a step of half the batch
+  assert records[3]['train_flops'] == pytest.approx(records[2]['train_flops'] + step_flops)
+  assert records[8]['train_flops'] == pytest.approx(records[2]['train_flops'] + 6 * step_flops)
+  capsys.readouterr()
+  big = tiny(*base, 'train.tokens=2048', 'train.global_batch=16', sgt=0)
+  result = train.Trainer(big, workdir, allow_change=changed).run()
+  out = capsys.readouterr().out
+  assert result['step'] == 8
+  [line] = [l for l in out.splitlines() if 'past the end' in l]
+  assert line.startswith("step 8: past the end of this config's 2 steps") and '2,560 tokens' in line
+  assert max(r['step'] for r in metrics.read_metrics(workdir) if 'loss' in r) == 8

@@ -137,3 +137,76 @@ def test_an_older_config_json_without_new_fields_still_resumes(tmp_path):
   config.train.data_start = 3
   with pytest.raises(ValueError, match=r'train.data_start: 0 -> 3'):
     workdir_lib.check_workdir_config(workdir, config)
+
+
+def _other_data(data_dir, target, what):
+  """A copy of `data_dir` with another tokenizer ('tokenizer') or other train rows ('rows')."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  from structffn_jax.data import manifest as manifest_lib  # pylint: disable=import-outside-toplevel
+  shutil.copytree(data_dir, target)
+  path = target / manifest_lib.MANIFEST_NAME
+  m = json.loads(path.read_text())
+  if what == 'tokenizer':
+    tok = target / m['tokenizer_file']
+    tok.write_bytes(tok.read_bytes() + b'\0')
+    m['tokenizer_sha256'] = manifest_lib.sha256_file(tok)
+  else:
+    m['splits']['train']['shards'][0]['sha256'] = '0' * 64
+  path.write_text(json.dumps(m))
+  return target
+
+
+def test_other_data_on_resume_is_refused_unless_allowed_and_then_recorded(tmp_path, data_dir):
+  workdir = tmp_path / 'w'
+  train.Trainer(tiny(data_dir, 'train.tokens=1024', sgt=0), workdir).run()
+  identity = json.loads((workdir / workdir_lib.DATA_IDENTITY).read_text())
+  # The same data elsewhere: data.data_dir may change freely.
+  same = tmp_path / 'same'
+  import shutil  # pylint: disable=import-outside-toplevel
+  shutil.copytree(data_dir, same)
+  train.Trainer(tiny(same, 'train.tokens=1024', sgt=0), workdir).close()
+  assert not (workdir / workdir_lib.HISTORY).exists()
+  for what, field in (('tokenizer', 'data.tokenizer_sha256'), ('rows', 'data.train_sha256')):
+    other = _other_data(data_dir, tmp_path / what, what)
+    before = (workdir / 'config.json').read_text()
+    with pytest.raises(ValueError, match=f'trained on other data.*{field}.*--allow-change'):
+      train.Trainer(tiny(other, 'train.tokens=1024', sgt=0), workdir)
+    assert (workdir / 'config.json').read_text() == before
+    assert not (workdir / 'lock').exists()
+  trainer = train.Trainer(tiny(other, 'train.tokens=1024', sgt=0), workdir,
+                          allow_change=('data.train_sha256',))
+  trainer.close()
+  history = [json.loads(l) for l in (workdir / workdir_lib.HISTORY).read_text().splitlines()]
+  assert history[-1]['step'] == 2
+  assert history[-1]['changes'] == {
+      'data.train_sha256': [identity['data.train_sha256'],
+                            json.loads((workdir / workdir_lib.DATA_IDENTITY).read_text())[
+                                'data.train_sha256']]}
+  assert identity != json.loads((workdir / workdir_lib.DATA_IDENTITY).read_text())
+
+
+def test_a_first_start_on_too_little_text_leaves_nothing_that_blocks_the_fixed_command(
+    tmp_path, data_dir):
+  """No text, then too little for one row: each first start fails with its reason and leaves no
+  metrics.jsonl, tb/ or config.json; its unfinished preparation in <workdir>/data is replaced by
+  the next start with other settings, which trains."""
+  workdir = tmp_path / 'w'
+  empty, short = tmp_path / 'empty.txt', tmp_path / 'short.txt'
+  empty.write_text('')
+  short.write_text(' = A = \n\n a few words .\n')
+  train_text, _ = tiny_setup.text_files()
+
+  def config(path):
+    return tiny_setup.run_config(*tiny_setup.CHECKPOINTED_RUN, 'train.tokens=1024',
+                                 f'data.tokenizer={data_dir / "tokenizer.model"}',
+                                 f'data.train_paths={path}', sgt=0)
+
+  for path, tokens in ((empty, 0), (short, None)):
+    with pytest.raises(ValueError, match=f"split 'train' has {tokens or ''}.*tokens, fewer than"):
+      train.Trainer(config(path), workdir)
+    left = sorted(p.name for p in workdir.iterdir())
+    assert left == ['data'], left
+  trainer = train.Trainer(config(train_text), workdir)
+  trainer.run()
+  assert workdir_lib.saved_steps(workdir) == [2]
+  assert json.loads((workdir / 'config.json').read_text())['data']['train_paths'] == [train_text]

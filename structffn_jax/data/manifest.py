@@ -137,6 +137,15 @@ class Manifest:
           f'{self.dir / MANIFEST_NAME} has no split {split!r} (has {sorted(self.splits)})')
     return self.splits[split]
 
+  def identity(self) -> dict[str, str]:
+    """What a run trains on, wherever the directory lies: the tokenizer's sha256 and one sha256
+    over the train split's shards (each shard's sha256, or its file for a `rows_bin` one, and
+    rows). A resumed run compares them (`workdir.check_data_identity`)."""
+    shards = [(shard.get('sha256') or shard['file'], int(shard['rows']))
+              for shard in self.splits.get('train', {}).get('shards', [])]
+    rows = hashlib.sha256(json.dumps(shards).encode()).hexdigest()
+    return {'data.tokenizer_sha256': self.tokenizer_sha256 or '', 'data.train_sha256': rows}
+
   def to_json(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
     d.pop('dir')

@@ -64,6 +64,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -648,10 +649,17 @@ def prepare_for_run(config: ml_collections.ConfigDict,
   log(f'data: {data_dir}')
   manifest = None
   if is_main:
+    # The run's own <workdir>/data (no data.data_dir), prepared by one job: an unfinished
+    # preparation there is one a failed start of this workdir left (the workdir's lock keeps
+    # other trainers out), so one with other settings is replaced rather than refused.
+    section = schema.data_section(config.data)
+    own = not section.data_dir and int(section.num_shards) == 1
     manifest = prepare(config.data,
                        data_dir,
                        config.model.seq_len,
-                       model_vocab_size=config.model.vocab_size)
+                       model_vocab_size=config.model.vocab_size,
+                       replace_unfinished=own,
+                       log_replaced=log)
   barrier()
   if manifest is None:
     manifest = prepare(config.data,
@@ -671,6 +679,8 @@ def prepare(
     model_vocab_size: int | None = None,
     tokenizer_train_bytes: int = DEFAULT_TOKENIZER_TRAIN_BYTES,
     num_threads: int = 2,
+    replace_unfinished: bool = False,
+    log_replaced: Callable[[str], None] = log.info,
 ) -> Manifest:
   """Tokenizes every split of `cfg_data` into `out_dir`, or returns the manifest already there.
 
@@ -684,6 +694,10 @@ def prepare(
     model_vocab_size: if given, a tokenizer with more tokens than this is an error.
     tokenizer_train_bytes: how much training text the tokenizer sees (when one is trained).
     num_threads: threads for SentencePiece training, and for encoding without workers.
+    replace_unfinished: an unfinished preparation in `out_dir` with other settings (or another
+      tokenizer) is removed and prepared anew instead of refused; one with the same settings is
+      resumed either way. For a directory no one else prepares (a run's own <workdir>/data).
+    log_replaced: where the line about a replaced preparation goes.
   """
   if seq_len < 1:
     raise ValueError(f'seq_len must be positive, got {seq_len}')
@@ -701,6 +715,11 @@ def prepare(
   streams, settings = _settings(cfg_data, seq_len, tokenizer_train_bytes, num_jobs)
   record_path = _job_path(out_dir, job, num_jobs)
   record = json.loads(record_path.read_text()) if record_path.is_file() else None
+  if record is not None and record['settings'] != settings and replace_unfinished:
+    log_replaced(f'{out_dir}: replaced an unfinished preparation with other settings '
+                 f'({_short_diff(record["settings"], settings)}), left by a start that failed')
+    shutil.rmtree(out_dir)
+    record = None
   if record is not None and record['settings'] != settings:
     raise ValueError(
         f'{out_dir} holds an unfinished preparation with other settings '
