@@ -462,7 +462,13 @@ def report_scaling(module, runs, out, resamples: int = BOOTSTRAP) -> tuple[str, 
                + ', '.join(map(str, widths)))
   text += ['### Fitted L = a·(C/1e12)^(-b) + c (one c for all; seed means)', '',
            _md(['structure', 'points', 'a', 'b', 'c', 'rmse', 'b − b_dense (± bootstrap se)'],
-               rows), '', f'{len(boots)} of {resamples} bootstrap resamples fitted.', '',
+               rows), '', f'{len(boots)} of {resamples} bootstrap resamples fitted.', '']
+  at_bound = sorted(g for g, f in fits.items() if f['c'] <= 1e-9)
+  if at_bound:  # the fit's own lower bound: these points do not pin an irreducible loss
+    text += [f'The shared irreducible loss c ended at its lower bound 0 ({", ".join(at_bound)}): '
+             'these sizes do not pin it, and each b is then the slope of log L against log C.',
+             '']
+  text += [
            _verdict_table([_verdict_row(c, v) for c, v in verdicts])]
   (out / 'scaling.json').write_text(_json({'runs': runs, 'points': points, 'fits': fits,
                                            'bootstrap_fits': len(boots),
@@ -474,11 +480,13 @@ def report_scaling(module, runs, out, resamples: int = BOOTSTRAP) -> tuple[str, 
 
 
 def report_lr(module, runs, out) -> tuple[str, list]:
-  variants = ('dense', 'lowrank', 'lowrank_sgt')
+  variants = ('dense', 'lowrank', 'lowrank_sgt')  # the claims' arms
   lrs = sorted({r['lr'] for r in runs})
   cell = {(r['variant']['variant'], r['lr']): r for r in runs}
+  # The diagnostic row added after the main runs (LowRank 63%): shown, in no claim.
+  shown = variants + tuple(sorted({v for v, _ in cell} - set(variants)))
   rows = []
-  for v in variants:
+  for v in shown:
     row = [v]
     for lr in lrs:
       r = cell.get((v, lr))
@@ -506,9 +514,16 @@ def report_lr(module, runs, out) -> tuple[str, list]:
     verdicts = [('F3a: LowRank 32% spikes more than dense', more),
                 ('F3b: SGT removes LowRank\'s spikes',
                  decisions.spikes_removed(count['lowrank_sgt'], count['lowrank'], trains))]
+  best = {}  # the probe's LRs came from a smaller width at a smaller budget: how far off were they
+  for v in shown:
+    done = [(cell[(v, lr)]['valid_loss'], lr) for lr in lrs
+            if (v, lr) in cell and cell[(v, lr)]['state'] == 'finished']
+    if done:
+      loss, lr = min(done)
+      best[v] = {'valid_loss': loss, 'lr': lr}
   plt = _plt()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for v in variants:
+  for v in shown:
     xs = [lr for lr in lrs if (v, lr) in cell and cell[(v, lr)]['state'] == 'finished']
     axes[0].plot(xs, [cell[(v, lr)]['valid_loss'] for lr in xs], 'o-', label=v)
   _axes(axes[0], 'peak learning rate', 'final validation loss', logx=True, legend_size=10)
@@ -522,12 +537,19 @@ def report_lr(module, runs, out) -> tuple[str, list]:
   _axes(axes[1], 'step', 'training loss', 'training loss at the two highest learning rates run',
         legend_size=7)
   _save(fig, out / 'lr.png')
-  (out / 'lr.json').write_text(_json({'runs': runs, 'verdicts': dict(verdicts),
+  (out / 'lr.json').write_text(_json({'runs': runs, 'verdicts': dict(verdicts), 'best': best,
                                       'curves': {r['run']: r['_curve'] for r in runs}}))
   text = ('### Final validation loss / spikes (a divergence counts one), by peak LR\n\n'
           + _md(['variant'] + [f'lr {lr:g}' for lr in lrs], rows))
   if verdicts:
     text += '\n\n' + _verdict_table([_verdict_row(c, v) for c, v in verdicts])
+  if best:
+    text += ('\n\nBest LR of this grid at the full budget (one seed), reported: '
+             + '; '.join(f'{v} {b["valid_loss"]:.3f} at {b["lr"]:g}' for v, b in best.items()))
+    if 'dense' in best:
+      text += '; each at its best, minus dense: ' + ', '.join(
+          f'{v} {b["valid_loss"] - best["dense"]["valid_loss"]:+.3f}'
+          for v, b in best.items() if v != 'dense') + ' nats.'
   return text + _missing(runs), verdicts
 
 

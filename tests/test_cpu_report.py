@@ -93,13 +93,23 @@ def test_lr_verdicts_count_divergence_as_a_spike(report, study, tmp_path):
   study.LR_GRID = study.LR_GRID[:4]  # a grid of four LRs
   runs = []
   spikes = {'dense': (0, 0, 0, 1), 'lowrank': (0, 1, 2, 3), 'lowrank_sgt': (0, 0, 0, 1)}
+  offset = {'dense': 0.0, 'lowrank': 0.25, 'lowrank_sgt': 0.5}
   for v, counts in spikes.items():
-    for lr, n in zip(study.LR_GRID[:4], counts):
-      r = _run(study.LR_WIDTH, 'dense', 100, 1, 3.0, variant={'variant': v}, lr=lr, spikes=n,
+    for i, (lr, n) in enumerate(zip(study.LR_GRID[:4], counts)):
+      loss = 3.0 + offset[v] + abs(i - (1 if v == 'dense' else 2)) * 0.1  # dense best at LR 2
+      r = _run(study.LR_WIDTH, 'dense', 100, 1, loss, variant={'variant': v}, lr=lr, spikes=n,
                _curve=[[1, 5.0], [2, 4.0]], step=100)
       runs.append(r)
-  _, verdicts = report.report_lr(study, runs, tmp_path)
+  text, verdicts = report.report_lr(study, runs, tmp_path)
   assert [v.verdict for _, v in verdicts] == [decisions.REPRODUCED, decisions.REPRODUCED]
+  grid = study.LR_GRID
+  assert (f'dense 3.000 at {grid[1]:g}; lowrank 3.250 at {grid[2]:g}; lowrank_sgt 3.500 at '
+          f'{grid[2]:g}; each at its best, minus dense: lowrank +0.250, lowrank_sgt +0.500 nats.') in text
+  extra = [dict(r, variant={'variant': 'lowrank63'}, valid_loss=r['valid_loss'] - 0.2)
+           for r in runs if r['variant']['variant'] == 'lowrank' and r['lr'] != grid[0]]
+  text, again = report.report_lr(study, runs + extra, tmp_path)  # a row in no claim
+  assert [v.verdict for _, v in again] == [v.verdict for _, v in verdicts]
+  assert '| lowrank63 | - |' in text and 'lowrank63 +0.050' in text
   runs[3]['state'] = 'diverged'  # dense at the top LR: that LR drops out of both claims
   _, verdicts = report.report_lr(study, runs, tmp_path)
   assert verdicts[0][1].n == 3
@@ -119,3 +129,42 @@ def test_probe_check_refuses_a_tuned_lr_that_is_not_the_best(report, study, tmp_
   study.TUNED_LR[('lowrank', 32)] = study.PROBE_LRS[1]
   _, problems, _ = report.report_probe(study, runs, tmp_path)
   assert len(problems) == 1 and 'lowrank 32%' in problems[0]
+
+
+def _scaling_runs(study, b_dense, b_structured, noise, c=1.0, seed=0):
+  """Seeds of every width and structure on L = a·(C/1e12)^(-b) + c, structured at 0.7× the FLOPs."""
+  rng = np.random.default_rng(seed)
+  runs = []
+  for i, width in enumerate(study.WIDTHS):
+    flops = 7e10 * 10.0 ** i
+    for s in study.SEEDS:
+      for method, fraction in study.STRUCTURES_SCALING:
+        b, a, f = ((b_dense, 2.0, flops) if method == 'dense'
+                   else (b_structured, 2.3, 0.7 * flops))
+        loss = a * (f / 1e12) ** -b + c + rng.normal(0, noise)
+        runs.append(_run(width, method, fraction, s, loss, train_flops=f))
+  return runs
+
+
+def test_scaling_verdicts_follow_the_exponents(report, study, tmp_path):
+  text, verdicts = report.report_scaling(study, _scaling_runs(study, 0.10, 0.15, 0.002),
+                                         tmp_path, resamples=100)
+  steeper = [v for c, v in verdicts if c.startswith('F1:')]
+  narrows = [v for c, v in verdicts if c.startswith("F1':")]
+  assert len(steeper) == len(narrows) == len(study.STRUCTURES_SCALING) - 1
+  assert {v.verdict for v in steeper + narrows} == {decisions.REPRODUCED}
+  assert 'lower bound 0' not in text  # c = 1 is in reach of these sizes
+  _, verdicts = report.report_scaling(study, _scaling_runs(study, 0.15, 0.10, 0.002), tmp_path,
+                                      resamples=100)
+  assert {v.verdict for c, v in verdicts if c.startswith('F1:')} == {decisions.NOT_REPRODUCED}
+  _, verdicts = report.report_scaling(study, _scaling_runs(study, 0.12, 0.12, 0.05), tmp_path,
+                                      resamples=100)
+  assert decisions.INCONCLUSIVE in {v.verdict for c, v in verdicts if c.startswith('F1:')}
+  assert (tmp_path / 'scaling.png').stat().st_size > 10_000
+
+
+def test_scaling_says_when_the_shared_offset_sits_at_its_bound(report, study, tmp_path):
+  """Data whose true offset is below 0: the fit stops at its bound, and the report says so."""
+  text, _ = report.report_scaling(study, _scaling_runs(study, 0.10, 0.15, 0.002, c=-0.5),
+                                  tmp_path, resamples=20)
+  assert 'The shared irreducible loss c ended at its lower bound 0' in text
