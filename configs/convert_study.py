@@ -1,64 +1,102 @@
-r"""What starting from a dense model buys (docs/design.md §10): a dense source, converted to each
-structure with each hand-over mode, then trained on a short continued-training budget.
+r"""What starting from a dense model buys (docs/design.md §10): one dense source, converted to each
+structure at 32% and 63% with each hand-over mode, then trained on one continued-training budget.
 
-Argument: `method=<dense|lowrank|blockdense|blockshuffle>,mode=<source|guided|projection|scratch>,
-size=<cpu|s>`. `mode=source` is the dense model itself, trained from scratch for `source_steps`;
-the other modes are the converted runs, each trained for `steps` more (SGT over the first half in
-`guided`; `scratch` keeps `sgt` off unless `sgt=1`). The 32% structures of the width: LowRank
-R = d/4, BlockDense B = 2 with R ≈ d/3 (`bd_rank`), BlockShuffle B = 4; the first block dense.
-Seeds: train.seed 1005 everywhere.
+Argument: `method=<dense|lowrank|blockdense|blockshuffle>,fraction=<32|63>,
+mode=<source|guided|projection|scratch|long>,seed=<1005|1006>,size=<cpu|s>`.
+  source      the dense model, trained from scratch for `source_steps` (seed 1005 only).
+  guided      converted: the nearest factors with the source's W as the self-guided guide,
+              SGT over the first half of `steps` (at step 0 the function is the source's).
+  projection  converted: the nearest factors alone.
+  scratch     the structure's random init, the source's attention, embeddings and norms.
+  long        the structure trained from scratch for source_steps + steps (no conversion).
+  `method=dense,mode=projection` is the dense source continued on the same rows and schedule
+  as every converted run: the reference for "the gap to dense that remains".
+Structures of width d (FFN 4d): LowRank R = d/4 | d/2; BlockDense B = 2 with R = 2 round(d/6) |
+2 round(d/3); BlockShuffle B = 4 | 2. The first block's FFN stays dense. A 512-piece vocabulary
+so that the FFN carries most of the FLOPs (cpu: 59% of the dense model's forward FLOPs).
+Rows and seeds: one shuffled row order (train.data_seed = 1005) for every run. The source reads
+its first source_steps batches; a continued run of seed 1005 reads the next `steps` batches, and
+of seed 1006 the `steps` after those, so no continued run sees the source's rows and the two seeds
+read disjoint rows, the same for every structure and mode. train.seed (1005 | 1006) sets
+scratch's init too.
 
-  # 0. the dense source (cpu: width 256, 4 layers, context 128, 1200 steps of 16 sequences)
-  python -m structffn_jax.train --config configs/convert_study.py:method=dense,mode=source \
-      --workdir runs/convert-source
-  # 1. each variant: convert, then train
-  for m in lowrank blockdense blockshuffle; do for h in guided projection scratch; do
-    python -m structffn_jax.convert --from runs/convert-source \
-        --config configs/convert_study.py:method=$m,mode=$h --mode $h \
-        --workdir runs/convert-$m-$h
-    python -m structffn_jax.train --config runs/convert-$m-$h/config.py \
-        --workdir runs/convert-$m-$h
-  done; done
-  # 2. the reference: the same structure trained from scratch for source_steps + steps
-  python -m structffn_jax.train --config configs/convert_study.py:method=lowrank,mode=long \
-      --workdir runs/convert-lowrank-long
+  python launch/convert_study.py --root runs/convert_study --record results/convert_study/runs
+  python launch/convert_study_report.py --root runs/convert_study --out results/convert_study
 
-Measure for each run: validation loss at step 0 (the converted function), at steps/4 and at the
-end, wall time, tokens (metrics.jsonl, `python -m structffn_jax.evaluate`). Decision rules
-(write them in RESULTS.md with the numbers):
-  - guided is worth it when its step-0 loss equals the source's (to float rounding: it must) and
-    its final loss is below projection's by more than the seed noise (two seeds, 1005 and 1006).
-  - projection beats scratch when its final loss is lower at equal steps; the gap at step
-    steps/4 says how much of the source survives the projection.
-  - a converted run "buys" the source's training when it ends at or below the `long` run (the
-    structure trained from scratch on source_steps + steps) with `steps` steps only.
-  - a structure is recommended for conversion when guided or projection ends within 0.05 nats
-    of the dense source trained `steps` further (the `mode=source` run resumed).
+Decision rules, fixed before the runs (`structffn_jax/decisions.py`; the paired rule over the
+2 seeds: reproduced when both seeds' gaps have the claimed sign and the mean exceeds 3 standard
+errors, not reproduced when the opposite holds by the same margin, otherwise inconclusive).
+Per structure (method, fraction), L(mode, t) the validation loss at step t:
+  C1 the projection starts far ahead of scratch: L(scratch, 0) - L(projection, 0) > 0.
+  C2 it stays ahead at equal steps: L(scratch, steps) - L(projection, steps) > 0.
+  C3 guided loses less at the hand-over: L(projection, steps/2) - L(guided, steps/2) > 0, the
+     first evaluation after α reaches 0; and guided's step-0 loss equals the source's to 1e-4.
+  C4 guided ends ahead of projection: L(projection, steps) - L(guided, steps) > 0.
+  C5 (reported) the gap to dense that remains: min over guided, projection of L(mode, steps)
+     minus L(dense continued, steps), mean ± se; "within 0.05 nats" when mean + 3 se < 0.05.
+  C6 (reported, one seed) the conversion buys the source's training: L(long, source_steps +
+     steps) of LowRank against the converted LowRank runs at `steps`.
 """
 
 from structffn_jax import config as config_lib
 
 SCALES = {
     'cpu': dict(hidden_dim=256, ffn_dim=1024, num_heads=4, num_layers=4, seq_len=128,
-                global_batch=16, source_steps=1200, steps=300, peak_lr=2e-3, vocab_size=4096,
-                bd_rank=88),
+                global_batch=16, source_steps=1200, steps=300, peak_lr=2e-3, vocab_size=512),
     's': dict(hidden_dim=768, ffn_dim=3072, num_heads=12, num_layers=12, seq_len=1024,
-              global_batch=64, source_steps=6000, steps=1500, peak_lr=6e-4, vocab_size=32000,
-              bd_rank=256),
+              global_batch=64, source_steps=6000, steps=1500, peak_lr=6e-4, vocab_size=32000),
 }
 MODES = ('source', 'guided', 'projection', 'scratch', 'long')
+SEEDS = (1005, 1006)
+FRACTIONS = (32, 63)
+STRUCTURES = tuple((m, f) for f in FRACTIONS for m in ('lowrank', 'blockdense', 'blockshuffle'))
+CONVERT_MODES = ('guided', 'projection', 'scratch')
+EVALS = 10  # evaluations per continued run: steps/2, the end of the guided phase, is one of them
 
-# For `launch/sweep.py`: the converted runs (each needs `convert` first, see above).
-VARIANTS = [f'method={m},mode={h}' for m in ('lowrank', 'blockdense', 'blockshuffle')
-            for h in ('guided', 'projection', 'scratch')]
+
+def structures(width: int) -> dict:
+  """{(method, fraction): model.ffn fields} at `width` (FFN 4·width)."""
+  return {
+      ('dense', 100): dict(method='dense', rank=0, blocks=1),
+      ('lowrank', 32): dict(method='lowrank', rank=width // 4, blocks=1),
+      ('lowrank', 63): dict(method='lowrank', rank=width // 2, blocks=1),
+      ('blockdense', 32): dict(method='blockdense', rank=2 * round(width / 6), blocks=2),
+      ('blockdense', 63): dict(method='blockdense', rank=2 * round(width / 3), blocks=2),
+      ('blockshuffle', 32): dict(method='blockshuffle', rank=0, blocks=4),
+      ('blockshuffle', 63): dict(method='blockshuffle', rank=0, blocks=2),
+  }
+
+
+def run_name(method: str, fraction: int, mode: str, seed: int, size: str = 'cpu') -> str:
+  structure = 'dense' if method == 'dense' else f'{method}{fraction}'
+  return f'convert-{size}-{structure}-{mode}-seed{seed}'
+
+
+# For the runner (launch/convert_study.py), in order: the source, then each seed's converted runs
+# (dense continued first), then the long reference. Each entry: (argument, needs conversion).
+def _plan() -> list[tuple[str, bool]]:
+  plan = [('method=dense,mode=source,seed=1005', False)]
+  for seed in SEEDS:
+    plan.append((f'method=dense,fraction=100,mode=projection,seed={seed}', True))
+    plan += [(f'method={m},fraction={f},mode={h},seed={seed}', True)
+             for m, f in STRUCTURES for h in CONVERT_MODES]
+  plan.append(('method=lowrank,fraction=32,mode=long,seed=1005', False))
+  return plan
+
+
+PLAN = _plan()
+VARIANTS = [arg for arg, _ in PLAN]
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, method='lowrank', mode='guided', size='cpu', sgt=0)
+  a = config_lib.parse_arg(arg, method='lowrank', fraction=32, mode='guided', size='cpu',
+                           seed=1005, sgt=0)
   s = config_lib.choose('size', a.size, SCALES)
   config_lib.choose('mode', a.mode, {m: m for m in MODES})
+  config_lib.choose('seed', a.seed, {x: x for x in SEEDS})
+  fraction = 100 if a.method == 'dense' else a.fraction
   c = config_lib.base_config()
-  c.name = f'convert-{a.size}-{a.method}-{a.mode}'
+  c.name = run_name(a.method, fraction, a.mode, a.seed, a.size)
   m = c.model
   d = s['hidden_dim']
   m.vocab_size, m.seq_len = s['vocab_size'], s['seq_len']
@@ -66,17 +104,20 @@ def get_config(arg=None):
   m.num_layers, m.num_heads, m.num_kv_heads = s['num_layers'], s['num_heads'], s['num_heads']
   if a.size == 'cpu':
     m.dtype = 'float32'
-  structures = config_lib.ffn_structures(rank=d // 4, blockdense=(2, s['bd_rank']),
-                                         blockshuffle_blocks=4)
-  m.ffn.update(config_lib.choose('method', a.method, structures))
+    m.ffn.implementation = 'xla'
+  m.ffn.update(config_lib.choose('method,fraction', (a.method, fraction), structures(d)))
   steps = s['source_steps'] if a.mode == 'source' else s['steps']
   if a.mode == 'long':
     steps = s['source_steps'] + s['steps']
   c.train.tokens = steps * s['global_batch'] * s['seq_len']
   c.train.global_batch = s['global_batch']
   c.train.peak_lr = s['peak_lr']
+  c.train.seed = a.seed
+  c.train.data_seed = SEEDS[0]
+  if a.mode not in ('source', 'long'):  # past the source's rows; the seeds' rows disjoint
+    c.train.data_start = s['source_steps'] + SEEDS.index(a.seed) * s['steps']
   c.train.eval_tokens = 64 * s['seq_len'] * 8
-  c.train.eval_every = max(steps // 8, 1)
+  c.train.eval_every = max(steps // EVALS, 1)
   c.train.ckpt_every = max(steps // 4, 1)
   c.sgt.enabled = a.mode == 'guided' or bool(a.sgt)
   c.sgt.ratio = 0.5

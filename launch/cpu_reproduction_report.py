@@ -448,6 +448,14 @@ def report_scaling(module, runs, out, resamples: int = BOOTSTRAP) -> tuple[str, 
       row += ['']
     rows.append(row)
   widths = list(module.WIDTHS)  # the claim is about the smallest and the largest size
+  by_width = {}  # paired gap to dense at every width, the numbers behind F1'
+  for method, fraction in module.STRUCTURES_SCALING[1:]:
+    g = label(method, fraction)
+    by_width[g] = {}
+    for w in widths:
+      pair = gaps(cells.get((g, w), {}), cells.get(('dense', w), {}))
+      if pair:
+        by_width[g][w] = decisions.mean_se(pair)
   for method, fraction in module.STRUCTURES_SCALING[1:]:
     g = label(method, fraction)
     lo, hi = cells.get(('dense', widths[0]), {}), cells.get(('dense', widths[-1]), {})
@@ -460,6 +468,10 @@ def report_scaling(module, runs, out, resamples: int = BOOTSTRAP) -> tuple[str, 
   scaling.plot(points, fits, out / 'scaling.png',
                'Figure 1a on CPU: seed-mean final loss vs training FLOPs, widths '
                + ', '.join(map(str, widths)))
+  text += ['### Paired gap to dense at equal tokens, by width (mean ± se over seeds)', '',
+           _md(['structure'] + [f'width {w}' for w in widths],
+               [[g] + [_pm(*gw[w]) if w in gw else '-' for w in widths]
+                for g, gw in by_width.items()]), '']
   text += ['### Fitted L = a·(C/1e12)^(-b) + c (one c for all; seed means)', '',
            _md(['structure', 'points', 'a', 'b', 'c', 'rmse', 'b − b_dense (± bootstrap se)'],
                rows), '', f'{len(boots)} of {resamples} bootstrap resamples fitted.', '']
@@ -472,6 +484,9 @@ def report_scaling(module, runs, out, resamples: int = BOOTSTRAP) -> tuple[str, 
            _verdict_table([_verdict_row(c, v) for c, v in verdicts])]
   (out / 'scaling.json').write_text(_json({'runs': runs, 'points': points, 'fits': fits,
                                            'bootstrap_fits': len(boots),
+                                           'gap_by_width': {g: {str(w): {'mean': m, 'se': e}
+                                                                for w, (m, e) in gw.items()}
+                                                            for g, gw in by_width.items()},
                                            'verdicts': dict(verdicts)}))
   return '\n'.join(text) + _missing(runs), verdicts
 

@@ -3,6 +3,7 @@ numbers (an effect built in is reproduced, its opposite is not, noise is inconcl
 probe check catches a TUNED_LR that is not the probe's best."""
 
 import importlib.util
+import json
 import pathlib
 
 import numpy as np
@@ -154,6 +155,12 @@ def test_scaling_verdicts_follow_the_exponents(report, study, tmp_path):
   assert len(steeper) == len(narrows) == len(study.STRUCTURES_SCALING) - 1
   assert {v.verdict for v in steeper + narrows} == {decisions.REPRODUCED}
   assert 'lower bound 0' not in text  # c = 1 is in reach of these sizes
+  by_width = json.loads((tmp_path / 'scaling.json').read_text())['gap_by_width']
+  for i, width in enumerate(study.WIDTHS):
+    f = 7e10 * 10.0 ** i / 1e12
+    expected = 2.3 * (0.7 * f) ** -0.15 - 2.0 * f ** -0.10  # the closed form of the paired gap
+    for g in by_width.values():
+      assert abs(g[str(width)]['mean'] - expected) < 0.01
   _, verdicts = report.report_scaling(study, _scaling_runs(study, 0.15, 0.10, 0.002), tmp_path,
                                       resamples=100)
   assert {v.verdict for c, v in verdicts if c.startswith('F1:')} == {decisions.NOT_REPRODUCED}
