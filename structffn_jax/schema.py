@@ -124,7 +124,8 @@ RANGES = {
 # ----------------------------------------------------------------------------- on resume
 # What a resumed run may change (workdir.py compares config.json with these):
 #   'free'   how the run is carried out, not what it trains: may always change, and is not listed
-#            among the changes (evaluation and logging cadence, memory, mesh, kernels, paths).
+#            among the changes (evaluation and logging cadence, the lm-eval tasks of eval.*,
+#            memory, mesh, kernels, paths).
 #   'allowed' changes how the run goes on, not the shapes of the state in its checkpoints:
 #            accepted when named by `--allow-change` (name, train.*, data.*).
 #   'fixed'  the state in the checkpoints depends on it (model.*, sgt.*, train.seed).
@@ -134,7 +135,8 @@ RESUME_FREE = frozenset((
     'train.micro_batch', 'model.remat', 'data.data_dir', 'mesh.data', 'mesh.fsdp',
     'mesh.tensor', 'mesh.rules', 'mesh.distributed', 'model.ffn.merge_threshold',
     'model.ffn.implementation', 'model.attention.implementation', 'data.num_workers',
-    'log.wandb'))
+    'log.wandb', 'eval.lm_eval_tasks', 'eval.lm_eval_every', 'eval.lm_eval_limit',
+    'eval.lm_eval_batch_size', 'eval.lm_eval_include_path'))
 _RESUME_ALLOWED = ('name', 'train.', 'data.')  # prefixes
 _RESUME_FIXED = frozenset(('train.seed',))
 

@@ -139,6 +139,24 @@ def test_an_older_config_json_without_new_fields_still_resumes(tmp_path):
     workdir_lib.check_workdir_config(workdir, config)
 
 
+def test_evaluation_during_training_may_change_on_resume(tmp_path):
+  """eval.* says what is measured along the way, not what is trained: a resume may add, drop
+  or retime the lm-eval tasks without --allow-change, while a trained field is still refused."""
+  workdir = tmp_path / 'w'
+  config = tiny_setup.run_config()
+  workdir.mkdir()
+  (workdir / 'config.json').write_text(config.to_json_best_effort())
+  (workdir / 'checkpoints' / '5').mkdir(parents=True)
+  defaults = {k: config.eval[k] for k in config.eval}
+  config.eval.update(lm_eval_tasks='arc_easy,piqa', lm_eval_every=50, lm_eval_limit=0.5,
+                     lm_eval_batch_size=4, lm_eval_include_path=str(tmp_path / 'tasks'))
+  assert all(config.eval[k] != v for k, v in defaults.items())
+  assert workdir_lib.check_workdir_config(workdir, config) == {}
+  config.train.peak_lr *= 2
+  with pytest.raises(ValueError, match=r'train.peak_lr'):
+    workdir_lib.check_workdir_config(workdir, config)
+
+
 def _other_data(data_dir, target, what):
   """A copy of `data_dir` with another tokenizer ('tokenizer') or other train rows ('rows')."""
   import shutil  # pylint: disable=import-outside-toplevel
