@@ -82,6 +82,14 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def fetch(x) -> np.ndarray:
+  """The whole value of `x` on this process, also when `x` spans other processes' devices (every
+  process must then call this, as with any collective)."""
+  if getattr(x, 'is_fully_addressable', True):
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def agree(flag: bool) -> bool:
   """True on every process when `flag` is True on any (a no-op with one process)."""
   if jax.process_count() == 1:

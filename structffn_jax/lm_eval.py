@@ -53,6 +53,7 @@ from flax import nnx
 
 from structffn_jax import checkpoint, cli
 from structffn_jax import decoding
+from structffn_jax import distributed
 
 try:
   import lm_eval as harness  # the harness package, not this module
@@ -199,7 +200,7 @@ class StructFFNLM(_LM):
         mask[r, len(tgt) - n_cont:len(tgt)] = True
       ll, greedy = _score(self.model, jnp.asarray(tokens), jnp.asarray(targets),
                           jnp.asarray(mask), self.alpha)
-      ll, greedy = np.asarray(ll), np.asarray(greedy)
+      ll, greedy = distributed.fetch(ll), distributed.fetch(greedy)  # on every process
       for r, i in enumerate(chunk):
         out[i] = (float(ll[r]), bool(greedy[r]))
     return out

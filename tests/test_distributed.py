@@ -4,8 +4,10 @@ launch/local.sh starts the processes (this file run as a script), each with 2 si
 devices; together they form the mesh
 (data, fsdp, tensor) = (2, 1, 2), so each process reads half of every batch and the tensor axis
 stays inside a process. They train the tiny config through the self-guided hand-over, checkpoint
-cooperatively, resume from that checkpoint in new trainers, and evaluate. Both must see the same
-loss at every step, equal to this (single-device) process's run of the same config.
+cooperatively, resume from that checkpoint in new trainers, and evaluate, the lm-eval harness too
+(eval.lm_eval_tasks on a local task: every process evaluates, process 0 alone logs). Both must see
+the same loss at every step and the same scores, equal to this (single-device) process's run of
+the same config.
 """
 
 import json
@@ -32,6 +34,23 @@ RTOL = 1e-5  # float32 sums in another order over 6 steps
 
 
 tiny = tiny_setup.run_config  # (*overrides, method='lowrank', sgt=1)
+SCORE = 'lm_eval/tiny_rolling/bits_per_byte'
+
+
+def lm_eval_task(folder: pathlib.Path) -> tuple[str, ...]:
+  """A local rolling-loglikelihood task in `folder` (its own dataset cache: one per process, so
+  that no two processes build the same cache at once), and the overrides that run it at the end."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from tests import test_lm_eval  # pylint: disable=import-outside-toplevel
+  folder.mkdir(parents=True, exist_ok=True)
+  rng = np.random.default_rng(3)
+  test_lm_eval.write_task(folder, 'tiny_rolling',
+                          [{'text': test_lm_eval.phrase(rng, n)} for n in (6, 25)],
+                          ['output_type: loglikelihood_rolling', 'doc_to_text: ""',
+                           'doc_to_target: "{{text}}"', 'metric_list:',
+                           '  - metric: bits_per_byte'])
+  return ('eval.lm_eval_tasks=tiny_rolling', f'eval.lm_eval_include_path={folder}',
+          'eval.lm_eval_batch_size=2')
 
 
 @pytest.mark.slow
@@ -46,7 +65,8 @@ def test_two_processes_train_in_lockstep_like_one(tmp_path, data_dir):
   try:
     # Meanwhile, the reference: one process, one device, uninterrupted.
     ref_dir = tmp_path / 'single'
-    result = train.Trainer(tiny(*RUN, f'data.data_dir={data_dir}'), ref_dir).run()
+    result = train.Trainer(tiny(*RUN, *lm_eval_task(tmp_path / 'tasks-single'),
+                                f'data.data_dir={data_dir}'), ref_dir).run()
     reference = {r['step']: r['loss'] for r in metrics.read_metrics(ref_dir) if 'loss' in r}
     out0, err0 = proc.communicate(timeout=480)
   finally:
@@ -69,6 +89,10 @@ def test_two_processes_train_in_lockstep_like_one(tmp_path, data_dir):
     assert p0[s] == pytest.approx(reference[s], rel=RTOL), s
   assert reports[0]['valid_loss'] == reports[1]['valid_loss']
   assert reports[0]['valid_loss'] == pytest.approx(result['valid_loss'], rel=RTOL)
+  assert reports[0]['score'] == reports[1]['score']
+  assert reports[0]['score'] == pytest.approx(result[SCORE], rel=RTOL)
+  scored = [r for r in metrics.read_metrics(workdir) if SCORE in r]
+  assert [(r['step'], r[SCORE]) for r in scored] == [(6, reports[0]['score'])]
   # Process 0 alone reported: one record per step in metrics.jsonl, one progress line per step.
   logged = [r['step'] for r in metrics.read_metrics(workdir) if 'loss' in r]
   assert logged == steps
@@ -79,8 +103,9 @@ def driver(workdir: pathlib.Path, data_dir: str, out_dir: pathlib.Path) -> None:
   """One of the two processes: train to STOP, resume in a new trainer, finish, report."""
   from structffn_jax import distributed, sharding
 
-  config = tiny(*RUN, *MESH, f'data.data_dir={data_dir}')
-  assert distributed.initialize(config.mesh.distributed)  # 'auto': JAX_COORDINATOR_ADDRESS
+  assert distributed.initialize(tiny(*RUN, *MESH).mesh.distributed)  # 'auto': the coordinator
+  config = tiny(*RUN, *MESH, *lm_eval_task(out_dir / f'tasks-{jax.process_index()}'),
+                f'data.data_dir={data_dir}')
   seen = {}
 
   class Recording(train.Hook):
@@ -99,7 +124,7 @@ def driver(workdir: pathlib.Path, data_dir: str, out_dir: pathlib.Path) -> None:
       'process': [jax.process_index(), jax.process_count()],
       'devices': [jax.device_count(), jax.local_device_count()],
       'share': list(share), 'resumed_at': resumed_at, 'losses': seen,
-      'valid_loss': result['valid_loss']}))
+      'valid_loss': result['valid_loss'], 'score': result[SCORE]}))
 
 
 if __name__ == '__main__':
