@@ -239,9 +239,9 @@ def build_config(spec: str, sets, source, mode: str):
     raise config_lib.ConfigError(f'--mode {mode!r}: use one of {", ".join(MODES)}.')
   config.sgt.enabled = {'guided': True, 'projection': False}.get(mode, config.sgt.enabled)
   if isinstance(source, WorkdirSource):  # the same tokens and tokenizer as the source run
-    from structffn_jax.data import prepare as prepare_lib
+    from structffn_jax.data import manifest as manifest_lib
     config.data = source.config.data
-    config.data.data_dir = str(prepare_lib.resolve_data_dir(source.config.data, source.path)
+    config.data.data_dir = str(manifest_lib.resolve_data_dir(source.config.data, source.path)
                                .absolute())
   elif source.tokenizer is not None:  # the source's own vocabulary
     config.data.tokenizer = str(source.tokenizer.absolute())

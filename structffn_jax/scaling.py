@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 
 from structffn_jax import accounting, cli, studies
-from structffn_jax.data import prepare as prepare_lib
+from structffn_jax.data import manifest as manifest_lib
 
 C0 = 1e12
 
@@ -54,9 +54,9 @@ def group_label(config) -> str:
 
 def _dataset(config, workdir: pathlib.Path) -> dict:
   """What a validation loss depends on: tokenizer, context, validation rows."""
-  data_dir = prepare_lib.resolve_data_dir(config.data, workdir)  # relative: to where it ran
+  data_dir = manifest_lib.resolve_data_dir(config.data, workdir)  # relative: to where it ran
   try:
-    manifest = prepare_lib.Manifest.load(data_dir)
+    manifest = manifest_lib.Manifest.load(data_dir)
   except (OSError, ValueError) as e:
     raise ScalingError(f'{workdir}: its data directory {data_dir} cannot be read ({e}); '
                        'prepare the data or leave the run out') from None

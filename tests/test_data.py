@@ -13,8 +13,9 @@ import pytest
 
 from structffn_jax import schema
 from structffn_jax.data import pipeline, prepare as prep, sources
-from structffn_jax.data.prepare import Manifest, load_tokenizer, prepare
-from structffn_jax.data.prepare import token_dtype
+from structffn_jax.data import tokenizer as tokenizer_lib
+from structffn_jax.data.manifest import Manifest, token_dtype
+from structffn_jax.data.prepare import load_tokenizer, prepare
 from tests import generated_text
 from tests.generated_text import Interrupted
 
@@ -235,7 +236,7 @@ def test_reuse_needs_only_seq_len_and_tokenizer(prepared, wiki_files, tmp_path):
   with pytest.raises(ValueError, match=r'512-token tokenizer, not data\.vocab_size=1024'):
     prepare(_text_cfg(*wiki_files, vocab_size=1024), prepared.dir, SEQ_LEN)
   other_tok = tmp_path / 'other.model'
-  other_tok.write_bytes(prep.train_tokenizer(generated_text.documents(200), 600))
+  other_tok.write_bytes(tokenizer_lib.train_tokenizer(generated_text.documents(200), 600))
   with pytest.raises(ValueError, match=r'other\.model.*is not the tokenizer'):
     prepare(_text_cfg(*wiki_files, tokenizer=str(other_tok)), prepared.dir, SEQ_LEN)
   assert (prepared.dir / 'manifest.json').read_bytes() == before

@@ -19,7 +19,7 @@ st = pytest.importorskip('safetensors.numpy', reason="safetensors is not install
                          "(pip install -e '.[export]')")
 
 from structffn_jax import export, train  # noqa: E402
-from structffn_jax.data import prepare as prepare_lib  # noqa: E402
+from structffn_jax.data.manifest import Manifest  # noqa: E402
 from structffn_jax.model import GPT  # noqa: E402
 from tests import tiny_setup  # noqa: E402
 
@@ -271,7 +271,7 @@ def test_sentencepiece_tokenizer_json_encodes_as_the_run(data_dir, tmp_path):
   import inspect
   import json.encoder
   import sentencepiece as spm
-  manifest = prepare_lib.Manifest.load(data_dir)
+  manifest = Manifest.load(data_dir)
   sp = spm.SentencePieceProcessor(model_file=str(manifest.tokenizer_path))
   cfg = tiny_setup.model_config('dense', seq_len=SEQ_LEN)
   out = export.export_model(random_model(cfg), tmp_path / 'hf', eos_id=manifest.eos_id,
@@ -321,7 +321,7 @@ def test_command(trained_workdir, data_dir, tmp_path, capsys):
   assert sorted(p.name for p in out.iterdir()) == [
       'config.json', 'model.safetensors', 'special_tokens_map.json', 'structured.safetensors',
       'tokenizer.json', 'tokenizer.model', 'tokenizer_config.json']
-  manifest = prepare_lib.Manifest.load(data_dir)
+  manifest = Manifest.load(data_dir)
   assert (out / 'tokenizer.model').read_bytes() == manifest.tokenizer_path.read_bytes()
   config = json.loads((out / 'config.json').read_text())
   assert config['eos_token_id'] == manifest.eos_id

@@ -20,7 +20,7 @@ harness = pytest.importorskip('lm_eval', reason="lm-evaluation-harness is not in
 
 from structffn_jax import lm_eval as adapter  # noqa: E402
 from structffn_jax import train  # noqa: E402
-from structffn_jax.data import prepare as prepare_lib  # noqa: E402
+from structffn_jax.data.manifest import Manifest  # noqa: E402
 from tests import test_export, tiny_setup  # noqa: E402
 
 SEQ_LEN = 48
@@ -88,7 +88,7 @@ class Reference:
 
 @pytest.fixture(scope='module')
 def setup(data_dir):
-  manifest = prepare_lib.Manifest.load(data_dir)
+  manifest = Manifest.load(data_dir)
   tok = manifest.load_tokenizer()
   cfg = tiny_setup.run_config(f'model.seq_len={SEQ_LEN}', method='blockshuffle', sgt=0).model
   assert cfg.vocab_size >= manifest.vocab_size
@@ -232,7 +232,7 @@ def test_exported_model_scores_as_ours_under_the_harness_hf_convention(setup, da
   export = pytest.importorskip('structffn_jax.export')
   pytest.importorskip('safetensors')
   model, tok, eos, _ = setup
-  manifest = prepare_lib.Manifest.load(data_dir)
+  manifest = Manifest.load(data_dir)
   out = export.export_model(model, tmp_path / 'hf', eos_id=eos,
                             tokenizer_path=manifest.tokenizer_path)
   rng = np.random.default_rng(5)

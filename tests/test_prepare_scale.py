@@ -16,7 +16,10 @@ import sentencepiece as spm
 
 from structffn_jax import config as config_lib
 from structffn_jax import schema
-from structffn_jax.data import pipeline, prepare as prep, sources
+from structffn_jax.data import encode, pieces, pipeline, prepare as prep, sources
+from structffn_jax.data import settings as settings_lib
+from structffn_jax.data import tokenizer as tokenizer_lib
+from structffn_jax.data.manifest import Manifest
 from tests import generated_text
 from tests.generated_text import Interrupted
 
@@ -34,7 +37,7 @@ def corpus(tmp_path_factory):
   for name, items in (('train.jsonl', docs), ('valid.jsonl', valid)):
     (d / name).write_text(''.join(json.dumps({'text': t}) + '\n' for t in items))
   model = d / 'sp.model'
-  model.write_bytes(prep.train_tokenizer(docs, 700))
+  model.write_bytes(tokenizer_lib.train_tokenizer(docs, 700))
   return {'dir': d, 'docs': docs, 'valid': valid, 'model': model,
           'sp': spm.SentencePieceProcessor(model_file=str(model))}
 
@@ -184,7 +187,7 @@ def test_resume_skips_finished_pieces(corpus, tmp_path, monkeypatch):
   cfg = _cfg(corpus, shard_tokens=5000)
   whole = prep.prepare(cfg, tmp_path / 'whole', SEQ_LEN)
   tokenized = []
-  real_call = prep._Encoder.__call__
+  real_call = encode._Encoder.__call__
 
   def counting_call(self, task):
     tokenized.append(task[1])
@@ -196,7 +199,7 @@ def test_resume_skips_finished_pieces(corpus, tmp_path, monkeypatch):
     docs = real_documents(cfg_data, split, shard, resume)
     return Interrupted(docs, 400) if split == 'train' else docs
 
-  monkeypatch.setattr(prep._Encoder, '__call__', counting_call)
+  monkeypatch.setattr(encode._Encoder, '__call__', counting_call)
   monkeypatch.setattr(sources, 'documents', interrupted)
   with pytest.raises(KeyboardInterrupt):
     prep.prepare(cfg, tmp_path / 'part', SEQ_LEN)
@@ -345,7 +348,7 @@ def test_paper_configs_name_the_refinedweb_recipe(tmp_path):
     assert local.name == c.name + '-local' and local.model == c.model
   # With the tokenizer set, the rest of the recipe is what prepare reads (here: offline).
   c = config_lib.load(os.path.join(REPO, 'configs/structured_ffn.py:model=s'))
-  streams, caps = prep._plan(c.data, 1024)
+  streams, caps = settings_lib._plan(c.data, 1024)
   assert caps == {'train': 65e9 // 1025, 'valid': 0.7e9 // 1025}
   assert streams[0].carve == (('valid', pytest.approx(1.25 * 0.7 / 65.7)),)
 
@@ -362,7 +365,7 @@ def test_cli_errors_are_one_line(tmp_path):
        'data.tokenizer is required'),
   ]
   sp_model = tmp_path / 'sp.model'
-  sp_model.write_bytes(prep.train_tokenizer(generated_text.documents(200), 600))
+  sp_model.write_bytes(tokenizer_lib.train_tokenizer(generated_text.documents(200), 600))
   cases.append(
       (['--source', 'hf', '--hf-name', 'no-such-owner/no-such-dataset', '--seq-len', '32',
         '--tokenizer', str(sp_model), '--out', str(tmp_path / 'c')],
@@ -376,8 +379,8 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 def test_progress_line(corpus, tmp_path, monkeypatch, caplog):
-  monkeypatch.setattr(prep, '_PROGRESS_SECONDS', 0.0)
-  with caplog.at_level('INFO', logger=prep.log.name):
+  monkeypatch.setattr(pieces, '_PROGRESS_SECONDS', 0.0)
+  with caplog.at_level('INFO', logger=pieces.log.name):
     prep.prepare(_cfg(corpus, max_tokens=300 * ROW, shard_tokens=2000), tmp_path, SEQ_LEN)
   lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('train: ')]
   assert len(lines) > 3
@@ -408,7 +411,7 @@ def test_cli_from_a_config_data_local(tmp_path, capsys):
       '--set', 'data.stdlib_tests=false', '--out', str(out), '--num-workers', '2',
   ]) == 0
   summary = json.loads(capsys.readouterr().out)
-  m = prep.Manifest.load(out)
+  m = Manifest.load(out)
   assert m.seq_len == 1024 and m.vocab_size == 600 and set(summary['splits']) == set(m.splits)
   assert m.splits['train']['source']['kind'] == 'stdlib' and m.rows('valid') > 0
   cfg = config_lib.load(os.path.join(REPO, 'configs/structured_ffn.py:model=s,data=local'),

@@ -2,6 +2,7 @@
 fix; one that fills its cap (to whole rows) is not."""
 
 from structffn_jax.data import prepare as prepare_lib
+from structffn_jax.data.manifest import Manifest
 from tests import tiny_setup
 
 
@@ -19,4 +20,4 @@ def test_short_valid_split_is_a_warning_in_the_runs_first_lines(tmp_path):
   row = manifest.seq_len + 1
   config.data.valid_tokens = got + row - 1
   from structffn_jax.data import shortfall
-  assert shortfall.messages(config.data, prepare_lib.Manifest.load(tmp_path / 'data')) == []
+  assert shortfall.messages(config.data, Manifest.load(tmp_path / 'data')) == []

@@ -146,7 +146,7 @@ def test_vocabulary_above_65535_is_stored_as_uint32(tmp_path):
 
 def test_existing_sentencepiece_model_in_workers(corpus, tmp_path):
   model = tmp_path / 'sp.model'
-  model.write_bytes(prep.train_tokenizer(_docs(corpus[0]), 700))
+  model.write_bytes(tokenizer_lib.train_tokenizer(_docs(corpus[0]), 700))
   sp = spm.SentencePieceProcessor(model_file=str(model))
   m = prep.prepare(_cfg(corpus, tokenizer=str(model), num_workers=2), tmp_path / 'out', SEQ_LEN)
   assert (m.tokenizer_kind, m.tokenizer_file, m.vocab_size) == (
@@ -159,7 +159,7 @@ def test_existing_sentencepiece_model_in_workers(corpus, tmp_path):
 def test_tokenizers_pickle_and_reject_bad_files(corpus, tmp_path):
   json_path = _bpe_json(tmp_path / 't.json', _docs(corpus[1]), vocab_size=400)
   model_path = tmp_path / 't.model'
-  model_path.write_bytes(prep.train_tokenizer(_docs(corpus[1]), 400))
+  model_path.write_bytes(tokenizer_lib.train_tokenizer(_docs(corpus[1]), 400))
   text = _docs(corpus[0])[0]
   for path in (json_path, model_path):
     tok = tokenizer_lib.load(path)

@@ -33,16 +33,17 @@ import time
 from structffn_jax import cli, schema
 from structffn_jax.data import prepare as prep
 from structffn_jax.data import sources
+from structffn_jax.data import tokenizer as tokenizer_lib
 
 _TRAIN_BYTES = 8_000_000
 
 
 def _train_tokenizers(cfg, kinds, vocab_size: int, out: pathlib.Path) -> dict[str, pathlib.Path]:
-  docs = list(prep._training_lines(sources.documents(cfg, 'train'), _TRAIN_BYTES))
+  docs = list(tokenizer_lib._training_lines(sources.documents(cfg, 'train'), _TRAIN_BYTES))
   paths = {}
   if 'sentencepiece' in kinds:
     paths['sentencepiece'] = out / 'sp.model'
-    paths['sentencepiece'].write_bytes(prep.train_tokenizer(docs, vocab_size))
+    paths['sentencepiece'].write_bytes(tokenizer_lib.train_tokenizer(docs, vocab_size))
   if 'huggingface' in kinds:
     import tokenizers  # pylint: disable=import-outside-toplevel
     from tokenizers import (  # pylint: disable=import-outside-toplevel

@@ -1,11 +1,17 @@
 """Data: text sources -> token rows on disk -> index-addressed batches.
 
   sources    documents from plain text / JSON lines / Hugging Face datasets / the Python stdlib
-  tokenizer  SentencePiece `.model` and Hugging Face `tokenizer.json` behind one interface
+  tokenizer  SentencePiece `.model` and Hugging Face `tokenizer.json` behind one interface; the
+             SentencePiece model a preparation trains
   manifest   a prepared directory read: manifest.json, the .bin shards and their size checks
              (no tokenizer library)
-  prepare    the writer: tokenizer + sharded rows of seq_len + 1 ids + manifest.json, written
-             once, by one or many jobs, over parallel worker processes; resumable
+  prepare    the writer's entry and command line: tokenizer + sharded rows of seq_len + 1 ids +
+             manifest.json, written once, by one or many jobs; a finished directory reused
+  settings   what a preparation writes: input streams, carved splits, caps, the settings a
+             job's files depend on
+  jobs       the jobs and their records under jobs/: resume, refuse or replace an unfinished
+             preparation, the tokenizer copied or trained once, the merge into the manifest
+  pieces     a job's share of one stream, written and recorded piece by piece; progress lines
   encode     the writer's tokenizing half: documents to splits, ids on worker processes, rows
   rows_bin   a manifest over rows tokenized elsewhere (the authors' .bin files)
   pipeline   grain pipeline: global batch d is a pure function of d (exact resume, replay)
@@ -25,7 +31,7 @@ _EXPORTS = {
     'num_eval_batches': 'pipeline',
     'open_split': 'pipeline',
     'Manifest': 'manifest',
-    'PendingJobs': 'prepare',
+    'PendingJobs': 'jobs',
     'as_manifest': 'manifest',
     'load_tokenizer': 'prepare',
     'prepare': 'prepare',

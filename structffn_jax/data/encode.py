@@ -1,4 +1,4 @@
-"""Documents to token ids, on worker processes: the writer's (prepare.py) tokenizing half.
+"""Documents to token ids, on worker processes: the writer's tokenizing half (pieces.py runs it).
 
   _Stream       one input stream of documents and the splits its documents go to
   _route        the split of a document: by its hash, the same whichever job reads it

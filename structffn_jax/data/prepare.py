@@ -59,45 +59,26 @@ shorthand of one data field, are applied over it and the whole is validated as b
 
 from __future__ import annotations
 
-import collections
-import io
 import json
 import logging
 import os
-import shutil
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable
 
 import ml_collections
-import sentencepiece as spm
 
 from structffn_jax import schema
-from structffn_jax.data import rows_bin, sources
-# The tokenizing half, used here (and its names read from here by the tests).
-from structffn_jax.data.encode import (_chunks, _encoding, _Encoder, _RowWriter, _route, _Stream,
-                                       resolve_num_workers)
+from structffn_jax.data import rows_bin, shortfall, sources
 from structffn_jax.data import tokenizer as tokenizer_lib
-# The reader's names, used here and read from here by older callers.
-from structffn_jax.data import shortfall
-from structffn_jax.data.manifest import (FORMAT_VERSION, MANIFEST_NAME, REQUIRED, Manifest,
-                                         as_manifest, atomic_write, check_model_vocab,
-                                         check_tokenizer_given, file_rows, json_bytes,
-                                         remove_dead_tmp, resolve_data_dir, sha256_file,
-                                         token_dtype)
+from structffn_jax.data.encode import resolve_num_workers
+from structffn_jax.data.jobs import PendingJobs, _job_of, _merge, _run_job
+from structffn_jax.data.manifest import (MANIFEST_NAME, REQUIRED, Manifest, check_model_vocab,
+                                         file_rows, resolve_data_dir, sha256_file)
+from structffn_jax.data.settings import _settings
 
-log = logging.getLogger(__name__)
-
-JOBS_DIR = 'jobs'
-TOKENIZER_NAME = tokenizer_lib.FILE_NAMES[tokenizer_lib.SENTENCEPIECE]
-# Bumped when the tokenizer training options below change, so old directories are not reused.
-TOKENIZER_RECIPE = 1
-DEFAULT_TOKENIZER_TRAIN_BYTES = 32_000_000
-_PROGRESS_SECONDS = 10.0
-_MAX_CHUNK_CHARS = 1 << 20  # text per task sent to a worker
-_AUTO_FRACTION = 0.01  # held-out fraction when only a token count is given and no cap on train
-_FRACTION_MARGIN = 1.25  # held-out fraction = margin x its share of the caps
+# By name: run as `python -m structffn_jax.data.prepare`, this module's __name__ is '__main__'.
+log = logging.getLogger('structffn_jax.data.prepare')
 
 # The paper's data: RefinedWeb (train only, so 0.7B validation tokens are carved from it by
 # document hash) tokenized with the LLaMA SentencePiece model, whose path the user supplies; 65B
@@ -124,472 +105,12 @@ def apply_recipe(cfg_data: ml_collections.ConfigDict, recipe: dict[str, Any]) ->
     cfg_data[name] = value
 
 
-class PendingJobs(ValueError):
-  """Raised when this job has finished but others of `data.num_shards` have not."""
-
-
-# ------------------------------------------------------------------------------- tokenizer
-
-
-def _training_lines(docs: Iterable[str], max_bytes: int) -> Iterator[str]:
-  """Non-empty lines of `docs`, up to `max_bytes` of UTF-8 in total: SentencePiece's sentences."""
-  total = 0
-  for doc in docs:
-    for line in doc.split('\n'):
-      if not line:
-        continue
-      total += len(line.encode('utf-8')) + 1
-      if total > max_bytes:
-        return
-      yield line
-
-
-def train_tokenizer(
-    docs: Iterable[str],
-    vocab_size: int,
-    *,
-    max_train_bytes: int = DEFAULT_TOKENIZER_TRAIN_BYTES,
-    num_threads: int = 2,
-) -> bytes:
-  """Trains a byte-fallback BPE SentencePiece model on the first `max_train_bytes` of `docs`.
-
-  Options chosen so that decode(encode(s)) == s for any string: no normalization, whitespace
-  kept as is (no dummy prefix, no collapsing of runs), and bytes for anything outside the vocab.
-  Sentences are fed in order without sampling, so the model is a function of the text. Returns
-  the serialized model; ids: unk 0, bos 1, eos 2, no pad.
-  """
-  model = io.BytesIO()
-  try:
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=_training_lines(docs, max_train_bytes),
-        model_writer=model,
-        model_type='bpe',
-        vocab_size=vocab_size,
-        byte_fallback=True,
-        normalization_rule_name='identity',
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=False,
-        allow_whitespace_only_pieces=True,
-        split_digits=True,
-        character_coverage=0.9995,
-        input_sentence_size=0,
-        shuffle_input_sentence=False,
-        max_sentence_length=1 << 16,
-        num_threads=num_threads,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        minloglevel=2,
-    )
-  except RuntimeError as e:
-    raise ValueError(
-        f'training a SentencePiece tokenizer with data.vocab_size={vocab_size} failed: {e}') from e
-  return model.getvalue()
-
-
 def load_tokenizer(path: str | os.PathLike,
                    *,
                    field: str = 'data.tokenizer',
                    eos_token: str = '') -> tokenizer_lib.Tokenizer:
   """Loads a SentencePiece `.model` or Hugging Face `tokenizer.json`, errors naming `field`."""
   return tokenizer_lib.load(path, field=field, eos_token=eos_token)
-
-
-def _tokenizer_settings(cfg_data: Any, tokenizer_train_bytes: int) -> dict[str, Any]:
-  """What identifies the tokenizer: the file's sha256, or the training recipe."""
-  src = cfg_data.tokenizer
-  check_tokenizer_given(src)
-  if src:
-    path = Path(src).expanduser()
-    if not path.is_file():
-      raise FileNotFoundError(f'data.tokenizer: tokenizer file not found: {src!r}')
-    return {
-        'file_sha256': sha256_file(path),
-        'kind': tokenizer_lib.kind_of(path),
-        'eos_token': cfg_data.eos_token,
-    }
-  return {
-      'trained': {
-          'vocab_size': int(cfg_data.vocab_size),
-          'max_train_bytes': int(tokenizer_train_bytes),
-          'recipe': TOKENIZER_RECIPE,
-      }
-  }
-
-
-# ------------------------------------------------------------------------------ the plan
-
-
-def _cap_tokens(cfg_data: Any, split: str) -> tuple[int, str]:
-  """A split's cap in tokens (0 = none) and the field it comes from."""
-  own = int(cfg_data[f'{split}_tokens']) if split != 'train' else 0
-  if own:
-    return own, f'data.{split}_tokens'
-  return int(cfg_data.max_tokens), 'data.max_tokens'
-
-
-def _plan(cfg_data: Any, seq_len: int) -> tuple[list[_Stream], dict[str, int | None]]:
-  """The input streams and each split's cap in rows (None = no cap)."""
-  row_len = seq_len + 1
-  available = sources.available_splits(cfg_data)
-  if 'train' not in available:
-    raise ValueError('data.train_paths is empty: the train split needs at least one input')
-  carve = []
-  for split in ('valid', 'test'):
-    fraction = float(cfg_data[f'{split}_fraction'])
-    tokens = int(cfg_data[f'{split}_tokens'])
-    if split in available:
-      if fraction:
-        raise ValueError(f'data.{split}_fraction={fraction} carves {split} from train, but '
-                         f'{sources.paths_field(split)} already gives it inputs: set one of them')
-      continue
-    if not fraction and tokens:
-      train_cap = int(cfg_data.max_tokens)
-      others = tokens + int(cfg_data['valid_tokens' if split == 'test' else 'test_tokens'])
-      fraction = (min(0.5, _FRACTION_MARGIN * tokens /
-                      (train_cap + others)) if train_cap else _AUTO_FRACTION)
-    if fraction:
-      if not 0 < fraction < 1:
-        raise ValueError(f'data.{split}_fraction={fraction} must lie in (0, 1)')
-      carve.append((split, fraction))
-  if sum(f for _, f in carve) >= 1:
-    raise ValueError('data.valid_fraction + data.test_fraction must stay below 1')
-  streams = [_Stream('train', tuple(carve))]
-  streams += [_Stream(s) for s in ('valid', 'test') if s in available]
-  caps: dict[str, int | None] = {}
-  for stream in streams:
-    for split in stream.outputs:
-      tokens, field = _cap_tokens(cfg_data, split)
-      if tokens and tokens < row_len:
-        raise ValueError(f'{field}={tokens} is less than one row of seq_len+1={row_len} tokens')
-      caps[split] = tokens // row_len if tokens else None
-  return streams, caps
-
-
-def _settings(cfg_data: Any, seq_len: int, tokenizer_train_bytes: int,
-              num_jobs: int) -> tuple[list[_Stream], dict[str, Any]]:
-  """The plan and everything the contents of a job's files depend on, as JSON-normal data."""
-  streams, caps = _plan(cfg_data, seq_len)
-  shard_tokens = int(cfg_data.shard_tokens)
-  if shard_tokens < 1:
-    raise ValueError(f'data.shard_tokens={shard_tokens} must be positive')
-  settings = {
-      'format': FORMAT_VERSION,
-      'seq_len': int(seq_len),
-      'source': cfg_data.source,
-      'tokenizer': _tokenizer_settings(cfg_data, tokenizer_train_bytes),
-      'streams': {
-          st.split: {
-              'input': sources.describe(cfg_data, st.split),
-              'carve': dict(st.carve)
-          } for st in streams
-      },
-      'max_rows': caps,
-      'shard_rows': max(1, shard_tokens // (seq_len + 1)),
-      'chunk_chars': int(min(_MAX_CHUNK_CHARS, max(1 << 12, shard_tokens // 4))),
-      'num_jobs': int(num_jobs),
-  }
-  return streams, json.loads(json.dumps(settings))
-
-
-def _diff(old: Any, new: Any, prefix: str = '') -> list[str]:
-  if isinstance(old, dict) and isinstance(new, dict):
-    out = []
-    for k in sorted(set(old) | set(new)):
-      out += _diff(old.get(k), new.get(k), f'{prefix}.{k}' if prefix else k)
-    return out
-  return [] if old == new else [f'{prefix}: existing {old!r} vs requested {new!r}']
-
-
-def _short_diff(old: Any, new: Any) -> str:
-  lines = _diff(old, new)
-  return '; '.join(lines[:3]) + (f'; and {len(lines) - 3} more' if len(lines) > 3 else '')
-
-
-# ------------------------------------------------------------------------------ progress
-
-
-def _human(x: float) -> str:
-  for unit, scale in (('G', 1e9), ('M', 1e6), ('k', 1e3)):
-    if abs(x) >= scale:
-      return f'{x / scale:.2f}{unit}'
-  return f'{x:.0f}'
-
-
-def _duration(seconds: float) -> str:
-  seconds = int(seconds)
-  return f'{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s'
-
-
-class _Progress:
-  """The progress line of one stream: documents, tokens, tokens/s and the time left."""
-
-  def __init__(self, name: str, cap_tokens: int | None, done_tokens: int):
-    self.name, self.cap, self.done = name, cap_tokens, done_tokens
-    self.start = self.last = time.monotonic()
-    self.docs = self.tokens = 0
-
-  def update(self, docs: int, tokens: int, *, final: bool = False) -> None:
-    self.docs += docs
-    self.tokens += tokens
-    now = time.monotonic()
-    if not final and now - self.last < _PROGRESS_SECONDS:
-      return
-    self.last = now
-    rate = self.tokens / max(now - self.start, 1e-9)
-    line = (f'{self.name}: {_human(self.docs)} docs, {_human(self.tokens)} tokens, '
-            f'{_human(rate)} tokens/s')
-    if self.cap and not final:
-      left = max(0, self.cap - self.done - self.tokens)
-      eta = _duration(left / max(rate, 1e-9))
-      line += f', {_human(self.done + self.tokens)}/{_human(self.cap)}, ETA {eta}'
-    if final:
-      line += f' in {_duration(now - self.start)}'
-    log.info(line)
-
-
-# ---------------------------------------------------------------------------------- jobs
-
-
-def _job_path(out_dir: Path, job: int, num_jobs: int) -> Path:
-  return out_dir / JOBS_DIR / f'job-{job:05d}-of-{num_jobs:05d}.json'
-
-
-def _job_of(cfg_data: Any) -> tuple[int, int]:
-  job, num_jobs = int(cfg_data.shard), int(cfg_data.num_shards)
-  if num_jobs < 1:
-    raise ValueError(f'data.num_shards={num_jobs} must be at least 1')
-  if not 0 <= job < num_jobs:
-    raise ValueError(f'data.shard={job} outside [0, data.num_shards={num_jobs})')
-  return job, num_jobs
-
-
-def _share(total: int | None, job: int, num_jobs: int) -> int | None:
-  """Job `job`'s part of a cap of `total` rows shared by `num_jobs` jobs."""
-  if total is None:
-    return None
-  return total // num_jobs + (1 if job < total % num_jobs else 0)
-
-
-def _run_stream(
-    stream: _Stream,
-    cfg_data: Any,
-    out_dir: Path,
-    record: dict[str, Any],
-    encode: Callable,
-    tok: tokenizer_lib.Tokenizer,
-) -> None:
-  """Tokenizes this job's share of `stream` piece by piece, recording each finished piece."""
-  settings, job = record['settings'], record['job']
-  num_jobs, row_len = settings['num_jobs'], settings['seq_len'] + 1
-  state = record['streams'].setdefault(stream.split, {'pieces': [], 'doc_end': 0, 'done': False})
-  if state['done']:
-    return
-  caps = {s: _share(settings['max_rows'][s], job, num_jobs) for s in stream.outputs}
-  taken = {s: sum(p['splits'][s]['rows'] for p in state['pieces']) for s in stream.outputs}
-  resume = state['pieces'][-1]['resume'] if state['pieces'] else None
-  if resume:
-    log.info(
-        '%s: resuming after %d finished pieces (%d documents, not tokenized again)',
-        stream.split,
-        len(state['pieces']),
-        state['doc_end'],
-    )
-  docs = sources.documents(cfg_data, stream.split, shard=(job, num_jobs), resume=resume)
-  cap = caps[stream.split]
-  progress = _Progress(
-      f'{stream.split}' + (f' (job {job}/{num_jobs})' if num_jobs > 1 else ''),
-      cap * row_len if cap is not None else None,
-      taken[stream.split] * row_len,
-  )
-  dtype, vocab = token_dtype(tok.vocab_size), tok.vocab_size
-  writers: dict[str, _RowWriter] = {}
-
-  def open_piece():
-    index = len(state['pieces'])
-    return {
-        s:
-            _RowWriter(
-                out_dir / f'{s}-{job:05d}-{index:05d}.bin',
-                row_len,
-                dtype,
-                vocab,
-                None if caps[s] is None else caps[s] - taken[s],
-            ) for s in stream.outputs
-    }
-
-  def close_piece(doc_end: int, position: dict[str, Any]):
-    entries = {s: w.finish() for s, w in writers.items()}
-    writers.clear()
-    state['pieces'].append({'doc_end': doc_end, 'resume': position, 'splits': entries})
-    state['doc_end'] = doc_end
-    for s, entry in entries.items():
-      taken[s] += entry['rows']
-    atomic_write(_job_path(out_dir, job, num_jobs), json_bytes(record))
-
-  doc_end, position = state['doc_end'], resume
-  positions: collections.deque = collections.deque()  # Of the chunks sent, in order.
-
-  def tasks():
-    for count, batch, after in _chunks(docs, settings['chunk_chars']):
-      positions.append(after)
-      yield stream, count, batch
-
-  try:
-    for count, out in encode(tasks()):
-      if not writers:
-        writers.update(open_piece())
-      for split, (ids, n_docs) in out.items():
-        writers[split].add(ids, n_docs)
-      doc_end, position = doc_end + count, positions.popleft()
-      primary = writers[stream.split]
-      progress.update(count, sum(len(ids) for ids, _ in out.values()))
-      if primary.full or primary.tokens >= settings['shard_rows'] * row_len:
-        close_piece(doc_end, position)
-        if cap is not None and taken[stream.split] >= cap:
-          break
-    if writers:
-      close_piece(doc_end, position)
-  except BaseException:
-    for writer in writers.values():
-      writer.abort()
-    raise
-  progress.update(0, 0, final=True)
-  for split in stream.outputs[1:]:
-    if caps[split] is not None and taken[split] < caps[split]:
-      log.warning(
-          '%s carved from train ended at %d of its %d rows: raise data.%s_fraction for more',
-          split,
-          taken[split],
-          caps[split],
-          split,
-      )
-  state['done'] = True
-  atomic_write(_job_path(out_dir, job, num_jobs), json_bytes(record))
-
-
-def _setup_tokenizer(
-    cfg_data: Any,
-    out_dir: Path,
-    settings: dict[str, Any],
-    streams: list[_Stream],
-    model_vocab_size: int | None,
-    tokenizer_train_bytes: int,
-    num_threads: int,
-) -> tuple[tokenizer_lib.Tokenizer, Path]:
-  """Copies `data.tokenizer` into `out_dir`, or trains one there (once, whichever job is first)."""
-  src, spec = cfg_data.tokenizer, settings['tokenizer']
-  if src:
-    tok = load_tokenizer(src, eos_token=spec['eos_token'])
-    check_model_vocab(tok.vocab_size, model_vocab_size, f'data.tokenizer={src!r}')
-    dst = out_dir / tok.file_name
-    if not (dst.is_file() and sha256_file(dst) == spec['file_sha256']):
-      atomic_write(dst, tok.data)
-  else:
-    vocab_size = spec['trained']['vocab_size']
-    check_model_vocab(vocab_size, model_vocab_size, f'data.vocab_size={vocab_size}')
-    dst, marker = out_dir / TOKENIZER_NAME, out_dir / JOBS_DIR / 'tokenizer.json'
-    done = {'settings': spec, 'sha256': sha256_file(dst) if dst.is_file() else None}
-    if marker.is_file() and json.loads(marker.read_text()) == done:
-      model = dst.read_bytes()
-    else:
-      log.info('training a %d-token SentencePiece model on the train split', vocab_size)
-      t0 = time.monotonic()
-      train_docs = (
-          d for d in sources.documents(cfg_data, 'train') if _route(d, streams[0]) == 'train')
-      model = train_tokenizer(
-          train_docs,
-          vocab_size,
-          max_train_bytes=spec['trained']['max_train_bytes'],
-          num_threads=num_threads,
-      )
-      atomic_write(dst, model)
-      atomic_write(marker, json_bytes({'settings': spec, 'sha256': sha256_file(dst)}))
-      log.info('tokenizer trained in %.1f s', time.monotonic() - t0)
-    tok = tokenizer_lib.SentencePieceTokenizer(model, name=str(dst))
-  if tok.eos_id < 0:
-    raise ValueError(
-        f'tokenizer {src or dst} defines no EOS id; documents need one as separator (set '
-        'data.eos_token)')
-  return tok, dst
-
-
-def _merge(
-    out_dir: Path,
-    settings: dict[str, Any],
-    streams: list[_Stream],
-    tok: tokenizer_lib.Tokenizer,
-    tok_path: Path,
-    tokenizer_source: str,
-) -> Manifest:
-  """Writes the manifest once every job has finished; raises PendingJobs before that."""
-  num_jobs, records, pending = settings['num_jobs'], [], []
-  for job in range(num_jobs):
-    path = _job_path(out_dir, job, num_jobs)
-    record = json.loads(path.read_text()) if path.is_file() else None
-    if not record or not record.get('complete'):
-      pending.append(job)
-      continue
-    if record['settings'] != settings:
-      raise ValueError(
-          f'{path} was prepared with other settings than this job '
-          f'({_short_diff(record["settings"], settings)}): run every job with the same settings')
-    records.append(record)
-  if pending:
-    raise PendingJobs(
-        f'{out_dir}: jobs {pending} of data.num_shards={num_jobs} have not finished; run them '
-        f'(prepare --shard i --num-shards {num_jobs}): the last one to finish writes the manifest')
-  if len({r['tokenizer_sha256'] for r in records}) > 1:
-    raise ValueError(f'the jobs in {out_dir / JOBS_DIR} used different tokenizers; prepare again')
-  row_len = settings['seq_len'] + 1
-  splits = {}
-  for stream in streams:
-    for split in stream.outputs:
-      entries = [
-          piece['splits'][split]
-          for record in records
-          for piece in record['streams'][stream.split]['pieces']
-      ]
-      rows = sum(e['rows'] for e in entries)
-      dropped = sum(e['dropped_tokens'] for e in entries)
-      if rows == 0:
-        field = (sources.paths_field(split) if split == stream.split else f'data.{split}_fraction')
-        raise ValueError(
-            f'split {split!r} has {dropped} tokens, fewer than one row of seq_len+1={row_len}; '
-            f'add text to {field} or lower the sequence length')
-      source = settings['streams'][stream.split]['input']
-      if split != stream.split:
-        source = {'carved_from': source, 'fraction': dict(stream.carve)[split]}
-      splits[split] = {
-          'rows': rows,
-          'tokens': rows * row_len,
-          'dropped_tokens': dropped,
-          'docs': sum(e['docs'] for e in entries),
-          'shards': [{
-              'file': e['file'],
-              'rows': e['rows'],
-              'sha256': e['sha256'],
-              'max_id': e['max_id']
-          } for e in entries if e['rows']],
-          'source': source,
-      }
-  manifest = Manifest(
-      dir=out_dir,
-      seq_len=settings['seq_len'],
-      vocab_size=int(tok.vocab_size),
-      dtype=token_dtype(tok.vocab_size).name,
-      tokenizer_file=tok_path.name,
-      tokenizer_sha256=sha256_file(tok_path),
-      tokenizer_source=tokenizer_source,
-      eos_id=int(tok.eos_id),
-      bos_id=int(tok.bos_id),
-      splits=splits,
-      settings=settings,
-      tokenizer_kind=tok.kind,
-  )
-  manifest.save()
-  return manifest
 
 
 # --------------------------------------------------------------------------------- prepare
@@ -677,7 +198,7 @@ def prepare(
     seq_len: int,
     *,
     model_vocab_size: int | None = None,
-    tokenizer_train_bytes: int = DEFAULT_TOKENIZER_TRAIN_BYTES,
+    tokenizer_train_bytes: int = tokenizer_lib.DEFAULT_TOKENIZER_TRAIN_BYTES,
     num_threads: int = 2,
     replace_unfinished: bool = False,
     log_replaced: Callable[[str], None] = log.info,
@@ -713,40 +234,19 @@ def prepare(
   job, num_jobs = _job_of(cfg_data)
   num_workers = resolve_num_workers(cfg_data.num_workers)
   streams, settings = _settings(cfg_data, seq_len, tokenizer_train_bytes, num_jobs)
-  record_path = _job_path(out_dir, job, num_jobs)
-  record = json.loads(record_path.read_text()) if record_path.is_file() else None
-  if record is not None and record['settings'] != settings and replace_unfinished:
-    log_replaced(f'{out_dir}: replaced an unfinished preparation with other settings '
-                 f'({_short_diff(record["settings"], settings)}), left by a start that failed')
-    shutil.rmtree(out_dir)
-    record = None
-  if record is not None and record['settings'] != settings:
-    raise ValueError(
-        f'{out_dir} holds an unfinished preparation with other settings '
-        f'({_short_diff(record["settings"], settings)}): finish it with the same settings, or '
-        f'delete {out_dir}')
-  (out_dir / JOBS_DIR).mkdir(parents=True, exist_ok=True)
-  for p in remove_dead_tmp(out_dir) + remove_dead_tmp(out_dir / JOBS_DIR):
-    log.info('%s: removed, left by a writer that died', p.name)
-  tok, tok_path = _setup_tokenizer(cfg_data, out_dir, settings, streams, model_vocab_size,
-                                   tokenizer_train_bytes, num_threads)
-  tok_sha = sha256_file(tok_path)
-  if record is None:
-    record = {
-        'job': job,
-        'settings': settings,
-        'tokenizer_sha256': tok_sha,
-        'streams': {},
-        'complete': False
-    }
-  elif record['tokenizer_sha256'] != tok_sha:
-    raise ValueError(f'{tok_path} changed since {record_path} was started; delete {out_dir}')
-  if not record['complete']:
-    with _encoding(tok, num_workers, num_threads) as encode:
-      for stream in streams:
-        _run_stream(stream, cfg_data, out_dir, record, encode, tok)
-    record['complete'] = True
-    atomic_write(record_path, json_bytes(record))
+  tok, tok_path = _run_job(
+      cfg_data,
+      out_dir,
+      job,
+      settings,
+      streams,
+      model_vocab_size=model_vocab_size,
+      tokenizer_train_bytes=tokenizer_train_bytes,
+      num_workers=num_workers,
+      num_threads=num_threads,
+      replace_unfinished=replace_unfinished,
+      log_replaced=log_replaced,
+  )
   src = cfg_data.tokenizer
   return _merge(
       out_dir,
@@ -844,17 +344,19 @@ def main(argv: list[str] | None = None) -> int:
             help='token type of rows_bin inputs')
   p.add_argument('--tokenizer-train-bytes',
                  type=cli.integer(1, 2**62),
-                 default=DEFAULT_TOKENIZER_TRAIN_BYTES,
+                 default=tokenizer_lib.DEFAULT_TOKENIZER_TRAIN_BYTES,
                  help='text the tokenizer is trained on, in bytes')
   p.add_argument('--num-threads', type=cli.integer(1), default=2,
                  help='threads of the tokenizer training')
   args = cli.parse(p, argv)
+  # The lines of every module of the writer (this one, jobs, pieces) on stderr.
+  writer_log = logging.getLogger('structffn_jax.data')
   handler = logging.StreamHandler(sys.stderr)
   handler.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
-  log.addHandler(handler)
-  level, propagate = log.level, log.propagate
-  log.setLevel(logging.INFO)
-  log.propagate = False
+  writer_log.addHandler(handler)
+  level, propagate = writer_log.level, writer_log.propagate
+  writer_log.setLevel(logging.INFO)
+  writer_log.propagate = False
   try:
     return _main(args)
   except PendingJobs as e:
@@ -863,9 +365,9 @@ def main(argv: list[str] | None = None) -> int:
   except (ValueError, FileNotFoundError, ImportError, KeyError) as e:
     sys.exit(f'error: {e}')
   finally:
-    log.removeHandler(handler)
-    log.setLevel(level)
-    log.propagate = propagate
+    writer_log.removeHandler(handler)
+    writer_log.setLevel(level)
+    writer_log.propagate = propagate
 
 
 def _main(args) -> int:

@@ -1,4 +1,5 @@
-"""Tokenizers behind one interface: SentencePiece `.model` files and Hugging Face `tokenizer.json`.
+"""Tokenizers behind one interface: SentencePiece `.model` files and Hugging Face `tokenizer.json`;
+and the SentencePiece model `prepare` trains.
 
     tok = tokenizer.load(path)          # by file type: *.json -> Hugging Face, else SentencePiece
     tok.encode_batch(docs) -> [[id, ...], ...]   no BOS/EOS added; `prepare` appends tok.eos_id
@@ -10,13 +11,18 @@ not say which token ends a document, so `eos_id` is looked up among the usual na
 (`EOS_CANDIDATES`) unless `eos_token` names it.
 
 A `Tokenizer` pickles as its file's bytes, so `prepare` can send it to worker processes.
+
+`train_tokenizer(docs, vocab_size) -> bytes` trains a byte-fallback BPE SentencePiece model that
+decodes any text back exactly; `TOKENIZER_RECIPE`, part of a prepared directory's settings, changes
+with its options.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
@@ -26,6 +32,9 @@ FILE_NAMES = {SENTENCEPIECE: 'tokenizer.model', HUGGINGFACE: 'tokenizer.json'}
 # Document-end tokens of common tokenizer.json files: GPT-2 / LLaMA 3 / LLaMA 2, Mistral / Gemma.
 EOS_CANDIDATES = ('<|endoftext|>', '<|end_of_text|>', '</s>', '<eos>')
 BOS_CANDIDATES = ('<|begin_of_text|>', '<s>', '<bos>')
+# Bumped when the training options of `train_tokenizer` change, so old directories are not reused.
+TOKENIZER_RECIPE = 1
+DEFAULT_TOKENIZER_TRAIN_BYTES = 32_000_000
 
 
 def kind_of(path: str | os.PathLike) -> str:
@@ -175,3 +184,60 @@ def load(path: str | os.PathLike,
   except OSError as e:
     raise ValueError(f'{field}: cannot read {str(path)!r}: {e}') from e
   return from_bytes(data, kind_of(path), name=f'{field}={str(path)!r}', eos_token=eos_token)
+
+
+def _training_lines(docs: Iterable[str], max_bytes: int) -> Iterator[str]:
+  """Non-empty lines of `docs`, up to `max_bytes` of UTF-8 in total: SentencePiece's sentences."""
+  total = 0
+  for doc in docs:
+    for line in doc.split('\n'):
+      if not line:
+        continue
+      total += len(line.encode('utf-8')) + 1
+      if total > max_bytes:
+        return
+      yield line
+
+
+def train_tokenizer(
+    docs: Iterable[str],
+    vocab_size: int,
+    *,
+    max_train_bytes: int = DEFAULT_TOKENIZER_TRAIN_BYTES,
+    num_threads: int = 2,
+) -> bytes:
+  """Trains a byte-fallback BPE SentencePiece model on the first `max_train_bytes` of `docs`.
+
+  Options chosen so that decode(encode(s)) == s for any string: no normalization, whitespace
+  kept as is (no dummy prefix, no collapsing of runs), and bytes for anything outside the vocab.
+  Sentences are fed in order without sampling, so the model is a function of the text. Returns
+  the serialized model; ids: unk 0, bos 1, eos 2, no pad.
+  """
+  model = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_training_lines(docs, max_train_bytes),
+        model_writer=model,
+        model_type='bpe',
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        normalization_rule_name='identity',
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        character_coverage=0.9995,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        max_sentence_length=1 << 16,
+        num_threads=num_threads,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+  except RuntimeError as e:
+    raise ValueError(
+        f'training a SentencePiece tokenizer with data.vocab_size={vocab_size} failed: {e}') from e
+  return model.getvalue()
