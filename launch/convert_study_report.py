@@ -481,43 +481,46 @@ def plot_loss(study: Study, path: pathlib.Path) -> None:
                                                                   3.4 * len(fractions)),
                            squeeze=False)
   styles = ['-', '--', ':', '-.']
+  clipped = False
   for i, fraction in enumerate(fractions):
     for j, method in enumerate(methods):
       ax = axes[i][j]
-      later = []
+      shown, scratch0 = [], []
       for mode in SHOWN:
         for k, s in enumerate(study.seeds):
           r = study.run(method, fraction, mode, s)
           if r is None:
             continue
-          pts = [(step * r['batch_tokens'], v) for step, v in r['valid_curve']]
-          later += [v for _, v in pts]
+          pts = [(step * r['batch_tokens'] / 1e6, v) for step, v in r['valid_curve']]
+          shown += [v for _, v in pts]
           v0, _ = loss_at(r, 0, study.step0)
           if v0 is not None:
             pts = [(0, v0)] + pts
-            if mode != 'scratch':
-              later.append(v0)
+            (scratch0 if mode == 'scratch' else shown).append(v0)
           if pts:
             xs, ys = zip(*pts)
             ax.plot(xs, ys, styles[k % len(styles)], color=COLORS[mode], lw=1.0, marker='o',
                     ms=2.5, label=f'{SHOWN_LABEL[mode]} seed {s}')
       if study.half is not None:
         batch = next((r['batch_tokens'] for r in study.runs), 1)
-        ax.axvline(study.half * batch, color='gray', ls=':', lw=1.0, label='hand-over (steps/2)')
+        ax.axvline(study.half * batch / 1e6, color='gray', ls=':', lw=1.0,
+                   label='hand-over (steps/2)')
       source = study.source_loss()
       if source is not None:
         ax.axhline(source, color='gray', lw=0.6, alpha=0.6)
-      if later:  # scratch's step-0 loss (about ln V) would flatten the rest: off the top
-        lo, hi = min(later), max(later)
+      if shown:  # a scratch step 0 far above the rest would flatten it: then off the top
+        lo, hi = min(shown + scratch0), max(shown + scratch0)
+        if scratch0 and max(scratch0) > max(shown) + 0.5:
+          hi, clipped = max(shown), True
         ax.set_ylim(lo - 0.05 * (hi - lo + 1e-3), hi + 0.05 * (hi - lo + 1e-3))
       ax.set_title(label(method, fraction), fontsize=10)
-      ax.set_xlabel('tokens of continued training')
+      ax.set_xlabel('tokens of continued training (M)')
       ax.set_ylabel('validation loss')
       ax.grid(alpha=0.3)
       if ax.lines and i == 0 and j == 0:
         ax.legend(fontsize=6)
-  fig.suptitle('Continued training from the dense source (gray line: its final loss; '
-               "scratch's step 0 off the top)", fontsize=10)
+  fig.suptitle('Continued training from the dense source (gray line: its final loss'
+               + ("; scratch's step 0 off the top" if clipped else '') + ')', fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
