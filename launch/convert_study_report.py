@@ -119,7 +119,9 @@ def read_run(config, arg: str, path: pathlib.Path) -> dict:
   every = config.train.eval_every
   batch_tokens = config.train.global_batch * config.model.seq_len
   train_wall, train_cpu = studies.wall_seconds(path), studies.cpu_seconds(path)
-  conv = _read_json(path / 'convert_sweep.json') or {}
+  # the conversion's exit, wall and CPU time: in a record, or beside a workdir (convert_study.py)
+  conv = (_read_json(path / 'convert_sweep.json')
+          or _read_json(path.parent / f'.{path.name}.convert' / studies.SWEEP_FILE) or {})
   fraction = 100 if a['method'] == 'dense' else int(a.get('fraction', 32))
   return {
       'run': config.name, 'arg': arg, 'method': a['method'], 'fraction': fraction,
@@ -568,7 +570,7 @@ def report(module, runs: list[dict], step0: dict, out: pathlib.Path,
     conv[label(method, fraction)] = c
     e = c['conversion'] or {}
     conv_rows.append([label(method, fraction), e.get('relative_error'), e.get('optimum'),
-                      None if not e else e['relative_error'] - e['optimum']]
+                      None if not e else f"{e['relative_error'] - e['optimum']:+.1e}"]
                      + [c['step0'][m] for m in SHOWN])
   step0_info = {'source_step': _step0_source_step(step0) if step0 else None, **(step0_info or {})}
   text += ['## Conversion', '',
