@@ -10,6 +10,7 @@ measured numbers, applies the rule fixed in the study's config before the runs, 
   spikes_removed(sgt, plain)      Figure 3: self-guided training removes the spikes
   best_lr(losses)                 the probe's argmin, and whether it sits at the grid's edge
   settled_from(xs, gaps)          where a curve of gaps takes its final sign for good
+  matches(values, reference, tol) an equality to a tolerance: every seed within tol
 """
 
 from __future__ import annotations
@@ -163,3 +164,25 @@ def settled_from(xs: Sequence[float], gaps: Sequence[float]) -> float | None:
   while start > 0 and np.sign(gaps[start - 1]) == sign:
     start -= 1
   return xs[start]
+
+
+MATCH_RULE = ('reproduced if every seed\'s value is within the tolerance of the reference; not '
+              'reproduced if any seed\'s is not; inconclusive without a value or a reference')
+
+
+def matches(values: Sequence[float], reference: float | None, tol: float,
+            min_seeds: int = 1) -> Verdict:
+  """An equality the design fixes (e.g. a converted model's step-0 loss equals its source's):
+  every value within `tol` of `reference`."""
+  values = [float(v) for v in values]
+  if reference is None or not math.isfinite(reference):
+    return Verdict(INCONCLUSIVE, MATCH_RULE, 'no reference value', n=len(values))
+  if len(values) < min_seeds:
+    return Verdict(INCONCLUSIVE, MATCH_RULE, f'{len(values)} of the {min_seeds} seeds needed',
+                   n=len(values))
+  diffs = [v - reference for v in values]
+  worst = max(diffs, key=abs)
+  why = (f'reference {reference:.6f}, differences ' + ', '.join(f'{d:+.2e}' for d in diffs)
+         + f' (tolerance {tol:g})')
+  verdict = REPRODUCED if all(abs(d) <= tol for d in diffs) else NOT_REPRODUCED
+  return Verdict(verdict, MATCH_RULE, why, float(worst), None, len(values))

@@ -118,3 +118,12 @@ def test_spike_detector_finds_the_spike_inside_the_steep_initial_drop():
   rng = np.random.default_rng(3)
   smooth = 8.0 * np.exp(-np.arange(400) / 30.0) + 4.0 + rng.normal(0, 0.05, 400)
   assert studies.count_spikes(smooth) == 0
+
+
+def test_matches_rule_reaches_each_outcome():
+  v = decisions.matches([3.10002, 3.09995], 3.1, 1e-4)
+  assert v.verdict == decisions.REPRODUCED and v.n == 2 and math.isclose(v.mean, -5e-5, rel_tol=1e-6)  # the largest difference
+  assert decisions.matches([3.1, 3.1003], 3.1, 1e-4).verdict == decisions.NOT_REPRODUCED
+  assert decisions.matches([3.1], None, 1e-4).verdict == decisions.INCONCLUSIVE
+  v = decisions.matches([3.1], 3.1, 1e-4, min_seeds=2)
+  assert v.verdict == decisions.INCONCLUSIVE and '1 of the 2 seeds' in v.why
