@@ -16,22 +16,37 @@ DIR gets:
   tokenizer_config.json   PreTrainedTokenizerFast; BOS = EOS = the end-of-document token, which
                           preceded every training document (no token is added to an encoding)
 
-The architecture is an existing `transformers` one whose forward is this model's:
-  - layernorm + GELU(tanh) + RoPE (the paper's model): Starcoder2. Pre-LN blocks with LayerNorm,
-    biases on every projection (`use_bias`), RoPE rotate-half over the whole head, grouped-query
-    attention with its own head_dim, an fc1 -> gelu_pytorch_tanh -> fc2 MLP and the head tied to
-    the embedding. GPT-NeoX would need its parallel residual off and unties the head; Phi and
-    StableLM apply RoPE to part of the head; Qwen2 and Llama use RMSNorm and a gated MLP.
-  - rmsnorm + SwiGLU + RoPE: Llama (attention_bias and mlp_bias = use_bias, tied head).
-Other combinations (learned absolute positions, layernorm with SwiGLU, rmsnorm with GELU) have no
-exact counterpart and are refused. Our fused QKV projection is split into q_proj, k_proj and
-v_proj, head-major as our reshape reads it. config.json gives `head_dim` (attn_dim / num_heads),
-which transformers reads for both architectures (checked with 5.24; a version that ignores it
-loads only models with attn_dim == hidden_dim).
+The architecture is an existing `transformers` one whose forward is this model's, written
+through the family's parameter-name table (structffn_jax/hf_families.py, the one `convert` reads
+a checkpoint with):
+  - a model imported from a Hugging Face checkpoint (`model.hf_family`): its own family, Llama,
+    Mistral, Qwen2 or Starcoder2, with what the import carried: an untied head (lm_head.weight),
+    q/k/v biases, rope_theta and rope_scaling (linear, llama3; written as rope_scaling and as
+    transformers 5's rope_parameters), the kv heads, the norm epsilon, the activation. A dense
+    export of an unchanged import holds the source's tensors bit for bit.
+  - otherwise, layernorm + GELU(tanh) + RoPE (the paper's model): Starcoder2. Pre-LN blocks with
+    LayerNorm, biases on every projection (`use_bias`), RoPE rotate-half over the whole head,
+    grouped-query attention with its own head_dim, an fc1 -> gelu_pytorch_tanh -> fc2 MLP.
+    GPT-NeoX would need its parallel residual off; Phi and StableLM apply RoPE to part of the
+    head. rmsnorm + SwiGLU + RoPE: Llama (attention_bias and mlp_bias = use_bias), or Qwen2 with
+    biases on q/k/v only (`qkv_bias`).
+The family's config.json is read back as the import reads it, and a model.* field it would not
+give back is refused in one line naming the field and its value, before anything is written
+(Mistral and Qwen2 with biases on every projection, Llama and Starcoder2 with q/k/v-only biases,
+a family whose norm or activation is not the model's). Learned absolute positions (GPT-2),
+layernorm with SwiGLU and rmsnorm with GELU are refused too. Our fused QKV projection is split
+into q_proj, k_proj and v_proj, head-major as our reshape reads it. config.json gives
+`head_dim` (attn_dim / num_heads), which transformers reads for these architectures (checked
+with 5.24; a version that ignores it loads only models with attn_dim == hidden_dim);
+max_position_embeddings is the run's model.seq_len.
+
+A run converted from a checkpoint and not trained yet (no prepared data) exports with its
+data.tokenizer (the source's tokenizer.json) and the EOS preparation would append.
 
 --structured writes the FFN as it was trained instead, so that transformers runs the factors
 (the paper's FFN speed-up) rather than merged matrices:
-  config.json             model_type structffn_starcoder2 / structffn_llama, with auto_map to
+  config.json             model_type structffn_<family> (starcoder2, llama, mistral, qwen2),
+                          with auto_map to
                           the shipped file, structffn_layers (per layer: fc1/fc2 kind and shape)
   model.safetensors       the architecture's tensors, each FFN projection as its own parameters
                           (model.layers.<i>.mlp.fc1.u, .v, .bias / .w1, .w2 / .kernel)

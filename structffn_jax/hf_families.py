@@ -5,12 +5,20 @@
   fields = hf_families.model_fields(fam, config_json, where)      # our model.* fields
   names = hf_families.expected(fam, cfg, max_positions)           # {HF tensor name: shape}
   ours = hf_families.read_layer(fam, get, i, cfg)                 # {our param path: array}
+  theirs = hf_families.write_layer(fam, ours, i, cfg)             # the way back (export)
+  hf = hf_families.config_fields(fam, cfg)                        # config.json's architecture
+  hf_families.check_fields(fam, cfg, hf)                          # or a one-line ValueError
 
 A family's table names, per block, our modules and theirs: the two norms, the attention's q, k, v
 (or one fused c_attn) and output projections, the FFN's fc1 (Llama's gate and up are our fc1's two
 halves, gate first) and fc2, and outside the blocks the embedding, the learned positions (GPT-2),
 the final norm and an untied head. GPT-2 stores its projections as Conv1D, (in, out): they are
 transposed on the way in.
+
+Both directions read the same table: `write_layer` / `write_outside` are `read_layer` /
+`read_outside` run backwards (the same names, widths and transposes), and `config_fields` writes
+the fields `model_fields` reads; the export checks that reading them back gives its model
+(`check_fields`) and that the tensors it wrote are `expected`'s.
 
 What a family cannot carry into this model is refused from config.json alone, before any weight is
 read, with the field and its value: a sliding window shorter than the context, mixture-of-experts
