@@ -24,7 +24,7 @@ MODES = ('guided', 'projection', 'scratch')
 # The model fields a source fixes (the rest of model.* comes from CFG).
 ARCH_FIELDS = ('vocab_size', 'hidden_dim', 'ffn_dim', 'num_layers', 'num_heads', 'num_kv_heads',
                'attn_dim', 'norm', 'norm_eps', 'activation', 'use_bias', 'qkv_bias', 'position',
-               'rope_base', 'rope_scaling', 'tie_embeddings')
+               'rope_base', 'rope_scaling', 'tie_embeddings', 'hf_family')
 DTYPES = ('F32', 'F16', 'BF16')
 CONFIG_PY = '''"""The config of the run in this directory: config.json beside it (structffn_jax.convert)."""
 import json
@@ -62,7 +62,7 @@ class HFSource:
     fields = hf_families.model_fields(self.family, self.hf, where)
     self.max_positions = fields.pop('max_positions')
     self.sliding_window = fields.pop('sliding_window')
-    self.fields = fields
+    self.fields = {**fields, 'hf_family': self.family.model_type}
     self.tokenizer = path / 'tokenizer.json' if (path / 'tokenizer.json').is_file() else None
     self._handles = {}
     self.files = self._weight_files()

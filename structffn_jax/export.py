@@ -16,22 +16,37 @@ DIR gets:
   tokenizer_config.json   PreTrainedTokenizerFast; BOS = EOS = the end-of-document token, which
                           preceded every training document (no token is added to an encoding)
 
-The architecture is an existing `transformers` one whose forward is this model's:
-  - layernorm + GELU(tanh) + RoPE (the paper's model): Starcoder2. Pre-LN blocks with LayerNorm,
-    biases on every projection (`use_bias`), RoPE rotate-half over the whole head, grouped-query
-    attention with its own head_dim, an fc1 -> gelu_pytorch_tanh -> fc2 MLP and the head tied to
-    the embedding. GPT-NeoX would need its parallel residual off and unties the head; Phi and
-    StableLM apply RoPE to part of the head; Qwen2 and Llama use RMSNorm and a gated MLP.
-  - rmsnorm + SwiGLU + RoPE: Llama (attention_bias and mlp_bias = use_bias, tied head).
-Other combinations (learned absolute positions, layernorm with SwiGLU, rmsnorm with GELU) have no
-exact counterpart and are refused. Our fused QKV projection is split into q_proj, k_proj and
-v_proj, head-major as our reshape reads it. config.json gives `head_dim` (attn_dim / num_heads),
-which transformers reads for both architectures (checked with 5.24; a version that ignores it
-loads only models with attn_dim == hidden_dim).
+The architecture is an existing `transformers` one whose forward is this model's, written
+through the family's parameter-name table (structffn_jax/hf_families.py, the one `convert` reads
+a checkpoint with):
+  - a model imported from a Hugging Face checkpoint (`model.hf_family`): its own family, Llama,
+    Mistral, Qwen2 or Starcoder2, with what the import carried: an untied head (lm_head.weight),
+    q/k/v biases, rope_theta and rope_scaling (linear, llama3; written as rope_scaling and as
+    transformers 5's rope_parameters), the kv heads, the norm epsilon, the activation. A dense
+    export of an unchanged import holds the source's tensors bit for bit.
+  - otherwise, layernorm + GELU(tanh) + RoPE (the paper's model): Starcoder2. Pre-LN blocks with
+    LayerNorm, biases on every projection (`use_bias`), RoPE rotate-half over the whole head,
+    grouped-query attention with its own head_dim, an fc1 -> gelu_pytorch_tanh -> fc2 MLP.
+    GPT-NeoX would need its parallel residual off; Phi and StableLM apply RoPE to part of the
+    head. rmsnorm + SwiGLU + RoPE: Llama (attention_bias and mlp_bias = use_bias), or Qwen2 with
+    biases on q/k/v only (`qkv_bias`).
+The family's config.json is read back as the import reads it, and a model.* field it would not
+give back is refused in one line naming the field and its value, before anything is written
+(Mistral and Qwen2 with biases on every projection, Llama and Starcoder2 with q/k/v-only biases,
+a family whose norm or activation is not the model's). Learned absolute positions (GPT-2),
+layernorm with SwiGLU and rmsnorm with GELU are refused too. Our fused QKV projection is split
+into q_proj, k_proj and v_proj, head-major as our reshape reads it. config.json gives
+`head_dim` (attn_dim / num_heads), which transformers reads for these architectures (checked
+with 5.24; a version that ignores it loads only models with attn_dim == hidden_dim);
+max_position_embeddings is the run's model.seq_len.
+
+A run converted from a checkpoint and not trained yet (no prepared data) exports with its
+data.tokenizer (the source's tokenizer.json) and the EOS preparation would append.
 
 --structured writes the FFN as it was trained instead, so that transformers runs the factors
 (the paper's FFN speed-up) rather than merged matrices:
-  config.json             model_type structffn_starcoder2 / structffn_llama, with auto_map to
+  config.json             model_type structffn_<family> (starcoder2, llama, mistral, qwen2),
+                          with auto_map to
                           the shipped file, structffn_layers (per layer: fc1/fc2 kind and shape)
   model.safetensors       the architecture's tensors, each FFN projection as its own parameters
                           (model.layers.<i>.mlp.fc1.u, .v, .bias / .w1, .w2 / .kernel)
@@ -57,20 +72,14 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
-from structffn_jax import cli, hf_families, structured
+from structffn_jax import cli, hf_families, schema, structured
 from structffn_jax.model import GPT
 
 WEIGHTS = 'model.safetensors'
 FACTORS = 'structured.safetensors'
-# Our layer names -> the architecture's, per block, from the families' shared name table.
-_NORMS = hf_families.FAMILIES['llama'].norms
-assert _NORMS == hf_families.FAMILIES['starcoder2'].norms
-_FFN = {arch: {'fc1': hf_families.FAMILIES[arch].fc1, 'fc2': hf_families.FAMILIES[arch].fc2}
-        for arch in ('starcoder2', 'llama')}
 
 
 def _safetensors():
@@ -82,51 +91,38 @@ def _safetensors():
 
 
 def architecture(cfg) -> str:
-  """'starcoder2' or 'llama': the transformers architecture whose forward is this model's."""
-  scaling = (cfg.get('rope_scaling') or {}).get('type', 'none')
-  unwritten = [f'{field}={value!r}' for field, value, default in (
-      ('model.tie_embeddings', cfg.get('tie_embeddings', True), True),
-      ('model.qkv_bias', cfg.get('qkv_bias', False), False),
-      ('model.rope_scaling.type', scaling, 'none')) if value != default]
-  if unwritten:  # features an imported model may have, which the export does not write yet
-    raise ValueError(f'export: {", ".join(unwritten)} is not written by the export yet (it '
-                     'writes a tied head, biases on all or no projections, and unscaled RoPE); '
-                     'export a model without it.')
-  key = (cfg.norm, cfg.activation, cfg.position)
-  if key == ('layernorm', 'gelu', 'rope'):
-    return 'starcoder2'
-  if key == ('rmsnorm', 'swiglu', 'rope'):
-    return 'llama'
-  raise ValueError(f'export: model.norm={cfg.norm!r}, model.activation={cfg.activation!r}, '
-                   f'model.position={cfg.position!r} has no transformers architecture with the '
-                   "same forward; export supports layernorm+gelu+rope (Starcoder2) and "
-                   'rmsnorm+swiglu+rope (Llama).')
+  """The transformers family whose forward is this model's (hf_families.FAMILIES): the one an
+  imported model came from (model.hf_family), else Starcoder2 for layernorm + gelu + rope and
+  Llama (Qwen2 with q/k/v-only biases) for rmsnorm + swiglu + rope. A model section the family's
+  config.json cannot carry is refused naming the field (`hf_families.check_fields`)."""
+  name = cfg.get('hf_family') or ''
+  if cfg.position != 'rope':
+    raise ValueError(f'export: model.position={cfg.position!r} has no transformers architecture '
+                     'written by the export; it writes RoPE models as Starcoder2, Llama, '
+                     'Mistral or Qwen2.')
+  if not name:
+    key = (cfg.norm, cfg.activation)
+    if key == ('layernorm', 'gelu'):
+      name = 'starcoder2'
+    elif key == ('rmsnorm', 'swiglu'):
+      name = 'qwen2' if cfg.get('qkv_bias') and not cfg.use_bias else 'llama'
+    else:
+      raise ValueError(f'export: model.norm={cfg.norm!r}, model.activation={cfg.activation!r}, '
+                       f'model.position={cfg.position!r} has no transformers architecture with '
+                       'the same forward; export supports layernorm+gelu+rope (Starcoder2) and '
+                       'rmsnorm+swiglu+rope (Llama, Mistral, Qwen2).')
+  fam = hf_families.FAMILIES[name]
+  hf_families.check_fields(fam, cfg, hf_families.config_fields(fam, cfg))
+  return name
 
 
 def hf_config(cfg, eos_id: int, bos_id: int) -> dict:
   """The transformers config.json of a model section `cfg`."""
-  arch = architecture(cfg)
-  head_dim = cfg.attn_dim // cfg.num_heads
-  common = {
-      'vocab_size': cfg.vocab_size, 'hidden_size': cfg.hidden_dim,
-      'intermediate_size': cfg.ffn_dim, 'num_hidden_layers': cfg.num_layers,
-      'num_attention_heads': cfg.num_heads, 'num_key_value_heads': cfg.num_kv_heads,
-      'head_dim': head_dim, 'max_position_embeddings': cfg.seq_len,
-      'rope_theta': float(cfg.rope_base),
-      'rope_parameters': {'rope_type': 'default', 'rope_theta': float(cfg.rope_base)},
-      'initializer_range': cfg.init_std, 'tie_word_embeddings': True, 'attention_dropout': 0.0,
-      'eos_token_id': int(eos_id), 'bos_token_id': int(bos_id if bos_id >= 0 else eos_id),
-      'torch_dtype': 'float32', 'dtype': 'float32', 'use_cache': True,
-  }
-  if arch == 'starcoder2':
-    return {'architectures': ['Starcoder2ForCausalLM'], 'model_type': 'starcoder2', **common,
-            'hidden_act': 'gelu_pytorch_tanh', 'norm_epsilon': cfg.norm_eps,
-            'use_bias': bool(cfg.use_bias), 'sliding_window': None, 'residual_dropout': 0.0,
-            'embedding_dropout': 0.0}
-  return {'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', **common,
-          'hidden_act': 'silu', 'rms_norm_eps': cfg.norm_eps,
-          'attention_bias': bool(cfg.use_bias), 'mlp_bias': bool(cfg.use_bias),
-          'pretraining_tp': 1}
+  fam = hf_families.FAMILIES[architecture(cfg)]
+  return {**hf_families.config_fields(fam, cfg),
+          'initializer_range': cfg.init_std, 'attention_dropout': 0.0,
+          'eos_token_id': int(eos_id), 'bos_token_id': int(bos_id if bos_id >= 0 else eos_id),
+          'torch_dtype': 'float32', 'dtype': 'float32', 'use_cache': True}
 
 
 def _blocks(model):
@@ -154,51 +150,50 @@ def _dense(layer, index):
                     np.float32)
 
 
-def tensors(model) -> tuple[dict, dict]:
-  """(architecture tensors, structured factors) of `model`, numpy float32, by HF name."""
+def _ours(params: dict) -> dict:
+  """A nested {module: {leaf: array}} as {(module, ..., leaf): array}."""
+  out = {}
+  for key, value in params.items():
+    if isinstance(value, dict):
+      out.update({(key,) + k: v for k, v in _ours(value).items()})
+    else:
+      out[(key,)] = value
+  return out
+
+
+def tensors(model, ffn: bool = True) -> tuple[dict, dict]:
+  """(architecture tensors, structured factors) of `model`, numpy float32, by HF name, written
+  through the family's name table (hf_families.write_layer); ffn=False: without the FFN."""
   cfg = model.cfg
   if model.has_guide:
     raise ValueError('export: the model still has self-guided guides; export after the '
                      'hand-over (the guides are dropped once alpha reaches 0).')
-  arch = architecture(cfg)
+  fam = hf_families.FAMILIES[architecture(cfg)]
   f32 = lambda a: np.ascontiguousarray(np.asarray(a, np.float32))
-  weights = {'model.embed_tokens.weight': f32(model.embedding[...])}
-  factors = {}
-  n, k = cfg.num_heads, cfg.num_kv_heads
-  h = cfg.attn_dim // cfg.num_heads
-  for layer, (params, ffn, index) in enumerate(_blocks(model)):
-    p = f'model.layers.{layer}.'
-    for ours, theirs in _NORMS:
-      weights[p + theirs + '.weight'] = f32(params[ours]['scale'])
-      if arch == 'starcoder2':  # torch LayerNorm always has a bias
-        weights[p + theirs + '.bias'] = f32(params[ours].get('bias', np.zeros(cfg.hidden_dim)))
-    qkv = params['attn']['qkv']
-    cuts = {'q_proj': (0, n * h), 'k_proj': (n * h, (n + k) * h), 'v_proj': ((n + k) * h, None)}
-    for name, (lo, hi) in cuts.items():
-      weights[p + f'self_attn.{name}.weight'] = f32(qkv['kernel'][lo:hi])
-      if 'bias' in qkv:
-        weights[p + f'self_attn.{name}.bias'] = f32(qkv['bias'][lo:hi])
-    weights[p + 'self_attn.o_proj.weight'] = f32(params['attn']['out']['kernel'])
-    if 'bias' in params['attn']['out']:
-      weights[p + 'self_attn.o_proj.bias'] = f32(params['attn']['out']['bias'])
+  weights, factors = {}, {}
+  for layer, (params, ffn_layers, index) in enumerate(_blocks(model)):
+    ours = {k: v for k, v in _ours(params).items() if k[0] != 'ffn' or k[-1] == 'bias'}
     for fc in ('fc1', 'fc2'):
-      w, b = _dense(ffn[fc], index), params['ffn'][fc].get('bias')
-      names = _FFN[arch][fc]
-      if isinstance(names, tuple):  # Llama's gate and up: our fc1's two halves
-        parts = zip(names, np.split(w, 2), np.split(b, 2) if b is not None else (None, None))
-      else:
-        parts = [(names, w, b)]
-      for name, w_part, b_part in parts:
-        weights[p + name + '.weight'] = f32(w_part)
-        if b_part is not None:
-          weights[p + name + '.bias'] = f32(b_part)
-      if not isinstance(ffn[fc], structured.Dense):
+      if ffn:
+        ours[('ffn', fc, 'kernel')] = _dense(ffn_layers[fc], index)
+      if not isinstance(ffn_layers[fc], structured.Dense):
         for factor, value in params['ffn'][fc].items():
-          factors[p + f'ffn.{fc}.{factor}'] = f32(value)
-  weights['model.norm.weight'] = f32(model.final_norm.scale[...])
-  if arch == 'starcoder2':
-    bias = getattr(model.final_norm, 'bias', None)
-    weights['model.norm.bias'] = f32(bias[...] if bias is not None else np.zeros(cfg.hidden_dim))
+          factors[fam.prefix + fam.block.format(layer) + f'ffn.{fc}.{factor}'] = f32(value)
+    weights.update(hf_families.write_layer(fam, ours, layer, cfg, ffn=ffn))
+  outside = {('embedding',): model.embedding[...], ('final_norm', 'scale'):
+             model.final_norm.scale[...]}
+  if getattr(model.final_norm, 'bias', None) is not None:
+    outside[('final_norm', 'bias')] = model.final_norm.bias[...]
+  if model.head is not None:
+    outside[('head',)] = model.head[...]
+  weights.update(hf_families.write_outside(fam, outside, cfg))
+  if ffn:  # every tensor of the architecture, no other, each of its shape
+    want = hf_families.expected(fam, cfg)
+    got = {k: tuple(v.shape) for k, v in weights.items()}
+    if got != {k: tuple(v) for k, v in want.items()}:
+      extra = sorted(set(got) ^ set(want)) or [k for k in got if got[k] != tuple(want[k])]
+      raise ValueError(f'export: the {fam.architecture} tensors written disagree with its '
+                       f'names and shapes at {extra[0]}.')
   return weights, factors
 
 
@@ -221,8 +216,8 @@ def structured_tensors(model) -> tuple[dict, list]:
   merged FFN matrices, each FFN projection as its own parameters (kernel / u, v / w1, w2; bias)
   under model.layers.<i>.mlp.fc1.<name>, and per layer {'fc1': {'kind', 'in', 'out', 'rank'?,
   'blocks'?}, 'fc2': ...} for hf_modeling/modeling_structffn.py."""
-  weights, _ = tensors(model)
-  weights = {k: v for k, v in weights.items() if '.mlp.' not in k}
+  weights, _ = tensors(model, ffn=False)
+  fam = hf_families.FAMILIES[architecture(model.cfg)]
   specs = []
   for layer, (params, ffn, _) in enumerate(_blocks(model)):
     spec = {}
@@ -232,8 +227,8 @@ def structured_tensors(model) -> tuple[dict, list]:
                   'out': int(obj.out_features)}
       spec[fc].update({a: int(getattr(obj, a)) for a in ('rank', 'blocks') if hasattr(obj, a)})
       for name, value in params['ffn'][fc].items():
-        weights[f'model.layers.{layer}.mlp.{fc}.{name}'] = np.ascontiguousarray(
-            np.asarray(value, np.float32))
+        weights[fam.prefix + fam.block.format(layer) + f'mlp.{fc}.{name}'] = (
+            np.ascontiguousarray(np.asarray(value, np.float32)))
     specs.append(spec)
   return weights, specs
 
@@ -242,7 +237,7 @@ def structured_config(cfg, eos_id: int, specs: list) -> dict:
   """config.json of a structured export: the architecture's, as a custom model type whose
   classes (auto_map) are in the shipped modeling_structffn.py."""
   config = hf_config(cfg, eos_id, eos_id)
-  name = {'starcoder2': 'Starcoder2', 'llama': 'Llama'}[architecture(cfg)]
+  name = config['architectures'][0][:-len('ForCausalLM')]  # Llama, Mistral, Qwen2, Starcoder2
   module = MODELING[:-len('.py')]
   config.update({
       'architectures': [f'StructFFN{name}ForCausalLM'],
@@ -312,22 +307,38 @@ def export_model(model, out, *, eos_id: int, tokenizer_path=None,
   return out
 
 
+def _run_tokens(config, workdir) -> tuple[int, pathlib.Path]:
+  """(eos_id, tokenizer file) of a run: its prepared data's manifest, or, before the data is
+  prepared (a converted run not trained yet), the data.tokenizer it will prepare with and the
+  EOS that preparation appends (data.eos_token, or the tokenizer's usual one)."""
+  from structffn_jax.data import manifest as manifest_lib
+  from structffn_jax.data import tokenizer as tokenizer_lib
+  data_dir = manifest_lib.resolve_data_dir(config.data, workdir)
+  tokenizer = config.data.tokenizer
+  if not (data_dir / manifest_lib.MANIFEST_NAME).is_file() and tokenizer \
+      and tokenizer != manifest_lib.REQUIRED and pathlib.Path(tokenizer).is_file():
+    tok = tokenizer_lib.load(tokenizer, eos_token=config.data.eos_token)
+    return int(tok.eos_id), pathlib.Path(tokenizer)
+  manifest = manifest_lib.Manifest.load(data_dir)
+  return manifest.eos_id, manifest.tokenizer_path
+
+
 def export_run(workdir, out, mesh: str | None = None, structured: bool = False) -> pathlib.Path:
   """Export the newest checkpoint of a training workdir (see the module docstring)."""
-  from structffn_jax import decoding
-
-  config, model, alpha, manifest = decoding.load(workdir, merge_threshold=0, mesh=mesh)
-  if alpha is not None:
-    raise ValueError(f'export: the run is still self-guided (alpha={float(alpha):.3f}); export '
-                     'a checkpoint from after the hand-over.')
-  model.drop_guides()
-  from structffn_jax import checkpoint
-  ckpt = checkpoint.Checkpointer(pathlib.Path(workdir), keep=config.train.keep_ckpts)
-  step = ckpt.latest_step()
-  ckpt.close()
-  info = {'name': config.name, 'step': int(step), 'workdir': str(pathlib.Path(workdir).resolve())}
-  return export_model(model, out, eos_id=manifest.eos_id, tokenizer_path=manifest.tokenizer_path,
-                      info=info, structured=structured)
+  from structffn_jax import run as run_lib, sgt
+  run = run_lib.load_run(workdir, mesh)
+  config, model = run.config, run.model
+  if model.has_guide:
+    alpha = sgt.alpha_of(run.opt_state)
+    if alpha is not None and float(alpha) != 0.0:
+      raise ValueError(f'export: the run is still self-guided (alpha={float(alpha):.3f}); '
+                       'export a checkpoint from after the hand-over.')
+    model.drop_guides()
+  eos_id, tokenizer_path = _run_tokens(config, workdir)
+  info = {'name': config.name, 'step': int(run.meta['step']),
+          'workdir': str(pathlib.Path(workdir).resolve())}
+  return export_model(model, out, eos_id=eos_id, tokenizer_path=tokenizer_path, info=info,
+                      structured=structured)
 
 
 # ----------------------------------------------------------------------------- reading back
@@ -349,7 +360,7 @@ def load(path, *, structured_layers: bool = True, dtype: str | None = None) -> G
   if 'structffn' not in config:
     raise ValueError(f'{path / "config.json"} has no "structffn" section: it was not written by '
                      'structffn_jax.export.')
-  cfg = ml_collections.ConfigDict(config['structffn']['model'])
+  cfg = schema.from_dict({'model': config['structffn']['model']}).model  # over the defaults
   if dtype:
     cfg.dtype = dtype
   fmt = config['structffn'].get('format', 'merged')
@@ -358,7 +369,7 @@ def load(path, *, structured_layers: bool = True, dtype: str | None = None) -> G
                      'matrices; load it with structured_layers=True.')
   if not structured_layers:
     cfg.ffn.method = 'dense'
-  arch = architecture(cfg)
+  fam = hf_families.FAMILIES[architecture(cfg)]
   weights = st.load_file(str(path / WEIGHTS))
   factors = {}
   if structured_layers and config['structffn'].get('factors'):
@@ -366,37 +377,18 @@ def load(path, *, structured_layers: bool = True, dtype: str | None = None) -> G
   model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
   per_layer = []
   for layer in range(cfg.num_layers):
-    p = f'model.layers.{layer}.'
-    ours = {}
-    for mine, theirs in _NORMS:
-      ours[(mine, 'scale')] = weights[p + theirs + '.weight']
-      ours[(mine, 'bias')] = weights.get(p + theirs + '.bias')
-    qkv = [weights[p + f'self_attn.{n}_proj.weight'] for n in 'qkv']
-    ours[('attn', 'qkv', 'kernel')] = np.concatenate(qkv)
-    if p + 'self_attn.q_proj.bias' in weights:
-      ours[('attn', 'qkv', 'bias')] = np.concatenate(
-          [weights[p + f'self_attn.{n}_proj.bias'] for n in 'qkv'])
-    ours[('attn', 'out', 'kernel')] = weights[p + 'self_attn.o_proj.weight']
-    ours[('attn', 'out', 'bias')] = weights.get(p + 'self_attn.o_proj.bias')
-    for fc in ('fc1', 'fc2'):
-      if fmt == 'structured':  # the layer's own parameters, under mlp.<fc>.<name>
-        prefix = p + f'mlp.{fc}.'
-        ours.update({('ffn', fc, k[len(prefix):]): v for k, v in weights.items()
-                     if k.startswith(prefix)})
-        continue
-      names = _FFN[arch][fc]
-      names = names if isinstance(names, tuple) else (names,)
-      ours[('ffn', fc, 'kernel')] = np.concatenate([weights[p + n + '.weight'] for n in names])
-      if p + names[0] + '.bias' in weights:
-        ours[('ffn', fc, 'bias')] = np.concatenate([weights[p + n + '.bias'] for n in names])
-      prefix = p + f'ffn.{fc}.'
-      for name, value in factors.items():
+    ours = hf_families.read_layer(fam, weights.get, layer, cfg, ffn=fmt != 'structured')
+    p = fam.prefix + fam.block.format(layer)
+    # a structured export: each projection's own parameters under mlp.<fc>.<name>; a merged
+    # one: the structured layers' factors beside the merged matrices, under ffn.<fc>.<name>
+    for prefix, tensors_ in ((p + 'mlp.', weights if fmt == 'structured' else {}),
+                             (p + 'ffn.', factors)):
+      for name, value in tensors_.items():
         if name.startswith(prefix):
-          ours[('ffn', fc, name[len(prefix):])] = value
+          fc, leaf = name[len(prefix):].split('.')
+          ours[('ffn', fc, leaf)] = value
     per_layer.append(ours)
-  found = {('embedding',): weights['model.embed_tokens.weight'],
-           ('final_norm', 'scale'): weights['model.norm.weight'],
-           ('final_norm', 'bias'): weights.get('model.norm.bias')}
+  found = hf_families.read_outside(fam, weights.get, cfg)
   for block_path, variable in nnx.iter_graph(model):
     if not isinstance(variable, nnx.Param):
       continue

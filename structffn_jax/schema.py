@@ -46,6 +46,7 @@ CHOICES = {  # field -> the values it may take
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'model.remat': ('none', 'dots', 'full'),
     'model.rope_scaling.type': ('none', 'linear', 'llama3'),
+    'model.hf_family': ('', 'llama', 'mistral', 'qwen2', 'starcoder2', 'gpt2'),
     'model.ffn.method': METHODS,
     'model.ffn.init': INITS,
     'model.ffn.implementation': FFN_IMPLEMENTATIONS,
@@ -178,6 +179,9 @@ def base_config() -> ml_collections.ConfigDict:
   r.low_freq_factor = 1.0  # llama3: wavelengths above original_len / low_freq_factor are scaled.
   r.high_freq_factor = 4.0  # llama3: wavelengths below original_len / high_freq_factor are kept.
   r.original_len = 8192  # llama3: the context the frequencies were trained for.
+  # The Hugging Face family an imported model came from (convert sets it), which export writes;
+  # '' = Starcoder2 for layernorm + gelu, Qwen2 for rmsnorm + swiglu with qkv_bias, else Llama.
+  m.hf_family = ''
   m.init_std = 0.02  # Std of every Gaussian initialiser.
   m.first_layer_dense = True  # Keep the first block's FFN dense.
   m.dtype = 'bfloat16'  # Compute dtype: 'bfloat16', 'float32' or 'float16'; params are float32.

@@ -3,6 +3,7 @@ architectures read straight from the tensors by their Hugging Face names (tests 
 
   path = write_checkpoint(tmp, 'llama', seed=0, **overrides)   # config.json + safetensors
   logits = forward(path, tokens_BT)                            # float64 (B, T, V)
+  inv_freq = rope_inv_freq(config_json, head_dim)              # RoPE, scaled as config.json says
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ def _gelu_tanh(x):
   return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
-def _inv_freq(c, e):
+def rope_inv_freq(c, e):
   """RoPE inverse frequencies, with the rope_scaling of config.json (linear, llama3)."""
   inv = 1.0 / c.get('rope_theta', 10000.0) ** (np.arange(0, e, 2, dtype=np.float64) / e)
   rs = c.get('rope_scaling') or {}
@@ -250,7 +251,7 @@ def forward(path, tokens_BT) -> np.ndarray:
   else:
     eps = c['rms_norm_eps']
     norm = lambda x, name: _rms(x, t[name + '.weight'], eps)
-  inv = _inv_freq(c, e)
+  inv = rope_inv_freq(c, e)
   x = t['model.embed_tokens.weight'][tokens_BT]
   for i in range(c['num_hidden_layers']):
     p = f'model.layers.{i}.'

@@ -230,6 +230,7 @@ INVALID = {
     'model.use_bias': None, 'model.position': 'alibi', 'model.rope_base': -1.0,
     'model.init_std': 0.0, 'model.first_layer_dense': None, 'model.dtype': 'float64',
     'model.qkv_bias': None, 'model.tie_embeddings': None, 'model.rope_scaling.type': 'yarn',
+    'model.hf_family': 'falcon',
     'model.rope_scaling.factor': 0.0, 'model.rope_scaling.low_freq_factor': 0.0,
     'model.rope_scaling.high_freq_factor': -1.0, 'model.rope_scaling.original_len': 0,
     'model.remat': 'some', 'model.ffn.method': 'butterfly', 'model.ffn.rank': -1,

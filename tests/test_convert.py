@@ -56,6 +56,7 @@ def test_imported_dense_model_matches_the_reference(tmp_path, name):
   np.testing.assert_allclose(ours, want, atol=2e-4 * np.abs(want).max(), rtol=0)
   assert r.config.data.tokenizer == str((tmp_path / 'new' / 'tokenizer.json').absolute())
   assert (tmp_path / 'new' / 'tokenizer.json').is_file()
+  assert r.config.model.hf_family == model_type  # what export writes back
 
 
 def test_sharded_bfloat16_checkpoint(tmp_path):

@@ -1,7 +1,9 @@
 """Hugging Face export: the directory's layout, a float64 numpy forward of the exported
-architecture (Starcoder2 / Llama, written from their definitions and reading only the exported
-tensors by their transformers names) against our logits, the round trip back into this project
-(identical logits from the factors; the merged dense form to float rounding), and the command.
+architecture (Starcoder2 / Llama / Mistral / Qwen2, written from their definitions and reading
+only the exported tensors by their transformers names) against our logits, the round trip back
+into this project (identical logits from the factors; the merged dense form to float rounding),
+a checkpoint of each family imported and exported back (its own tensors and config.json), and the
+command.
 
 No torch here: the check against `transformers` itself is done once by hand (BENCHMARKS.md).
 """
@@ -18,10 +20,10 @@ from flax import nnx
 st = pytest.importorskip('safetensors.numpy', reason="safetensors is not installed "
                          "(pip install -e '.[export]')")
 
-from structffn_jax import export, train  # noqa: E402
+from structffn_jax import convert, export, run as run_lib, train  # noqa: E402
 from structffn_jax.data.manifest import Manifest  # noqa: E402
 from structffn_jax.model import GPT  # noqa: E402
-from tests import tiny_setup  # noqa: E402
+from tests import hf_reference as ref, tiny_setup  # noqa: E402
 
 SEQ_LEN = 16
 
@@ -37,7 +39,7 @@ def hf_forward(out_dir, tokens):
   from config.json and model.safetensors alone."""
   c = json.loads((out_dir / 'config.json').read_text())
   w = {k: v.astype(np.float64) for k, v in st.load_file(str(out_dir / 'model.safetensors')).items()}
-  llama = c['model_type'] in ('llama', 'structffn_llama')
+  llama = c['model_type'].removeprefix('structffn_') != 'starcoder2'  # RMSNorm, SwiGLU
   eps = c['rms_norm_eps'] if llama else c['norm_epsilon']
 
   def norm(x, name):
@@ -53,7 +55,7 @@ def hf_forward(out_dir, tokens):
 
   b, t = tokens.shape
   n, k, h = c['num_attention_heads'], c['num_key_value_heads'], c['head_dim']
-  inv_freq = 1.0 / c['rope_theta'] ** (np.arange(0, h, 2) / h)
+  inv_freq = ref.rope_inv_freq(c, h)  # rope_theta and rope_scaling
   angles = np.arange(t)[:, None] * inv_freq[None]
   cos, sin = np.cos(np.concatenate([angles] * 2, -1)), np.sin(np.concatenate([angles] * 2, -1))
   rotate_half = lambda x: np.concatenate([-x[..., h // 2:], x[..., :h // 2]], -1)
@@ -90,7 +92,7 @@ def hf_forward(out_dir, tokens):
       gelu = 0.5 * u * (1 + np.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u ** 3)))
       f = linear(gelu, p + 'mlp.c_proj')
     x = x + f
-  return norm(x, 'model.norm') @ w['model.embed_tokens.weight'].T  # tied head
+  return norm(x, 'model.norm') @ w.get('lm_head.weight', w['model.embed_tokens.weight']).T
 
 
 def structured_linear(x, spec, w, name):
@@ -350,15 +352,172 @@ def test_command(trained_workdir, data_dir, tmp_path, capsys):
     export.main(['--workdir', str(empty), '--out', str(tmp_path / 'y')])
 
 
-@pytest.mark.parametrize('field,value', [('tie_embeddings', False), ('qkv_bias', True)])
-def test_features_the_export_does_not_write_are_refused(field, value):
-  """An imported model's untied head, q/k/v-only biases or scaled RoPE would be written wrong:
-  refused in one line naming the field, before anything is written."""
-  cfg = tiny_setup.run_config().model
-  cfg[field] = value
-  with pytest.raises(ValueError, match=f'model.{field}={value!r} is not written'):
-    export.architecture(cfg)
-  cfg[field] = not value
-  cfg.rope_scaling.type = 'llama3'
-  with pytest.raises(ValueError, match="model.rope_scaling.type='llama3'"):
-    export.architecture(cfg)
+# ----------------------------------------------------------------------------- imported models
+
+# Checkpoints of each family (tests/hf_reference.py overrides), imported and exported back.
+IMPORTED = {
+    'llama': dict(rms_norm_eps=1e-5),
+    'llama3-rope-tied': dict(model_type='llama', tie_word_embeddings=True, rope_theta=500000.0,
+                             max_position_embeddings=256,
+                             rope_scaling={'rope_type': 'llama3', 'factor': 8.0,
+                                           'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+                                           'original_max_position_embeddings': 32}),
+    'llama-linear-rope-biases': dict(model_type='llama', attention_bias=True, mlp_bias=True,
+                                     rope_scaling={'type': 'linear', 'factor': 2.0}),
+    'mistral': dict(num_key_value_heads=1),
+    'qwen2': dict(rope_theta=1000000.0, rms_norm_eps=1e-5),
+    'qwen2-tied-linear-rope': dict(model_type='qwen2', tie_word_embeddings=True,
+                                   rope_scaling={'rope_type': 'linear', 'factor': 4.0}),
+    'starcoder2-untied': dict(model_type='starcoder2', tie_word_embeddings=False),
+}
+# The config.json fields that decide the forward (and the tensors' names and shapes).
+FIELDS = ('architectures', 'model_type', 'vocab_size', 'hidden_size', 'intermediate_size',
+          'num_hidden_layers', 'num_attention_heads', 'num_key_value_heads', 'head_dim',
+          'max_position_embeddings', 'rope_theta', 'tie_word_embeddings', 'hidden_act',
+          'rms_norm_eps', 'norm_epsilon', 'attention_bias', 'mlp_bias', 'use_bias',
+          'use_sliding_window')
+
+
+def _scaling(c):
+  """config.json's RoPE scaling as {kind, parameters...}, whichever spelling it uses."""
+  rs = dict(c.get('rope_scaling') or {'rope_type': 'default'})
+  rs['rope_type'] = rs.pop('type', rs.get('rope_type'))
+  return rs
+
+
+def _import(tmp_path, name, method):
+  over = dict(IMPORTED[name])
+  model_type = over.pop('model_type', name)
+  src = ref.write_checkpoint(tmp_path, model_type, seed=len(name), tokenizer=True, **over)
+  source = json.loads((src / 'config.json').read_text())
+  sets = ('model.dtype=float32', f'model.ffn.method={method}',
+          f'model.seq_len={source["max_position_embeddings"]}')
+  convert.convert(src, 'configs/tiny.py:method=lowrank', tmp_path / 'run', sets, 'projection',
+                  log=lambda _: None)
+  return src, source, tmp_path / 'run'
+
+
+def _run_logits(workdir, tokens):
+  model = run_lib.load_run(workdir, mesh='1,1,1').model
+  return np.asarray(_forward(model, jnp.asarray(tokens, jnp.int32)), np.float64)
+
+
+@pytest.mark.parametrize('name', list(IMPORTED))
+def test_an_imported_dense_model_exports_as_its_own_checkpoint(name, tmp_path, capsys):
+  """HF checkpoint -> convert (dense) -> export: the source's tensors bit for bit under its own
+  names, its config.json's fields, its tokenizer; the exported directory's float64 forward
+  (tests/hf_reference.py) is our model's."""
+  src, source, run = _import(tmp_path, name, 'dense')
+  out = tmp_path / 'hf'
+  export.main(['--workdir', str(run), '--out', str(out)])  # converted, not trained: no data yet
+  assert f'{source["architectures"][0]} of ' in capsys.readouterr().out
+  theirs = st.load_file(str(src / 'model.safetensors'))
+  ours = st.load_file(str(out / 'model.safetensors'))
+  assert sorted(ours) == sorted(theirs)
+  for key, value in theirs.items():
+    assert ours[key].dtype == value.dtype and ours[key].shape == value.shape, key
+    np.testing.assert_array_equal(ours[key], value, err_msg=key)
+  config = json.loads((out / 'config.json').read_text())
+  for field in FIELDS:
+    if field in source:  # absent: off (Mistral has no attention_bias or mlp_bias)
+      assert config.get(field, False) == source[field], field
+  assert _scaling(config) == _scaling(source)
+  params = config['rope_parameters']  # transformers 5's spelling, the same
+  assert params.pop('rope_theta') == source['rope_theta']
+  assert params == _scaling(source)
+  assert not config.get('sliding_window')
+  assert config['structffn']['model']['hf_family'] == source['model_type']
+  # The tokenizer: the source's file, its EOS declared.
+  assert (out / 'tokenizer.json').read_bytes() == (src / 'tokenizer.json').read_bytes()
+  tokenizer_config = json.loads((out / 'tokenizer_config.json').read_text())
+  assert tokenizer_config['eos_token'] == '<eos>' and config['eos_token_id'] == 1
+  tokens = np.random.default_rng(3).integers(0, source['vocab_size'], (2, 24))
+  want = ref.forward(out, tokens)
+  np.testing.assert_array_equal(want, ref.forward(src, tokens))
+  got = _run_logits(run, tokens)
+  assert np.abs(want).max() > 1.0
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+  back = export.load(out)  # and back into this project
+  np.testing.assert_array_equal(
+      np.asarray(_forward(back, jnp.asarray(tokens, jnp.int32)), np.float64), got)
+
+
+@pytest.mark.parametrize('name', ['llama3-rope-tied', 'llama-linear-rope-biases', 'mistral',
+                                  'qwen2'])
+def test_an_imported_structured_model_exports_structured(name, tmp_path):
+  """HF checkpoint -> convert (LowRank projection) -> export --structured: the family's own
+  tensors outside the FFN, bit for bit, each FFN projection as the run's factors, the family's
+  config.json fields, and the float64 forward of the directory (its factors) is our model's."""
+  src, source, run = _import(tmp_path, name, 'lowrank')
+  out = export.export_run(run, tmp_path / 'hf', structured=True)
+  config = json.loads((out / 'config.json').read_text())
+  arch = source['architectures'][0]
+  assert config['architectures'] == ['StructFFN' + arch]
+  assert config['model_type'] == 'structffn_' + source['model_type']
+  assert config['auto_map']['AutoModelForCausalLM'] == 'modeling_structffn.StructFFN' + arch
+  for field in FIELDS[2:]:
+    if field in source:
+      assert config.get(field, False) == source[field], field
+  assert _scaling(config) == _scaling(source)
+  theirs = st.load_file(str(src / 'model.safetensors'))
+  ours = st.load_file(str(out / 'model.safetensors'))
+  assert sorted(k for k in ours if '.mlp.' not in k) == sorted(
+      k for k in theirs if '.mlp.' not in k)
+  for key in theirs:
+    if '.mlp.' not in key:
+      np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+  model = run_lib.load_run(run, mesh='1,1,1').model
+  np.testing.assert_array_equal(ours['model.layers.2.mlp.fc1.u'],
+                                np.asarray(model.stack.ffn.fc1.u[...][1]))
+  assert 'model.layers.0.mlp.fc1.kernel' in ours  # the dense first block
+  tokens = np.random.default_rng(4).integers(0, source['vocab_size'], (2, 24))
+  want = hf_forward(out, tokens)
+  got = _run_logits(run, tokens)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+  np.testing.assert_array_equal(
+      np.asarray(_forward(export.load(out), jnp.asarray(tokens, jnp.int32)), np.float64), got)
+
+
+@pytest.mark.parametrize('overrides,expect', [
+    (dict(hf_family='mistral', use_bias=True), 'model.use_bias=True cannot be written as '
+     'MistralForCausalLM'),
+    (dict(hf_family='llama', qkv_bias=True), 'model.qkv_bias=True cannot be written as '
+     'LlamaForCausalLM'),
+    (dict(hf_family='qwen2', use_bias=True), 'model.use_bias=True cannot be written as '
+     'Qwen2ForCausalLM'),
+    (dict(qkv_bias=True, use_bias=False, norm='layernorm', activation='gelu'),
+     'model.qkv_bias=True cannot be written as Starcoder2ForCausalLM'),
+    (dict(hf_family='llama', norm='layernorm', activation='swiglu'),
+     "model.norm='layernorm' cannot be written as LlamaForCausalLM"),
+    (dict(hf_family='gpt2'), "model.hf_family='gpt2'"),
+])
+def test_what_a_family_cannot_express_is_refused_by_field(overrides, expect, tmp_path):
+  """One line naming the field and its value, before anything is written."""
+  cfg = tiny_setup.model_config('lowrank', seq_len=SEQ_LEN, norm='rmsnorm', activation='swiglu',
+                                use_bias=False)
+  cfg.update(overrides)
+  model = random_model(cfg, seed=0)
+  for structured_export in (False, True):
+    with pytest.raises(ValueError) as e:
+      export.export_model(model, tmp_path / 'hf', eos_id=2, structured=structured_export)
+    assert expect in str(e.value) and '\n' not in str(e.value)
+    assert not (tmp_path / 'hf').exists()
+
+
+def test_a_model_of_no_family_exports_by_its_layers(tmp_path):
+  """Without model.hf_family: q/k/v-only biases with RMSNorm and SwiGLU are Qwen2, an untied
+  head is written as lm_head.weight; the float64 forward of the directory is ours."""
+  cfg = tiny_setup.model_config('dense', seq_len=SEQ_LEN, norm='rmsnorm', activation='swiglu',
+                                use_bias=False, qkv_bias=True, tie_embeddings=False)
+  model = random_model(cfg, seed=2)
+  out = export.export_model(model, tmp_path / 'hf', eos_id=2)
+  config = json.loads((out / 'config.json').read_text())
+  assert config['architectures'] == ['Qwen2ForCausalLM'] and not config['tie_word_embeddings']
+  weights = st.load_file(str(out / 'model.safetensors'))
+  np.testing.assert_array_equal(weights['lm_head.weight'], np.asarray(model.head[...]))
+  assert 'model.layers.1.self_attn.v_proj.bias' in weights
+  assert 'model.layers.1.self_attn.o_proj.bias' not in weights
+  tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, (2, SEQ_LEN))
+  want = ref.forward(out, tokens)
+  np.testing.assert_allclose(np.asarray(_forward(model, jnp.asarray(tokens, jnp.int32))), want,
+                             rtol=1e-4, atol=1e-4 * np.abs(want).max())

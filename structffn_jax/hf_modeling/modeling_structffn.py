@@ -1,8 +1,8 @@
-"""Starcoder2 / Llama with the FFN of structffn_jax: its structured layers run as factors.
+"""Starcoder2 / Llama / Mistral / Qwen2 with the FFN of structffn_jax: its structured layers run as factors.
 
 Shipped next to the weights by `python -m structffn_jax.export --structured` and loaded with
 `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`. Everything but the FFN is
-the transformers architecture itself (attention, norms, RoPE, the tied head, the KV cache,
+the transformers architecture itself (attention, norms, RoPE, the head, the KV cache,
 `generate`); each block's MLP is replaced by `StructFFNMLP`: fc1 -> GELU(tanh), or SwiGLU on fc1's
 two halves (gate, up), -> fc2, each projection one of
 
@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, Starcoder2Config, Starcoder2ForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM, Starcoder2Config, Starcoder2ForCausalLM)
 
 
 class StructuredLinear(nn.Module):
@@ -85,24 +86,30 @@ class StructFFNMLP(nn.Module):
     return self.fc2(h)
 
 
-class StructFFNStarcoder2Config(Starcoder2Config):
-  model_type = 'structffn_starcoder2'
-
-  def __init__(self, structffn_layers=None, structffn_activation='gelu', structffn_bias=True,
-               **kwargs):
-    self.structffn_layers = list(structffn_layers or [])
-    self.structffn_activation, self.structffn_bias = structffn_activation, structffn_bias
-    super().__init__(**kwargs)
-
-
-class StructFFNLlamaConfig(LlamaConfig):
-  model_type = 'structffn_llama'
+class _StructFFNConfig:
+  """The structured FFN's fields, read from config.json before the architecture's own."""
 
   def __init__(self, structffn_layers=None, structffn_activation='swiglu', structffn_bias=False,
                **kwargs):
     self.structffn_layers = list(structffn_layers or [])
     self.structffn_activation, self.structffn_bias = structffn_activation, structffn_bias
     super().__init__(**kwargs)
+
+
+class StructFFNStarcoder2Config(_StructFFNConfig, Starcoder2Config):
+  model_type = 'structffn_starcoder2'
+
+
+class StructFFNLlamaConfig(_StructFFNConfig, LlamaConfig):
+  model_type = 'structffn_llama'
+
+
+class StructFFNMistralConfig(_StructFFNConfig, MistralConfig):
+  model_type = 'structffn_mistral'
+
+
+class StructFFNQwen2Config(_StructFFNConfig, Qwen2Config):
+  model_type = 'structffn_qwen2'
 
 
 def _with_structured_mlp(model, config):
@@ -123,6 +130,22 @@ class StructFFNStarcoder2ForCausalLM(Starcoder2ForCausalLM):
 
 class StructFFNLlamaForCausalLM(LlamaForCausalLM):
   config_class = StructFFNLlamaConfig
+
+  def __init__(self, config):
+    super().__init__(config)
+    _with_structured_mlp(self, config)
+
+
+class StructFFNMistralForCausalLM(MistralForCausalLM):
+  config_class = StructFFNMistralConfig
+
+  def __init__(self, config):
+    super().__init__(config)
+    _with_structured_mlp(self, config)
+
+
+class StructFFNQwen2ForCausalLM(Qwen2ForCausalLM):
+  config_class = StructFFNQwen2Config
 
   def __init__(self, config):
     super().__init__(config)
