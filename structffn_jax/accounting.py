@@ -79,16 +79,50 @@ def account(config: ml_collections.ConfigDict, model: GPT | None = None) -> Acco
                     guided_steps=guided, tokens=tokens, train_flops=train)
 
 
+def tokens_per_step(config: ml_collections.ConfigDict) -> int:
+  """The tokens of one optimizer step: train.global_batch x model.seq_len."""
+  return config.train.global_batch * config.model.seq_len
+
+
 def flops_between(config: ml_collections.ConfigDict, acc: Accounting, start: int,
                   stop: int) -> float:
   """Training FLOPs of optimizer steps [start, stop) of the run: 3 × forward × the tokens of
   those steps, a guide counted for the guided ones (step < G) at its expected cost. The trainer
-  counts each step with it, and a run resumed at step s starts from `flops_between(c, acc, 0,
-  s)`."""
-  tokens = config.train.global_batch * config.model.seq_len
+  counts each step with it, and a run resumed at step s without a count of its own starts from
+  `flops_between(c, acc, 0, s)` (`Trained.resumed`)."""
+  tokens = tokens_per_step(config)
   guided = max(0, min(stop, acc.guided_steps) - max(start, 0))
   return 3.0 * tokens * (acc.flops_per_token * (stop - start) + acc.guide_flops_per_token
                          * sgt.guide_cost(config) * guided)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+  """What a run had trained by the end of optimizer step `step`: `tokens` and training `flops`
+  (each checkpoint keeps both), from which the steps after it count on at the config's batch.
+
+  A change of train.global_batch on resume keeps the step; the plan, the schedule and the data
+  position are the new config's, in optimizer steps (its total: train.tokens / (global_batch x
+  seq_len)), and each step from then on trains the new batch (README, "What survives what")."""
+  step: int = 0
+  tokens: int = 0
+  flops: float = 0.0
+
+  @classmethod
+  def resumed(cls, config: ml_collections.ConfigDict, acc: Accounting, step: int,
+              meta: dict) -> Trained:
+    """At `step`, from a checkpoint's metadata `meta`; one saved before checkpoints kept the
+    counts counts its steps at this config's batch ({}: a run that starts at step 0)."""
+    return cls(step, int(meta.get('tokens_trained', step * tokens_per_step(config))),
+               float(meta.get('train_flops', flops_between(config, acc, 0, step))))
+
+  def tokens_at(self, config: ml_collections.ConfigDict, step: int) -> int:
+    """Tokens trained by the end of optimizer step `step`."""
+    return self.tokens + (step - self.step) * tokens_per_step(config)
+
+  def flops_at(self, config: ml_collections.ConfigDict, acc: Accounting, step: int) -> float:
+    """Training FLOPs by the end of optimizer step `step`."""
+    return self.flops + flops_between(config, acc, self.step, step)
 
 
 def describe_run(config: ml_collections.ConfigDict, acc: Accounting) -> str:

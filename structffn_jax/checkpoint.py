@@ -15,6 +15,8 @@ disk), so a run stops at the next step instead of training on without a checkpoi
 tries the newest checkpoint first; one that cannot be read is moved aside to
 `<step>.corrupt-<time>` (never deleted) once an older one restored.
 A checkpoint whose loss is not finite is set aside the same way (`set_aside_non_finite`).
+A full disk met by any write of a run is reported in one line naming the last good checkpoint
+(`disk_full_in_one_line`).
 
 The rest of the workdir (config.json, the lock, disk-space messages) is `workdir.py`'s.
 """
@@ -34,7 +36,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from structffn_jax import distributed, schema
-from structffn_jax.workdir import free_space, saved_steps, why
+from structffn_jax.workdir import free_space, is_disk_full, saved_steps, why
 
 
 class CheckpointError(RuntimeError):
@@ -58,6 +60,23 @@ def disk_full(workdir, e: OSError) -> str:
   that found the disk full."""
   where = getattr(e, 'filename', None) or workdir
   return f'{where} could not be written ({why(e)}); {last_good(workdir)}'
+
+
+@contextlib.contextmanager
+def disk_full_in_one_line(workdir, *, first=None):
+  """A full disk met by any write into `workdir` (metrics, TensorBoard, config.json, the lock, a
+  checkpoint) raised as a CheckpointError with the one-line report of `disk_full`. `first`:
+  called before that report (the save in flight made final or failed, so that it names the last
+  good checkpoint); what it raises is dropped."""
+  try:
+    yield
+  except OSError as e:
+    if not is_disk_full(e):
+      raise
+    if first is not None:
+      with contextlib.suppress(Exception):
+        first()
+    raise CheckpointError(disk_full(workdir, e)) from None
 
 
 # ----------------------------------------------------------------------------- Orbax

@@ -37,6 +37,16 @@ class Plan:
     """Which global batch optimizer step `step` reads (fixedflop replays [0, G) at the end)."""
     return self.data_start + self.steps.batch_index(step)
 
+  def start_line(self, step: int, tokens: int) -> str:
+    """The trainer's line before it trains on from `step` (`tokens` trained so far): where it
+    starts, or that the plan has no step left."""
+    total = self.total_steps
+    if step < total:
+      return f'training from step {step}; the first step compiles'
+    return (f'step {step}: {"past" if step > total else "at"} the end of this config\'s {total} '
+            f'steps (train.tokens / (global_batch x seq_len)); nothing to train, {tokens:,} '
+            f'tokens trained. Raise train.tokens (--allow-change train.tokens) to train on.')
+
 
 def make_plan(config) -> Plan:
   t = config.train

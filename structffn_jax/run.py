@@ -1,11 +1,12 @@
 """A run's model and train state, built from its config, and a trained run read back.
 
   a = run.abstract_state(config, tx, mesh, guides=True)  # graph, shapes, shardings of a state
+  a, state, meta = run.restore_or_init(config, tx, mesh, ckpt)  # a trainer's state
   config = run.load_config(workdir)             # the run's config (mesh sizes overridable)
   r = run.load_run(workdir, mesh='1,1,1')       # config, model, optimizer state, meta, mesh
 
-The commands that read a trained run (evaluate, generate, premerge, lm_eval) start here, so
-that a checkpoint is restored one way everywhere: onto the run's own mesh, or onto another
+The trainer and the commands that read a trained run (evaluate, generate, premerge, lm_eval)
+restore through `restore_newest`, so that a checkpoint is restored one way everywhere: onto the run's own mesh, or onto another
 one given as 'D,F,T' (data, fsdp, tensor sizes), with the guides present or dropped as the
 checkpoint recorded.
 """
@@ -84,18 +85,52 @@ def load_run(workdir, mesh: str | None = None) -> Run:
                                  log=lambda line: print(line, file=sys.stderr))
   counts = sgt.step_counts(config)
   tx = optim.make_optimizer(config, counts.total, counts.guided)
-  built = {}
-
-  def target(meta):
-    built['graphdef'], abstract, shardings = abstract_state(
-        config, tx, device_mesh, guides=not meta.get('guides_dropped'))
-    return sharding.with_shardings(abstract, shardings)
-
   try:
-    _, state, meta = ckpt.restore_newest(target)
+    _, abstract, state, meta = restore_newest(config, tx, device_mesh, ckpt)
   except checkpoint.CheckpointError as e:  # the commands report a ValueError as `error: ...`
     raise ValueError(str(e)) from None
   finally:
     ckpt.close(quiet=True)
-  return Run(config, nnx.merge(built['graphdef'], state['params']), state['opt_state'], meta,
+  return Run(config, nnx.merge(abstract.graphdef, state['params']), state['opt_state'], meta,
              device_mesh)
+
+
+def has_guides(config: ml_collections.ConfigDict, meta: dict) -> bool:
+  """Whether the state a checkpoint with metadata `meta` holds (or a new one: {}) has guides."""
+  return bool(config.sgt.enabled) and not meta.get('guides_dropped', False)
+
+
+def restore_newest(config: ml_collections.ConfigDict, tx, mesh: jax.sharding.Mesh,
+                   ckpt: checkpoint.Checkpointer) -> tuple[int, AbstractState, Any, dict] | None:
+  """(step, abstract state, state, meta) of the newest checkpoint of `ckpt` that restores
+  (`Checkpointer.restore_newest`), read straight into its shardings on `mesh`, with the guides
+  present or dropped as its metadata says; None when there is none."""
+  built = {}
+
+  def target(meta):
+    built['abstract'] = abstract_state(config, tx, mesh, has_guides(config, meta))
+    return sharding.with_shardings(built['abstract'].state, built['abstract'].shardings)
+
+  restored = ckpt.restore_newest(target)
+  if restored is None:
+    return None
+  step, state, meta = restored
+  return step, built['abstract'], state, meta
+
+
+def restore_or_init(config: ml_collections.ConfigDict, tx, mesh: jax.sharding.Mesh,
+                    ckpt: checkpoint.Checkpointer) -> tuple[AbstractState, Any, dict]:
+  """A trainer's state: the newest checkpoint that restores (`restore_newest`, logged with
+  `ckpt.log`), or a new state initialised in place (a large model never sits on one device) with
+  meta {}. The data position follows from meta['step']."""
+  restored = restore_newest(config, tx, mesh, ckpt)
+  if restored is not None:
+    step, abstract, state, meta = restored
+    ckpt.log(f'resumed from {ckpt.path(step)} at step {int(meta["step"])}')
+    return abstract, state, meta
+  guides = has_guides(config, {})
+  abstract = abstract_state(config, tx, mesh, guides)
+  new_model = lambda: GPT.from_config(config, guides=guides, seed=config.train.seed)
+  state = jax.jit(lambda: steps.init_state(new_model(), tx)[1],
+                  out_shardings=abstract.shardings)()
+  return abstract, state, {}

@@ -9,12 +9,15 @@ axes.
 
 from __future__ import annotations
 
+from typing import Any, Callable, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
 from structffn_jax import sgt, sharding
+from structffn_jax.data import pipeline
 
 
 def init_state(model, tx: optax.GradientTransformation):
@@ -80,3 +83,49 @@ def make_eval_step(graphdef):
     return cross_entropy(logits, batch[:, 1:], mask_BT)
 
   return evaluate
+
+
+class Jitted(NamedTuple):
+  """A trainer's two steps, jitted over a mesh, and the shardings their batches take."""
+  train_step: Callable  # the train step; the state it is given is donated
+  eval_step: Callable
+  batch_sharding: Any  # a batch (B, T+1) over the batch axes
+  mask_sharding: Any  # an eval mask (B,) likewise
+
+
+def jit_steps(graphdef, tx: optax.GradientTransformation, micro_batches: int, mesh, rules,
+              state_shardings) -> Jitted:
+  """The train and eval steps of `graphdef` on `mesh` with explicit shardings: the state as
+  `state_shardings`, the batches over the batch axes (`rules`), metrics replicated."""
+  rep = sharding.replicated(mesh)
+  batch_sh = sharding.batch_sharding(mesh, rules, 2)
+  mask_sh = sharding.batch_sharding(mesh, rules, 1)
+  train_step = jax.jit(make_train_step(graphdef, tx, micro_batches),
+                       in_shardings=(state_shardings, batch_sh, rep),
+                       out_shardings=(state_shardings, rep), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(graphdef),
+                      in_shardings=(state_shardings['params'], rep, batch_sh, mask_sh),
+                      out_shardings=rep)
+  return Jitted(train_step, eval_step, batch_sh, mask_sh)
+
+
+class TrainBatches:
+  """The global batch of each optimizer step from `start` on (`plan.data_index`), as the train
+  step takes it: an array over the batch axes of which this process reads only its own rows
+  (`sharding.process_share`). `close()` stops the reads running ahead."""
+
+  def __init__(self, config, manifest, plan, batch_sh, start: int):
+    t = config.train
+    index, count = sharding.process_share(batch_sh, (t.global_batch, 1))
+    self.rows = pipeline.make_train_iterator(
+        manifest, global_batch=t.global_batch, seed=t.seed if t.data_seed < 0 else t.data_seed,
+        process_index=index, process_count=count, start_index=start, index_fn=plan.data_index)
+    self.global_batch, self.sharding = t.global_batch, batch_sh
+
+  def __next__(self) -> jax.Array:
+    local = next(self.rows)
+    return jax.make_array_from_process_local_data(self.sharding, local,
+                                                  (self.global_batch,) + local.shape[1:])
+
+  def close(self) -> None:
+    self.rows.close()

@@ -194,7 +194,7 @@ def summary_rows(runs) -> list[dict]:
         'run': config.name,
         'status': 'diverged' if status.diverged else status.state,
         'steps': f'{status.step}/{status.total}',
-        'tokens': status.step * config.train.global_batch * config.model.seq_len,
+        'tokens': status.step * accounting.tokens_per_step(config),
         'train_flops': accounting.account(config).train_flops if status.state == 'finished'
                        else None,  # the paper's accounting of the whole run
         'valid_loss': final(recs),

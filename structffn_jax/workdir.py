@@ -398,6 +398,22 @@ class WorkdirLock:
       self.path.unlink(missing_ok=True)
 
 
+def close_then_release(closes, lock: WorkdirLock | None) -> list[Exception]:
+  """Call each of `closes` whatever the one before raised, then release `lock` (always, an
+  interrupt included); the errors they raised, in order: the first is the one to report."""
+  errors = []
+  try:
+    for close in closes:
+      try:
+        close()
+      except Exception as e:  # pylint: disable=broad-except
+        errors.append(e)
+  finally:
+    if lock is not None:
+      lock.release()
+  return errors
+
+
 def lock_workdir(workdir: pathlib.Path) -> WorkdirLock | None:
   """Process 0 takes the workdir's lock; every process raises WorkdirLocked when it could not."""
   lock, error = None, None

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from structffn_jax import metrics, plot, train
+from structffn_jax import evaluation, metrics, plot, train
 from structffn_jax import workdir as workdir_lib
 from tests import tiny_setup
 
@@ -109,7 +109,7 @@ def test_a_failed_final_evaluation_keeps_the_last_steps_checkpoint(tmp_path, dat
   def broken(*args, **kwargs):
     raise RuntimeError('the validation rows cannot be read')
 
-  monkeypatch.setattr(train.evaluation, 'mean_loss', broken)
+  monkeypatch.setattr(evaluation, 'mean_loss', broken)
   workdir = tmp_path / 'w'
   with pytest.raises(RuntimeError, match='validation rows'):
     train.Trainer(tiny(data_dir, 'train.ckpt_every=4', sgt=0), workdir).run()
