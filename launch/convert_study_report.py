@@ -384,40 +384,8 @@ def conversion_row(study: Study, method: str, fraction: int) -> dict:
 # ----------------------------------------------------------------------------- formatting
 
 
-def _json(obj) -> str:
-  def strip(o):
-    if isinstance(o, dict):
-      return {str(k): strip(v) for k, v in o.items() if not str(k).startswith('_')}
-    if isinstance(o, (list, tuple)):
-      return [strip(v) for v in o]
-    if isinstance(o, decisions.Verdict):
-      return strip(o.as_dict())
-    if isinstance(o, float) and not math.isfinite(o):
-      return None
-    return o
-  return json.dumps(strip(obj), indent=1, default=lambda o: o.item() if hasattr(o, 'item')
-                    else str(o))
-
-
-def _fmt(v, digits=3):
-  if v is None:
-    return '-'
-  if isinstance(v, float):
-    return '-' if not math.isfinite(v) else f'{v:.{digits}f}'
-  return str(v)
-
-
-def _md(header: list[str], rows: list[list]) -> str:
-  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-  lines += ['| ' + ' | '.join(_fmt(c) for c in row) + ' |' for row in rows]
-  return '\n'.join(lines)
-
-
-def _pm(mean, se, digits=3):
-  if mean is None or not math.isfinite(mean):
-    return '-'
-  return f'{mean:+.{digits}f} ± {se:.{digits}f}' if se is not None and math.isfinite(se) \
-      else f'{mean:+.{digits}f}'
+_json, _fmt, _md, _pm = (studies.report_json, studies.cell, studies.markdown_table,
+                          studies.plus_minus)
 
 
 def _mean_n(cell, digits=3):

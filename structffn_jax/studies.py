@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import math
 import pathlib
 import resource
 import shutil
@@ -222,3 +223,47 @@ def format_table(rows: list[dict]) -> str:
   widths = [max(len(line[i]) for line in table) for i in range(len(keys))]
   return '\n'.join('  '.join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
                              enumerate(zip(line, widths))) for line in table)
+
+
+# ----------------------------------------------------------------------------- study reports
+# The JSON and markdown that the study reports (launch/*_report.py) write.
+
+
+def report_json(obj) -> str:
+  """`obj` as JSON: keys starting with '_' dropped, verdicts as their dicts, non-finite floats
+  as null, numpy scalars as numbers."""
+  def strip(o):
+    if isinstance(o, dict):
+      return {str(k): strip(v) for k, v in o.items() if not str(k).startswith('_')}
+    if isinstance(o, (list, tuple)):
+      return [strip(v) for v in o]
+    if hasattr(o, 'as_dict'):  # a decisions.Verdict
+      return strip(o.as_dict())
+    if isinstance(o, float) and not math.isfinite(o):
+      return None
+    return o
+  return json.dumps(strip(obj), indent=1, default=lambda o: o.item() if hasattr(o, 'item')
+                    else str(o))
+
+
+def cell(v, digits=3) -> str:
+  """A table cell: '-' for None or a non-finite float, floats to `digits` decimals."""
+  if v is None:
+    return '-'
+  if isinstance(v, float):
+    return '-' if not math.isfinite(v) else f'{v:.{digits}f}'
+  return str(v)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  lines += ['| ' + ' | '.join(cell(c) for c in row) + ' |' for row in rows]
+  return '\n'.join(lines)
+
+
+def plus_minus(mean, se, digits=3) -> str:
+  """'+m ± se' (signed), '+m' without a finite se, '-' without a finite mean."""
+  if mean is None or not math.isfinite(mean):
+    return '-'
+  return f'{mean:+.{digits}f} ± {se:.{digits}f}' if se is not None and math.isfinite(se) \
+      else f'{mean:+.{digits}f}'
