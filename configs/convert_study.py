@@ -39,6 +39,7 @@ Per structure (method, fraction), L(mode, t) the validation loss at step t:
 """
 
 from structffn_jax import config as config_lib
+from structffn_jax.configs import common
 
 SCALES = {
     'cpu': dict(hidden_dim=256, ffn_dim=1024, num_heads=4, num_layers=4, seq_len=128,
@@ -89,11 +90,11 @@ VARIANTS = [arg for arg, _ in PLAN]
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, method='lowrank', fraction=32, mode='guided', size='cpu',
+  a = common.parse_arg(arg, method='lowrank', fraction=32, mode='guided', size='cpu',
                            seed=1005, sgt=0)
-  s = config_lib.choose('size', a.size, SCALES)
-  config_lib.choose('mode', a.mode, {m: m for m in MODES})
-  config_lib.choose('seed', a.seed, {x: x for x in SEEDS})
+  s = common.choose('size', a.size, SCALES)
+  common.choose('mode', a.mode, {m: m for m in MODES})
+  common.choose('seed', a.seed, {x: x for x in SEEDS})
   fraction = 100 if a.method == 'dense' else a.fraction
   c = config_lib.base_config()
   c.name = run_name(a.method, fraction, a.mode, a.seed, a.size)
@@ -105,7 +106,7 @@ def get_config(arg=None):
   if a.size == 'cpu':
     m.dtype = 'float32'
     m.ffn.implementation = 'xla'
-  m.ffn.update(config_lib.choose('method,fraction', (a.method, fraction), structures(d)))
+  m.ffn.update(common.choose('method,fraction', (a.method, fraction), structures(d)))
   steps = s['source_steps'] if a.mode == 'source' else s['steps']
   if a.mode == 'long':
     steps = s['source_steps'] + s['steps']

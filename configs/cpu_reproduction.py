@@ -102,6 +102,7 @@ RESULTS.md gives each study's command, wall and CPU time, tokens, tables and ver
 
 from structffn_jax import accounting
 from structffn_jax import config as config_lib
+from structffn_jax.configs import common
 
 DATA_DIR = 'runs/cpu_repro2/data'  # shared by every run (tokenized once)
 VOCAB = 512
@@ -226,7 +227,7 @@ def _structured_run(width: int, method: str, fraction: int, seed: int, tokens: i
   c = config_lib.base_config()
   _model(c, width)
   fraction = 100 if method == 'dense' else fraction
-  c.model.ffn.update(config_lib.choose('method,fraction', (method, fraction), structures(width)))
+  c.model.ffn.update(common.choose('method,fraction', (method, fraction), structures(width)))
   _train(c, tokens, seed, lr)
   return c, fraction
 
@@ -241,9 +242,9 @@ def _check_guided_phase(c):
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, study='table1', width=48, method='dense', fraction=32, seed=1,
+  a = common.parse_arg(arg, study='table1', width=48, method='dense', fraction=32, seed=1,
                            variant='', lr=0.0)
-  config_lib.choose('study', a.study, dict.fromkeys(('probe', 'table1', 'scaling', 'lr', 'sgt',
+  common.choose('study', a.study, dict.fromkeys(('probe', 'table1', 'scaling', 'lr', 'sgt',
                                                      'wide')))
   if a.study == 'probe':
     lr = a.lr or PROBE_LRS[0]
@@ -254,8 +255,8 @@ def get_config(arg=None):
     return c
   if a.study in ('table1', 'scaling'):
     widths = TABLE1_WIDTHS if a.study == 'table1' else WIDTHS
-    config_lib.choose('width', a.width, dict.fromkeys(widths))
-    config_lib.choose('seed', a.seed, dict.fromkeys(SEEDS))
+    common.choose('width', a.width, dict.fromkeys(widths))
+    common.choose('seed', a.seed, dict.fromkeys(SEEDS))
     c, fraction = _structured_run(a.width, a.method, a.fraction, a.seed,
                                   compute_optimal_tokens(a.width), 0.0)
     c.train.peak_lr = a.lr or tuned_lr(a.method, fraction)
@@ -265,7 +266,7 @@ def get_config(arg=None):
     return c
   if a.study == 'lr':
     variant = a.variant or 'dense'
-    config_lib.choose('variant', variant, dict.fromkeys(('dense', 'lowrank', 'lowrank_sgt',
+    common.choose('variant', variant, dict.fromkeys(('dense', 'lowrank', 'lowrank_sgt',
                                                          'lowrank63')))
     lr = a.lr or LR_GRID[0]
     method = 'dense' if variant == 'dense' else 'lowrank'
@@ -277,9 +278,9 @@ def get_config(arg=None):
       _check_guided_phase(c)
     return c
   if a.study == 'sgt':
-    config_lib.choose('seed', a.seed, dict.fromkeys(SEEDS))
+    common.choose('seed', a.seed, dict.fromkeys(SEEDS))
     variant = a.variant or 'fixedstep'
-    config_lib.choose('variant', variant, dict.fromkeys(('fixedstep', 'fixedflop',
+    common.choose('variant', variant, dict.fromkeys(('fixedstep', 'fixedflop',
                                                          'more_tokens')))
     tokens = compute_optimal_tokens(SGT_WIDTH)
     c, _ = _structured_run(SGT_WIDTH, 'lowrank', 32, a.seed, tokens, tuned_lr('lowrank', 32))
@@ -296,9 +297,9 @@ def get_config(arg=None):
       _check_guided_phase(c)
     return c
   # wide
-  config_lib.choose('seed', a.seed, dict.fromkeys(SEEDS))
+  common.choose('seed', a.seed, dict.fromkeys(SEEDS))
   variant = a.variant or 'dense'
-  config_lib.choose('variant', variant, dict.fromkeys(('dense', 'gqa', 'ours_same_tokens',
+  common.choose('variant', variant, dict.fromkeys(('dense', 'gqa', 'ours_same_tokens',
                                                        'ours')))
   width = WIDE_WIDTH
   tokens = compute_optimal_tokens(width)

@@ -11,13 +11,14 @@ Argument (optional): `method=<dense|lowrank|blockdense|blockshuffle>,sgt=<0|1>`;
 """
 
 from structffn_jax import config as config_lib
+from structffn_jax.configs import common
 
 # 32% of the dense FFN's parameters
-STRUCTURES = config_lib.ffn_structures(rank=64, blockdense=(2, 64), blockshuffle_blocks=4)
+STRUCTURES = common.ffn_structures(rank=64, blockdense=(2, 64), blockshuffle_blocks=4)
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, method='lowrank', sgt=0)
+  a = common.parse_arg(arg, method='lowrank', sgt=0)
   c = config_lib.base_config()
   c.name = f'quickstart-{a.method}' + ('-sgt' if a.sgt else '')
   m = c.model
@@ -26,7 +27,7 @@ def get_config(arg=None):
   m.hidden_dim, m.ffn_dim, m.attn_dim = 256, 1024, 256  # width, FFN width, attention width
   m.num_layers, m.num_heads, m.num_kv_heads = 4, 4, 4  # blocks, query heads, kv heads
   m.dtype = 'float32'  # CPU-friendly; bfloat16 on accelerators
-  m.ffn.update(config_lib.choose('method', a.method, STRUCTURES))
+  m.ffn.update(common.choose('method', a.method, STRUCTURES))
   c.sgt.enabled = bool(a.sgt)  # self-guided over the first half (fixedstep)
   c.train.tokens = 300 * 16 * 128  # 300 steps of 16 sequences
   c.train.global_batch = 16  # sequences per step

@@ -34,7 +34,7 @@ ratio·S steps (ratios below) that replay the guided phase's data and match dens
 """
 
 from structffn_jax import config as config_lib
-from structffn_jax.data import prepare as prepare_lib
+from structffn_jax.configs import common
 
 BLOCKDENSE = {  # (blocks, rank) at the 63% and 32% fractions
     's': {63: (2, 512), 32: (2, 256)},
@@ -59,7 +59,7 @@ VARIANTS = ['model=xl,method=dense'] + [
 
 def structure(method: str, size: str, fraction: int, hidden_dim: int) -> dict:
   """The FFN fields (method, rank, blocks) of a table row."""
-  config_lib.choose('fraction', fraction, {63: None, 32: None})
+  common.choose('fraction', fraction, {63: None, 32: None})
   if method == 'dense':
     return dict(method='dense', rank=0, blocks=1)
   if method == 'lowrank':
@@ -69,14 +69,14 @@ def structure(method: str, size: str, fraction: int, hidden_dim: int) -> dict:
   if method == 'blockdense':
     blocks, rank = BLOCKDENSE[size][fraction]
     return dict(method='blockdense', rank=rank, blocks=blocks)
-  config_lib.choose('method', method, dict.fromkeys(('dense', 'lowrank', 'blockdense',
+  common.choose('method', method, dict.fromkeys(('dense', 'lowrank', 'blockdense',
                                                      'blockshuffle')))
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, model='s', method='dense', fraction=32, sgt='none',
+  a = common.parse_arg(arg, model='s', method='dense', fraction=32, sgt='none',
                            reduce_flop='auto', data='refinedweb')
-  size = config_lib.choose('model', a.model, config_lib.SIZES)
+  size = common.choose('model', a.model, common.SIZES)
   c = config_lib.base_config()
   m = c.model
   m.hidden_dim, m.ffn_dim = size['hidden_dim'], size['ffn_dim']
@@ -85,7 +85,7 @@ def get_config(arg=None):
   m.ffn.update(structure(a.method, a.model, a.fraction, m.hidden_dim))
   c.train.tokens = size['tokens']
   c.train.peak_lr = size['peak_lr']
-  config_lib.choose('sgt', a.sgt, dict.fromkeys(('none', 'fixedstep', 'fixedflop')))
+  common.choose('sgt', a.sgt, dict.fromkeys(('none', 'fixedstep', 'fixedflop')))
   if a.sgt != 'none':
     if a.method == 'dense':
       raise config_lib.ConfigError('sgt: self-guided training needs a structured method '
@@ -94,8 +94,8 @@ def get_config(arg=None):
     c.sgt.mode = a.sgt
     c.sgt.ratio = 0.5 if a.sgt == 'fixedstep' else FIXEDFLOP_RATIO[a.method][a.model]
     c.sgt.reduce_flop = (a.sgt == 'fixedflop' if a.reduce_flop == 'auto'
-                         else config_lib.choose('reduce_flop', a.reduce_flop, {'0': False, '1': True}))
-  prepare_lib.apply_recipe(c.data, config_lib.choose('data', a.data, prepare_lib.DATA_RECIPES))
+                         else common.choose('reduce_flop', a.reduce_flop, {'0': False, '1': True}))
+  common.apply_recipe(c.data, common.choose('data', a.data, common.DATA_RECIPES))
   c.data.vocab_size = m.vocab_size  # what data=local trains; the LLaMA tokenizer has 32000
   suffix = '' if a.method == 'dense' else f'{a.fraction}'
   c.name = f'{a.model}-{a.method}{suffix}' + ('' if a.sgt == 'none' else f'-sgt-{a.sgt}') + \

@@ -6,12 +6,13 @@ Argument: `method=<dense|lowrank|blockdense|blockshuffle>` and optionally `sgt=<
 """
 
 from structffn_jax import config as config_lib
+from structffn_jax.configs import common
 
-STRUCTURES = config_lib.ffn_structures(rank=16, blockdense=(2, 32), blockshuffle_blocks=2)
+STRUCTURES = common.ffn_structures(rank=16, blockdense=(2, 32), blockshuffle_blocks=2)
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, method='lowrank', sgt=0)
+  a = common.parse_arg(arg, method='lowrank', sgt=0)
   c = config_lib.base_config()
   c.name = f'tiny-{a.method}'
   m = c.model
@@ -20,7 +21,7 @@ def get_config(arg=None):
   m.hidden_dim, m.ffn_dim, m.attn_dim = 64, 256, 64
   m.num_layers, m.num_heads, m.num_kv_heads = 3, 4, 2
   m.dtype = 'float32'
-  m.ffn.update(config_lib.choose('method', a.method, STRUCTURES))
+  m.ffn.update(common.choose('method', a.method, STRUCTURES))
   c.sgt.enabled = bool(a.sgt)
   c.train.tokens = 64 * 8 * 40  # 40 steps of 8 sequences
   c.train.global_batch = 8

@@ -27,7 +27,7 @@ budget with fixed-FLOP self-guided training (ratio m 0.40, l 0.395).
 """
 
 from structffn_jax import config as config_lib
-from structffn_jax.data import prepare as prepare_lib
+from structffn_jax.configs import common
 
 OURS = {
     'm': dict(ffn_dim=4864, attn_dim=512, num_heads=8, num_kv_heads=4, rank=512, tokens=10.58e9,
@@ -43,10 +43,10 @@ VARIANTS = [f'model={m},variant={v}' for m in ('m', 'l') for v in ('dense', 'gqa
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, model='m', variant='ours', data='refinedweb')
-  config_lib.choose('model', a.model, OURS)
-  config_lib.choose('variant', a.variant, dict.fromkeys(('dense', 'gqa', 'ours', 'ours_sgt')))
-  size = config_lib.SIZES[a.model]
+  a = common.parse_arg(arg, model='m', variant='ours', data='refinedweb')
+  common.choose('model', a.model, OURS)
+  common.choose('variant', a.variant, dict.fromkeys(('dense', 'gqa', 'ours', 'ours_sgt')))
+  size = common.SIZES[a.model]
   c = config_lib.base_config()
   m = c.model
   m.hidden_dim, m.ffn_dim = size['hidden_dim'], size['ffn_dim']
@@ -64,7 +64,7 @@ def get_config(arg=None):
       c.train.tokens = o['tokens']
     else:
       c.sgt.update(enabled=True, mode='fixedflop', ratio=o['sgt_ratio'], reduce_flop=True)
-  prepare_lib.apply_recipe(c.data, config_lib.choose('data', a.data, prepare_lib.DATA_RECIPES))
+  common.apply_recipe(c.data, common.choose('data', a.data, common.DATA_RECIPES))
   c.data.vocab_size = m.vocab_size  # what data=local trains; the LLaMA tokenizer has 32000
   c.name = f'wide-{a.model}-{a.variant}' + ('' if a.data == 'refinedweb' else f'-{a.data}')
   return c

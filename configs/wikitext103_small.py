@@ -24,6 +24,7 @@ for evaluation (no train split is shipped there).
 import pathlib
 
 from structffn_jax import config as config_lib
+from structffn_jax.configs import common
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'wikitext-103'
 
@@ -43,8 +44,8 @@ VARIANTS = ['method=dense', 'method=lowrank,sgt=0', 'method=lowrank,sgt=1',
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, method='lowrank', sgt=0, init='paper', scale='paper')
-  s = config_lib.choose('scale', a.scale, SCALES)
+  a = common.parse_arg(arg, method='lowrank', sgt=0, init='paper', scale='paper')
+  s = common.choose('scale', a.scale, SCALES)
   c = config_lib.base_config()
   c.name = f'wt103-{a.scale}-{a.method}' + ('-sgt' if a.sgt else '') + \
       ('-gaussian' if a.init == 'gaussian' else '')
@@ -61,8 +62,8 @@ def get_config(arg=None):
       'blockdense': dict(method='blockdense', rank=s['bd_rank'], blocks=2),  # ~32% of dense
       'blockshuffle': dict(method='blockshuffle', rank=0, blocks=4),
   }
-  m.ffn.update(config_lib.choose('method', a.method, structures))
-  m.ffn.init = config_lib.choose('init', a.init, {'paper': 'paper', 'gaussian': 'gaussian'})
+  m.ffn.update(common.choose('method', a.method, structures))
+  m.ffn.init = common.choose('init', a.init, {'paper': 'paper', 'gaussian': 'gaussian'})
   c.sgt.enabled = bool(a.sgt)  # guide the first half (fixedstep, ratio 0.5)
   c.train.global_batch = s['global_batch']  # sequences per step
   c.train.tokens = s['steps'] * s['global_batch'] * s['seq_len']  # steps x batch x context

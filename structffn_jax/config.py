@@ -2,7 +2,8 @@
 
 The schema, every field with its one default, is `base_config()` (structffn_jax/schema.py,
 re-exported here). Config files in `configs/` start from it and override what their paper table
-needs. `validate(config)` turns a bad value into a one-line error naming the field and what is
+needs; what they share (the paper's sizes, the data recipe, their argument parser) is
+configs/common.py, installed as `structffn_jax.configs.common`. `validate(config)` turns a bad value into a one-line error naming the field and what is
 allowed, before anything is built or compiled.
 """
 
@@ -17,20 +18,8 @@ from structffn_jax import schema
 from structffn_jax.errors import ConfigError
 from structffn_jax.schema import base_config, from_dict
 
-__all__ = ['ConfigError', 'SIZES', 'base_config', 'choose', 'config_module', 'ffn_structures',
-           'from_dict', 'load', 'override', 'parse_arg', 'validate']
-
-SIZES = {  # docs/design.md §6.2: hidden, ffn, heads, layers, tokens, peak lr
-    's': dict(hidden_dim=768, ffn_dim=3072, num_heads=12, num_layers=12, tokens=2.2e9,
-              peak_lr=6e-4),
-    'm': dict(hidden_dim=1024, ffn_dim=4096, num_heads=16, num_layers=24, tokens=6.7e9,
-              peak_lr=3e-4),
-    'l': dict(hidden_dim=1536, ffn_dim=6144, num_heads=12, num_layers=24, tokens=14.58e9,
-              peak_lr=2.5e-4),
-    'xl': dict(hidden_dim=2048, ffn_dim=8192, num_heads=16, num_layers=24, tokens=25.5e9,
-               peak_lr=2e-4),
-}
-
+__all__ = ['ConfigError', 'base_config', 'coerce', 'config_module', 'from_dict', 'load', 'override',
+           'validate']
 
 def _get(config, dotted):
   node = config
@@ -215,53 +204,20 @@ def _validate_ffn(m):
                           f'allowed block counts: {common[:12]}.')
 
 
-def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-  """Parse a config argument 'k1=v1,k2=v2' against `defaults` (unknown keys are an error).
-
-  Each value is typed like its default (see `load`). A bare key is a switch turned on, as in
-  big_vision's parse_arg: 'sgt' means sgt=True for a bool default and sgt=1 for a 0/1 one.
-  """
-  out = dict(defaults)
-  switches = [k for k, v in defaults.items() if isinstance(v, int) and v in (0, 1)]
-  for item in filter(None, (arg or '').split(',')):
-    key, sep, value = item.partition('=')
-    if key not in defaults:
-      raise ConfigError(f'config argument {key!r} is unknown; keys: {", ".join(defaults)}.')
-    if not sep:
-      if key not in switches:
-        raise ConfigError(f'config argument {item!r} is not key=value; only an on/off key may '
-                          f'stand alone ({", ".join(switches) or "none here"}); '
-                          f'keys: {", ".join(defaults)}.')
-      value = 'true' if isinstance(defaults[key], bool) else '1'
-    out[key] = _coerce(value, defaults[key], f'config argument {key}')
-  return ml_collections.ConfigDict(out)
-
-
-def ffn_structures(*, rank: int, blockdense: tuple[int, int], blockshuffle_blocks: int) -> dict:
-  """{method: model.ffn fields} for dense and the three structures of one small config: LowRank
-  of `rank`, BlockDense with (blocks, rank) = `blockdense`, BlockShuffle with its block count."""
-  return {
-      'dense': dict(method='dense', rank=0, blocks=1),
-      'lowrank': dict(method='lowrank', rank=rank, blocks=1),
-      'blockdense': dict(method='blockdense', rank=blockdense[1], blocks=blockdense[0]),
-      'blockshuffle': dict(method='blockshuffle', rank=0, blocks=blockshuffle_blocks),
-  }
-
-
-def choose(field: str, value, table: dict):
-  """table[value], or a ConfigError naming the field and the allowed values."""
-  if value not in table:
-    allowed = ', '.join(map(str, table))
-    raise ConfigError(f'{field}={value!r} is not allowed; use one of: {allowed}.')
-  return table[value]
-
-
 def config_module(path):
-  """The config file at `path` as a module (its `get_config`, and `VARIANTS` if it has them)."""
+  """The config file at `path` as a module (its `get_config`, and `VARIANTS` if it has them).
+
+  A path `configs/<file>.py` that is not there (a run outside the checkout) is the installed
+  copy of that file, `structffn_jax/configs/<file>.py`.
+  """
   import importlib.util
   import pathlib
 
   file = pathlib.Path(path)
+  if not file.is_file() and file.parent == pathlib.Path('configs'):
+    import structffn_jax.configs
+    installed = pathlib.Path(structffn_jax.configs.__file__).parent / file.name
+    file = installed if installed.is_file() else file
   if not file.is_file():
     raise ConfigError(f'--config: no config file at {str(path)!r} '
                       '(expected configs/<name>.py:<arg>).')
@@ -319,7 +275,7 @@ def _override(config, key: str, text: str | None, item: str):
   parent, _, leaf = key.rpartition('.')
   node = _get(config, parent) if parent else config
   try:
-    node[leaf] = _coerce(text, current, f'override {key}')
+    node[leaf] = coerce(text, current, f'override {key}')
   except TypeError as e:  # the ConfigDict refused the type
     raise ConfigError(f'override {key}={text!r}: {e}'.split('\n')[0]) from None
 
@@ -335,7 +291,7 @@ def _literal(text):
 _TRUE, _FALSE = ('true', 't', '1'), ('false', 'f', '0')
 
 
-def _coerce(text, current, what):
+def coerce(text, current, what):
   """text as the type of `current`; errors name `what` and the type expected."""
   if current is None:
     return _literal(text)

@@ -17,6 +17,7 @@ import pytest
 
 from structffn_jax import cli
 from structffn_jax import config as config_lib
+from structffn_jax.configs import common
 from tests.tiny_setup import REPO
 
 TINY = f'{REPO}/configs/tiny.py'
@@ -150,10 +151,10 @@ def _info_parser():
 def test_a_bare_key_in_the_config_argument_is_a_switch():
   assert config_lib.load(f'{TINY}:sgt,method=dense').sgt.enabled
   assert not config_lib.load(f'{TINY}:method=dense').sgt.enabled
-  a = config_lib.parse_arg('fast,n=2', fast=False, n=1, name='a')
+  a = common.parse_arg('fast,n=2', fast=False, n=1, name='a')
   assert a.fast is True and a.n == 2
   with pytest.raises(config_lib.ConfigError, match=r"'name' is not key=value.*fast, n"):
-    config_lib.parse_arg('name', fast=False, n=1, name='a')
+    common.parse_arg('name', fast=False, n=1, name='a')
 
 
 # ----------------------------------------------------------------------------- errors

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from structffn_jax import config as config_lib
+from structffn_jax.configs import common
 
 SIZES = ('s', 'm', 'l', 'xl')
 PAPER_SIZES = {  # docs/design.md §6.2: hidden, ffn, heads, layers, tokens, peak lr
@@ -342,15 +343,15 @@ def test_info_cli_bad_input_exits_with_error_line(repo_root, args, words):
 
 
 def test_parse_arg_types_each_value_like_its_default():
-  c = config_lib.parse_arg('n=3,rate=0.5,name=x,flag=0,other=True', n=1, rate=0.1, name='a',
+  c = common.parse_arg('n=3,rate=0.5,name=x,flag=0,other=True', n=1, rate=0.1, name='a',
                            flag=True, other=False)
   assert (c.n, c.rate, c.name, c.flag, c.other) == (3, 0.5, 'x', False, True)
   with pytest.raises(config_lib.ConfigError, match="flag='maybe': expected true or false"):
-    config_lib.parse_arg('flag=maybe', flag=True)
+    common.parse_arg('flag=maybe', flag=True)
   with pytest.raises(config_lib.ConfigError, match="n='x': expected a number"):
-    config_lib.parse_arg('n=x', n=1)
+    common.parse_arg('n=x', n=1)
   with pytest.raises(config_lib.ConfigError, match="'m' is unknown; keys: n"):
-    config_lib.parse_arg('m=1', n=1)
+    common.parse_arg('m=1', n=1)
 
 
 def _numeric_fields(kind):

@@ -85,6 +85,19 @@ def test_the_config_loads_no_jax():
   subprocess.run([sys.executable, '-c', code], cwd=REPO, check=True)
 
 
+def test_the_config_files_load_no_jax_and_find_their_common_module_from_anywhere(tmp_path):
+  """The presets (configs/common.py) import as `structffn_jax.configs.common`, from a directory
+  outside the checkout too, and a config file read there by its `configs/` path is the installed
+  copy; neither loads JAX."""
+  code = ('import sys; from structffn_jax import config; '
+          'from structffn_jax.configs import common; '
+          "c = config.load('configs/structured_ffn.py:model=xl,method=lowrank,fraction=63'); "
+          "assert c.model.hidden_dim == common.SIZES['xl']['hidden_dim'] == 2048, c.model; "
+          "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax')); "
+          'assert not loaded, loaded')
+  subprocess.run([sys.executable, '-c', code], cwd=tmp_path, check=True)
+
+
 def _design_module_map() -> str:
   text = (REPO / 'docs' / 'design.md').read_text()
   start = text.index('## 9. The modules')

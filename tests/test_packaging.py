@@ -84,3 +84,15 @@ def test_jax_bound_is_what_the_flax_bound_needs():
 
 if __name__ == '__main__':
   sys.stdout.write('\n'.join(minimums()) + '\n')
+
+
+def test_the_package_list_names_every_package_and_maps_the_configs():
+  """pyproject.toml lists the packages by hand (the configs directory installs as
+  structffn_jax.configs, which `packages.find` cannot express): every directory of the package
+  with an `__init__.py` is in the list, and nothing else is."""
+  setup = tomllib.loads((REPO_ROOT / 'pyproject.toml').read_text())['tool']['setuptools']
+  on_disk = {'.'.join(p.parent.relative_to(REPO_ROOT).parts)
+             for p in (REPO_ROOT / 'structffn_jax').rglob('__init__.py')}
+  assert set(setup['packages']) == on_disk | {'structffn_jax.configs'}
+  assert setup['package-dir'] == {'structffn_jax.configs': 'configs'}
+  assert (REPO_ROOT / 'configs' / '__init__.py').is_file()

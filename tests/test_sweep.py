@@ -12,18 +12,19 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 CONFIG = '''
 from structffn_jax import config as config_lib
+from structffn_jax.configs import common
 
 VARIANTS = ['method=dense', 'method=lowrank', 'method=dense,lr=1e9']
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, method='dense', lr=3e-3)
+  a = common.parse_arg(arg, method='dense', lr=3e-3)
   c = config_lib.base_config()
   c.name = f'sweep-{a.method}' + ('-diverge' if a.lr > 1 else '')
   c.model.update(vocab_size=512, seq_len=32, hidden_dim=32, ffn_dim=64, attn_dim=32,
                  num_layers=2, num_heads=2, num_kv_heads=2, dtype='float32')
-  c.model.ffn.update(config_lib.ffn_structures(rank=8, blockdense=(2, 8),
-                                               blockshuffle_blocks=2)[a.method])
+  c.model.ffn.update(common.ffn_structures(rank=8, blockdense=(2, 8),
+                                           blockshuffle_blocks=2)[a.method])
   c.train.update(tokens=12 * 4 * 32, global_batch=4, peak_lr=a.lr, warmup_frac=0.0,
                  eval_every=0, eval_tokens=8 * 32, log_every=2, ckpt_every=4)
   c.data.update(source='stdlib', stdlib_max_bytes=150_000, stdlib_tests=False, vocab_size=512,

@@ -17,10 +17,11 @@ import tempfile
 import ml_collections
 
 from structffn_jax import config as config_lib
+from structffn_jax.configs import common
 from tests import generated_text
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-STRUCTURES = config_lib.ffn_structures(rank=8, blockdense=(2, 16), blockshuffle_blocks=4)
+STRUCTURES = common.ffn_structures(rank=8, blockdense=(2, 16), blockshuffle_blocks=4)
 
 
 def model_config(method: str = 'lowrank', init: str = 'gaussian', seq_len: int = 12,

@@ -80,31 +80,6 @@ from structffn_jax.data.settings import _settings
 # By name: run as `python -m structffn_jax.data.prepare`, this module's __name__ is '__main__'.
 log = logging.getLogger('structffn_jax.data.prepare')
 
-# The paper's data: RefinedWeb (train only, so 0.7B validation tokens are carved from it by
-# document hash) tokenized with the LLaMA SentencePiece model, whose path the user supplies; 65B
-# train tokens in rows of seq_len + 1 = 1025. `local`: the stdlib, to try a config here.
-DATA_RECIPES = {
-    'refinedweb':
-        dict(
-            source='hf',
-            hf_name='tiiuae/falcon-refinedweb',
-            text_field='content',
-            tokenizer=REQUIRED,
-            max_tokens=65_000_000_000,
-            valid_tokens=700_000_000,
-            num_workers=-1,
-        ),
-    'local':
-        dict(source='stdlib'),
-}
-
-
-def apply_recipe(cfg_data: ml_collections.ConfigDict, recipe: dict[str, Any]) -> None:
-  """Sets the fields of a `DATA_RECIPES` entry on a config's data section."""
-  for name, value in recipe.items():
-    cfg_data[name] = value
-
-
 def load_tokenizer(path: str | os.PathLike,
                    *,
                    field: str = 'data.tokenizer',
