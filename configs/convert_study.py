@@ -91,7 +91,7 @@ VARIANTS = [arg for arg, _ in PLAN]
 
 def get_config(arg=None):
   a = common.parse_arg(arg, method='lowrank', fraction=32, mode='guided', size='cpu',
-                           seed=1005, sgt=0)
+                       seed=1005, sgt=0)
   s = common.choose('size', a.size, SCALES)
   common.choose('mode', a.mode, {m: m for m in MODES})
   common.choose('seed', a.seed, {x: x for x in SEEDS})

@@ -243,9 +243,9 @@ def _check_guided_phase(c):
 
 def get_config(arg=None):
   a = common.parse_arg(arg, study='table1', width=48, method='dense', fraction=32, seed=1,
-                           variant='', lr=0.0)
+                       variant='', lr=0.0)
   common.choose('study', a.study, dict.fromkeys(('probe', 'table1', 'scaling', 'lr', 'sgt',
-                                                     'wide')))
+                                                 'wide')))
   if a.study == 'probe':
     lr = a.lr or PROBE_LRS[0]
     tokens = int(PROBE_BUDGET * compute_optimal_tokens(PROBE_WIDTH)) // _BATCH_TOKENS \
@@ -267,7 +267,7 @@ def get_config(arg=None):
   if a.study == 'lr':
     variant = a.variant or 'dense'
     common.choose('variant', variant, dict.fromkeys(('dense', 'lowrank', 'lowrank_sgt',
-                                                         'lowrank63')))
+                                                     'lowrank63')))
     lr = a.lr or LR_GRID[0]
     method = 'dense' if variant == 'dense' else 'lowrank'
     fraction = 63 if variant == 'lowrank63' else 32
@@ -281,7 +281,7 @@ def get_config(arg=None):
     common.choose('seed', a.seed, dict.fromkeys(SEEDS))
     variant = a.variant or 'fixedstep'
     common.choose('variant', variant, dict.fromkeys(('fixedstep', 'fixedflop',
-                                                         'more_tokens')))
+                                                     'more_tokens')))
     tokens = compute_optimal_tokens(SGT_WIDTH)
     c, _ = _structured_run(SGT_WIDTH, 'lowrank', 32, a.seed, tokens, tuned_lr('lowrank', 32))
     if variant == 'fixedstep':
@@ -300,7 +300,7 @@ def get_config(arg=None):
   common.choose('seed', a.seed, dict.fromkeys(SEEDS))
   variant = a.variant or 'dense'
   common.choose('variant', variant, dict.fromkeys(('dense', 'gqa', 'ours_same_tokens',
-                                                       'ours')))
+                                                   'ours')))
   width = WIDE_WIDTH
   tokens = compute_optimal_tokens(width)
   # gqa trains with dense's LR, ours with LowRank 63%'s (its rank is d/2, as ours' is).

@@ -70,12 +70,12 @@ def structure(method: str, size: str, fraction: int, hidden_dim: int) -> dict:
     blocks, rank = BLOCKDENSE[size][fraction]
     return dict(method='blockdense', rank=rank, blocks=blocks)
   common.choose('method', method, dict.fromkeys(('dense', 'lowrank', 'blockdense',
-                                                     'blockshuffle')))
+                                                 'blockshuffle')))
 
 
 def get_config(arg=None):
   a = common.parse_arg(arg, model='s', method='dense', fraction=32, sgt='none',
-                           reduce_flop='auto', data='refinedweb')
+                       reduce_flop='auto', data='refinedweb')
   size = common.choose('model', a.model, common.SIZES)
   c = config_lib.base_config()
   m = c.model

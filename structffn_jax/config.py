@@ -3,8 +3,9 @@
 The schema, every field with its one default, is `base_config()` (structffn_jax/schema.py,
 re-exported here). Config files in `configs/` start from it and override what their paper table
 needs; what they share (the paper's sizes, the data recipe, their argument parser) is
-configs/common.py, installed as `structffn_jax.configs.common`. `validate(config)` turns a bad value into a one-line error naming the field and what is
-allowed, before anything is built or compiled.
+configs/common.py, installed as `structffn_jax.configs.common`. `validate(config)` turns a bad
+value into a one-line error naming the field and what is allowed, before anything is built or
+compiled.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from structffn_jax.schema import base_config, from_dict
 
 __all__ = ['ConfigError', 'base_config', 'coerce', 'config_module', 'from_dict', 'load', 'override',
            'validate']
+
 
 def _get(config, dotted):
   node = config

@@ -344,7 +344,7 @@ def test_info_cli_bad_input_exits_with_error_line(repo_root, args, words):
 
 def test_parse_arg_types_each_value_like_its_default():
   c = common.parse_arg('n=3,rate=0.5,name=x,flag=0,other=True', n=1, rate=0.1, name='a',
-                           flag=True, other=False)
+                       flag=True, other=False)
   assert (c.n, c.rate, c.name, c.flag, c.other) == (3, 0.5, 'x', False, True)
   with pytest.raises(config_lib.ConfigError, match="flag='maybe': expected true or false"):
     common.parse_arg('flag=maybe', flag=True)
