@@ -35,6 +35,10 @@ class Accounting:
   guided_steps: int  # G (0 without SGT)
   tokens: float  # training tokens seen (S·batch·seq, or (S+G)·batch·seq)
   train_flops: float  # 3 × (forward of every training token, guides at expected cost)
+  # The trainer's count of the run's `steps` whole steps, `flops_between(c, acc, 0, steps)`: what
+  # metrics.jsonl reaches at the end. It equals train_flops when train.tokens is a whole number of
+  # steps; otherwise train_flops is the paper's accounting of the budget as written.
+  run_flops: float = 0.0
 
   def as_dict(self):
     return dataclasses.asdict(self)
@@ -74,9 +78,10 @@ def account(config: ml_collections.ConfigDict, model: GPT | None = None) -> Acco
   tokens = config.train.tokens * steps / counts.base
   guide_tokens = config.train.tokens * guided / counts.base * sgt.guide_cost(config)
   train = 3.0 * (flops * tokens + 2 * guide * guide_tokens)
-  return Accounting(params_total=total, params_ffn=ffn, params_guide=guide,
-                    flops_per_token=flops, guide_flops_per_token=2 * guide, steps=steps,
-                    guided_steps=guided, tokens=tokens, train_flops=train)
+  acc = Accounting(params_total=total, params_ffn=ffn, params_guide=guide,
+                   flops_per_token=flops, guide_flops_per_token=2 * guide, steps=steps,
+                   guided_steps=guided, tokens=tokens, train_flops=train)
+  return dataclasses.replace(acc, run_flops=flops_between(config, acc, 0, steps))
 
 
 def tokens_per_step(config: ml_collections.ConfigDict) -> int:

@@ -33,6 +33,9 @@ def table(config, acc: accounting.Accounting) -> str:
       ('tokens', f'{acc.tokens:.4g}'),
       ('training FLOPs', f'{acc.train_flops:.3e}'),
   ]
+  if abs(acc.run_flops - acc.train_flops) > 1e-9 * acc.train_flops:
+    rows.append(('run FLOPs', f'{acc.run_flops:.3e} (the {acc.steps:,} whole steps the trainer '
+                              f'counts; train.tokens is not a whole number of steps)'))
   if acc.params_guide:
     rows[5:5] = [('params guide (SGT)', f'{acc.params_guide:,} for {acc.guided_steps} steps, '
                                         f'{config.sgt.mode}, reduce_flop={config.sgt.reduce_flop}')]

@@ -196,8 +196,8 @@ def summary_rows(runs) -> list[dict]:
         'status': 'diverged' if status.diverged else status.state,
         'steps': f'{status.step}/{status.total}',
         'tokens': status.step * accounting.tokens_per_step(config),
-        'train_flops': accounting.account(config).train_flops if status.state == 'finished'
-                       else None,  # the paper's accounting of the whole run
+        # What the trainer counted (metrics.jsonl), the run's steps as trained.
+        'train_flops': final(recs, 'train_flops') if status.state == 'finished' else None,
         'valid_loss': final(recs),
         'spikes': count_spikes(losses) if len(losses) else None,
         'wall': duration(wall) if wall is not None else '',

@@ -4,15 +4,35 @@ config's prepared data, and one tiny trained run.
 Tests marked `slow` (registered in pyproject.toml) start processes or train several runs; CI runs
 them all (`-m "not slow"` leaves them out locally)."""
 
+import os
 import pathlib
 import shutil
 import sys
+import tempfile
 
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # so that a bare `pytest` finds structffn_jax too
   sys.path.insert(0, str(REPO_ROOT))
+
+# One persistent XLA compilation cache for the session, this process and the processes the tests
+# start (they inherit the environment). Most of the suite's CPU time is XLA compiling the same
+# tiny models again: each new Trainer, and each `python -m structffn_jax.train` a test starts,
+# jits its own functions, and the cache turns a repeated compilation (the same program for the
+# same devices) into a read. A run starts with an empty cache, so no outcome depends on an
+# earlier one; JAX_COMPILATION_CACHE_DIR set outside keeps (and reuses) a cache of one's own.
+_SESSION_CACHE = None
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _SESSION_CACHE = tempfile.mkdtemp(prefix='structffn-jax-cache-')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _SESSION_CACHE
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+
+
+def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argument
+  if _SESSION_CACHE is not None:
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope='session')

@@ -238,6 +238,34 @@ def test_flops_between_two_steps_closed_form(repo_root, mode, reduce_flop):
   assert steps == pytest.approx(accounting.flops_between(config, acc, 0, acc.steps), rel=1e-12)
   assert accounting.flops_between(config, acc, 0, acc.steps) == pytest.approx(acc.train_flops,
                                                                               rel=1e-12)
+  assert acc.run_flops == accounting.flops_between(config, acc, 0, acc.steps)
+
+
+def test_run_flops_count_whole_steps_where_the_budget_is_not_one(repo_root):
+  """A budget of 40.3 steps: the paper's accounting (`train_flops`) counts the tokens as
+  written, the run's count (`run_flops`, what metrics.jsonl reaches) the 40 steps it trains; info
+  prints both."""
+  spec = 'configs/wide_structured.py:model=m,variant=ours_sgt'
+  config = load(repo_root, spec, ())
+  m, t = config.model, config.train
+  tokens_per_step = t.global_batch * m.seq_len
+  t.tokens = 40.3 * tokens_per_step
+  acc = accounting.account(config)
+  base = 40
+  guided = round(config.sgt.ratio * base)
+  assert (acc.steps, acc.guided_steps) == (base + guided if config.sgt.mode == 'fixedflop'
+                                           else base, guided)
+  per_token = 3 * forward_flops(m)
+  guide = 3 * 2 * guide_params(m) * (0.5 if config.sgt.reduce_flop else 1.0)
+  assert acc.run_flops == pytest.approx(
+      tokens_per_step * (per_token * acc.steps + guide * guided), rel=1e-12)
+  assert acc.train_flops == pytest.approx(acc.run_flops * 40.3 / 40, rel=1e-12)
+  proc = run_info(repo_root, '--config', spec, '--set', f'train.tokens={t.tokens!r}')
+  assert proc.returncode == 0, proc.stderr
+  assert f'run FLOPs {acc.run_flops:.3e}'.split() == next(
+      line for line in proc.stdout.splitlines() if line.startswith('run FLOPs')).split()[:3]
+  whole = run_info(repo_root, '--config', spec, '--set', f'train.tokens={40 * tokens_per_step}')
+  assert whole.returncode == 0 and 'run FLOPs' not in whole.stdout
 
 
 # ----------------------------------------------------------------------------- info CLI

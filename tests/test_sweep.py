@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 CONFIG = '''
@@ -72,6 +74,14 @@ def test_sweep_skips_finished_resumes_interrupted_and_records_divergence(tmp_pat
   table = second.stdout.splitlines()[-4:]
   assert table[0].split()[:3] == ['run', 'status', 'steps']
   assert [row.split()[1] for row in table[1:]] == ['finished', 'finished', 'diverged']
+  # The summary's FLOPs are the trainer's count, the resumed run's included: 12 whole steps.
+  from structffn_jax import accounting, studies  # pylint: disable=import-outside-toplevel
+  for method in ('dense', 'lowrank'):
+    run = config_lib.load(f'{config}:method={method}')
+    [row] = studies.summary_rows([(run, root / f'sweep-{method}')])
+    last = [r for r in studies.records(root / f'sweep-{method}') if 'train_flops' in r][-1]
+    assert row['train_flops'] == last['train_flops'], method
+    assert row['train_flops'] == pytest.approx(accounting.account(run).run_flops, rel=1e-9)
 
   # --record copies each ended run (no checkpoints); with the workdirs gone, the records count.
   record = tmp_path / 'record'
