@@ -34,6 +34,7 @@ def test_notebooks_are_stored_without_outputs():
         assert not cell.outputs and cell.execution_count is None, f'{path.name} has outputs'
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, tmp_path, monkeypatch):
   nb = nbformat.read(path, as_version=4)

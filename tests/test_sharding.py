@@ -271,6 +271,7 @@ def reference(runs):
   return runs[1]
 
 
+@pytest.mark.slow
 def test_every_mesh_trains_to_the_same_losses(meshes, reference):
   ref = reference['losses']
   assert sorted(ref) == list(range(1, 7))
@@ -282,6 +283,7 @@ def test_every_mesh_trains_to_the_same_losses(meshes, reference):
     assert meshes['devices'][name] == list(shape)
 
 
+@pytest.mark.slow
 def test_trained_state_is_placed_as_the_rules_say(meshes):
   placed = meshes['placements']  # (2,2,2), guided
   assert 'params/stack/ffn/fc1/u' in placed and 'params/stack/ffn/fc2/guide' in placed
@@ -289,6 +291,7 @@ def test_trained_state_is_placed_as_the_rules_say(meshes):
     assert tuple(spec) == expected_state_spec(path, 'lowrank'), path
 
 
+@pytest.mark.slow
 def test_a_checkpoint_saved_on_one_mesh_resumes_on_another(meshes, reference):
   resumed = meshes['resumed']
   assert resumed['step'] == STOP and resumed['devices'] == [2, 2, 2]
@@ -300,6 +303,7 @@ def test_a_checkpoint_saved_on_one_mesh_resumes_on_another(meshes, reference):
     assert got[s] == pytest.approx(reference['losses'][s], rel=RTOL), s
 
 
+@pytest.mark.slow
 def test_evaluate_restores_a_sharded_run_on_one_device(runs):
   _, reference, root = runs
   workdir = root / 'data'  # ended on (2,2,2), which this 1-device process cannot build
@@ -310,6 +314,7 @@ def test_evaluate_restores_a_sharded_run_on_one_device(runs):
   assert result['loss'] == pytest.approx(reference['valid_loss'], rel=RTOL)
 
 
+@pytest.mark.slow
 def test_bad_meshes_fail_before_any_compile(meshes):
   errors = meshes['errors']
   assert errors['mesh_product']['compiles'] == 0

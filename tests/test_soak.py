@@ -8,6 +8,7 @@ Bounded in time: each attempt has a deadline, and the kill schedule is drawn fro
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 240  # 240 steps of 8 x 64 tokens, self-guided for the first half (a hand-over at 120)
 KILLS = 20
 ATTEMPT_S = 300
+PROGRESS = re.compile(r'step +(\d+)/\d+ ')  # the trainer's line per logged step
 
 
 def _cmd(workdir, data_dir):
@@ -52,9 +54,9 @@ def _attempt(cmd, kill_at_step: int | None, sig, startup_delay: float | None):
         out.append(line)
         if time.time() - start > ATTEMPT_S:
           break
-        if kill_at_step is not None and line.startswith('step ') and '/' in line:
-          step = int(line.split()[1].split('/')[0])
-          if step >= kill_at_step:
+        progress = PROGRESS.match(line)
+        if kill_at_step is not None and progress:
+          if int(progress[1]) >= kill_at_step:
             proc.send_signal(sig)
             break
     rest, _ = proc.communicate(timeout=ATTEMPT_S)

@@ -41,6 +41,7 @@ def _sweep(config, root, *extra):
                         cwd=REPO, timeout=600)
 
 
+@pytest.mark.slow
 def test_sweep_skips_finished_resumes_interrupted_and_records_divergence(tmp_path):
   from structffn_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from structffn_jax import train  # pylint: disable=import-outside-toplevel
