@@ -135,6 +135,21 @@ def _quiet_unraisable():
     sys.unraisablehook = previous
 
 
+def _raise_interrupt(e: BaseException) -> None:
+  """Raise the KeyboardInterrupt (or SystemExit) that `e` came from, if it came from one.
+
+  A signal that lands inside Orbax's reads or writes (Ctrl-C, or SIGTERM in the trainer's
+  start-up, which raises a KeyboardInterrupt) can come out of them as a plain Exception whose
+  cause or context is the interrupt. Then the checkpoint is not unreadable and the save has not
+  failed: the program was asked to stop, and stops."""
+  inner, seen = e, set()
+  while inner is not None and id(inner) not in seen:
+    if not isinstance(inner, Exception):
+      raise inner from None
+    seen.add(id(inner))
+    inner = inner.__cause__ or inner.__context__
+
+
 def _quiet_unraisable_from_now():
   """From the trainer's first Checkpointer on: what the writes of a failed save raise as they
   finish in Orbax's threads (before `poll` notices the failure) is dropped, not printed; the
@@ -206,6 +221,7 @@ class Checkpointer:
       self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                       meta=ocp.args.JsonSave(meta)), force=True)
     except Exception as e:  # pylint: disable=broad-except
+      _raise_interrupt(e)
       self._failed = True
       _quiet_unraisable_from_now()
       raise CheckpointError(self.save_failed(step, e)) from None
@@ -224,6 +240,7 @@ class Checkpointer:
       self.manager.wait_until_finished()
       self.manager.check_for_errors()
     except Exception as e:  # pylint: disable=broad-except
+      _raise_interrupt(e)
       self._failed = True
       _quiet_unraisable_from_now()
       raise CheckpointError(self.save_failed(step, e)) from None
@@ -272,7 +289,8 @@ class Checkpointer:
     depends on whether the guides were dropped). A checkpoint that cannot be read is reported
     and skipped; once an older one restored, the unreadable newer ones are moved aside (unless
     read-only) so that the run saves anew at their steps. When none restores, CheckpointError,
-    and nothing is moved: the cause may be this program rather than the files.
+    and nothing is moved: the cause may be this program rather than the files. A signal during a
+    read is no reason to skip a checkpoint: its interrupt goes on (`_raise_interrupt`).
     """
     failed = []
     for step in reversed(self.steps()):
@@ -282,6 +300,7 @@ class Checkpointer:
           meta = self.meta(step)
           state, meta = self.restore(step, target(meta))
       except Exception as e:  # pylint: disable=broad-except
+        _raise_interrupt(e)  # a signal during the read: the checkpoint may be fine
         error = why(e)
       if distributed.agree(error is not None):
         error = error or 'unreadable on another process'

@@ -1,5 +1,5 @@
 """Checkpoints under faults: a damaged one falls back to an older one and is kept, none readable
-stops with one line and moves nothing, a reader skips a damaged one, a save's finalisation time
+stops with one line and moves nothing, a signal during a restore stops and moves nothing, a reader skips a damaged one, a save's finalisation time
 is recorded, a full disk stops the run at the failed save, and a non-finite loss sets aside the
 checkpoints that reproduce it."""
 
@@ -81,6 +81,32 @@ def test_damaged_checkpoints_fall_back_to_an_older_one_and_are_kept(trained, tmp
   trainer.run()  # saves 4 and 6 anew, and trains exactly as the first time
   assert losses(workdir) == trained[1]
   assert {'4', '6'} <= set(steps_on_disk(workdir))
+
+
+@pytest.mark.parametrize('link', ['context', 'cause'])
+def test_a_signal_during_a_restore_stops_and_moves_nothing(trained, tmp_path, link):
+  """A KeyboardInterrupt (Ctrl-C, or SIGTERM in the trainer's start-up) that lands in Orbax's
+  reads can come out as a plain Exception raised while handling it or from it. The interrupt
+  goes on: the checkpoint being read is not taken for unreadable, moved aside and replaced by an
+  older one (which would also swallow the signal and train on)."""
+  workdir = copy_run(trained, tmp_path)
+  ckpt = checkpoint.Checkpointer(workdir, keep=3, cleanup=True, log=lambda line: None)
+  asked = []
+
+  def target(meta):  # called inside the restore, as Orbax's reads are
+    asked.append(meta['step'])
+    try:
+      raise KeyboardInterrupt('SIGTERM')
+    except KeyboardInterrupt as interrupt:
+      if link == 'cause':
+        raise RuntimeError('a read cut short') from interrupt
+      raise RuntimeError('a read cut short')  # pylint: disable=raise-missing-from
+
+  with pytest.raises(KeyboardInterrupt, match='SIGTERM'):
+    ckpt.restore_newest(target)
+  ckpt.close(quiet=True)
+  assert asked == [6]  # no older checkpoint was tried
+  assert steps_on_disk(workdir) == ['2', '4', '6']
 
 
 def test_no_readable_checkpoint_stops_with_one_line_and_moves_nothing(trained, tmp_path, data_dir):
