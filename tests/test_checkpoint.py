@@ -1,7 +1,7 @@
 """Checkpoints under faults: a damaged one falls back to an older one and is kept, none readable
-stops with one line and moves nothing, a signal during a restore stops and moves nothing, a reader skips a damaged one, a save's finalisation time
-is recorded, a full disk stops the run at the failed save, and a non-finite loss sets aside the
-checkpoints that reproduce it."""
+stops with one line and moves nothing, a signal during a restore stops and moves nothing, a
+reader skips a damaged one, a save's finalisation time is recorded, a full disk stops the run at
+the failed save, and a non-finite loss sets aside the checkpoints that reproduce it."""
 
 import json
 import math

@@ -69,7 +69,7 @@ def _attempt(cmd, kill_at_step: int | None, sig, startup_delay: float | None):
 
 
 def _set_aside(workdir) -> list[str]:
-  """Checkpoints moved aside (`<step>.corrupt-<time>`, `<step>.non-finite-<time>`)."""
+  """Checkpoints moved aside (`<step>.corrupt-<time>`, `<step>.nonfinite-<time>`)."""
   folder = workdir / 'checkpoints'
   return sorted(p.name for p in folder.iterdir()
                 if not p.name.isdigit() and 'orbax-checkpoint-tmp' not in p.name) \
@@ -104,7 +104,8 @@ def test_random_kills_resume_bitwise_equal(tmp_path, data_dir):
       rc, out, pid = _attempt(cmd, target, sig, None)
     log.append((i, sig.name, rc))
     assert 'Traceback' not in out, out[-3000:]
-    assert not _set_aside(workdir), (log, _set_aside(workdir), out[-3000:])  # none unreadable
+    aside = _set_aside(workdir)
+    assert not aside, (log, aside, out[-3000:])  # no readable checkpoint taken for unreadable
     if sig == signal.SIGTERM and rc not in (None, -signal.SIGTERM):
       assert rc in (75, 130, 0), (log, out[-2000:])  # saved and exited, or had finished
     if (workdir / 'metrics.jsonl').exists():
